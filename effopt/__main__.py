@@ -1,0 +1,3 @@
+from effopt.cli import main
+
+main()

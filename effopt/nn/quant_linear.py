@@ -1,0 +1,96 @@
+"""QuantLinear: a linear layer whose weight is stored as packed integer codes (kernels/LAYOUT.md).
+
+On CPU it dequantizes and calls F.linear. On CUDA it calls the Triton kernel in `kernels.qmatmul`
+when that kernel supports the bit width, else it dequantizes too. Only the packed codes, scales and
+zeros are stored, so memory and checkpoint size shrink by the real ratio.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from effopt.methods.quant.packing import pack_codes, packed_row_bytes, unpack_codes
+from effopt.methods.quant.rtn import dequantize_weight
+from effopt.nn import register_module
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@register_module
+class QuantLinear(torch.nn.Module):
+    """y = x @ dequant(qweight)^T + bias, with weights packed `bits` per code, grouped scales/zeros."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
+                 symmetric: bool = False, dtype: torch.dtype = torch.float32, method: str = "rtn"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric, self.method = bits, group_size, symmetric, method
+        g = in_features if group_size <= 0 else group_size
+        groups = -(-in_features // g)
+        self.register_buffer("qweight", torch.zeros(out_features, packed_row_bytes(in_features, bits),
+                                                    dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self._kernel_weight = None  # a kernel's cached re-pack (CUDA only); never saved
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                   group_size: int, bias: torch.Tensor | None, symmetric: bool, dtype: torch.dtype,
+                   method: str = "rtn") -> "QuantLinear":
+        """Build from unpacked codes [N, K] and per-group scales/zeros [N, G]."""
+        n, k = codes.shape
+        layer = cls(k, n, bits, group_size, bias is not None, symmetric, dtype, method)
+        layer.qweight.copy_(pack_codes(codes, bits))
+        layer.scales.copy_(scales.to(dtype))
+        layer.zeros.copy_(zeros.to(dtype))
+        if bias is not None:
+            layer.bias.data.copy_(bias.to(dtype))
+        return layer.to(codes.device)
+
+    def spec(self) -> dict:
+        """Constructor arguments for checkpoints."""
+        dtype = next(k for k, v in _DTYPES.items() if v == self.scales.dtype)
+        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+                "group_size": self.group_size, "bias": self.bias is not None, "symmetric": self.symmetric,
+                "dtype": dtype, "method": self.method}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "QuantLinear":
+        """An empty layer of the shapes `spec` describes."""
+        spec = dict(spec)
+        spec["dtype"] = _DTYPES[spec["dtype"]]
+        return cls(**spec)
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes [N, K] (uint8)."""
+        return unpack_codes(self.qweight, self.bits, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight [N, K] this layer computes with."""
+        return dequantize_weight(self.codes(), self.scales, self.zeros, self.group_size, dtype or self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.bits in (4, 8):
+            from kernels import qmatmul  # Triton path; kernels/ never imports effopt
+
+            g = self.in_features if self.group_size <= 0 else self.group_size
+            return qmatmul.quant_matmul(x, self.qweight, self.scales.to(x.dtype), self.zeros.to(x.dtype),
+                                        self.bits, g, self.in_features, self.bias)
+        weight = self.dequantize(x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def to_dense(self) -> torch.nn.Linear:
+        """An nn.Linear computing the same function (for exports plain transformers can load)."""
+        dense = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                                dtype=self.scales.dtype, device=self.qweight.device)
+        with torch.no_grad():
+            dense.weight.copy_(self.dequantize())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, symmetric={self.symmetric}, method={self.method}")

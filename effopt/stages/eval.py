@@ -1,0 +1,45 @@
+"""eval: measure the model as it is now (perplexity protocol in README), size, sparsity, speed."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from effopt.registry import register_stage
+from effopt.stages.base import StageConfig
+
+
+class EvalConfig(StageConfig):
+    """What to measure."""
+
+    stage: Literal["eval"] = "eval"
+    data: str = Field("eval", description="Name of the data source to score (see data:).")
+    metrics: list[Literal["perplexity", "size", "speed"]] = Field(
+        default_factory=lambda: ["perplexity", "size", "speed"], min_length=1, description="Metric groups to record.")
+    speed_prompt_tokens: int = Field(32, gt=0, description="Prompt length for the decode-speed probe.")
+    speed_new_tokens: int = Field(32, gt=0, description="Tokens generated for the decode-speed probe.")
+
+
+def apply_eval(cfg: EvalConfig, ctx) -> dict:
+    """Run the requested measurements."""
+    from effopt import metrics
+
+    out: dict = {}
+    if "perplexity" in cfg.metrics:
+        windows = ctx.data.windows(cfg.data)
+        out.update(metrics.perplexity(ctx.model, windows, ctx.tokenizer, f"perplexity on {cfg.data}"))
+        src = ctx.data.config(cfg.data)
+        out["eval_source"] = src.source
+        out["eval_seq_len"] = src.seq_len
+        out["eval_bos"] = ctx.data.bos(cfg.data)
+    if "size" in cfg.metrics:
+        out.update(metrics.size_metrics(ctx.model))
+    if "speed" in cfg.metrics:
+        out.update(metrics.decode_speed(ctx.model, ctx.tokenizer, cfg.speed_prompt_tokens, cfg.speed_new_tokens,
+                                        ctx.recipe.seed))
+    return out
+
+
+register_stage("eval", EvalConfig, apply_eval, changes_model=False,
+               summary="Measure perplexity (fixed protocol), size, bits per weight, sparsity, decode speed.")

@@ -1,0 +1,9 @@
+"""Triton kernels for effopt: weight-only quantized matmul and fused attention.
+
+This package imports only torch and triton (never effopt), so it can be tested and benchmarked on
+its own. Set TRITON_INTERPRET=1 before importing it to run the kernels on CPU tensors.
+
+Modules:
+    kernels.qmatmul   -- W4A16 / W8A16 (and W2A16) matmul over effopt's packed layout (LAYOUT.md).
+    kernels.attention -- FlashAttention-style forward/backward, split-KV decode, int8-KV decode.
+"""
