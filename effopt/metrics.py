@@ -93,7 +93,7 @@ def linear_weights(model):
         if isinstance(module, QuantLinear):
             yield name, module.dequantize(torch.float32)
         elif isinstance(module, torch.nn.Linear):
-            yield name, module.weight
+            yield name, module.effective_weight() if hasattr(module, "effective_weight") else module.weight
 
 
 @torch.no_grad()

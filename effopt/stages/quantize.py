@@ -55,6 +55,7 @@ def apply_rtn(cfg: RtnConfig, ctx) -> dict:
     """Quantize every selected layer with RTN and swap in QuantLinear."""
     from effopt.methods.quant.rtn import quantize_weight
     from effopt.nn import set_submodule
+    from effopt.nn.masked_linear import effective_weight
     from effopt.nn.quant_linear import QuantLinear
 
     layers = select_linears(ctx.model, cfg.targets, cfg.ignore)
@@ -62,7 +63,7 @@ def apply_rtn(cfg: RtnConfig, ctx) -> dict:
         raise ValueError(f"quantize: targets {cfg.targets} matched no linear layer")
     for name, linear in log.progress(layers, f"rtn w{cfg.bits} g{cfg.group_size}"):
         with torch.no_grad():
-            codes, scales, zeros = quantize_weight(linear.weight, cfg.bits, cfg.group_size, cfg.symmetric,
+            codes, scales, zeros = quantize_weight(effective_weight(linear), cfg.bits, cfg.group_size, cfg.symmetric,
                                                    cfg.clip_search)
             layer = QuantLinear.from_codes(codes, scales, zeros, cfg.bits, cfg.group_size, linear.bias, cfg.symmetric,
                                            linear.weight.dtype, method="rtn")
