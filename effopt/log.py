@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 T = TypeVar("T")
@@ -55,14 +56,13 @@ def warn(message: str) -> None:
     """Something the user should know but that does not stop the run."""
     _write_file("WARN", message)
     if not _quiet:
-        console.print(f"[yellow]warning:[/yellow] {message}")
+        console.print(Text.assemble(("warning: ", "yellow"), message))
 
 
 def error(message: str) -> None:
     """An error; the caller decides whether the run stops."""
     _write_file("ERROR", message)
-    if not _quiet:
-        console.print(f"[red]error:[/red] {message}")
+    console.print(Text.assemble(("error: ", "red"), message))
 
 
 def detail(message: str) -> None:

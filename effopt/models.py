@@ -163,10 +163,19 @@ def pick_device(name: str) -> "Any":
     return torch.device(name)
 
 
+def quiet_transformers() -> None:
+    """effopt shows its own progress; transformers' tqdm bars would interleave with it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def load_model(source: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
     """Load (model, tokenizer, info) from any supported source, offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     dev = pick_device(device)
     tdtype = torch_dtype(dtype, dev)
@@ -240,6 +249,7 @@ def load_checkpoint(folder: Path, dtype=None, device=None):
 
     from effopt.nn import apply_module_specs
 
+    quiet_transformers()
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     specs = json.loads((folder / MODULES_FILE).read_text())

@@ -117,7 +117,7 @@ def recipe_model() -> type[BaseModel]:
 
         name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Run name (letters, digits, _ . -).")
         seed: int = Field(0, description="Seed for every random choice (sampling, init, data order).")
-        data: dict[str, TextSource] = Field(default_factory=dict, description="Named text sources; "
+        data: dict[str, TextSource] = Field(default_factory=dict, validate_default=True, description="Named text sources; "
                                             "calibration, train and eval get defaults when absent.")
         stages: list[StageItem] = Field(min_length=1, description="Stages, run in order.")  # type: ignore[valid-type]
         gates: list[Gate] = Field(default_factory=list, description="Checks on the final metrics.")
@@ -204,35 +204,38 @@ def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             node = node.value[part]
         else:
-            continue  # union tags (e.g. 'quantize', 'rtn') are not keys in the file
+            break
         line = node.start_mark.line + 1
     return line
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop the union-branch tags pydantic inserts after `stages.<i>` (they are not keys of the file)."""
+    if len(loc) < 3 or loc[0] != "stages" or not isinstance(loc[1], int):
+        return loc
+    rest = list(loc[2:])
+    tags = set(registered_stages()) | {c.model_fields["method"].default for s in registered_stages().values()
+                                       for c in s.configs if "method" in c.model_fields}
+    for _ in range(2):
+        if rest and isinstance(rest[0], str) and (rest[0] in tags or rest[0].startswith(("function-", "tagged-"))):
+            rest.pop(0)
+    return (loc[0], loc[1], *rest)
 
 
 def _format_errors(exc: ValidationError, origin: str, root: yaml.Node | None) -> str:
     lines = [f"{origin}: invalid recipe ({exc.error_count()} error{'s' if exc.error_count() > 1 else ''})"]
     for err in exc.errors(include_url=False):
-        loc = tuple(p for p in err["loc"])
-        # Drop union-branch tags pydantic inserts into the path (they are not keys of the file).
-        path = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in registered_stages()
-                                                                    or _is_method_tag(p)))]
+        loc = _clean_loc(tuple(err["loc"]))
         line = _line_of(root, loc)
         where = f"{origin}:{line}" if line else origin
-        key = ".".join(path) or "(top level)"
+        key = ".".join(str(p) for p in loc) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling; `effopt stages` lists every option)"
-        elif err["type"] == "union_tag_invalid":
-            msg = f"{msg}"
         got = err.get("input")
         got_text = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, (dict, list)) else f" (got {got!r})"
         lines.append(f"  {where}: {key}: {msg}{got_text}")
     return "\n".join(lines)
-
-
-def _is_method_tag(part: str) -> bool:
-    return any(part == c.model_fields["method"].default for s in registered_stages().values()
-               for c in s.configs if "method" in c.model_fields)
 
 
 def parse_recipe(raw: Any, origin: str = "<recipe>", root: yaml.Node | None = None) -> BaseModel:
