@@ -169,28 +169,59 @@ def _type_name(annotation) -> str:
 @app.command()
 def report(
     runs: List[Path] = typer.Argument(..., help="Run directories."),
-    format: str = typer.Option("table", "--format", "-f", help="table | md | json"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+    format: str = typer.Option("table", "--format", "-f", help="table | md | json | html | png"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout "
+                                                                       "(png: into this folder)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Run directory to compare with (e.g. "
+                                                                     "yesterday's nightly run)."),
+    fail_on: List[str] = typer.Option([], "--fail-on", help="Regression rule, repeatable: 'perplexity>+2%', "
+                                      "'size>+0%', 'tokens_per_s<-10%' (vs --baseline), 'perplexity>30'. "
+                                      "Exit 1 when one fails."),
 ) -> None:
-    """Compare runs: one row per run and eval point."""
+    """Compare runs: one row per run and eval point; with --fail-on, exit 1 on a regression."""
     from effopt import log
-    from effopt.report import collect, to_json, to_markdown, to_rich_table
+    from effopt.report import compare, parse_rule, render, to_rich_table, write_plots
 
-    if format not in ("table", "md", "json"):
-        _fail(f"--format: expected table, md or json, got {format!r}", EXIT_INPUT)
-    for run_dir in runs:
+    if format not in ("table", "md", "json", "html", "png"):
+        _fail(f"--format: expected table, md, json, html or png, got {format!r}", EXIT_INPUT)
+    if format == "png" and output is None:
+        _fail("--format png writes one file per plot: pass --output DIR", EXIT_INPUT)
+    try:
+        rules = [parse_rule(text) for text in fail_on]
+    except ValueError as exc:
+        _fail(str(exc), EXIT_INPUT)
+    relative = [r.text for r in rules if r.kind != "absolute"]
+    if relative and baseline is None:
+        _fail(f"--fail-on {relative[0]!r} compares with a baseline: pass --baseline RUN_DIR", EXIT_INPUT)
+    for run_dir in [*runs, *([baseline] if baseline is not None else [])]:
         if not (run_dir / "run.json").is_file():
             _fail(f"{run_dir}: not an effopt run directory (no run.json)", EXIT_INPUT)
-    rows = collect(runs)
-    if format == "table" and output is None:
-        log.console.print(to_rich_table(rows))
-        return
-    text = to_json(rows) if format == "json" else to_markdown(rows)
-    if output is not None:
-        output.write_text(text)
+    try:
+        result = compare(runs, baseline, rules)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_INPUT)
+    if format == "png":
+        for name, path in write_plots(result, output).items():
+            (log.info if path else log.warn)(f"wrote {path}" if path else f"{name}: no run measured this; no plot")
+    elif format == "table" and output is None:
+        log.console.print(to_rich_table(result["rows"]))
+    elif output is not None:
+        output.write_text(render(result, "md" if format == "table" else format), encoding="utf-8")
         log.info(f"wrote {output}")
     else:
-        log.stdout(text)
+        log.stdout(render(result, format))
+    checks = result["checks"]
+    failed = [c for c in checks or [] if not c["passed"]]
+    for check in failed:
+        log.error(f"regression: {check['run']}: {check['message']}")
+    if checks:
+        log.info(f"regression checks: {len(checks) - len(failed)} of {len(checks)} passed")
+    if failed:
+        raise typer.Exit(EXIT_GATE)
+
+
+from effopt.cli_bench import bench  # noqa: E402
+app.command()(bench)
 
 
 def main() -> None:

@@ -357,6 +357,7 @@ class Cfg:
 
 
 _SCRATCH: dict = {}
+DEBUG_POISON = False  # tests: fill the split-K workspace with NaN before every launch
 
 
 def _scratch(device, ws_elems: int, tiles: int):
@@ -367,6 +368,8 @@ def _scratch(device, ws_elems: int, tiles: int):
     if lock is None or lock.numel() < tiles:
         lock = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
     _SCRATCH[device] = (ws, lock)
+    if DEBUG_POISON:
+        ws.fill_(float("nan"))
     return ws, lock
 
 
@@ -400,8 +403,9 @@ def _launch(cfg: Cfg, x2, w: QuantWeight, bias, out):
             out += bias.to(out.dtype)
         return out
     mode = _group_mode(w, cfg.block_kb)
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    ws, lock = _scratch(x2.device, tiles * cfg.split_k * cfg.block_m * cfg.block_n, tiles)
+    block_m = triton.next_power_of_2(M) if cfg.kind == "gemv" else cfg.block_m
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, cfg.block_n)
+    ws, lock = _scratch(x2.device, tiles * cfg.split_k * block_m * cfg.block_n, tiles)
     common = (x2, w.qweight, w.scales, w.zeros, bias_arg, out, ws, lock, M, N, K, w.row_bytes,
               w.group_size, x2.stride(0), w.qweight.stride(0), w.scales.stride(0), w.scales.stride(1),
               out.stride(0))
@@ -410,7 +414,7 @@ def _launch(cfg: Cfg, x2, w: QuantWeight, bias, out):
             raise ValueError("gemv needs K-blocks that do not straddle groups")
         grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
         _gemv_kernel[grid](*common, BITS=w.bits, GROUP_MODE=mode, HAS_BIAS=has_bias,
-                           BLOCK_M=triton.next_power_of_2(M), BLOCK_N=cfg.block_n,
+                           BLOCK_M=block_m, BLOCK_N=cfg.block_n,
                            BLOCK_KB=cfg.block_kb, SPLIT_K=cfg.split_k,
                            num_warps=cfg.warps, num_stages=cfg.stages)
         return out
@@ -492,7 +496,7 @@ def _as_weight(qweight, scales, zeros, bits, group_size, in_features) -> QuantWe
 
 
 def quant_matmul(x, qweight, scales=None, zeros=None, bits=None, group_size=None, in_features=None,
-                 bias=None, *, cfg: Cfg = None):
+                 bias=None, *, cfg: Cfg = None, out=None):
     """y = x @ dequantize(W).T + bias for x [..., K] fp16/bf16; returns [..., N] in x.dtype.
 
     Args:
@@ -501,7 +505,9 @@ def quant_matmul(x, qweight, scales=None, zeros=None, bits=None, group_size=None
         group_size: g, or -1 / K for per-channel.
         cfg: force one launch config (tests, benchmarks); default: the fastest for this shape,
             timed once on first use (see `candidates`).
-    On CPU without TRITON_INTERPRET=1, and for fp32 x, this is dequantize + torch.matmul.
+        out: optional contiguous [..., N] result tensor in x.dtype.
+    On CPU this is dequantize + torch.matmul, unless `cfg` is given under TRITON_INTERPRET=1
+    (the tests run the kernels that way).
     """
     w = _as_weight(qweight, scales, zeros, bits, group_size, in_features)
     K, N = w.in_features, w.out_features
@@ -511,18 +517,22 @@ def quant_matmul(x, qweight, scales=None, zeros=None, bits=None, group_size=None
         raise ValueError(f"x is on {x.device}, the weight on {w.qweight.device}")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
-    if not (x.is_cuda or interpreting()) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if out is not None and (out.shape != (*x.shape[:-1], N) or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(*x.shape[:-1], N)}")
+    use_kernels = x.is_cuda or (interpreting() and cfg is not None)
+    if not use_kernels or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         dense = dequantize(w.qweight, w.scales, w.zeros, w.bits, w.group_size, K, dtype=x.dtype)
-        return torch.nn.functional.linear(x, dense, bias)
+        y = torch.nn.functional.linear(x, dense, bias)
+        return y if out is None else out.copy_(y)
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    out2 = torch.empty(M, N, device=x.device, dtype=x.dtype) if out is None else out.view(M, N)
     if M > 0:
         if cfg is None:
             key = (x.device, M if M <= 4 else triton.next_power_of_2(M), N, K, w.bits, w.group_size,
                    x.dtype, w.scales.stride(), bias is not None)
-            cfg = choose(key, candidates(M, w, x.dtype), lambda c: _launch(c, x2, w, bias, out))
-        _launch(cfg, x2, w, bias, out)
-    return out.reshape(*x.shape[:-1], N)
+            cfg = choose(key, candidates(M, w, x.dtype), lambda c: _launch(c, x2, w, bias, out2))
+        _launch(cfg, x2, w, bias, out2)
+    return out2.view(*x.shape[:-1], N)

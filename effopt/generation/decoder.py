@@ -1,0 +1,152 @@
+"""effopt's forward pass for Llama-family models over effopt's KV caches.
+
+A `Decoder` runs the Hugging Face model's own modules (embeddings, norms, projections, MLPs,
+lm_head: QuantLinear, MaskedLinear and friends included) and replaces only attention, which reads
+and writes an effopt cache (effopt/nn/kv_cache.py). Nothing in the step depends on host-side
+values, so on CUDA the whole decode step can be captured in a CUDA graph (effopt/generation/graphs.py).
+
+Supported: decoder-only models laid out as `model.model.{embed_tokens, layers, norm, rotary_emb}`
+with `self_attn.{q,k,v,o}_proj` and `mlp`, without per-head q/k norms or sliding windows (Llama,
+Mistral without window, Qwen2, SmolLM2). `unsupported_reason(model)` says why another is not.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effopt.nn.kv_cache import QuantizedKVCache, SinkKVCache, StaticKVCache
+
+CACHE_KINDS = ("bf16", "float", "int8", "int4", "sink")
+
+
+def unsupported_reason(model) -> str | None:
+    """None when `Decoder` can run `model`, else a one-line reason."""
+    base = getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if base is None or not all(hasattr(base, n) for n in needed) or not hasattr(model, "lm_head"):
+        return f"{type(model).__name__}: expected model.model.{{{', '.join(needed)}}} and lm_head"
+    attn = base.layers[0].self_attn
+    if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return f"{type(attn).__name__}: expected q/k/v/o projections"
+    if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+        return f"{type(attn).__name__}: per-head q/k norms are not supported by effopt's decode path"
+    cfg = model.config
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return f"{cfg.model_type}: sliding-window attention is not supported by effopt's decode path"
+    if cfg.model_type not in ("llama", "mistral", "qwen2"):
+        return f"model_type {cfg.model_type!r}: effopt's decode path covers llama, mistral and qwen2"
+    return None
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dim (RoPE's rotation by 90 degrees)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Decoder:
+    """Forward passes of a Llama-family model over an effopt KV cache."""
+
+    def __init__(self, model):
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(reason)
+        self.model = model
+        base = model.model
+        self.embed, self.layers, self.norm, self.lm_head = base.embed_tokens, base.layers, base.norm, model.lm_head
+        self.rotary = base.rotary_emb
+        cfg = model.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.vocab = cfg.vocab_size
+        param = next(model.parameters())
+        self.dtype, self.device = self.embed.weight.dtype, param.device
+        self._cos = self._sin = None
+        self.fused: list | None = None
+
+    # ------------------------------------------------------------------------------------------
+    def ensure_positions(self, n: int) -> None:
+        """Precompute RoPE cos/sin for positions [0, n) (from the model's own rotary module)."""
+        if self._cos is not None and self._cos.shape[0] >= n:
+            return
+        pos = torch.arange(n, device=self.device).view(1, -1)
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = self.rotary(probe, pos)
+        self._cos, self._sin = cos[0], sin[0]
+
+    def rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Rotate x [B, H, T, D] by positions pos [B, T] (table lookup: capturable in a graph)."""
+        cos, sin = self._cos[pos].unsqueeze(1), self._sin[pos].unsqueeze(1)
+        return x * cos + rotate_half(x) * sin
+
+    def new_cache(self, kind: str, batch: int, max_len: int, sink: int = 4, window: int = 252):
+        """An empty cache: bf16/float (static), int8/int4 (quantized), or sink (StreamingLLM)."""
+        if kind not in CACHE_KINDS:
+            raise ValueError(f"cache kind must be one of {CACHE_KINDS}, got {kind!r}")
+        n = len(self.layers)
+        if kind == "sink":
+            self.ensure_positions(sink + window)
+            return SinkKVCache(n, batch, self.kv_heads, self.head_dim, self.dtype, self.device, sink, window)
+        self.ensure_positions(max_len)
+        if kind in ("int8", "int4"):
+            return QuantizedKVCache(n, batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device,
+                                    bits=int(kind[3:]))
+        return StaticKVCache(n, batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device)
+
+    def fuse(self) -> "Decoder":
+        """Concatenate q/k/v and gate/up projections into one layer each (fewer, larger matmuls).
+
+        Uses extra memory for the fused copies (the model's own layers stay as they are).
+        """
+        from effopt.generation.fusion import fuse_linears
+
+        fused = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+            gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj]) if hasattr(mlp, "gate_proj") else None
+            fused.append((qkv, gate_up))
+        self.fused = fused
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    def _qkv(self, i: int, attn, h: torch.Tensor):
+        b, t, _ = h.shape
+        if self.fused is not None and self.fused[i][0] is not None:
+            nq, nkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            q, k, v = self.fused[i][0](h).split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        shape = (b, t, -1, self.head_dim)
+        return (x.reshape(shape).transpose(1, 2) for x in (q, k, v))
+
+    def _mlp(self, i: int, mlp, h: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None and self.fused[i][1] is not None:
+            gate, up = self.fused[i][1](h).chunk(2, dim=-1)
+            return mlp.down_proj(mlp.act_fn(gate) * up)
+        return mlp(h)
+
+    def forward(self, tokens: torch.Tensor, start: torch.Tensor, cache, kv_len: int | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits for `tokens` [B, T] placed at positions start[b] + t, updating `cache`.
+
+        Args:
+            start: [B] int64 device tensor.
+            kv_len: slots to attend over (None: the cache's whole capacity, as a graph needs).
+            last_only: project only the last position to the vocabulary (prefill).
+
+        Returns:
+            logits [B, T or 1, vocab].
+        """
+        x = self.embed(tokens)
+        b, t, _ = x.shape
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = self._qkv(i, attn, layer.input_layernorm(x))
+            out = cache.attend(i, q, k, v, start, self.rope, kv_len)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+            x = x + self._mlp(i, layer.mlp, layer.post_attention_layernorm(x))
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))

@@ -1,0 +1,1 @@
+"""Knowledge distillation: losses, teacher/student layer maps, and teacher-generated responses."""

@@ -1,0 +1,133 @@
+"""Trainable additions that stay in a model after fine-tuning, as checkpointable effopt modules.
+
+- `LoraQuantLinear`: a packed QuantLinear plus a LoRA branch (y = Q(x) + (alpha/r) * B A x). The
+  base stays quantized; this is what QLoRA over effopt's own packed layers leaves behind.
+- `AdapterLinear`: a bottleneck adapter (down-project, nonlinearity, up-project, residual) attached
+  to a linear-like layer, placed sequentially on its output (Houlsby et al. 2019) or in parallel
+  with it (He et al. 2022): sequential y = h + s * up(act(down(h))) with h = base(x); parallel
+  y = base(x) + s * up(act(down(x))). `up` starts at zero, so a new adapter changes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from effopt.nn import MODULE_TYPES, register_module
+from effopt.nn.quant_linear import _DTYPES, QuantLinear
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+
+
+@register_module
+class LoraQuantLinear(QuantLinear):
+    """QuantLinear (packed, frozen) + trainable low-rank update lora_B @ lora_A scaled by alpha / r."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
+                 symmetric: bool = False, dtype: torch.dtype = torch.float32, method: str = "rtn", r: int = 8,
+                 alpha: float = 16.0):
+        super().__init__(in_features, out_features, bits, group_size, bias, symmetric, dtype, method)
+        self.r, self.alpha = r, float(alpha)
+        self.lora_A = torch.nn.Parameter(torch.zeros(r, in_features, dtype=torch.float32))
+        self.lora_B = torch.nn.Parameter(torch.zeros(out_features, r, dtype=torch.float32))
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r, the factor on B A."""
+        return self.alpha / self.r
+
+    @classmethod
+    def from_quant(cls, base: QuantLinear, lora_A: torch.Tensor, lora_B: torch.Tensor, alpha: float) -> "LoraQuantLinear":
+        """Wrap the packed tensors of `base` (shared, not copied) with the given LoRA factors."""
+        spec = base.spec()
+        spec["dtype"] = _DTYPES[spec["dtype"]]
+        layer = cls(**spec, r=lora_A.shape[0], alpha=alpha).to(base.qweight.device)
+        layer.qweight, layer.scales, layer.zeros = base.qweight, base.scales, base.zeros
+        if base.bias is not None:
+            layer.bias = base.bias
+        with torch.no_grad():
+            layer.lora_A.copy_(lora_A)
+            layer.lora_B.copy_(lora_B)
+        return layer
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update scaling * B @ A, [out, in]."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = super().forward(x)
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return base + F.linear(F.linear(x, a), b) * self.scaling
+
+    def spec(self) -> dict:
+        """Constructor arguments for checkpoints."""
+        return {**super().spec(), "r": self.r, "alpha": self.alpha}
+
+    def to_dense(self) -> torch.nn.Linear:
+        """nn.Linear with the LoRA update merged into the dequantized weight."""
+        dense = super().to_dense()
+        with torch.no_grad():
+            dense.weight.add_(self.delta_weight().to(dense.weight.dtype))
+        return dense
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", r={self.r}, alpha={self.alpha:g}"
+
+
+def _linear_spec(module: torch.nn.Module) -> dict:
+    """{type, spec} that rebuilds a linear-like base (an effopt type, or a plain nn.Linear)."""
+    name = type(module).__name__
+    if name in MODULE_TYPES and type(module) is MODULE_TYPES[name]:
+        return {"type": name, "spec": module.spec()}
+    if type(module) is not torch.nn.Linear:
+        raise TypeError(f"adapters attach to nn.Linear or effopt linear layers, not {name}")
+    return {"type": "Linear", "spec": {"in_features": module.in_features, "out_features": module.out_features,
+                                       "bias": module.bias is not None,
+                                       "dtype": str(module.weight.dtype).removeprefix("torch.")}}
+
+
+def _build_linear(entry: dict) -> torch.nn.Module:
+    if entry["type"] == "Linear":
+        spec = dict(entry["spec"])
+        return torch.nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"],
+                               dtype=getattr(torch, spec["dtype"]))
+    return MODULE_TYPES[entry["type"]].from_spec(entry["spec"])
+
+
+@register_module
+class AdapterLinear(torch.nn.Module):
+    """A linear-like `base` with a bottleneck adapter, sequential (on its output) or parallel (beside it)."""
+
+    def __init__(self, base: dict | torch.nn.Module, bottleneck: int, placement: str = "sequential",
+                 activation: str = "relu", scale: float = 1.0):
+        super().__init__()
+        if placement not in ("sequential", "parallel"):
+            raise ValueError(f"placement must be sequential or parallel, got {placement!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.base = _build_linear(base) if isinstance(base, dict) else base
+        self.in_features, self.out_features = self.base.in_features, self.base.out_features
+        self.bottleneck, self.placement, self.activation, self.scale = bottleneck, placement, activation, scale
+        width = self.out_features if placement == "sequential" else self.in_features
+        self.down = torch.nn.Linear(width, bottleneck)
+        self.up = torch.nn.Linear(bottleneck, self.out_features)
+        torch.nn.init.zeros_(self.up.weight)
+        torch.nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base(x)
+        src = (h if self.placement == "sequential" else x).to(self.down.weight.dtype)
+        return h + (self.scale * self.up(ACTIVATIONS[self.activation](self.down(src)))).to(h.dtype)
+
+    def spec(self) -> dict:
+        """Constructor arguments for checkpoints (the base's own spec nested)."""
+        return {"base": _linear_spec(self.base), "bottleneck": self.bottleneck, "placement": self.placement,
+                "activation": self.activation, "scale": self.scale}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "AdapterLinear":
+        """An adapter of the shapes `spec` describes (base rebuilt from its nested spec)."""
+        return cls(**spec)
+
+    def extra_repr(self) -> str:
+        return f"bottleneck={self.bottleneck}, placement={self.placement}, activation={self.activation}"

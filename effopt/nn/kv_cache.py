@@ -1,0 +1,336 @@
+"""KV caches for effopt's decode path, and the runtime switch that applies KV quantization.
+
+* `StaticKVCache`: preallocated float buffers [B, H_kv, L, D], one slot per absolute position. A
+  slot past a row's current length is never attended to (the mask excludes it), so rolling back
+  after rejected speculative tokens is just "write there again".
+* `QuantizedKVCache`: the same slots holding int8 or int4 codes, one asymmetric (scale, zero) pair
+  per head and per token (the vector of `head_dim` values of one head at one position). K is
+  quantized after RoPE, as it is stored. Memory: D*bits/8 bytes + 2 scale/zero values per vector.
+* `SinkKVCache`: StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models with
+  Attention Sinks"): keep the first `sink` tokens and the most recent `window` tokens; positions are
+  assigned within the cache (keys are stored before RoPE and rotated with their cache index), so
+  generation runs past the trained context with a bounded cache.
+
+Each cache implements `attend(layer, q, k, v, start, rope, kv_len)`: store this step's K/V and
+return attention of the queries over everything the cache holds.
+
+`use_runtime(model, runtime)` applies `runtime["kv_cache"]` ({"bits": 8|4, "granularity":
+"head_token"}) to a Hugging Face model's plain forward passes: K/V are quantized and dequantized as
+the cache would store them, so perplexity measured inside the context is the KV-quantization cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+KV_BITS = (8, 4)
+GRANULARITIES = ("head_token",)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization of K/V vectors: one (scale, zero) per vector along the last dimension.
+
+
+def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest of every vector along the last dim.
+
+    Args:
+        x: [..., D] float (D even for 4 bits).
+        bits: 8 or 4.
+
+    Returns:
+        codes uint8 [..., D] (8 bits) or [..., D/2] (4 bits, low nibble = even index),
+        scale and zero [..., 1] in x.dtype (zero is an integer code value).
+    """
+    if bits not in KV_BITS:
+        raise ValueError(f"KV cache bits must be one of {KV_BITS}, got {bits}")
+    maxq = 2**bits - 1
+    xf = x.float()
+    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    scale = ((hi - lo) / maxq).clamp_min(1e-8).to(x.dtype)
+    zero = torch.round(-lo / scale.float()).clamp(0, maxq).to(x.dtype)
+    codes = torch.clamp(torch.round(xf / scale.float()) + zero.float(), 0, maxq).to(torch.uint8)
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, scale, zero
+
+
+def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `quantize_kv`: (code - zero) * scale, in `dtype`."""
+    if bits == 4:
+        codes = torch.stack((codes & 0xF, codes >> 4), dim=-1).flatten(-2)
+    return ((codes.float() - zero.float()) * scale.float()).to(dtype)
+
+
+def fake_quantize_kv(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x as a quantized cache returns it (quantize then dequantize, same rounding as the cache)."""
+    return dequantize_kv(*quantize_kv(x, bits), bits, x.dtype)
+
+
+def kv_config(runtime: dict | None) -> dict | None:
+    """The validated `kv_cache` entry of a runtime dict, or None when K/V stay in float."""
+    cfg = (runtime or {}).get("kv_cache")
+    if not cfg:
+        return None
+    bits, gran = cfg.get("bits"), cfg.get("granularity", "head_token")
+    if bits not in KV_BITS or gran not in GRANULARITIES:
+        raise ValueError(f"runtime kv_cache: expected bits in {KV_BITS} and granularity in {GRANULARITIES}, got {cfg}")
+    return {"bits": bits, "granularity": gran}
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention over cached keys/values.
+
+Rope = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B,H,T,D], positions [B,T]) -> rotated x
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention with grouped K/V heads (GQA) and a boolean keep-mask."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def slot_mask(start: torch.Tensor, t: int, kv_len: int, device) -> torch.Tensor:
+    """Boolean [B, 1, T, kv_len]: query t of row b (position start[b] + t) sees slots <= its position."""
+    qpos = start.view(-1, 1) + torch.arange(t, device=device).view(1, -1)
+    return (torch.arange(kv_len, device=device).view(1, 1, -1) <= qpos.unsqueeze(-1)).unsqueeze(1)
+
+
+class StaticKVCache:
+    """Float K/V buffers [B, H_kv, L, D] per layer; slot index = absolute position."""
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.max_len = max_len
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> None:
+        self.k[layer].scatter_(2, idx, k)
+        self.v[layer].scatter_(2, idx, v)
+
+    def _load(self, layer: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
+               rope: Rope, kv_len: int | None = None) -> torch.Tensor:
+        """Rotate q/k at absolute positions start[b] + t, store K/V, attend over slots [0, kv_len).
+
+        Args:
+            q, k, v: [B, H, T, D] projections before RoPE.
+            start: [B] int64 position of each row's first new token (a device tensor, so a CUDA
+                graph can replay the step with new positions).
+            kv_len: attend over this many slots (None: the whole buffer, for captured graphs).
+        """
+        b, _, t, d = k.shape
+        pos = start.view(-1, 1) + torch.arange(t, device=k.device).view(1, -1)
+        q, k = rope(q, pos), rope(k, pos)
+        idx = pos.view(b, 1, t, 1).expand(b, k.shape[1], t, d)
+        self._store(layer, k, v, idx)
+        kv_len = self.max_len if kv_len is None else kv_len
+        keys, values = self._load(layer, kv_len)
+        return _sdpa(q, keys, values, slot_mask(start, t, kv_len, q.device))
+
+    @staticmethod
+    def _map(store: list, fn) -> list:
+        """Apply fn to every tensor of a per-layer list (entries are tensors or tuples of tensors)."""
+        return [tuple(fn(t) for t in e) if isinstance(e, tuple) else fn(e) for e in store]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` (finished sequences leave the batch): one copy of what stays."""
+        self.k = self._map(self.k, lambda t: t.index_select(0, rows))
+        self.v = self._map(self.v, lambda t: t.index_select(0, rows))
+
+    def row(self, b: int) -> "StaticKVCache":
+        """A view of batch row b alone (writes go to this cache): prefill rows one prompt at a time."""
+        view = copy.copy(self)
+        view.k = self._map(self.k, lambda t: t[b:b + 1])
+        view.v = self._map(self.v, lambda t: t[b:b + 1])
+        return view
+
+    def nbytes(self) -> int:
+        """Bytes allocated (every row, the whole capacity)."""
+        return sum(t.numel() * t.element_size() for e in self.k + self.v for t in (e if isinstance(e, tuple) else (e,)))
+
+    def bytes_per_token(self) -> float:
+        """Bytes one position of one row takes, over all layers (K and V with their scales)."""
+        return self.nbytes() / (self.max_len * self.batch_size())
+
+    def batch_size(self) -> int:
+        """Rows in the cache now."""
+        first = self.k[0]
+        return (first[0] if isinstance(first, tuple) else first).shape[0]
+
+
+class QuantizedKVCache(StaticKVCache):
+    """K/V stored as int8/int4 codes with one (scale, zero) per head and token."""
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device,
+                 bits: int = 8):
+        if bits not in KV_BITS:
+            raise ValueError(f"KV cache bits must be one of {KV_BITS}, got {bits}")
+        self.bits, self.dtype, self.max_len = bits, dtype, max_len
+        width = head_dim * bits // 8
+        shape = (batch, kv_heads, max_len)
+
+        def buffers():
+            return [(torch.zeros(*shape, width, dtype=torch.uint8, device=device),
+                     torch.ones(*shape, 1, dtype=dtype, device=device),
+                     torch.zeros(*shape, 1, dtype=dtype, device=device)) for _ in range(layers)]
+
+        self.k, self.v = buffers(), buffers()
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> None:
+        for store, x in ((self.k[layer], k), (self.v[layer], v)):
+            parts = quantize_kv(x, self.bits)
+            for buf, part in zip(store, parts):
+                buf.scatter_(2, idx[..., : part.shape[-1]], part)
+
+    def _load(self, layer: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(dequantize_kv(*(t[:, :, :kv_len] for t in store), self.bits, self.dtype)
+                     for store in (self.k[layer], self.v[layer]))
+
+
+class SinkKVCache:
+    """StreamingLLM cache: the first `sink` tokens + the last `window` tokens, positions within the cache.
+
+    Keys are stored before RoPE. At each step every cached key is rotated with its index in the
+    cache and each query with the index its own token takes, so relative distances never exceed
+    sink + window whatever the length of the text. Batch rows advance together (one length).
+    """
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, dtype, device, sink: int = 4,
+                 window: int = 252):
+        if sink < 0 or window < 1:
+            raise ValueError(f"sink cache needs sink >= 0 and window >= 1, got {sink}, {window}")
+        self.sink, self.window, self.capacity = sink, window, sink + window
+        shape = (batch, kv_heads, 0, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.seen = [0] * layers  # tokens ever written, per layer
+
+    def room(self, layer: int = 0) -> int:
+        """New tokens one step may take: what still fits, or 1 once full (a longer input goes in chunks)."""
+        return max(self.capacity - self.k[layer].shape[2], 1)
+
+    def _evict(self, layer: int, incoming: int) -> None:
+        """Drop the oldest window tokens so that `incoming` more fit (the sinks always stay)."""
+        held = self.k[layer].shape[2]
+        drop = held + incoming - self.capacity
+        if drop <= 0:
+            return
+        if incoming > 1:
+            raise ValueError(f"sink cache: {incoming} tokens do not fit; feed at most room() = {self.room(layer)}")
+        for store in (self.k, self.v):
+            t = store[layer]
+            store[layer] = torch.cat((t[:, :, : self.sink], t[:, :, self.sink + drop:]), dim=2)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
+               rope: Rope, kv_len: int | None = None) -> torch.Tensor:
+        """Evict beyond sink + window, append K/V, attend with positions inside the cache.
+
+        `start` is ignored: positions come from the cache (StreamingLLM), not from the text.
+        """
+        t = k.shape[2]
+        self._evict(layer, t)
+        keys = torch.cat((self.k[layer], k), dim=2)
+        values = torch.cat((self.v[layer], v), dim=2)
+        n = keys.shape[2]
+        cache_pos = torch.arange(n, device=k.device).view(1, -1).expand(k.shape[0], n)
+        qpos = cache_pos[:, n - t:]
+        mask = torch.arange(n, device=k.device).view(1, 1, -1) <= qpos.unsqueeze(-1)
+        out = _sdpa(rope(q, qpos), rope(keys, cache_pos), values, mask.unsqueeze(1))
+        self.k[layer], self.v[layer] = keys, values
+        self.seen[layer] += t
+        return out
+
+    def kept_positions(self, layer: int = 0) -> list[int]:
+        """Original text positions of the tokens the cache holds (sinks first, then the window)."""
+        n, seen = self.k[layer].shape[2], self.seen[layer]
+        return list(range(min(self.sink, n))) + list(range(seen - (n - min(self.sink, n)), seen))
+
+    def nbytes(self) -> int:
+        """Bytes held now."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime switch for plain Hugging Face forward passes.
+
+
+def _kvq_attention(base_name: str, bits: int):
+    """An attention function that fake-quantizes K/V (as the cache stores them) then calls `base_name`."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        base = ALL_ATTENTION_FUNCTIONS.get_interface(base_name, None)
+        if base is None:  # "eager" lives in the model file, not in the interface
+            base = _eager_of(module)
+        return base(module, query, fake_quantize_kv(key, bits), fake_quantize_kv(value, bits), attention_mask,
+                    **kwargs)
+
+    return attention
+
+
+def _eager_of(module):
+    import importlib
+
+    return importlib.import_module(type(module).__module__).eager_attention_forward
+
+
+def _register(base_name: str, bits: int) -> str:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = f"effopt_kv{bits}_{base_name}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(name, _kvq_attention(base_name, bits))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_name])
+    return name
+
+
+@contextlib.contextmanager
+def use_runtime(model, runtime: dict | None) -> Iterator[None]:
+    """Apply the runtime options `runtime` to `model` inside the block.
+
+    With `runtime["kv_cache"] = {"bits": 8|4, "granularity": "head_token"}` every attention call
+    sees K (after RoPE) and V quantized-dequantized per head and token, exactly as
+    `QuantizedKVCache` stores them; effopt's generation (`effopt.generation`) reads the same
+    setting from `model._effopt_runtime` and uses a real quantized cache. Without it, no-op.
+    """
+    cfg = kv_config(runtime)
+    if cfg is None or model is None:
+        yield
+        return
+    configs = {id(c): c for c in _configs(model)}.values()
+    saved = [(c, c._attn_implementation) for c in configs]
+    previous = getattr(model, "_effopt_runtime", None)
+    try:
+        for c, impl in saved:
+            c._attn_implementation = _register(impl or "sdpa", cfg["bits"])
+        model._effopt_runtime = dict(runtime)
+        yield
+    finally:
+        for c, impl in saved:
+            c._attn_implementation = impl
+        model._effopt_runtime = previous
+
+
+def _configs(model) -> list:
+    """Every config object attention modules read their implementation from."""
+    found = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
+    return found or [model.config]
+
+
+def runtime_of(model) -> dict:
+    """The runtime options active on `model` (set by `use_runtime`), {} when none."""
+    return dict(getattr(model, "_effopt_runtime", None) or {})

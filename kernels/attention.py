@@ -1,0 +1,613 @@
+"""Fused attention: FlashAttention-style forward and backward, split-KV decode, int8-KV decode.
+
+Layouts: q [B, H, Sq, D], k / v [B, Hkv, Skv, D] (H a multiple of Hkv: GQA / MQA), any strides
+with a unit stride on D. Causal masks are bottom-right aligned (query i sits at position
+i + Skv - Sq, as with a KV cache); `window` = W keeps keys with q_pos - W < k_pos <= q_pos
+(transformers' sliding-window convention). fp16 / bf16, head dim up to 256 (64 and 128 tuned).
+
+Forward: one program per (BLOCK_M queries, head); keys stream through in BLOCK_N blocks with an
+online softmax in base 2 (exp2 of pre-scaled logits). Blocks that need no mask run a mask-free
+loop. Backward: recompute P from the saved log-sum-exp; one kernel accumulates dK, dV per key
+block (looping over the query heads of its KV group), another dQ per query block.
+Decode: each program takes one KV head, all of its G query heads as the rows of a small MMA, and
+one slice of the cache; a second kernel merges the slices by their log-sum-exp.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._tune import choose, interpreting
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    # triton 3.9's CPU interpreter mis-computes bf16 dots: there (UPCAST) operands go in as fp32.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _keep(rows_pos, cols, Skv, WINDOW, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Boolean [rows, cols] mask of the keys each query may see."""
+    ok = (cols < Skv)[None, :]
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= rows_pos[:, None])
+    if HAS_WINDOW:
+        ok = ok & (cols[None, :] > rows_pos[:, None] - WINDOW)
+    return ok
+
+
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos, offs_n, offs_d, d_ok,
+                lo, hi, Skv, qk_scale, WINDOW,
+                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """Online-softmax update over key blocks [lo, hi); MASK=False for blocks known to be full."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASK:
+            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None],
+                         mask=d_ok[:, None] & (cols < Skv)[None, :], other=0.0)
+        else:
+            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+        qk = _dot(q, kt, tl.zeros((q.shape[0], BLOCK_N), tl.float32), UPCAST) * qk_scale
+        if MASK:
+            qk = tl.where(_keep(pos, cols, Skv, WINDOW, CAUSAL, HAS_WINDOW), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK:
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :],
+                        mask=(cols < Skv)[:, None] & d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, qk_scale, Sq, Skv, H, GROUP, WINDOW,
+              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr):
+    """O = softmax(Q K^T * scale + mask) V for BLOCK_M queries of one (batch, head); LSE in log2 units."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # the longest rows first, so the last wave is short
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    hk = h // GROUP
+    off = Skv - Sq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    pos = offs_m + off
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=(offs_m < Sq)[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    # key range [lo, hi) and its mask-free middle [full_lo, full_hi), all multiples of BLOCK_N
+    first, last = pid_m * BLOCK_M + off, pid_m * BLOCK_M + BLOCK_M - 1 + off  # positions of the rows
+    hi = Skv
+    full_hi = (Skv // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        hi = tl.minimum(Skv, tl.maximum(last + 1, 0))
+        full_hi = tl.minimum(full_hi, (tl.maximum(first + 1, 0) // BLOCK_N) * BLOCK_N)
+    lo = 0
+    full_lo = 0
+    if HAS_WINDOW:
+        lo = (tl.maximum(first - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(last - WINDOW + 1, 0), BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos, offs_n, offs_d,
+                                d_ok, full_lo, full_hi, Skv, qk_scale, WINDOW, False, CAUSAL, HAS_WINDOW,
+                                BLOCK_N, UPCAST)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos, offs_n, offs_d,
+                                d_ok, lo, full_lo, Skv, qk_scale, WINDOW, True, CAUSAL, HAS_WINDOW,
+                                BLOCK_N, UPCAST)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos, offs_n, offs_d,
+                                d_ok, full_hi, hi, Skv, qk_scale, WINDOW, True, CAUSAL, HAS_WINDOW,
+                                BLOCK_N, UPCAST)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key outputs 0
+    row_ok = offs_m < Sq
+    tl.store(LSE + bh * Sq + offs_m, m_i + tl.math.log2(l_safe), mask=row_ok)
+    o = acc / l_safe[:, None]
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, Sq, H, stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[bh, i] = sum_d O[i, d] * dO[i, d]."""
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m < Sq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :], mask=ok, other=0.0)
+    tl.store(DELTA + bh * Sq + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < Sq)
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Sq, Skv, H, HKV, GROUP, WINDOW,
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dm,
+                   stride_gb, stride_gh, stride_gn,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr):
+    """dK, dV for BLOCK_N keys of one KV head, summed over the GROUP query heads that share it.
+
+    dV = sum_i P^T dO; dS = P * (dO V^T - delta); dK = scale * dS^T Q (all from recomputed P).
+    DK / DV ([B, Hkv, Skv, D]) share strides (stride_g*).
+    """
+    bhk = tl.program_id(1)
+    b, hk = bhk // HKV, bhk % HKV
+    off = Skv - Sq
+    start_n = tl.program_id(0) * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_ok = (cols < Skv)[:, None] & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    # query rows that can see this key block
+    lo = 0
+    hi = Sq
+    if CAUSAL:
+        lo = (tl.maximum(start_n - off, 0) // BLOCK_M) * BLOCK_M
+    if HAS_WINDOW:
+        hi = tl.minimum(Sq, tl.maximum(start_n + BLOCK_N - 1 + WINDOW - off, 0))
+    offs_mb = tl.arange(0, BLOCK_M)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_db + h * stride_dh
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + offs_mb
+            row_ok = offs_m < Sq
+            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dm + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(LSE + (b * H + h) * Sq + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + (b * H + h) * Sq + offs_m, mask=row_ok, other=0.0)
+            qk_t = _dot(k, tl.trans(q), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), UPCAST) * qk_scale
+            keep = tl.trans(_keep(offs_m + off, cols, Skv, WINDOW, CAUSAL, HAS_WINDOW)) & row_ok[None, :]
+            p_t = tl.where(keep, tl.math.exp2(qk_t - lse[None, :]), 0.0)
+            dv = _dot(p_t.to(do.dtype), do, dv, UPCAST)
+            dp_t = _dot(v, tl.trans(do), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), UPCAST)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = _dot(ds_t.to(q.dtype), q, dk, UPCAST)
+    out = b * stride_gb + hk * stride_gh + cols[:, None] * stride_gn + offs_d[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Sq, Skv, H, GROUP, WINDOW,
+                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dm,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr):
+    """dQ = scale * dS K for BLOCK_M queries of one head (DQ shares Q's strides)."""
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    hk = h // GROUP
+    off = Skv - Sq
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < Sq
+    qo = offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + qo, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :],
+                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    lse = tl.load(LSE + bh * Sq + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * Sq + offs_m, mask=row_ok, other=0.0)
+    first = tl.program_id(0) * BLOCK_M + off
+    lo = 0
+    hi = Skv
+    if CAUSAL:
+        hi = tl.minimum(Skv, tl.maximum(first + BLOCK_M, 0))
+    if HAS_WINDOW:
+        lo = (tl.maximum(first - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_ok = (cols < Skv)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        qk = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST) * qk_scale
+        keep = _keep(offs_m + off, cols, Skv, WINDOW, CAUSAL, HAS_WINDOW) & row_ok[:, None]
+        p = tl.where(keep, tl.math.exp2(qk - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, UPCAST)
+    tl.store(DQ + b * stride_qb + h * stride_qh + qo, (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _i8_to_f16(x):
+    """int8 -> fp16 without a convert: (x + 128) | 0x6400 read as fp16 is 1024 + x + 128."""
+    u = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int16)
+    return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+
+
+@triton.jit
+def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, qk_scale, HKV, GROUP, SPLIT_LEN, NUM_SPLITS,
+                  stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                  stride_sb, stride_sh,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                  QUANT: tl.constexpr, UPCAST: tl.constexpr):
+    """Attention of the GROUP query heads of KV head hk over one slice of the cache.
+
+    Writes the slice's normalised output O_PART[b, h, split, :] (fp32) and its log2-sum-exp.
+    QUANT: K and V are int8 with one scale per (batch, head, token) in KS / VS (strides
+    stride_sb, stride_sh, 1): q.k = (q.k_int) * ks and p.v = (p * vs).v_int, in fp16.
+    """
+    bhk, split = tl.program_id(0), tl.program_id(1)
+    b, hk = bhk // HKV, bhk % HKV
+    length = tl.load(LENS + b)
+    start = split * SPLIT_LEN
+    end = tl.minimum(start + SPLIT_LEN, length)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    g_ok = offs_g < GROUP
+    h = hk * GROUP + offs_g
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if QUANT:
+        q = q.to(tl.float16)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        c_ok = cols < end
+        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None] & c_ok[None, :], other=0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0)
+        if QUANT:
+            ks = tl.load(KS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
+            vs = tl.load(VS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
+            qk = _dot(q, _i8_to_f16(kt), tl.zeros((BLOCK_G, BLOCK_N), tl.float32), UPCAST) * (ks * qk_scale)[None, :]
+        else:
+            qk = _dot(q, kt, tl.zeros((BLOCK_G, BLOCK_N), tl.float32), UPCAST) * qk_scale
+        qk = tl.where(c_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if QUANT:
+            acc = _dot((p * vs[None, :]).to(tl.float16), _i8_to_f16(v), acc * alpha[:, None], UPCAST)
+        else:
+            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # an empty slice: lse = -inf, output 0
+    part = (b * HKV * GROUP + h) * NUM_SPLITS + split
+    tl.store(LSE_PART + part, m_i + tl.math.log2(l_safe), mask=g_ok)
+    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_merge(O_PART, LSE_PART, OUT, NUM_SPLITS, stride_ob, stride_oh, H,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """OUT[b, h] = sum_s w_s O_s / sum_s w_s with w_s = 2^(lse_s - max lse)."""
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < NUM_SPLITS
+    lse = tl.load(LSE_PART + bh * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.where(s_ok & (lse > float("-inf")), tl.math.exp2(lse - m), 0.0)
+    o = tl.load(O_PART + (bh * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=s_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------------------------
+# Wrappers
+# ----------------------------------------------------------------------------------------------
+def _check_qkv(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q [B, H, Sq, D] and k, v [B, Hkv, Skv, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"batch / head dim mismatch or H={q.shape[1]} not a multiple of Hkv={k.shape[1]}")
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must all be fp16 or bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[3] > 256:
+        raise ValueError(f"head dim {q.shape[3]} > 256 is not supported")
+    if not (q.is_cuda or interpreting()):
+        raise ValueError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU)")
+
+
+def _unit_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _fwd_cfgs(D):
+    """(BLOCK_M, BLOCK_N, warps, stages) to time; the first is the default (no spills on sm_90)."""
+    if interpreting():
+        return [(32, 32, 4, 1)]
+    if D <= 64:
+        return [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+    return [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+
+
+def _attn_forward(q, k, v, causal, sm_scale, window, cfg=None, o=None, lse=None):
+    """o [B, H, Sq, D] and lse [B*H, Sq] (log2 units); o / lse may be passed in (tests poison them)."""
+    B, H, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    if o is None:
+        o = torch.empty(B, H, Sq, D, device=q.device, dtype=q.dtype)
+        lse = torch.empty(B * H, Sq, device=q.device, dtype=torch.float32)
+    bd = max(16, triton.next_power_of_2(D))
+
+    def run(c):
+        bm, bn, warps, stages = c
+        _attn_fwd[(triton.cdiv(Sq, bm), B * H)](
+            q, k, v, o, lse, sm_scale * LOG2E, Sq, Skv, H, H // Hkv, window or 0,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_WINDOW=bool(window),
+            UPCAST=not q.is_cuda, num_warps=warps, num_stages=stages)
+
+    if cfg is None:
+        key = ("fwd", q.device, D, q.dtype, causal, bool(window), triton.next_power_of_2(Sq), triton.next_power_of_2(Skv))
+        cfg = choose(key, _fwd_cfgs(D), run)
+    run(cfg)
+    return o, lse
+
+
+def _bwd_cfgs(D):
+    """Candidates (BLOCK_M, BLOCK_N, warps, stages) for the dK/dV and the dQ kernel."""
+    if interpreting():
+        return [(32, 32, 4, 1)], [(32, 32, 4, 1)]
+    if D <= 64:
+        return [(64, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 3)], [(64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)]
+    return [(32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2)], [(64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 8, 2)]
+
+
+def _attn_backward(do, q, k, v, o, lse, causal, sm_scale, window, cfg=None, grads=None):
+    """dq, dk, dv; cfg = ((dK/dV tiles), (dQ tiles)) forces the tiles, default: timed once per shape.
+
+    grads: optional preallocated (dq, dk, dv) (tests poison them)."""
+    B, H, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    do = _unit_last(do)
+    bd = max(16, triton.next_power_of_2(D))
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta[(triton.cdiv(Sq, 64), B * H)](
+        o, do, delta, Sq, H, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=64)
+    if grads is None:
+        grads = (torch.empty_like(q), torch.empty(k.shape, device=k.device, dtype=k.dtype),
+                 torch.empty(v.shape, device=v.device, dtype=v.dtype))
+    dq, dk, dv = grads
+    common = dict(HEAD_DIM=D, BLOCK_D=bd, CAUSAL=causal, HAS_WINDOW=bool(window), UPCAST=not q.is_cuda)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+
+    def run_dkdv(c):
+        bm, bn, warps, stages = c
+        _attn_bwd_dkdv[(triton.cdiv(Skv, bn), B * Hkv)](
+            q, k, v, do, lse, delta, dk, dv, sm_scale * LOG2E, sm_scale, Sq, Skv, H, Hkv, H // Hkv, window or 0,
+            *strides, dk.stride(0), dk.stride(1), dk.stride(2),
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+
+    def run_dq(c):
+        bm, bn, warps, stages = c
+        _attn_bwd_dq[(triton.cdiv(Sq, bm), B * H)](
+            q, k, v, do, lse, delta, dq, sm_scale * LOG2E, sm_scale, Sq, Skv, H, H // Hkv, window or 0,
+            *strides, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+
+    if cfg is None:
+        key = (q.device, D, q.dtype, causal, bool(window), H // Hkv, triton.next_power_of_2(Sq))
+        cands = _bwd_cfgs(D)
+        cfg = (choose(("dkdv",) + key, cands[0], run_dkdv), choose(("dq",) + key, cands[1], run_dq))
+    run_dkdv(cfg[0])
+    run_dq(cfg[1])
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sm_scale, window, cfg):
+        o, lse = _attn_forward(q, k, v, causal, sm_scale, window, cfg)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = (causal, sm_scale, window)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _attn_backward(do, q, k, v, o, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None
+
+
+def flash_attention(q, k, v, causal: bool = True, sm_scale: float = None, window: int = None, *, cfg=None):
+    """softmax(q k^T * sm_scale + mask) v with a fused Triton kernel; differentiable.
+
+    Args:
+        q: [B, H, Sq, D]; k, v: [B, Hkv, Skv, D] with H % Hkv == 0 (GQA/MQA), fp16 or bf16.
+        causal: bottom-right aligned causal mask (query i at position i + Skv - Sq).
+        sm_scale: default 1/sqrt(D).
+        window: sliding window W (causal only): keys with q_pos - W < k_pos <= q_pos.
+        cfg: force (BLOCK_M, BLOCK_N, num_warps, num_stages) (tests); default: timed once per shape.
+    Returns o [B, H, Sq, D] (contiguous).
+    """
+    _check_qkv(q, k, v)
+    if window is not None and (not causal or window < 1):
+        raise ValueError("window needs causal=True and window >= 1")
+    sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    return _FlashAttention.apply(q, k, v, causal, sm_scale, window, cfg)
+
+
+def quantize_kv(x):
+    """Symmetric int8 per (batch, head, token): x [B, Hkv, S, D] -> (int8 [B, Hkv, S, D], fp32 scale [B, Hkv, S])."""
+    scale = x.float().abs().amax(-1).clamp_min(1e-8) / 127.0
+    q = torch.round(x.float() / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+DEBUG_POISON = False  # tests: fill the per-slice partial results with NaN before the launch
+
+
+def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_splits, out):
+    if q.dim() == 4:
+        if q.shape[2] != 1:
+            raise ValueError("decode attention takes one query token: q [B, H, D] or [B, H, 1, D]")
+        q = q[:, :, 0]
+    B, H, D = q.shape
+    if k.dim() != 4 or v.shape != k.shape or k.shape[0] != B or k.shape[3] != D or H % k.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)} does not match caches {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.is_cuda or interpreting()):
+        raise ValueError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU)")
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    Hkv, S = k.shape[1], k.shape[2]
+    group = H // Hkv
+    if cache_seqlens is None:
+        lens = torch.full((B,), S, device=q.device, dtype=torch.int32)
+    else:
+        lens = cache_seqlens.to(device=q.device, dtype=torch.int32)
+    sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    if num_splits is None:  # about two programs per SM, slices of at least two key blocks
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+        num_splits = max(1, min(triton.cdiv(2 * sms, B * Hkv), triton.cdiv(S, 2 * block_n)))
+    split_len = triton.cdiv(triton.cdiv(S, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(S, split_len)
+    o_part = torch.empty(B * H * num_splits, D, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(B * H * num_splits, device=q.device, dtype=torch.float32)
+    if DEBUG_POISON:
+        o_part.fill_(float("nan"))
+        lse_part.fill_(float("nan"))
+    quant = k_scale is not None
+    ks = k_scale if quant else lens
+    vs = v_scale if quant else lens
+    if quant and (k_scale.stride(-1) != 1 or v_scale.stride() != k_scale.stride()):
+        ks, vs = k_scale.contiguous(), v_scale.contiguous()
+    bd = max(16, triton.next_power_of_2(D))
+    _decode_split[(B * Hkv, num_splits)](
+        q, k, v, ks, vs, o_part, lse_part, lens, sm_scale * LOG2E, Hkv, group, split_len, num_splits,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        ks.stride(0) if quant else 0, ks.stride(1) if quant else 0,
+        HEAD_DIM=D, BLOCK_D=bd, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        QUANT=quant, UPCAST=not q.is_cuda, num_warps=4, num_stages=3 if q.is_cuda else 1)
+    if out is None:
+        out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
+    elif out.shape != (B, H, D) or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be [B, H, D] = {(B, H, D)} in {q.dtype}")
+    _decode_merge[(B * H,)](o_part, lse_part, out, num_splits, out.stride(0), out.stride(1), H,
+                            HEAD_DIM=D, BLOCK_D=bd, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+    return out
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, block_n=64, num_splits=None,
+                     out=None):
+    """One query token per sequence against a KV cache, split along the cache length.
+
+    Args:
+        q: [B, H, D] (or [B, H, 1, D]); k_cache, v_cache: [B, Hkv, S, D], same dtype as q.
+        cache_seqlens: int [B], valid cache length of each sequence (default: all S).
+        block_n, num_splits: keys per inner step and cache slices (default: ~2 programs per SM).
+        out: optional [B, H, D] result tensor.
+    Returns [B, H, D] in q.dtype.
+    """
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"q and the caches must share one of fp16/bf16, got {q.dtype}, {k_cache.dtype}")
+    return _decode(q, k_cache, v_cache, None, None, cache_seqlens, sm_scale, block_n, num_splits, out)
+
+
+def decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens=None, sm_scale=None, *,
+                          block_n=64, num_splits=None, out=None):
+    """decode_attention over an int8 cache (see quantize_kv): K = k_cache * k_scale[..., None].
+
+    Args:
+        k_cache, v_cache: int8 [B, Hkv, S, D]; k_scale, v_scale: [B, Hkv, S] (per head, per token).
+    The products run in fp16 (int8 values are exact there); returns [B, H, D] in q.dtype.
+    """
+    if k_cache.dtype != torch.int8 or v_cache.dtype != torch.int8:
+        raise ValueError("k_cache and v_cache must be int8")
+    if k_scale.shape != k_cache.shape[:3] or v_scale.shape != v_cache.shape[:3]:
+        raise ValueError(f"scales must be [B, Hkv, S] = {tuple(k_cache.shape[:3])}")
+    return _decode(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_splits, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers integration
+# ----------------------------------------------------------------------------------------------
+def _hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                  sliding_window=None, softcap=None, **kwargs):
+    """transformers AttentionInterface function: query [B, H, S, D] -> ([B, S, H, D], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len, kv_len, d = query.shape[2], key.shape[2], query.shape[3]
+    usable = (
+        attention_mask is None  # a materialised mask means padding, packing or a custom pattern
+        and (query.is_cuda or interpreting())
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and key.dtype == query.dtype and value.shape == key.shape and d <= 256
+        and query.shape[1] % key.shape[1] == 0
+        and not (dropout > 0.0 and module.training)
+        and softcap is None and not kwargs.get("output_attentions", False)
+    )
+    if not usable:
+        # Fallback: SDPA. This covers padding masks (batched generation with left padding),
+        # packed sequences, chunked/sliding masks that transformers materialised, dropout and softcap.
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    causal = (is_causal if is_causal is not None else getattr(module, "is_causal", True)) and q_len > 1
+    if causal and kv_len > q_len:
+        # transformers drops the mask here only for a prefill into an empty static cache, whose extra
+        # slots are future positions: slice them off, as its SDPA integration does.
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    window = sliding_window if (causal and sliding_window) else None
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if q_len == 1 and not grad:
+        out = decode_attention(query, key, value, sm_scale=scaling)[:, :, None]
+    else:
+        out = flash_attention(query, key, value, causal=causal, sm_scale=scaling, window=window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_with_transformers(name: str = "effopt_triton") -> str:
+    """Register the fused attention with transformers (5.x) as attn_implementation=`name`.
+
+    Registers the function with AttentionInterface and SDPA's mask builder with
+    AttentionMaskInterface, so transformers passes mask=None exactly when SDPA would rely on
+    is_causal (no padding), and a boolean 4-D mask otherwise, which `_hf_attention` hands to SDPA.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, _hf_attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name

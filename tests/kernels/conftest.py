@@ -1,0 +1,34 @@
+"""Kernel tests run on CUDA at real sizes when a GPU is present, else on CPU through Triton's
+interpreter at small sizes. TRITON_INTERPRET must be set before the kernels are decorated, so it
+is set here, at collection, and kernel modules imported earlier (e.g. by effopt) are reloaded."""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+    for name in ("kernels._tune", "kernels.qmatmul", "kernels.attention"):
+        if name in sys.modules:
+            importlib.reload(sys.modules[name])
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere in out gives NaN (and fails the test)."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def _poison_scratch(monkeypatch):
+    """Poison the kernels' internal scratch buffers too, so an unwritten partial result shows."""
+    from kernels import attention, qmatmul
+
+    monkeypatch.setattr(qmatmul, "DEBUG_POISON", True)
+    monkeypatch.setattr(attention, "DEBUG_POISON", True)
+    torch.manual_seed(0)

@@ -1,0 +1,159 @@
+"""Fused attention kernels against a float32 torch reference (explicit masks, repeated KV heads)."""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE, ON_GPU, rel_err
+from kernels import attention as A
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative L2 error vs float32
+SMALL = not ON_GPU
+
+
+def reference(q, k, v, causal, scale, window=None):
+    """float32 softmax(q k^T scale + mask) v with bottom-right causal alignment."""
+    h, hkv, sq, skv = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    k = k.float().repeat_interleave(h // hkv, 1)
+    v = v.float().repeat_interleave(h // hkv, 1)
+    s = q.float() @ k.transpose(-1, -2) * scale
+    pos = torch.arange(sq, device=q.device)[:, None] + skv - sq
+    cols = torch.arange(skv, device=q.device)[None, :]
+    keep = torch.ones(sq, skv, dtype=torch.bool, device=q.device)
+    if causal:
+        keep &= cols <= pos
+    if window:
+        keep &= cols > pos - window
+    return torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ v
+
+
+def qkv(b, h, hkv, sq, skv, d, dtype, grad=False):
+    mk = lambda *s: torch.randn(*s, device=DEVICE, dtype=dtype).requires_grad_(grad)  # noqa: E731
+    return mk(b, h, sq, d), mk(b, hkv, skv, d), mk(b, hkv, skv, d)
+
+
+# (B, H, Hkv, Sq, Skv, D, causal, window, dtype); GPU runs them 8x longer
+FWD = [
+    (1, 2, 1, 1, 1, 64, True, None, torch.float16),  # a single token
+    (1, 4, 1, 127, 127, 64, True, None, torch.float16),  # MQA, odd length
+    (2, 4, 2, 37, 70, 32, True, None, torch.bfloat16),  # GQA, Sq < Skv (bottom-right)
+    (1, 2, 2, 50, 50, 128, False, None, torch.float16),  # full attention, d=128
+    (1, 2, 1, 100, 100, 64, True, 20, torch.bfloat16),  # sliding window
+    (1, 1, 1, 1023, 1023, 64, True, None, torch.float16),  # moderately long
+]
+
+
+def _scale_case(case):
+    b, h, hkv, sq, skv, d, causal, window, dtype = case
+    if ON_GPU:
+        sq, skv = sq * 8 - (sq > 1), skv * 8 - (skv > 1)
+    return b, h, hkv, sq, skv, d, causal, window, dtype
+
+
+@pytest.mark.parametrize("case", FWD)
+def test_forward_matches_reference(case):
+    b, h, hkv, sq, skv, d, causal, window, dtype = _scale_case(case)
+    q, k, v = qkv(b, h, hkv, sq, skv, d, dtype)
+    o = torch.full((b, h, sq, d), float("nan"), device=DEVICE, dtype=dtype)
+    lse = torch.full((b * h, sq), float("nan"), device=DEVICE)
+    cfg = (64, 64, 4, 1) if SMALL and sq > 500 else None  # bigger tiles keep the interpreter quick
+    A._attn_forward(q, k, v, causal, 1 / math.sqrt(d), window, cfg, o=o, lse=lse)
+    assert rel_err(o, reference(q, k, v, causal, 1 / math.sqrt(d), window)) < TOL[dtype]
+    assert torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("case", [c for c in FWD if c[3] < 1000])
+def test_backward_matches_reference(case):
+    b, h, hkv, sq, skv, d, causal, window, dtype = _scale_case(case)
+    q, k, v = qkv(b, h, hkv, sq, skv, d, dtype)
+    scale = 1 / math.sqrt(d)
+    o, lse = A._attn_forward(q, k, v, causal, scale, window)
+    do = torch.randn_like(o)
+    grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
+    A._attn_backward(do, q, k, v, o, lse, causal, scale, window, grads=grads)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    reference(qf, kf, vf, causal, scale, window).backward(do.float())
+    for got, want in zip(grads, (qf.grad, kf.grad, vf.grad)):
+        # relative L2 error, with an absolute floor: for one key, dq and dk are exactly zero
+        err = (got.double() - want.double()).norm().item()
+        assert err <= 2 * TOL[dtype] * want.double().norm().item() + 1e-4 * want.numel() ** 0.5
+
+
+def test_autograd_function_and_validation():
+    q, k, v = qkv(1, 4, 2, 33, 33, 64, torch.float16, grad=True)
+    o = A.flash_attention(q, k, v, causal=True)
+    o.float().square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    with pytest.raises(ValueError):
+        A.flash_attention(q, k[:, :, :, :32], v, causal=True)  # head dims differ
+    with pytest.raises(ValueError):
+        A.flash_attention(q, k, v, causal=False, window=8)  # window needs causal
+
+
+DECODE = [  # (B, H, Hkv, S, D, dtype, lens)
+    (2, 8, 2, 300, 64, torch.float16, [300, 77]),
+    (1, 4, 4, 1, 128, torch.bfloat16, None),
+    (3, 8, 1, 127, 128, torch.bfloat16, [1, 64, 127]),
+]
+
+
+@pytest.mark.parametrize("b,h,hkv,s,d,dtype,lens", DECODE)
+@pytest.mark.parametrize("int8", [False, True])
+def test_decode_matches_reference(b, h, hkv, s, d, dtype, lens, int8):
+    if ON_GPU:
+        s = s * 16 + 3
+        lens = None if lens is None else [min(s, n * 16) for n in lens]
+    q = torch.randn(b, h, d, device=DEVICE, dtype=dtype)
+    k = torch.randn(b, hkv, s, d, device=DEVICE, dtype=dtype)
+    v = torch.randn(b, hkv, s, d, device=DEVICE, dtype=dtype)
+    seqlens = None if lens is None else torch.tensor(lens, device=DEVICE)
+    out = torch.full((b, h, d), float("nan"), device=DEVICE, dtype=dtype)
+    if int8:
+        kq, ks = A.quantize_kv(k)
+        vq, vs = A.quantize_kv(v)
+        A.decode_attention_int8(q, kq, vq, ks, vs, cache_seqlens=seqlens, block_n=32, out=out)
+        k, v = kq.float() * ks[..., None], vq.float() * vs[..., None]  # the cache it really holds
+    else:
+        A.decode_attention(q, k, v, cache_seqlens=seqlens, block_n=32, out=out)
+    for i in range(b):
+        n = s if lens is None else lens[i]
+        ref = reference(q[i : i + 1, :, None], k[i : i + 1, :, :n], v[i : i + 1, :, :n], False, d**-0.5)
+        assert rel_err(out[i], ref[0, :, 0]) < TOL[dtype]
+
+
+def test_int8_cache_round_trip():
+    x = torch.randn(2, 2, 9, 64, device=DEVICE)
+    xq, scale = A.quantize_kv(x)
+    assert xq.dtype == torch.int8 and scale.shape == (2, 2, 9)
+    assert rel_err(xq.float() * scale[..., None], x) < 1e-2
+
+
+def _tiny_llama(attn):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      attn_implementation=attn)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(DEVICE, torch.float16).eval()
+
+
+def test_transformers_llama_runs_on_fused_attention(monkeypatch):
+    pytest.importorskip("transformers")
+    name = A.register_with_transformers()
+    calls = {"flash": 0, "decode": 0}
+    for fn in ("flash_attention", "decode_attention"):
+        real = getattr(A, fn)
+        monkeypatch.setattr(A, fn, lambda *a, _r=real, _k=fn.split("_")[0], **kw: calls.__setitem__(_k, calls[_k] + 1) or _r(*a, **kw))
+    fused, sdpa = _tiny_llama(name), _tiny_llama("sdpa")
+    ids = torch.randint(0, 128, (2, 12), device=DEVICE)
+    with torch.no_grad():
+        assert rel_err(fused(ids).logits, sdpa(ids).logits) < TOL[torch.float16]
+        # left padding: transformers builds a 4-D mask, which goes to SDPA
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0
+        assert rel_err(fused(ids, attention_mask=mask).logits, sdpa(ids, attention_mask=mask).logits) < 1e-3
+        # prefill + cached decode (q_len 1 -> split-KV decode kernel)
+        gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(fused.generate(ids[:1], **gen), sdpa.generate(ids[:1], **gen))
+    assert calls["flash"] >= 4 and calls["decode"] >= 6  # the fused kernels really ran

@@ -1,0 +1,111 @@
+"""quant_matmul / dequantize against a float32 torch reference built from the LAYOUT.md formula."""
+import pytest
+import torch
+
+from conftest import DEVICE, ON_GPU, rel_err
+from kernels.qmatmul import Cfg, candidates, dequantize, prepare_weight, quant_matmul, unpack_codes
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}  # relative L2 error vs the float32 reference
+N, K = (2048 + 24, 4096 + 72) if ON_GPU else (40, 200)  # K % block != 0, short last group
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Reference packer, straight from LAYOUT.md: code k of a row occupies bits [k*b, (k+1)*b) of
+    one little-endian bit stream, bit 0 being the lowest bit of byte 0; padding bits are zero."""
+    n, k = codes.shape
+    stream = ((codes[:, :, None] >> torch.arange(bits, device=codes.device)) & 1).reshape(n, k * bits)
+    stream = torch.nn.functional.pad(stream, (0, (-k * bits) % 8)).view(n, -1, 8)
+    return (stream << torch.arange(8, device=codes.device)).sum(-1).to(torch.uint8)
+
+
+def make_weight(n, k, bits, group, dtype, device=DEVICE):
+    g = k if group <= 0 else group
+    groups = -(-k // g)
+    codes = torch.randint(0, 2**bits, (n, k), device=device)
+    scales = (torch.rand(n, groups, device=device) * 0.02 + 0.005).to(dtype)
+    zeros = torch.randint(0, 2**bits, (n, groups), device=device).to(dtype)
+    return pack_codes(codes, bits), scales, zeros, codes
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unpack_and_dequantize_follow_layout(bits):
+    k = 37  # odd: the last byte of a row is partly padding
+    codes = torch.randint(0, 2**bits, (5, k))
+    qweight = pack_codes(codes, bits)
+    assert torch.equal(unpack_codes(qweight, bits, k), codes.int())
+    scales, zeros = torch.rand(5, 3) + 0.1, torch.randint(0, 2**bits, (5, 3)).float()
+    w = dequantize(qweight, scales, zeros, bits, 16, k)
+    g = torch.arange(k) // 16
+    assert torch.allclose(w, (codes - zeros[:, g]) * scales[:, g])
+
+
+def test_layout_is_checked():
+    qweight, scales, zeros, _ = make_weight(8, 64, 4, 32, torch.float16, "cpu")
+    with pytest.raises(ValueError):
+        dequantize(qweight[:, :-1], scales, zeros, 4, 32, 64)
+    with pytest.raises(ValueError):
+        dequantize(qweight, scales[:, :1], zeros, 4, 32, 64)
+
+
+# (cfg, bits, group, dtype, M): every kernel, group mode (per K-block, per row, per element),
+# split-K on and off, scale/zero before and after the MMA, x split in registers or strided.
+CASES = [
+    (Cfg("gemv", 1, 16, 32, 1), 4, 64, torch.float16, 1),
+    (Cfg("gemv", 4, 16, 16, 2), 4, 32, torch.bfloat16, 3),
+    (Cfg("gemv", 4, 16, 32, 3), 8, -1, torch.float16, 3),
+    (Cfg("mma", 16, 32, 32, 1, x_split=True), 4, 128, torch.float16, 1),
+    (Cfg("mma", 16, 32, 16, 2), 4, 32, torch.bfloat16, 3),
+    (Cfg("mma", 16, 32, 32, 3, post_zero=False, x_split=True), 4, 64, torch.bfloat16, 17),
+    (Cfg("mma", 32, 32, 32, 2, x_split=True), 4, -1, torch.float16, 17),
+    (Cfg("mma", 16, 32, 32, 2, post_zero=False), 8, -1, torch.bfloat16, 3),
+    (Cfg("mma", 16, 32, 32, 1), 8, 32, torch.float16, 17),
+    (Cfg("mma", 16, 32, 16, 2), 2, 32, torch.float16, 17),  # 64 codes per K-block > g: per element
+    (Cfg("mma", 16, 32, 32, 1), 2, -1, torch.bfloat16, 1),
+    (Cfg("dequant"), 3, 32, torch.float16, 3),
+    (Cfg("dequant"), 4, 64, torch.bfloat16, 17),
+]
+
+
+@pytest.mark.parametrize("cfg,bits,group,dtype,m", CASES)
+@pytest.mark.parametrize("prepared", [False, True])
+def test_quant_matmul_matches_reference(cfg, bits, group, dtype, m, prepared):
+    if ON_GPU and cfg.kind == "mma":  # real sizes: wider tiles
+        cfg = Cfg("mma", max(cfg.block_m, 16), 64, max(cfg.block_kb, 16), cfg.split_k, cfg.post_zero, cfg.x_split)
+    qweight, scales, zeros, _ = make_weight(N, K, bits, group, dtype)
+    x = torch.randn(m, K, device=DEVICE, dtype=dtype)
+    bias = torch.randn(N, device=DEVICE, dtype=dtype) if m != 1 else None
+    ref = x.float() @ dequantize(qweight, scales, zeros, bits, group, K, dtype=torch.float32).t()
+    if bias is not None:
+        ref += bias.float()
+    out = torch.full((m, N), float("nan"), device=DEVICE, dtype=dtype)
+    w = prepare_weight(qweight, scales, zeros, bits, group, K) if prepared else qweight
+    args = () if prepared else (scales, zeros, bits, group, K)
+    y = quant_matmul(x, w, *args, bias=bias, cfg=cfg, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+def test_batched_input_and_default_dispatch():
+    qweight, scales, zeros, _ = make_weight(N, K, 4, 64, torch.float16)
+    x = torch.randn(2, 3, K, device=DEVICE, dtype=torch.float16)
+    ref = x.float() @ dequantize(qweight, scales, zeros, 4, 64, K, dtype=torch.float32).t()
+    y = quant_matmul(x, qweight, scales, zeros, 4, 64, K)  # CPU: torch path; GPU: tuned kernels
+    assert y.shape == (2, 3, N) and y.dtype == torch.float16
+    assert rel_err(y, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 64, 1024])
+def test_candidates_are_valid(m):
+    qweight, scales, zeros, _ = make_weight(64, 256, 4, 128, torch.float16, "cpu")
+    w = prepare_weight(qweight, scales, zeros, 4, 128, 256)
+    cands = candidates(m, w, torch.float16)
+    assert cands and all(c.kind in ("mma", "gemv", "dequant") for c in cands)
+    assert (m <= 4) == any(c.kind == "gemv" for c in cands)
+
+
+def test_wrong_input_raises():
+    qweight, scales, zeros, _ = make_weight(8, 64, 4, 32, torch.float16)
+    with pytest.raises(ValueError):
+        quant_matmul(torch.randn(2, 63, device=DEVICE, dtype=torch.float16), qweight, scales, zeros, 4, 32, 64)
+    with pytest.raises(ValueError):
+        quant_matmul(torch.randn(2, 64, device=DEVICE, dtype=torch.float16), qweight)
