@@ -42,6 +42,8 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (default runs/NAME-TIMESTAMP)."),
     model: Optional[str] = typer.Option(None, "--model", help="Override the load stage's source."),
     set_: List[str] = typer.Option([], "--set", help="Override a recipe key: --set stages.2.bits=4 (repeatable)."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Processes per training stage (finetune, "
+                                        "distill) through torch.distributed: one per GPU on CUDA, gloo on CPU."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output (default: the latest of this "
                                                         "recipe's name) from its last checkpoint."),
     as_json: bool = typer.Option(False, "--json", help="Print run.json's summary on stdout."),
@@ -55,6 +57,10 @@ def run(
     log.set_quiet(quiet)
     try:
         parsed = load_recipe(recipe, set_, model)
+        if nproc is not None:
+            from effopt.training.distributed import set_nproc
+
+            set_nproc(parsed, nproc)
     except InputError as exc:
         _fail(str(exc), EXIT_INPUT)
     run_dir = output

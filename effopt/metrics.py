@@ -66,7 +66,7 @@ def logical_parameters(model) -> int:
     total = 0
     quant_prefixes = set()
     for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, QuantLinear) or getattr(module, "packed_weight", False):
             total += module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
             quant_prefixes.add(name + ".")
     for name, p in _unique_tensors(model):

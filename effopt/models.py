@@ -106,6 +106,7 @@ def convert_gguf(path: Path) -> Path:
     folder = cache_dir() / "converted" / key
     if (folder / "config.json").is_file() and (folder / WEIGHTS_FILE).is_file():
         return folder
+    quiet_transformers()
     log.info(f"converting {path.name} to safetensors (once; cached in {folder})")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with log.status(f"reading GGUF {path.name}"):

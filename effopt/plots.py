@@ -56,7 +56,7 @@ def front_plot(rows: list[dict], x_key: str, x_label: str, maximize_x: bool, tit
     if len(front_pts) > 1:
         ax.step([p[0] for p in front_pts], [p[1] for p in front_pts], where="post", color=FRONT_COLOR, lw=1.2,
                 alpha=0.8, label="Pareto front")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     ax.set_xlabel(x_label)
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(title + "  (grey: dominated)", fontsize=10)

@@ -144,6 +144,7 @@ METRIC_ALIASES = {"perplexity": "perplexity", "ppl": "perplexity", "ppl_ratio": 
                   "tokens_per_s": "tokens_per_s", "time": "seconds", "seconds": "seconds",
                   "memory": "peak_rss_mb", "peak_rss_mb": "peak_rss_mb"}
 QUALITY_METRICS = ("perplexity", "ppl_ratio", "bits_per_byte")
+FINISHED = ("completed", "gate_failed")  # run statuses whose last eval is the final model
 _RULE = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([+-]?)(\d+(?:\.\d*)?|\.\d+)\s*(%?)\s*$")
 
 
@@ -217,8 +218,9 @@ def check_rule(rule: Rule, candidate: dict, baseline: dict | None) -> dict:
     base = baseline.get(rule.metric) if baseline is not None else None
     result = {"rule": rule.text, "run": candidate["run"], "run_dir": candidate.get("run_dir"), "metric": rule.metric,
               "value": value, "baseline": base, "passed": False}
-    if candidate.get("point") == "(no eval)":
-        return {**result, "message": f"{candidate['run']}: no completed eval (run status {candidate.get('status')})"}
+    if candidate.get("point") == "(no eval)" or candidate.get("status") not in FINISHED:
+        return {**result, "message": f"{candidate['run']}: the run did not finish with a completed eval "
+                                     f"(run status {candidate.get('status')}, last eval point {candidate.get('point')})"}
     if value is None or (rule.kind != "absolute" and base is None):
         missing = "the candidate" if value is None else "the baseline"
         return {**result, "message": f"{rule.metric} was not measured in {missing}; cannot check {rule.text!r}"}
@@ -235,8 +237,9 @@ def check_rule(rule: Rule, candidate: dict, baseline: dict | None) -> dict:
 def check_runs(rules: list[Rule], candidates: list[list[dict]], baseline: list[dict] | None) -> list[dict]:
     """Every rule on the final eval of every candidate run (each a list of its rows)."""
     base = final_row(baseline) if baseline else None
-    if base is not None and base.get("point") == "(no eval)":
-        raise ValueError(f"baseline {base.get('run_dir')} has no completed eval (status {base.get('status')})")
+    if base is not None and (base.get("point") == "(no eval)" or base.get("status") not in FINISHED):
+        raise ValueError(f"baseline {base.get('run_dir')} has no completed eval of its final model "
+                         f"(status {base.get('status')})")
     return [check_rule(rule, final_row(rows), base) for rows in candidates for rule in rules]
 
 

@@ -178,6 +178,7 @@ def _qmm_kernel(
     X_SPLIT: tl.constexpr,  # BITS == 4 only: load x contiguously and de-interleave in registers
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SPLIT_K: tl.constexpr,
+    STEP_BLOCKS: tl.constexpr,  # K-blocks per loop trip (unrolled), e.g. two 128-code groups
 ):
     """out[M, N] = x[M, K] @ W[N, K]^T computed as acc[BLOCK_N, BLOCK_M] += W_tile @ x_tile^T.
 
@@ -198,7 +199,7 @@ def _qmm_kernel(
     n_ok, m_ok = offs_n < N, offs_m < M
     offs_j = tl.arange(0, BLOCK_KB)
 
-    n_iters = tl.cdiv(KB, BLOCK_KB)
+    n_iters = tl.cdiv(KB, BLOCK_KB * STEP_BLOCKS)
     per_split = tl.cdiv(n_iters, SPLIT_K)
     it0 = pid_k * per_split
     it1 = tl.minimum(it0 + per_split, n_iters)
@@ -207,52 +208,55 @@ def _qmm_kernel(
     xsum = tl.zeros((BLOCK_M,), tl.float32)
     s = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
-    for it in range(it0, it1):
-        kb = it * BLOCK_KB + offs_j
-        wb = tl.load(qw_ptr + offs_n[:, None] * stride_qn + kb[None, :],
-                     mask=n_ok[:, None] & (kb < KB)[None, :], other=0)
-        if GROUP_MODE == 1:  # the whole K-block lies in group g
-            g = (it * BLOCK_KB * CPB) // GROUP
-            s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
-        part = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        if X_SPLIT:  # 4-bit: one contiguous x load, split into the even / odd columns in registers
-            kk = it * BLOCK_KB * 2 + tl.arange(0, 2 * BLOCK_KB)
-            x_full = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                             mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
-            x_even, x_odd = tl.split(tl.reshape(x_full, (BLOCK_M, BLOCK_KB, 2)))
-        for c in tl.static_range(CPB):
-            code = ((wb >> (c * BITS)) & CODE_MASK).to(tl.int16)
-            k_idx = kb * CPB + c
-            if X_SPLIT:
-                xt = tl.trans(x_even) if c == 0 else tl.trans(x_odd)
-            else:  # column k_idx = j * CPB + c of x: a stride-CPB slice
-                xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + k_idx[:, None],
-                             mask=(k_idx < K)[:, None] & m_ok[None, :], other=0.0)
-            if POST_ZERO:
-                w = _codes_to_float(code, DQ).to(dt)  # OFFSET + q, exact
-                xsum += tl.sum(xt.to(tl.float32), axis=0)
-                if GROUP_MODE == 1:
-                    part = _mma(w, xt, part, UPCAST)
+    for step in range(it0, it1):
+        for sub in tl.static_range(STEP_BLOCKS):  # unrolled: STEP_BLOCKS K-blocks' loads in flight
+            it = step * STEP_BLOCKS + sub
+            kb = it * BLOCK_KB + offs_j
+            wb = tl.load(qw_ptr + offs_n[:, None] * stride_qn + kb[None, :],
+                         mask=n_ok[:, None] & (kb < KB)[None, :], other=0)
+            if GROUP_MODE == 1:  # the whole K-block lies in group g
+                g = (it * BLOCK_KB * CPB) // GROUP
+                g_ok = n_ok & (g * GROUP < K)  # an unrolled trip may run past the last group
+                s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=g_ok, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=g_ok, other=0.0).to(tl.float32)
+            part = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            if X_SPLIT:  # 4-bit: one contiguous x load, split into the even / odd columns in registers
+                kk = it * BLOCK_KB * 2 + tl.arange(0, 2 * BLOCK_KB)
+                x_full = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                                 mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+                x_even, x_odd = tl.split(tl.reshape(x_full, (BLOCK_M, BLOCK_KB, 2)))
+            for c in tl.static_range(CPB):
+                code = ((wb >> (c * BITS)) & CODE_MASK).to(tl.int16)
+                k_idx = kb * CPB + c
+                if X_SPLIT:
+                    xt = tl.trans(x_even) if c == 0 else tl.trans(x_odd)
+                else:  # column k_idx = j * CPB + c of x: a stride-CPB slice
+                    xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + k_idx[:, None],
+                                 mask=(k_idx < K)[:, None] & m_ok[None, :], other=0.0)
+                if POST_ZERO:
+                    w = _codes_to_float(code, DQ).to(dt)  # OFFSET + q, exact
+                    xsum += tl.sum(xt.to(tl.float32), axis=0)
+                    if GROUP_MODE == 1:
+                        part = _mma(w, xt, part, UPCAST)
+                    else:
+                        acc = _mma(w, xt, acc, UPCAST)
                 else:
+                    if GROUP_MODE == 0:  # groups smaller than the K-block: gather per element
+                        gi = (k_idx // GROUP)[None, :]
+                        ok = n_ok[:, None] & (k_idx < K)[None, :]
+                        se = tl.load(s_ptr + offs_n[:, None] * stride_sn + gi * stride_sg, mask=ok, other=0.0)
+                        ze = tl.load(z_ptr + offs_n[:, None] * stride_sn + gi * stride_sg, mask=ok, other=0.0)
+                        w = ((_codes_to_float(code, 0) - ze.to(tl.float32)) * se.to(tl.float32)).to(dt)
+                    elif DQ == 0:
+                        w = ((_codes_to_float(code, 0) - z[:, None]) * s[:, None]).to(dt)
+                    elif UPCAST:  # the interpreter's bf16 arithmetic is broken; fp32 rounds the same
+                        w = ((_codes_to_float(code, DQ).to(tl.float32) - (z + OFFSET)[:, None]) * s[:, None]).to(dt)
+                    else:  # (OFFSET + q) - (OFFSET + z) is exact in 16 bits; one rounding for * s
+                        w = (_codes_to_float(code, DQ) - (z + OFFSET).to(dt)[:, None]) * s.to(dt)[:, None]
                     acc = _mma(w, xt, acc, UPCAST)
-            else:
-                if GROUP_MODE == 0:  # groups smaller than the K-block: gather per element
-                    gi = (k_idx // GROUP)[None, :]
-                    ok = n_ok[:, None] & (k_idx < K)[None, :]
-                    se = tl.load(s_ptr + offs_n[:, None] * stride_sn + gi * stride_sg, mask=ok, other=0.0)
-                    ze = tl.load(z_ptr + offs_n[:, None] * stride_sn + gi * stride_sg, mask=ok, other=0.0)
-                    w = ((_codes_to_float(code, 0) - ze.to(tl.float32)) * se.to(tl.float32)).to(dt)
-                elif DQ == 0:
-                    w = ((_codes_to_float(code, 0) - z[:, None]) * s[:, None]).to(dt)
-                elif UPCAST:  # the interpreter's bf16 arithmetic is broken; fp32 rounds the same
-                    w = ((_codes_to_float(code, DQ).to(tl.float32) - (z + OFFSET)[:, None]) * s[:, None]).to(dt)
-                else:  # (OFFSET + q) - (OFFSET + z) is exact in 16 bits; one rounding for * s
-                    w = (_codes_to_float(code, DQ) - (z + OFFSET).to(dt)[:, None]) * s.to(dt)[:, None]
-                acc = _mma(w, xt, acc, UPCAST)
-        if POST_ZERO and GROUP_MODE == 1:
-            acc += s[:, None] * (part - (z + OFFSET)[:, None] * xsum[None, :])
-            xsum = tl.zeros((BLOCK_M,), tl.float32)
+            if POST_ZERO and GROUP_MODE == 1:
+                acc += s[:, None] * (part - (z + OFFSET)[:, None] * xsum[None, :])
+                xsum = tl.zeros((BLOCK_M,), tl.float32)
     if POST_ZERO and GROUP_MODE == 2:
         acc = s[:, None] * (acc - (z + OFFSET)[:, None] * xsum[None, :])
     _finish(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, offs_n, offs_m, N, M, stride_om,
@@ -350,6 +354,7 @@ class Cfg:
     block_n: int = 64
     block_kb: int = 64  # bytes of a row per K-step
     split_k: int = 1
+    step_blocks: int = 1  # K-blocks per (unrolled) loop trip of the mma kernel
     post_zero: bool = True
     x_split: bool = False
     warps: int = 4
@@ -423,7 +428,7 @@ def _launch(cfg: Cfg, x2, w: QuantWeight, bias, out):
                       POST_ZERO=cfg.post_zero and mode != 0, X_SPLIT=cfg.x_split and w.bits == 4,
                       HAS_BIAS=has_bias,
                       UPCAST=not x2.is_cuda, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                      BLOCK_KB=cfg.block_kb, SPLIT_K=cfg.split_k,
+                      BLOCK_KB=cfg.block_kb, SPLIT_K=cfg.split_k, STEP_BLOCKS=cfg.step_blocks,
                       num_warps=cfg.warps, num_stages=cfg.stages)
     return out
 
@@ -465,10 +470,10 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
         bm = max(16, triton.next_power_of_2(M))
         cands = []
         for bn in (64, 128):
-            for kb in kbs[::-1]:
+            for kb, step in [(kb, 1) for kb in kbs[::-1]] + [(kbs[-1], 2)]:
                 tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-                for sk in _splits(tiles, triton.cdiv(w.row_bytes, kb), 3 * sms):
-                    cands.append(Cfg("mma", bm, bn, kb, sk, x_split=True, warps=4, stages=4))
+                for sk in _splits(tiles, triton.cdiv(w.row_bytes, kb * step), 3 * sms):
+                    cands.append(Cfg("mma", bm, bn, kb, sk, step, x_split=True, warps=4, stages=4 if step == 1 else 3))
         if M <= 4:
             for bn in (16, 32):
                 kb = (_uniform_kbs(w, 256) or [0])[-1]

@@ -1,10 +1,11 @@
 """Benchmark effopt's Triton kernels against the baselines they must beat, in one run (CUDA only).
 
+GPU times come from CUDA-graph replays over input copies that rotate past the L2 (see graph_ms);
+the eager column of the matmul table shows what one un-graphed call costs from Python.
+
     python scripts/bench_kernels.py [--quick] [--out results.md] [--only qmatmul,attn,decode]
 
-Tables (times are medians of triton.testing.do_bench, which zeroes a 256 MB buffer before every
-timed call, so the 60 MB L2 of an H200 starts cold each time; the inputs of the small decode and
-GEMV cases are also rotated among copies whose total exceeds L2):
+Tables:
   * quant_matmul W4A16 g128 (and W8A16 per-channel) vs cuBLAS fp16 (torch.matmul) and
     bitsandbytes NF4 (when importable) at N x K = 4096^2, 8192^2, 14336x4096, 4096x14336 and
     M = 1, 16, 64, 128, 1024;
@@ -39,21 +40,46 @@ def emit(line=""):
 
 
 def bench(fn, rep=50):
-    """Median milliseconds of fn() with a cold L2 (do_bench flushes before every call)."""
+    """Eager median milliseconds of fn() with a cold L2 (do_bench flushes before every call)."""
     return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
 
 
-def rotating(make, nbytes):
-    """Enough copies of an input set that cycling through them never hits in L2."""
-    n = max(1, min(8, math.ceil(3 * L2_BYTES / max(nbytes, 1))))
-    sets = [make() for _ in range(n)]
-    state = {"i": 0}
+def graph_ms(calls, total=32, reps=7):
+    """Median GPU milliseconds per call, from one CUDA graph replaying `calls` round-robin.
 
-    def nxt():
-        state["i"] = (state["i"] + 1) % n
-        return sets[state["i"]]
+    `calls` run on rotating input copies whose total size is over 3x the L2, so no call finds
+    its weights or cache in L2; the graph removes the CPU launch overhead (tens of µs per Triton
+    launch) that eager timing would add to µs-scale kernels. Falls back to eager do_bench (with
+    its L2 flush) when a call cannot be captured; the second value says which was used.
+    """
+    seq = [calls[i % len(calls)] for i in range(max(total, len(calls)))]
+    try:
+        for c in calls:
+            c()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for c in seq:
+                c()
+        graph.replay()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / len(seq))
+        return sorted(times)[reps // 2], "graph"
+    except Exception:  # noqa: BLE001 - not capturable (e.g. a library that syncs): time eagerly
+        torch.cuda.synchronize()
+        return bench(calls[0]), "eager"
 
-    return nxt
+
+def rotating(make, nbytes, cap=32):
+    """Copies of an input set (make() builds one) totalling over 3x L2; at most `cap`."""
+    n = max(1, min(cap, math.ceil(3 * L2_BYTES / max(nbytes, 1))))
+    return [make() for _ in range(n)]
 
 
 def table(title, header, rows):
@@ -105,34 +131,35 @@ def bench_qmatmul(quick):
         rows = []
         note = ""
         for n, k in shapes:
-            w = make_quant(n, k, bits, group)
-            w16 = Q.dequantize(w.qweight, w.scales, w.zeros, bits, w.group_size, k, dtype=torch.float16)
-            nf4, note = bnb_nf4(w16) if bits == 4 else (None, "")
-            wbytes = w.qweight.numel() + 2 * w.scales.numel() * 2
+            w0 = make_quant(n, k, bits, group)
+            wbytes = w0.qweight.numel() + 2 * w0.scales.numel() * 2
+            ws = [w0] + rotating(lambda: make_quant(n, k, bits, group), wbytes)[1:]
+            w16 = [Q.dequantize(w.qweight, w.scales, w.zeros, bits, w.group_size, k, dtype=torch.float16)
+                   for w in ws[: max(1, math.ceil(3 * L2_BYTES / (n * k * 2)))]]
+            nf4, note = bnb_nf4(w16[0]) if bits == 4 else (None, "")
             for m in ms_list:
-                nxt = rotating(lambda: torch.randn(m, k, device="cuda", dtype=torch.float16), m * k * 2)
+                xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(4)]
                 out = torch.empty(m, n, device="cuda", dtype=torch.float16)
-                y = Q.quant_matmul(nxt(), w, out=out)  # tunes once for this shape
-                ref = nxt()
-                err = ((Q.quant_matmul(ref, w).float() - ref.float() @ w16.float().t()).norm()
-                       / (ref.float() @ w16.float().t()).norm()).item()
-                t_q = bench(lambda: Q.quant_matmul(nxt(), w, out=out))
-                t_f = bench(lambda: torch.matmul(nxt(), w16.t()))
-                t_b = bench(lambda: nf4(nxt())) if nf4 else None
+                Q.quant_matmul(xs[0], w0, out=out)  # tunes once for this shape
+                ref = xs[1].float() @ w16[0].float().t()
+                err = ((Q.quant_matmul(xs[1], w0).float() - ref).norm() / ref.norm()).item()
+                t_q, _ = graph_ms([lambda i=i: Q.quant_matmul(xs[i % 4], ws[i], out=out) for i in range(len(ws))])
+                t_e = bench(lambda: Q.quant_matmul(xs[0], w0, out=out))
+                t_f, _ = graph_ms([lambda i=i: torch.matmul(xs[i % 4], w16[i].t()) for i in range(len(w16))])
+                t_b, how = graph_ms([lambda: nf4(xs[0])]) if nf4 else (None, "")
                 key = next((kk for kk in TIMINGS if kk[1:4] == (m if m <= 4 else triton.next_power_of_2(m), n, k)
                             and kk[4] == bits), None)
-                cfg = chosen(key) if key else None
                 flops = 2 * m * n * k
                 byts = wbytes + m * k * 2 + m * n * 2
                 rows.append([f"{n}x{k}", m, fmt(t_q * 1e3), fmt(byts / (t_q * 1e-3) / 1e12, 2),
                              fmt(flops / (t_q * 1e-3) / 1e12), fmt(t_f * 1e3), fmt(t_f / t_q, 2),
-                             fmt(t_b * 1e3) if t_b else "n/a", fmt(t_b / t_q, 2) if t_b else "n/a",
-                             _cfg_str(cfg), f"{err:.1e}"])
-                del y
-            del w16
-        table(f"quant_matmul {name} (fp16 activations) {note}",
+                             (fmt(t_b * 1e3) + ("" if how == "graph" else " (eager)")) if t_b else "n/a",
+                             fmt(t_b / t_q, 2) if t_b else "n/a", fmt(t_e * 1e3),
+                             _cfg_str(chosen(key) if key else None), f"{err:.1e}"])
+            del w16, ws
+        table(f"quant_matmul {name} (fp16 activations; bnb: {note})",
               ["N x K", "M", "effopt µs", "TB/s", "TFLOP/s", "cuBLAS fp16 µs", "speedup vs fp16",
-               "bnb NF4 µs", "speedup vs NF4", "path", "rel err"], rows)
+               "bnb NF4 µs", "speedup vs NF4", "effopt eager µs", "path", "rel err"], rows)
 
 
 def _cfg_str(cfg):
@@ -159,11 +186,11 @@ def sdpa(backend):
     return run
 
 
-def try_time(fn):
+def try_time(fn, s):
     try:
         fn()
         torch.cuda.synchronize()
-        return bench(fn)
+        return graph_ms([fn], total=4 if s > 4096 else 16)[0]
     except Exception as e:  # noqa: BLE001 - a backend that does not take this case
         return f"n/a ({type(e).__name__})"
 
@@ -181,8 +208,8 @@ def bench_attention(quick):
                 ref = sdpa("flash")(q, k, v, causal) if hkv == 32 else None
                 o = A.flash_attention(q, k, v, causal=causal)
                 err = ((o.float() - ref.float()).norm() / ref.float().norm()).item() if ref is not None else None
-                t = bench(lambda: A.flash_attention(q, k, v, causal=causal))
-                base = {b: try_time(lambda b=b: sdpa(b)(q, k, v, causal)) for b in ("flash", "cudnn")}
+                t, _ = graph_ms([lambda: A.flash_attention(q, k, v, causal=causal)], total=4 if s > 4096 else 16)
+                base = {b: try_time(lambda b=b: sdpa(b)(q, k, v, causal), s) for b in ("flash", "cudnn")}
                 fwd_rows.append(_attn_row(s, hkv, causal, t, base, flops, err))
                 if causal and (not quick or s == 4096):
                     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
@@ -225,17 +252,15 @@ def bench_decode(quick, copy_tbs):
         mk = lambda: (torch.randn(b, 32, 128, device="cuda", dtype=torch.bfloat16),  # noqa: E731
                       torch.randn(b, 8, s, 128, device="cuda", dtype=torch.bfloat16),
                       torch.randn(b, 8, s, 128, device="cuda", dtype=torch.bfloat16))
-        nxt = rotating(mk, nbytes)
-        q, k, v = nxt()
-        kq, ks = A.quantize_kv(k)
-        vq, vs = A.quantize_kv(v)
-        nxt8 = rotating(lambda: (torch.randn(b, 32, 128, device="cuda", dtype=torch.bfloat16), kq.clone(), vq.clone(),
-                                 ks.clone(), vs.clone()), nbytes // 2)
+        sets = rotating(mk, nbytes)
+        q, k, v = sets[0]
+        sets8 = [(qq, kq, vq, ks, vs) for qq, kq, ks, vq, vs in (
+            (qq,) + A.quantize_kv(kk) + A.quantize_kv(vv) for qq, kk, vv in rotating(mk, nbytes // 2))]
         ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
         err = ((A.decode_attention(q, k, v).float() - ref.float()).norm() / ref.float().norm()).item()
-        t = bench(lambda: A.decode_attention(*nxt()))
-        t8 = bench(lambda: A.decode_attention_int8(*nxt8()))
-        t_sdpa = bench(lambda: _sdpa_decode(*nxt()))
+        t, _ = graph_ms([lambda a=a: A.decode_attention(*a) for a in sets])
+        t8, _ = graph_ms([lambda a=a: A.decode_attention_int8(*a) for a in sets8])
+        t_sdpa, _ = graph_ms([lambda a=a: _sdpa_decode(*a) for a in sets])
         b8 = nbytes // 2 + 2 * b * 8 * s * 4
         rows.append([b, s, fmt(t * 1e3), fmt(nbytes / (t * 1e-3) / 1e12, 2), fmt(100 * nbytes / (t * 1e-3) / 1e12 / copy_tbs, 0),
                      fmt(t8 * 1e3), fmt(b8 / (t8 * 1e-3) / 1e12, 2), fmt(t_sdpa * 1e3), fmt(t_sdpa / t, 2),

@@ -81,8 +81,8 @@ def _float_model(model):
 
     out = copy.deepcopy(model)
     for name, module in list(out.named_modules()):
-        if isinstance(module, QuantLinear) or type(module).__name__ not in MODULE_TYPES:
-            continue
+        if type(module) is QuantLinear or type(module).__name__ not in MODULE_TYPES:
+            continue  # (a LoRA over a packed layer is merged: packed codes cannot hold the update)
         if not hasattr(module, "to_dense"):
             raise ValueError(f"{name}: effopt module {type(module).__name__} has no dense form for compressed-tensors")
         set_submodule(out, name, module.to_dense())
@@ -148,7 +148,7 @@ def build_export(model) -> tuple[dict[str, torch.Tensor], dict, dict]:
     from effopt.nn.quant_linear import QuantLinear
 
     work = _float_model(model)
-    quant = {n: m for n, m in work.named_modules() if isinstance(m, QuantLinear)}
+    quant = {n: m for n, m in work.named_modules() if type(m) is QuantLinear}
     if not quant:
         raise ValueError("compressed-tensors export needs quantized layers (run a quantize stage first); "
                          "use format: hf for a float model")

@@ -163,7 +163,7 @@ def model_tensors(model, gguf_type: str):
     config = model.config
     heads, kv, _ = head_counts(config)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    quant = {n: m for n, m in model.named_modules() if type(m) is QuantLinear}  # LoRA over codes: merged
     dense = densify(model)
     tied = getattr(config, "tie_word_embeddings", False)
     for name, tensor in dense.state_dict().items():

@@ -1,10 +1,15 @@
-"""format: peft: a LoRA model as two folders side by side, `base/` and `adapter/`.
+"""format: peft: a model with adapters as two folders side by side, `base/` and `adapter/`.
 
-`base/` is the model without its adapters (an `hf` export: dense unless `packed`), `adapter/` is
-what `PeftModel.save_pretrained` writes (adapter_config.json + adapter_model.safetensors), so
+Two kinds of models carry adapters: a peft `PeftModel` (any peft method), and an effopt model whose
+LoRA sits over packed layers (`LoraQuantLinear`, what the finetune stage's lora/qlora methods leave
+over a quantized base; over dense bases they merge the update, leaving nothing to export here).
+`base/` is the model without its adapters (an `hf` export: dense unless `packed`); `adapter/` is a
+peft adapter folder (adapter_config.json + adapter_model.safetensors), written by peft's
+`save_pretrained` or by effopt.methods.peft.adapter_io.save_adapter. Either way
 `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("base"), "adapter")` rebuilds the
-model. The adapter's `base_model_name_or_path` is the absolute path of `base/` at export time
-(what AutoPeftModelForCausalLM follows); the manifest records the relative layout.
+model, and effopt's `load_adapter` puts it back onto a packed base. The adapter's
+`base_model_name_or_path` is the absolute path of `base/` at export time (what
+AutoPeftModelForCausalLM follows); the manifest records the relative layout.
 """
 
 from __future__ import annotations
@@ -27,12 +32,34 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
+def lora_quant_layers(model) -> list[str]:
+    """Names of effopt LoRA-over-packed layers (LoraQuantLinear) in `model`."""
+    from effopt.nn.adapters import LoraQuantLinear
+
+    return [n for n, m in model.named_modules() if isinstance(m, LoraQuantLinear)]
+
+
+def without_lora(model):
+    """A copy of `model` where every LoraQuantLinear is its packed QuantLinear base again."""
+    from effopt.nn import set_submodule
+    from effopt.nn.quant_linear import QuantLinear
+
+    base = copy.deepcopy(model)
+    for name in lora_quant_layers(base):
+        layer = base.get_submodule(name)
+        spec = {k: v for k, v in layer.spec().items() if k not in ("r", "alpha")}
+        plain = QuantLinear.from_spec(spec).to(layer.qweight.device)
+        plain.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("lora_")})
+        set_submodule(base, name, plain)
+    return base
+
+
 def merged_copy(model):
     """A plain transformers model with the adapters merged into the weights (model untouched)."""
     return copy.deepcopy(model).merge_and_unload()
 
 
-def _adapter_summary(model) -> dict:
+def _peft_summary(model) -> dict:
     out = {}
     for name, cfg in model.peft_config.items():
         targets = cfg.target_modules
@@ -42,25 +69,39 @@ def _adapter_summary(model) -> dict:
     return out
 
 
+def _split(model, adapter: Path):
+    """Write the adapter folder; return (model without adapters, summary of what was written)."""
+    if is_peft_model(model):
+        model.save_pretrained(str(adapter))
+        return copy.deepcopy(model).unload(), _peft_summary(model)
+    names = lora_quant_layers(model)
+    if not names:
+        raise ValueError("format: peft needs a model carrying adapters: a PeftModel, or LoRA kept over packed "
+                         "layers (finetune lora/qlora over a quantized base; over dense bases the update is merged "
+                         "into the weights, so use format: hf)")
+    from effopt.methods.peft.adapter_io import save_adapter
+
+    save_adapter(model, adapter)
+    ranks = sorted({model.get_submodule(n).r for n in names})
+    return without_lora(model), {"default": {"peft_type": "LORA", "r": ranks, "target_modules": names,
+                                             "over": "effopt packed QuantLinear"}}
+
+
 def export_peft(model, tokenizer, out: Path, manifest: dict, packed: bool = False) -> dict:
     """Write `out/base` (the model without adapters) and `out/adapter` (the adapters); return metrics."""
-    if not is_peft_model(model):
-        raise ValueError("format: peft needs a model carrying adapters (a PeftModel, e.g. after a LoRA finetune "
-                         "stage); use format: hf for a plain model")
     out = Path(out)
     tmp = fresh_tmp(out)
-    base = copy.deepcopy(model).unload()
-    base_metrics = export_hf(base, tokenizer, tmp / BASE_DIR, manifest, packed=packed)
     adapter = tmp / ADAPTER_DIR
-    model.save_pretrained(str(adapter))
+    base, summary = _split(model, adapter)
+    base_metrics = export_hf(base, tokenizer, tmp / BASE_DIR, manifest, packed=packed)
     _point_adapter_at(adapter, (out / BASE_DIR).resolve())
     if tokenizer is not None:
         tokenizer.save_pretrained(adapter)
     manifest = dict(manifest)
     manifest["format"] = {"name": "peft", "base": BASE_DIR, "adapter": ADAPTER_DIR, "base_packed": packed,
-                          "adapters": _adapter_summary(model), "peft_package": package_version("peft"),
+                          "adapters": summary, "peft_package": package_version("peft"),
                           "loads_with": "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
-                                        "adapter)"}
+                                        "adapter); effopt: load_adapter(load_model(base), adapter)"}
     size = commit(tmp, out, manifest)
     adapter_bytes = sum(f.stat().st_size for f in (out / ADAPTER_DIR).rglob("*") if f.is_file())
     return {"export_path": str(out), "export_bytes": size, "export_adapter_bytes": adapter_bytes,

@@ -126,11 +126,26 @@ def run_job(job: str, cfg, model, teacher, batches: dict, env: TrainEnv):
 
 
 def set_nproc(recipe, nproc: int) -> int:
-    """`effopt run --nproc N`: set distributed.nproc on every training stage of a parsed recipe;
-    returns how many stages it changed."""
+    """`effopt run --nproc N`: set distributed.nproc on every training stage of a parsed recipe (each
+    stage re-validated, e.g. batch_size must split over N processes); returns how many changed.
+
+    Raises:
+        InputError: a training stage cannot run on N processes.
+    """
+    from pydantic import ValidationError
+
+    from effopt.errors import InputError
+
     changed = 0
-    for stage in recipe.stages:
-        if hasattr(stage, "distributed"):
-            stage.distributed.nproc = nproc
-            changed += 1
+    for i, stage in enumerate(recipe.stages):
+        if not hasattr(stage, "distributed"):
+            continue
+        data = stage.model_dump()
+        data["distributed"]["nproc"] = nproc
+        try:
+            recipe.stages[i] = type(stage).model_validate(data)
+        except ValidationError as exc:
+            msgs = "; ".join(e["msg"] for e in exc.errors())
+            raise InputError(f"--nproc {nproc}: stage {i} ({stage.stage}): {msgs}") from None
+        changed += 1
     return changed

@@ -143,3 +143,24 @@ def test_float_model_is_refused(tmp_path, tokenizer):
 def test_int32_words_is_little_endian_twos_complement(data, words):
     out = int32_words(torch.tensor(data, dtype=torch.uint8))
     assert out.dtype == torch.int32 and out.tolist() == words
+
+
+def test_lora_over_packed_layers_is_merged_into_float_layers(tmp_path, tokenizer):
+    """Packed codes cannot hold a LoRA update: such layers are written merged, in float, and ignored."""
+    from transformers import AutoModelForCausalLM
+
+    from effopt.nn import set_submodule
+    from effopt.nn.adapters import LoraQuantLinear
+
+    model = rtn(llama(), 4, 32, True)
+    name = "model.layers.0.self_attn.q_proj"
+    base = model.get_submodule(name)
+    lora = LoraQuantLinear.from_quant(base, torch.randn(4, base.in_features) * 0.1,
+                                      torch.randn(base.out_features, 4) * 0.1, alpha=8.0)
+    set_submodule(model, name, lora)
+    export_compressed_tensors(model, tokenizer, tmp_path / "ct", {})
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert config["ignore"] == sorted(["lm_head", name])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
+    ids = token_ids()
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-5)

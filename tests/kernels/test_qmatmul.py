@@ -1,4 +1,6 @@
 """quant_matmul / dequantize against a float32 torch reference built from the LAYOUT.md formula."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -57,6 +59,8 @@ CASES = [
     (Cfg("mma", 16, 32, 16, 2), 4, 32, torch.bfloat16, 3),
     (Cfg("mma", 16, 32, 32, 3, post_zero=False, x_split=True), 4, 64, torch.bfloat16, 17),
     (Cfg("mma", 32, 32, 32, 2, x_split=True), 4, -1, torch.float16, 17),
+    (Cfg("mma", 16, 32, 16, 2, step_blocks=2, x_split=True), 4, 32, torch.float16, 3),  # 2 groups a trip
+    (Cfg("mma", 16, 32, 32, 1, step_blocks=3, post_zero=False), 8, 64, torch.bfloat16, 17),
     (Cfg("mma", 16, 32, 32, 2, post_zero=False), 8, -1, torch.bfloat16, 3),
     (Cfg("mma", 16, 32, 32, 1), 8, 32, torch.float16, 17),
     (Cfg("mma", 16, 32, 16, 2), 2, 32, torch.float16, 17),  # 64 codes per K-block > g: per element
@@ -70,7 +74,7 @@ CASES = [
 @pytest.mark.parametrize("prepared", [False, True])
 def test_quant_matmul_matches_reference(cfg, bits, group, dtype, m, prepared):
     if ON_GPU and cfg.kind == "mma":  # real sizes: wider tiles
-        cfg = Cfg("mma", max(cfg.block_m, 16), 64, max(cfg.block_kb, 16), cfg.split_k, cfg.post_zero, cfg.x_split)
+        cfg = dataclasses.replace(cfg, block_n=64)
     qweight, scales, zeros, _ = make_weight(N, K, bits, group, dtype)
     x = torch.randn(m, K, device=DEVICE, dtype=dtype)
     bias = torch.randn(N, device=DEVICE, dtype=dtype) if m != 1 else None

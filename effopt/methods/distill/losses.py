@@ -3,9 +3,10 @@
 - Logit distillation (Hinton et al. 2015): T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) per token;
   the T^2 factor keeps gradient magnitudes comparable across temperatures.
 - Feature distillation (e.g. TinyBERT, Jiao et al. 2020): MSE between the (projected) student
-  hidden state and the mapped teacher hidden state; `nmse` divides by the teacher's mean square so
-  the loss is scale-free (LLM hidden states carry a few huge outlier dimensions), `cosine` uses
-  1 - cosine similarity per token.
+  hidden state and the mapped teacher hidden state; `nmse` divides each token's squared error by
+  the squared norm of the teacher's hidden state there, so the loss is scale-free (LLM hidden
+  states carry a few huge outlier dimensions) and a mean over tokens (so it splits exactly over
+  data-parallel processes); `cosine` uses 1 - cosine similarity per token.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "nmse
     if kind == "mse":
         return F.mse_loss(student, teacher)
     if kind == "nmse":
-        return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
+        err = (student - teacher).pow(2).sum(-1) / teacher.pow(2).sum(-1).clamp_min(1e-12)
+        return err.mean()
     if kind == "cosine":
         return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
     raise ValueError(f"unknown feature loss {kind!r} (mse, nmse, cosine)")

@@ -84,6 +84,28 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int = 128, symmetric
     return codes.to(torch.uint8), scale.squeeze(-1), zero.squeeze(-1)
 
 
+def quantize_weight_granular(w: torch.Tensor, bits: int, granularity: str = "group", group_size: int = 128,
+                             symmetric: bool = False, clip_search: bool = False):
+    """RTN at a named granularity, always in QuantLinear's [N, G] scale layout.
+
+    Args:
+        granularity: 'group' (group_size columns; -1 = per-channel), 'channel' (one scale per output
+            row) or 'tensor' (one scale and zero point for the whole matrix, repeated per row).
+
+    Returns:
+        codes uint8 [N, K], scales [N, G], zeros [N, G], and the group size to store (-1 unless 'group').
+    """
+    if granularity == "group":
+        return (*quantize_weight(w, bits, group_size, symmetric, clip_search), group_size)
+    if granularity == "channel":
+        return (*quantize_weight(w, bits, -1, symmetric, clip_search), -1)
+    if granularity != "tensor":
+        raise ValueError(f"granularity must be group, channel or tensor, got {granularity!r}")
+    n, k = w.shape
+    codes, scale, zero = quantize_weight(w.reshape(1, -1), bits, -1, symmetric, clip_search)
+    return codes.view(n, k), scale.expand(n, 1).clone(), zero.expand(n, 1).clone(), -1
+
+
 def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[N, K] codes + per-group scale/zero -> float weight [N, K]."""
