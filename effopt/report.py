@@ -262,7 +262,7 @@ def compare(run_dirs: list[Path], baseline: Path | None = None, rules: list[Rule
     unique run labels, and the checks of `rules` on each run's final eval (None without rules).
 
     Raises:
-        ValueError: the baseline has no completed eval to compare with.
+        ValueError: the baseline has no completed eval to compare with, or nothing to check.
     """
     dirs = list(dict.fromkeys(Path(d) for d in ([baseline] if baseline is not None else []) + list(run_dirs)))
     rows = label_runs([r for d in dirs for r in eval_rows(d)], baseline)
@@ -271,6 +271,8 @@ def compare(run_dirs: list[Path], baseline: Path | None = None, rules: list[Rule
     if rules:
         by_dir = {d: [r for r in rows if Path(r["run_dir"]) == d] for d in dirs}
         candidates = [by_dir[d] for d in dirs if baseline is None or d != Path(baseline)]
+        if not candidates:
+            raise ValueError("--fail-on: no run to check besides the baseline")
         checks = check_runs(list(rules), candidates, by_dir[Path(baseline)] if baseline is not None else None)
     return {"rows": rows, "stages": stages, "checks": checks}
 

@@ -353,7 +353,7 @@ def _unit_last(t):
 
 
 def _fwd_cfgs(D):
-    """(BLOCK_M, BLOCK_N, warps, stages) to time; the first is the default (no spills on sm_90)."""
+    """(BLOCK_M, BLOCK_N, warps, stages) to time; the first is the default (it does not spill on sm_90)."""
     if interpreting():
         return [(32, 32, 4, 1)]
     if D <= 64:
@@ -499,45 +499,61 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
     else:
         lens = cache_seqlens.to(device=q.device, dtype=torch.int32)
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
-    if num_splits is None:  # about two programs per SM, slices of at least two key blocks
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
-        num_splits = max(1, min(triton.cdiv(2 * sms, B * Hkv), triton.cdiv(S, 2 * block_n)))
-    split_len = triton.cdiv(triton.cdiv(S, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(S, split_len)
-    o_part = torch.empty(B * H * num_splits, D, device=q.device, dtype=torch.float32)
-    lse_part = torch.empty(B * H * num_splits, device=q.device, dtype=torch.float32)
-    if DEBUG_POISON:
-        o_part.fill_(float("nan"))
-        lse_part.fill_(float("nan"))
     quant = k_scale is not None
     ks = k_scale if quant else lens
     vs = v_scale if quant else lens
     if quant and (k_scale.stride(-1) != 1 or v_scale.stride() != k_scale.stride()):
         ks, vs = k_scale.contiguous(), v_scale.contiguous()
-    bd = max(16, triton.next_power_of_2(D))
-    _decode_split[(B * Hkv, num_splits)](
-        q, k, v, ks, vs, o_part, lse_part, lens, sm_scale * LOG2E, Hkv, group, split_len, num_splits,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        ks.stride(0) if quant else 0, ks.stride(1) if quant else 0,
-        HEAD_DIM=D, BLOCK_D=bd, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        QUANT=quant, UPCAST=not q.is_cuda, num_warps=4, num_stages=3 if q.is_cuda else 1)
     if out is None:
         out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     elif out.shape != (B, H, D) or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be [B, H, D] = {(B, H, D)} in {q.dtype}")
-    _decode_merge[(B * H,)](o_part, lse_part, out, num_splits, out.stride(0), out.stride(1), H,
-                            HEAD_DIM=D, BLOCK_D=bd, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+    bd = max(16, triton.next_power_of_2(D))
+
+    def run(c):
+        bn, per_sm, warps, stages = c
+        splits = num_splits or max(1, min(triton.cdiv(per_sm * sms, B * Hkv), triton.cdiv(S, 2 * bn)))
+        split_len = triton.cdiv(triton.cdiv(S, splits), bn) * bn
+        splits = triton.cdiv(S, split_len)
+        o_part = torch.empty(B * H * splits, D, device=q.device, dtype=torch.float32)
+        lse_part = torch.empty(B * H * splits, device=q.device, dtype=torch.float32)
+        if DEBUG_POISON:
+            o_part.fill_(float("nan"))
+            lse_part.fill_(float("nan"))
+        _decode_split[(B * Hkv, splits)](
+            q, k, v, ks, vs, o_part, lse_part, lens, sm_scale * LOG2E, Hkv, group, split_len, splits,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            ks.stride(0) if quant else 0, ks.stride(1) if quant else 0,
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=bn,
+            QUANT=quant, UPCAST=not q.is_cuda, num_warps=warps, num_stages=stages)
+        _decode_merge[(B * H,)](o_part, lse_part, out, splits, out.stride(0), out.stride(1), H,
+                                HEAD_DIM=D, BLOCK_D=bd, BLOCK_S=max(2, triton.next_power_of_2(splits)))
+
+    if block_n is not None:  # forced tiles: ~2 programs per SM unless num_splits is given
+        cfg = (block_n, 2, 4, 3 if q.is_cuda else 1)
+    else:
+        key = ("decode", q.device, D, q.dtype, quant, group, triton.next_power_of_2(B * Hkv), triton.next_power_of_2(S))
+        cfg = choose(key, _decode_cfgs(), run)
+    run(cfg)
     return out
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, block_n=64, num_splits=None,
+def _decode_cfgs():
+    """(BLOCK_N, programs per SM, warps, stages); the first is the default."""
+    if interpreting():
+        return [(64, 2, 4, 1)]
+    return [(64, 2, 4, 3), (64, 4, 4, 3), (128, 2, 4, 3), (32, 4, 4, 4), (64, 8, 4, 2), (128, 4, 8, 3)]
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, block_n=None, num_splits=None,
                      out=None):
     """One query token per sequence against a KV cache, split along the cache length.
 
     Args:
         q: [B, H, D] (or [B, H, 1, D]); k_cache, v_cache: [B, Hkv, S, D], same dtype as q.
         cache_seqlens: int [B], valid cache length of each sequence (default: all S).
-        block_n, num_splits: keys per inner step and cache slices (default: ~2 programs per SM).
+        block_n, num_splits: keys per inner step and cache slices (default: timed once per shape).
         out: optional [B, H, D] result tensor.
     Returns [B, H, D] in q.dtype.
     """
@@ -547,7 +563,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, 
 
 
 def decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens=None, sm_scale=None, *,
-                          block_n=64, num_splits=None, out=None):
+                          block_n=None, num_splits=None, out=None):
     """decode_attention over an int8 cache (see quantize_kv): K = k_cache * k_scale[..., None].
 
     Args:

@@ -4,7 +4,7 @@ Reads effopt's packed layout (kernels/LAYOUT.md): `qweight` uint8 [N, ceil(K*b/8
 little-endian bit stream of b-bit codes per row, `scales` / `zeros` [N, ceil(K/g)], and
 W[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g].
 
-Three Triton kernels, picked per shape by timing them once (`_choose`):
+Three Triton kernels, picked per shape by timing them once (`kernels._tune.choose`):
   * `_qmm_kernel`   tensor-core kernel for every M. It computes out^T = W @ x^T, so the output
                     features fill the MMA's 64-row side and the few tokens of a decode step sit on
                     the narrow side (16 at least). Optional split-K with an in-kernel reduction
@@ -215,10 +215,10 @@ def _qmm_kernel(
             wb = tl.load(qw_ptr + offs_n[:, None] * stride_qn + kb[None, :],
                          mask=n_ok[:, None] & (kb < KB)[None, :], other=0)
             if GROUP_MODE == 1:  # the whole K-block lies in group g
-                g = (it * BLOCK_KB * CPB) // GROUP
-                g_ok = n_ok & (g * GROUP < K)  # an unrolled trip may run past the last group
-                s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=g_ok, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=g_ok, other=0.0).to(tl.float32)
+                # an unrolled trip may run past the last group: clamp (its codes and x are masked)
+                g = tl.minimum((it * BLOCK_KB * CPB) // GROUP, tl.cdiv(K, GROUP) - 1)
+                s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
             part = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
             if X_SPLIT:  # 4-bit: one contiguous x load, split into the even / odd columns in registers
                 kk = it * BLOCK_KB * 2 + tl.arange(0, 2 * BLOCK_KB)
@@ -271,7 +271,7 @@ def _gemv_kernel(
     BITS: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """CUDA-core matrix-vector product for M <= BLOCM_M <= 4 tokens, fp32 throughout.
+    """CUDA-core matrix-vector product for M <= BLOCK_M <= 4 tokens, fp32 throughout.
 
     Per K-block: part[m, n] = sum_j q[n, j] x[m, j] and xs[m] = sum_j x[m, j], then
     acc += s[n] (part - z[n] xs) (GROUP_MODE 1: the block lies in one group; 2: one group per row).

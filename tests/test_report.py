@@ -195,3 +195,9 @@ def test_report_modules_never_import_torch():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_checking_the_baseline_against_itself_is_an_input_error(tmp_path):
+    base = write_run(tmp_path, "b", 20.0, 1000)
+    result = report(base, "--baseline", base, "--fail-on", "ppl>+2%")
+    assert result.exit_code == 2 and "no run to check besides the baseline" in result.output

@@ -196,6 +196,8 @@ def export_gguf(model, tokenizer, out: Path, manifest: dict, gguf_type: str = "Q
         raise ValueError(f"gguf_type must be one of {GGUF_TYPES}, got {gguf_type!r}")
     if model.config.model_type != "llama":
         raise ValueError(f"gguf export supports the llama architecture, got {model.config.model_type!r}")
+    if getattr(model.config, "attention_bias", False) or getattr(model.config, "mlp_bias", False):
+        raise ValueError("gguf export: Llama variants with linear biases are not supported")
     tmp = fresh_tmp(Path(out))
     filename = f"model-{gguf_type}.gguf"
     writer = gguf.GGUFWriter(str(tmp / filename), "llama")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from effopt.nn.kv_cache import QuantizedKVCache, SinkKVCache, StaticKVCache
+from effopt.nn.kv_cache import QuantizedKVCache, SinkKVCache, StaticKVCache, Step
 
 CACHE_KINDS = ("bf16", "float", "int8", "int4", "sink")
 
@@ -38,10 +38,15 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the two halves of the last dim (RoPE's rotation by 90 degrees)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * normalize(x in fp32), cast back
+
+
+def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm, through torch's fused rms_norm when the module has the Llama formula."""
+    if type(norm).__name__ not in _RMS_NORMS:
+        return norm(x)
+    y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon)
+    return norm.weight * y.to(x.dtype)
 
 
 class Decoder:
@@ -54,7 +59,7 @@ class Decoder:
         self.model = model
         base = model.model
         self.embed, self.layers, self.norm, self.lm_head = base.embed_tokens, base.layers, base.norm, model.lm_head
-        self.rotary = base.rotary_emb
+        self.rotary_module = base.rotary_emb
         cfg = model.config
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
@@ -72,13 +77,13 @@ class Decoder:
             return
         pos = torch.arange(n, device=self.device).view(1, -1)
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
-        cos, sin = self.rotary(probe, pos)
-        self._cos, self._sin = cos[0], sin[0]
+        cos, sin = self.rotary_module(probe, pos)
+        half = sin.shape[-1] // 2
+        self._cos, self._sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
 
-    def rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Rotate x [B, H, T, D] by positions pos [B, T] (table lookup: capturable in a graph)."""
-        cos, sin = self._cos[pos].unsqueeze(1), self._sin[pos].unsqueeze(1)
-        return x * cos + rotate_half(x) * sin
+    def rotary(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) [B, T, D] at positions pos [B, T] (table lookup: capturable in a graph)."""
+        return self._cos[pos], self._sin[pos]
 
     def new_cache(self, kind: str, batch: int, max_len: int, sink: int = 4, window: int = 252):
         """An empty cache: bf16/float (static), int8/int4 (quantized), or sink (StreamingLLM)."""
@@ -111,15 +116,24 @@ class Decoder:
         return self
 
     # ------------------------------------------------------------------------------------------
-    def _qkv(self, i: int, attn, h: torch.Tensor):
+    def _qkv(self, i: int, attn, h: torch.Tensor, step: Step, rotate: bool):
+        """q, k, v as [B, H, T, D] views; q and k rotated at the step's positions when `rotate`."""
         b, t, _ = h.shape
+        nh, nkv, d = self.heads, self.kv_heads, self.head_dim
         if self.fused is not None and self.fused[i][0] is not None:
-            nq, nkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-            q, k, v = self.fused[i][0](h).split([nq, nkv, nkv], dim=-1)
+            out = self.fused[i][0](h)
+            qk = out[..., : (nh + nkv) * d].reshape(b, t, nh + nkv, d)
+            v = out[..., (nh + nkv) * d:].reshape(b, t, nkv, d)
+            if rotate:  # one rotation for q and k together
+                qk = step.rotate(qk)
+            q, k = qk[:, :, :nh], qk[:, :, nh:]
         else:
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        shape = (b, t, -1, self.head_dim)
-        return (x.reshape(shape).transpose(1, 2) for x in (q, k, v))
+            q = attn.q_proj(h).view(b, t, nh, d)
+            k = attn.k_proj(h).view(b, t, nkv, d)
+            v = attn.v_proj(h).view(b, t, nkv, d)
+            if rotate:
+                q, k = step.rotate(q), step.rotate(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _mlp(self, i: int, mlp, h: torch.Tensor) -> torch.Tensor:
         if self.fused is not None and self.fused[i][1] is not None:
@@ -141,12 +155,14 @@ class Decoder:
         """
         x = self.embed(tokens)
         b, t, _ = x.shape
+        step = Step(start, t, self.rotary, kv_len)
+        rotate = not cache.rotates_inside
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            q, k, v = self._qkv(i, attn, layer.input_layernorm(x))
-            out = cache.attend(i, q, k, v, start, self.rope, kv_len)
+            q, k, v = self._qkv(i, attn, rms_norm(layer.input_layernorm, x), step, rotate)
+            out = cache.attend(i, q, k, v, step)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-            x = x + self._mlp(i, layer.mlp, layer.post_attention_layernorm(x))
+            x = x + self._mlp(i, layer.mlp, rms_norm(layer.post_attention_layernorm, x))
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return self.lm_head(rms_norm(self.norm, x))

@@ -171,11 +171,12 @@ class LayerStep:
             outputs: return the layer's outputs (assign them to `next_inputs` to reuse them).
         """
         handles = []
-        state = {"chunk": 0}
+        state = {"chunk": 0, "x": None, "flat": None}
         for rel, fn in hooks.items():
             def pre(module, args, fn=fn):
-                x = args[0]
-                fn(x.reshape(-1, x.shape[-1]), state["chunk"])
+                if args[0] is not state["x"]:  # one flat view per input tensor: identity marks sharing
+                    state["x"], state["flat"] = args[0], args[0].reshape(-1, args[0].shape[-1])
+                fn(state["flat"], state["chunk"])
             handles.append(self.layer.get_submodule(rel).register_forward_pre_hook(pre))
         out = []
         try:
@@ -187,6 +188,7 @@ class LayerStep:
         finally:
             for handle in handles:
                 handle.remove()
+            state.clear()
         return out if outputs else None
 
     def replace(self, name: str, module: torch.nn.Module) -> None:

@@ -1,7 +1,8 @@
 """Trainable additions that stay in a model after fine-tuning, as checkpointable effopt modules.
 
-- `LoraQuantLinear`: a packed QuantLinear plus a LoRA branch (y = Q(x) + (alpha/r) * B A x). The
-  base stays quantized; this is what QLoRA over effopt's own packed layers leaves behind.
+- `LoraQuantLinear` / `LoraBnb4bitLinear`: a packed QuantLinear or a bitsandbytes NF4/FP4 layer
+  plus a LoRA branch (y = Q(x) + (alpha/r) * B A x). The base stays quantized; this is what
+  LoRA / QLoRA over quantized layers leave behind.
 - `AdapterLinear`: a bottleneck adapter (down-project, nonlinearity, up-project, residual) attached
   to a linear-like layer, placed sequentially on its output (Houlsby et al. 2019) or in parallel
   with it (He et al. 2022): sequential y = h + s * up(act(down(h))) with h = base(x); parallel
@@ -14,19 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from effopt.nn import MODULE_TYPES, register_module
+from effopt.nn.bnb_linear import Bnb4bitLinear
 from effopt.nn.quant_linear import _DTYPES, QuantLinear
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
 
-@register_module
-class LoraQuantLinear(QuantLinear):
-    """QuantLinear (packed, frozen) + trainable low-rank update lora_B @ lora_A scaled by alpha / r."""
+class LoraBranch:
+    """Mixin: a trainable low-rank update (alpha / r) * lora_B @ lora_A beside a frozen base layer."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
-                 symmetric: bool = False, dtype: torch.dtype = torch.float32, method: str = "rtn", r: int = 8,
-                 alpha: float = 16.0):
-        super().__init__(in_features, out_features, bits, group_size, bias, symmetric, dtype, method)
+    def _init_lora(self, in_features: int, out_features: int, r: int, alpha: float) -> None:
         self.r, self.alpha = r, float(alpha)
         self.lora_A = torch.nn.Parameter(torch.zeros(r, in_features, dtype=torch.float32))
         self.lora_B = torch.nn.Parameter(torch.zeros(out_features, r, dtype=torch.float32))
@@ -36,42 +34,113 @@ class LoraQuantLinear(QuantLinear):
         """alpha / r, the factor on B A."""
         return self.alpha / self.r
 
-    @classmethod
-    def from_quant(cls, base: QuantLinear, lora_A: torch.Tensor, lora_B: torch.Tensor, alpha: float) -> "LoraQuantLinear":
-        """Wrap the packed tensors of `base` (shared, not copied) with the given LoRA factors."""
-        spec = base.spec()
-        spec["dtype"] = _DTYPES[spec["dtype"]]
-        layer = cls(**spec, r=lora_A.shape[0], alpha=alpha).to(base.qweight.device)
-        layer.qweight, layer.scales, layer.zeros = base.qweight, base.scales, base.zeros
-        if base.bias is not None:
-            layer.bias = base.bias
-        with torch.no_grad():
-            layer.lora_A.copy_(lora_A)
-            layer.lora_B.copy_(lora_B)
-        return layer
-
     def delta_weight(self) -> torch.Tensor:
         """The dense update scaling * B @ A, [out, in]."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
+    def lora_term(self, x: torch.Tensor) -> torch.Tensor:
+        """scaling * B A x."""
+        return F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scaling
+
+    @classmethod
+    def from_base(cls, base: torch.nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, alpha: float):
+        """Wrap `base`'s quantized tensors (shared, not copied) with the given LoRA factors."""
+        spec = base.spec()
+        for key in ("r", "alpha"):
+            spec.pop(key, None)
+        layer = cls.from_spec({**spec, "r": lora_A.shape[0], "alpha": alpha})
+        layer._take_base(base)
+        with torch.no_grad():
+            layer.lora_A.copy_(lora_A)
+            layer.lora_B.copy_(lora_B)
+        return layer.to(lora_A.device)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", r={self.r}, alpha={self.alpha:g}"
+
+
+@register_module
+class LoraQuantLinear(LoraBranch, QuantLinear):
+    """QuantLinear (packed, frozen) + trainable low-rank update lora_B @ lora_A scaled by alpha / r."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
+                 symmetric: bool = False, dtype: torch.dtype = torch.float32, method: str = "rtn", r: int = 8,
+                 alpha: float = 16.0):
+        QuantLinear.__init__(self, in_features, out_features, bits, group_size, bias, symmetric, dtype, method)
+        self._init_lora(in_features, out_features, r, alpha)
+
+    def _take_base(self, base: QuantLinear) -> None:
+        self.qweight, self.scales, self.zeros = base.qweight, base.scales, base.zeros
+        if base.bias is not None:
+            self.bias = base.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = super().forward(x)
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return base + F.linear(F.linear(x, a), b) * self.scaling
+        return QuantLinear.forward(self, x) + self.lora_term(x)
 
     def spec(self) -> dict:
         """Constructor arguments for checkpoints."""
-        return {**super().spec(), "r": self.r, "alpha": self.alpha}
+        return {**QuantLinear.spec(self), "r": self.r, "alpha": self.alpha}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "LoraQuantLinear":
+        """An empty layer of the shapes `spec` describes."""
+        return cls(**dict(spec, dtype=_DTYPES[spec["dtype"]]))
 
     def to_dense(self) -> torch.nn.Linear:
         """nn.Linear with the LoRA update merged into the dequantized weight."""
-        dense = super().to_dense()
+        dense = QuantLinear.to_dense(self)
         with torch.no_grad():
             dense.weight.add_(self.delta_weight().to(dense.weight.dtype))
         return dense
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", r={self.r}, alpha={self.alpha:g}"
+
+@register_module
+class LoraBnb4bitLinear(LoraBranch, Bnb4bitLinear):
+    """bitsandbytes NF4/FP4 layer (frozen) + trainable LoRA: QLoRA as Dettmers et al. define it."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quant_type: str = "nf4",
+                 double_quant: bool = False, blocksize: int = 64, dtype: torch.dtype = torch.float32, r: int = 8,
+                 alpha: float = 16.0):
+        Bnb4bitLinear.__init__(self, in_features, out_features, bias, quant_type, double_quant, blocksize, dtype)
+        self._init_lora(in_features, out_features, r, alpha)
+
+    def _take_base(self, base: Bnb4bitLinear) -> None:
+        self.weight = base.weight
+        if base.bias is not None:
+            self.bias = base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Bnb4bitLinear.forward(self, x) + self.lora_term(x)
+
+    def spec(self) -> dict:
+        """Constructor arguments for checkpoints."""
+        return {**Bnb4bitLinear.spec(self), "r": self.r, "alpha": self.alpha}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "LoraBnb4bitLinear":
+        """An empty layer; its quantized state and LoRA factors come from the state dict."""
+        return cls(**dict(spec, dtype=_DTYPES[spec["dtype"]]))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        Bnb4bitLinear._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                            unexpected_keys, error_msgs)
+        with torch.no_grad():  # Bnb4bitLinear's loader reads only weight and bias
+            for name in ("lora_A", "lora_B"):
+                if prefix + name in state_dict:
+                    getattr(self, name).copy_(state_dict[prefix + name])
+                else:
+                    missing_keys.append(prefix + name)
+
+    def to_dense(self) -> torch.nn.Linear:
+        """nn.Linear with the LoRA update merged into the dequantized weight."""
+        dense = Bnb4bitLinear.to_dense(self)
+        with torch.no_grad():
+            dense.weight.add_(self.delta_weight().to(dense.weight.dtype))
+        return dense
+
+
+LORA_TYPES = (LoraQuantLinear, LoraBnb4bitLinear)
 
 
 def _linear_spec(module: torch.nn.Module) -> dict:

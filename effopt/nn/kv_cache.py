@@ -11,8 +11,8 @@
   assigned within the cache (keys are stored before RoPE and rotated with their cache index), so
   generation runs past the trained context with a bounded cache.
 
-Each cache implements `attend(layer, q, k, v, start, rope, kv_len)`: store this step's K/V and
-return attention of the queries over everything the cache holds.
+Each cache implements `attend(layer, q, k, v, step)`: store this step's K/V and return attention
+of the queries over everything the cache holds (`Step`: positions and RoPE of one forward pass).
 
 `use_runtime(model, runtime)` applies `runtime["kv_cache"]` ({"bits": 8|4, "granularity":
 "head_token"}) to a Hugging Face model's plain forward passes: K/V are quantized and dequantized as
@@ -87,9 +87,6 @@ def kv_config(runtime: dict | None) -> dict | None:
 # ----------------------------------------------------------------------------------------------
 # Attention over cached keys/values.
 
-Rope = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B,H,T,D], positions [B,T]) -> rotated x
-
-
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Scaled dot-product attention with grouped K/V heads (GQA) and a boolean keep-mask."""
     groups = q.shape[1] // k.shape[1]
@@ -99,10 +96,59 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def slot_mask(start: torch.Tensor, t: int, kv_len: int, device) -> torch.Tensor:
-    """Boolean [B, 1, T, kv_len]: query t of row b (position start[b] + t) sees slots <= its position."""
-    qpos = start.view(-1, 1) + torch.arange(t, device=device).view(1, -1)
-    return (torch.arange(kv_len, device=device).view(1, 1, -1) <= qpos.unsqueeze(-1)).unsqueeze(1)
+class Step:
+    """What one forward pass tells the caches: where its T tokens go and how RoPE rotates them.
+
+    Built once per forward (not per layer), so position-derived tensors (cos/sin rows, scatter
+    indices, masks, lengths) are computed once and shared by every layer through `memo`.
+
+    Args:
+        start: [B] int64 device tensor, position of each row's first new token.
+        t: new tokens per row.
+        rotary: positions [B, T] -> (cos, signed sin) [B, T, D] (the decoder's RoPE table).
+        kv_len: slots to attend over (None: the cache's whole capacity, as a CUDA graph needs).
+    """
+
+    def __init__(self, start: torch.Tensor, t: int, rotary: Callable, kv_len: int | None = None):
+        self.start, self.t, self.kv_len, self._rotary = start, t, kv_len, rotary
+        self.pos = start.view(-1, 1) + torch.arange(t, device=start.device).view(1, -1)
+        self.memo: dict = {}
+
+    def rotate(self, x: torch.Tensor, pos: torch.Tensor | None = None, head_axis: int = 2) -> torch.Tensor:
+        """RoPE of x ([B, T, H, D] with head_axis 2, or [B, H, T, D] with 1) at `pos` (default: this step's).
+
+        x * cos + rotate_half(x) * sin, with rotate_half(x) * sin written as roll(x, D/2) * signed sin.
+        """
+        cos, sin = self.cached("rope", lambda: self._rotary(self.pos)) if pos is None else self._rotary(pos)
+        cos, sin = cos.unsqueeze(head_axis), sin.unsqueeze(head_axis)
+        return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
+
+    def cached(self, key, make):
+        """memo[key], computed by make() on first use in this step."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
+
+    def slot_mask(self, kv_len: int) -> torch.Tensor:
+        """Boolean [B, 1, T, kv_len]: the query at position p sees slots <= p."""
+        return self.cached(("mask", kv_len), lambda: (
+            torch.arange(kv_len, device=self.pos.device).view(1, 1, -1) <= self.pos.unsqueeze(-1)).unsqueeze(1))
+
+
+USE_KERNELS = True  # scripts flip this to time the torch path against kernels/ on CUDA
+_DECODE_KERNEL = None
+
+
+def decode_kernel():
+    """kernels.attention.decode_attention when it can be imported (Triton present), else None."""
+    global _DECODE_KERNEL
+    if _DECODE_KERNEL is None:
+        try:
+            from kernels.attention import decode_attention
+        except ImportError:
+            decode_attention = False
+        _DECODE_KERNEL = decode_attention
+    return _DECODE_KERNEL or None
 
 
 class StaticKVCache:
@@ -121,24 +167,27 @@ class StaticKVCache:
     def _load(self, layer: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
-               rope: Rope, kv_len: int | None = None) -> torch.Tensor:
-        """Rotate q/k at absolute positions start[b] + t, store K/V, attend over slots [0, kv_len).
+    rotates_inside = False  # keys arrive rotated at their absolute positions
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        """Store K/V at positions step.pos, attend over slots [0, step.kv_len).
 
         Args:
-            q, k, v: [B, H, T, D] projections before RoPE.
-            start: [B] int64 position of each row's first new token (a device tensor, so a CUDA
-                graph can replay the step with new positions).
-            kv_len: attend over this many slots (None: the whole buffer, for captured graphs).
+            q, k, v: [B, H, T, D] (q and k already rotated).
         """
-        b, _, t, d = k.shape
-        pos = start.view(-1, 1) + torch.arange(t, device=k.device).view(1, -1)
-        q, k = rope(q, pos), rope(k, pos)
-        idx = pos.view(b, 1, t, 1).expand(b, k.shape[1], t, d)
+        b, h, t, d = k.shape
+        idx = step.cached(("idx", h, d), lambda: step.pos.view(b, 1, t, 1).expand(b, h, t, d))
         self._store(layer, k, v, idx)
-        kv_len = self.max_len if kv_len is None else kv_len
+        if t == 1 and self._kernel_ok(q):  # split-KV decode kernel: no mask, no GQA copies
+            lens = step.cached("seqlens", lambda: (step.start + 1).to(torch.int32))
+            return decode_kernel()(q, self.k[layer], self.v[layer], cache_seqlens=lens).unsqueeze(2)
+        kv_len = self.max_len if step.kv_len is None else step.kv_len
         keys, values = self._load(layer, kv_len)
-        return _sdpa(q, keys, values, slot_mask(start, t, kv_len, q.device))
+        return _sdpa(q, keys, values, step.slot_mask(kv_len))
+
+    def _kernel_ok(self, q: torch.Tensor) -> bool:
+        return (USE_KERNELS and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+                and type(self) is StaticKVCache and decode_kernel() is not None)
 
     @staticmethod
     def _map(store: list, fn) -> list:
@@ -234,11 +283,12 @@ class SinkKVCache:
             t = store[layer]
             store[layer] = torch.cat((t[:, :, : self.sink], t[:, :, self.sink + drop:]), dim=2)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
-               rope: Rope, kv_len: int | None = None) -> torch.Tensor:
+    rotates_inside = True  # keys arrive unrotated; positions are indices inside the cache
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
         """Evict beyond sink + window, append K/V, attend with positions inside the cache.
 
-        `start` is ignored: positions come from the cache (StreamingLLM), not from the text.
+        q, k, v: [B, H, T, D] before RoPE. step.pos is ignored: positions come from the cache.
         """
         t = k.shape[2]
         self._evict(layer, t)
@@ -248,7 +298,8 @@ class SinkKVCache:
         cache_pos = torch.arange(n, device=k.device).view(1, -1).expand(k.shape[0], n)
         qpos = cache_pos[:, n - t:]
         mask = torch.arange(n, device=k.device).view(1, 1, -1) <= qpos.unsqueeze(-1)
-        out = _sdpa(rope(q, qpos), rope(keys, cache_pos), values, mask.unsqueeze(1))
+        out = _sdpa(step.rotate(q, qpos, head_axis=1), step.rotate(keys, cache_pos, head_axis=1), values,
+                    mask.unsqueeze(1))
         self.k[layer], self.v[layer] = keys, values
         self.seen[layer] += t
         return out

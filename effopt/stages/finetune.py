@@ -2,8 +2,8 @@
 
 Each method prepares the model (methods/peft, nn/fake_quant), the shared loop trains it
 (effopt.training), and the method's finalizer leaves a plain model of effopt modules for the
-runner's checkpoint: LoRA merged into dense and masked bases (masks re-applied), LoraQuantLinear
-over packed bases, adapters as AdapterLinear, QAT converted to packed QuantLinear. Prompt and
+runner's checkpoint: LoRA merged into dense and masked bases (masks re-applied), LoraQuantLinear /
+LoraBnb4bitLinear over packed / NF4 bases (a peft adapter folder is written beside them), adapters as AdapterLinear, QAT converted to packed QuantLinear. Prompt and
 prefix tuning leave the base unchanged and write a peft adapter folder (run_dir/adapters/NN-method).
 `distributed: {nproc: N}` runs the training on N processes (see effopt.training.distributed).
 """
@@ -61,7 +61,7 @@ class QLoraConfig(LoraOptions):
     method: Literal["qlora"] = "qlora"
     base: Literal["existing", "nf4", "int"] = Field(
         "existing", description="existing: the targets are already quantized (quantize stage); nf4: bitsandbytes "
-                                "NF4 with double quantization (merged to dense at the end); int: effopt packed codes.")
+                                "NF4 with double quantization (the QLoRA paper's base); int: effopt packed codes.")
     bits: int = Field(4, description="Bits of base: int (2, 3, 4 or 8).")
     group_size: int = Field(128, description="Group size of base: int (-1 = per channel).")
     symmetric: bool = Field(False, description="Symmetric codes for base: int.")

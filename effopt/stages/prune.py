@@ -49,20 +49,30 @@ class CalibratedPrune(PruneBase):
     data: str = Field("calibration", description="Name of the data source of calibration samples.")
 
 
-class MagnitudeConfig(PruneBase):
+class ScopedPrune(PruneBase):
+    """Methods whose scores can be compared within each layer or across layers."""
+
+    scope: Literal["layer", "global"] = Field("layer", description="Compare scores within each layer or "
+                                                                   "across all targeted layers.")
+
+    @model_validator(mode="after")
+    def _scope_fits_pattern(self):
+        if self.scope == "global" and self.pattern is not None:
+            raise ValueError("scope: global applies to a sparsity; N:M patterns are chosen within each group of M")
+        return self
+
+
+class MagnitudeConfig(ScopedPrune):
     """Prune the smallest |w|, per layer or with one threshold over all targeted layers."""
 
     method: Literal["magnitude"] = "magnitude"
-    scope: Literal["layer", "global"] = Field("layer", description="Compare weights within each layer or "
-                                                                   "across all targeted layers.")
 
 
-class TaylorConfig(CalibratedPrune):
+class TaylorConfig(ScopedPrune):
     """First-order Taylor: prune the smallest sum over calibration batches of |w * dL/dw|."""
 
     method: Literal["taylor"] = "taylor"
-    scope: Literal["layer", "global"] = Field("layer", description="Compare scores within each layer or "
-                                                                   "across all targeted layers.")
+    data: str = Field("calibration", description="Name of the data source of calibration samples.")
     batch_size: int = Field(4, gt=0, description="Calibration samples per gradient batch.")
 
 

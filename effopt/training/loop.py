@@ -191,7 +191,7 @@ def train(task: torch.nn.Module, batches: dict, opts, env: TrainEnv | None = Non
 
 
 def _metrics(losses, opts, skipped, trainable, seconds, tokens, env) -> dict:
-    k = min(10, len(losses))
+    k = max(1, min(10, len(losses) // 2))  # first and last windows never overlap
     finite = [x for x in losses if math.isfinite(x)]
     out = {"train_steps": opts.steps, "train_loss_first": sum(losses[:k]) / max(k, 1),
            "train_loss_last": sum(losses[-k:]) / max(k, 1), "train_loss_min": min(finite) if finite else None,

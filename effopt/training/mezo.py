@@ -53,9 +53,9 @@ class MeZO(torch.optim.Optimizer):
             raise ValueError("MeZO.step needs a closure that returns the loss")
         seed, eps = self._step_seed(), self.param_groups[0]["eps"]
         self._perturb(seed, eps)
-        loss_pos = closure().detach().float()
+        loss_pos = closure().detach().double()
         self._perturb(seed, -2 * eps)
-        loss_neg = closure().detach().float()
+        loss_neg = closure().detach().double()
         self._perturb(seed, eps)
         diff = torch.stack([loss_pos - loss_neg, loss_pos + loss_neg])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -63,4 +63,4 @@ class MeZO(torch.optim.Optimizer):
             diff /= torch.distributed.get_world_size()
         self._update(seed, float(diff[0]) / (2 * eps))
         self.param_groups[0]["mezo_step"] += 1
-        return diff[1] / 2
+        return (diff[1] / 2).float()

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, ON_GPU, rel_err
+from kernel_testing import DEVICE, ON_GPU, poison_scratch, rel_err  # noqa: F401 (autouse fixture)
 from kernels import attention as A
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative L2 error vs float32
@@ -141,10 +141,19 @@ def _tiny_llama(attn):
 def test_transformers_llama_runs_on_fused_attention(monkeypatch):
     pytest.importorskip("transformers")
     name = A.register_with_transformers()
-    calls = {"flash": 0, "decode": 0}
-    for fn in ("flash_attention", "decode_attention"):
+    calls = {"flash_attention": 0, "decode_attention": 0}
+
+    def spy(fn):
         real = getattr(A, fn)
-        monkeypatch.setattr(A, fn, lambda *a, _r=real, _k=fn.split("_")[0], **kw: calls.__setitem__(_k, calls[_k] + 1) or _r(*a, **kw))
+
+        def counted(*args, **kwargs):
+            calls[fn] += 1
+            return real(*args, **kwargs)
+
+        return counted
+
+    for fn in calls:
+        monkeypatch.setattr(A, fn, spy(fn))
     fused, sdpa = _tiny_llama(name), _tiny_llama("sdpa")
     ids = torch.randint(0, 128, (2, 12), device=DEVICE)
     with torch.no_grad():
@@ -156,4 +165,4 @@ def test_transformers_llama_runs_on_fused_attention(monkeypatch):
         # prefill + cached decode (q_len 1 -> split-KV decode kernel)
         gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
         assert torch.equal(fused.generate(ids[:1], **gen), sdpa.generate(ids[:1], **gen))
-    assert calls["flash"] >= 4 and calls["decode"] >= 6  # the fused kernels really ran
+    assert calls["flash_attention"] >= 4 and calls["decode_attention"] >= 6  # the fused kernels ran

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import DEVICE, ON_GPU, rel_err
+from kernel_testing import DEVICE, ON_GPU, poison_scratch, rel_err  # noqa: F401 (autouse fixture)
 from kernels.qmatmul import Cfg, candidates, dequantize, prepare_weight, quant_matmul, unpack_codes
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}  # relative L2 error vs the float32 reference
@@ -113,3 +113,9 @@ def test_wrong_input_raises():
         quant_matmul(torch.randn(2, 63, device=DEVICE, dtype=torch.float16), qweight, scales, zeros, 4, 32, 64)
     with pytest.raises(ValueError):
         quant_matmul(torch.randn(2, 64, device=DEVICE, dtype=torch.float16), qweight)
+
+
+def test_scratch_buffers_are_poisoned_in_tests():
+    from kernels import attention, qmatmul
+
+    assert qmatmul.DEBUG_POISON and attention.DEBUG_POISON  # the autouse fixture is active

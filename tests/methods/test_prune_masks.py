@@ -11,6 +11,15 @@ from effopt.methods.pruning.sparsegpt import hessian, sparsegpt_prune
 from effopt.methods.pruning.wanda import wanda_mask
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run many small ops: one thread avoids stalls on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _scores(rows=48, cols=96, seed=0):
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)).abs()
 

@@ -10,6 +10,15 @@ from effopt.methods.pruning.sparsegpt import hessian, inverse_hessian_factor, sp
 from effopt.methods.pruning.wanda import input_sq_norms, wanda_mask, wanda_scores
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run many small ops: one thread avoids stalls on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def correlated_layer(seed=0, tokens=2048, rank=24, cols=128, rows=64):
     """Inputs from a low-rank mixture plus noise, with a few loud features (like LLM activations)."""
     g = torch.Generator().manual_seed(seed)

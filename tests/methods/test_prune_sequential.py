@@ -6,9 +6,18 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from effopt.methods.pruning.sequential import capture_layer_inputs, decoder_layers, run_layers
+from effopt.methods.pruning.sequential import run_layers
 from effopt.methods.pruning.sparsegpt import sparsegpt_sequential
 from effopt.methods.pruning.wanda import wanda_sequential
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run many small ops: one thread avoids stalls on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 IDS = torch.randint(3, 250, (3, 16), generator=torch.Generator().manual_seed(0))
 ORDER = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -19,20 +28,12 @@ def linear_names(model):
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
 
 
-def test_capture_gives_the_embeddings_and_layer_kwargs():
-    model = tiny_llama()
-    hidden, kwargs = capture_layer_inputs(model, IDS)
-    assert torch.equal(hidden, model.model.embed_tokens(IDS))
-    assert len(kwargs) == 2 and "position_embeddings" in kwargs[0]
-    assert not hasattr(decoder_layers(model)[0], "forward") or "forward" not in vars(decoder_layers(model)[0])
-
-
 def test_run_layers_visits_every_linear_in_order_with_all_tokens():
     model = tiny_llama()
     seen = []
     run_layers(model, IDS, linear_names(model), lambda name, mod, x: seen.append((name, tuple(x.shape))))
     assert [n for n, _ in seen] == [f"model.layers.{i}.{s}" for i in range(2) for s in ORDER]
-    assert all(shape[:2] == (3, 16) for _, shape in seen)
+    assert all(shape == (48, 64) for _, shape in seen[:3])  # every token of all samples at once
 
 
 def test_layers_compute_with_the_weights_changed_before_them():
@@ -74,6 +75,7 @@ def test_sequential_pruning_zeroes_weights_in_place(method):
 
 
 def test_sparsegpt_sequential_beats_wanda_and_magnitude_on_model_output():
+    """On a random model Wanda is about magnitude (no outlier features), SparseGPT clearly better."""
     from effopt.methods.pruning.masks import layer_mask
 
     base = tiny_llama(layers=2, hidden=64, intermediate=128)
@@ -93,4 +95,4 @@ def test_sparsegpt_sequential_beats_wanda_and_magnitude_on_model_output():
             (wanda_sequential if method == "wanda" else sparsegpt_sequential)(model, calib, names, 0.5)
         with torch.no_grad():
             errors[method] = float((model(input_ids=calib).logits - ref).pow(2).mean())
-    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+    assert errors["sparsegpt"] < 0.7 * min(errors["wanda"], errors["magnitude"]), errors

@@ -9,6 +9,15 @@ from transformers import AutoModelForCausalLM
 from conftest import tiny_llama
 from effopt.methods.pruning import structured
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run many small ops: one thread avoids stalls on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 IDS = torch.randint(3, 250, (2, 20), generator=torch.Generator().manual_seed(0))
 
 

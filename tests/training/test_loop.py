@@ -83,9 +83,9 @@ def test_mezo_step_follows_the_projected_gradient():
     w = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
     target = torch.randn(6, dtype=torch.float64)
     opt = MeZO([w], lr=0.1, eps=1e-6, seed=3)
-    before = w.detach().clone()
+    before, seed = w.detach().clone(), opt._step_seed()
     opt.step(lambda: ((w - target) ** 2).sum())
-    z = torch.randn(6, generator=torch.Generator().manual_seed(opt._step_seed() - 1), dtype=torch.float32).double()
+    z = torch.randn(6, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).double()
     grad = 2 * (before - target)
     torch.testing.assert_close(w.detach(), before - 0.1 * (z @ grad) * z, atol=1e-6, rtol=0)
 
@@ -118,6 +118,13 @@ def test_fp16_loss_scaling_skips_inf_steps():
     torch.testing.assert_close(seen[bad + 1], seen[bad], atol=0, rtol=0)  # the inf step left w alone
     assert not torch.equal(seen[bad], seen[bad - 1])  # normal steps do update
     assert torch.isfinite(task.w).all()
+
+
+def test_fp16_overflow_lowers_the_scale_and_keeps_weights_finite():
+    model = tiny_llama()
+    metrics = train(CausalLMTask(model), lm_batches(6, 2), opts(steps=6, batch_size=2, precision="fp16", lr=1e-3))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert metrics["skipped_steps"] < 6 and metrics["train_loss_last"] < 6
 
 
 @pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16),

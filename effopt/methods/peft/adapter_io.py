@@ -1,6 +1,6 @@
 """LoRA adapters as peft adapter folders (adapter_config.json + adapter_model.safetensors).
 
-`save_adapter` writes the LoRA factors of a model's LoraQuantLinear layers (or of peft LoRA layers
+`save_adapter` writes the LoRA factors of a model's LoraQuantLinear / LoraBnb4bitLinear layers (or of peft LoRA layers
 still in it) in peft's format, so the folder sits beside a quantized base export and loads back two
 ways: `peft.PeftModel.from_pretrained(dense_model, folder)` on the dequantized base, or
 `load_adapter(model, folder)` onto effopt's packed base (which keeps the base packed).
@@ -22,11 +22,11 @@ def adapter_factors(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, tor
     """{module name: (A [r, in], B [out, r], scaling)} of every LoRA in `model`."""
     from peft.tuners.lora import LoraLayer
 
-    from effopt.nn.adapters import LoraQuantLinear
+    from effopt.nn.adapters import LORA_TYPES
 
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, LoraQuantLinear):
+        if isinstance(module, LORA_TYPES):
             out[name] = (module.lora_A.detach(), module.lora_B.detach(), module.scaling)
         elif isinstance(module, LoraLayer) and module.active_adapters[0] in module.lora_A:
             key = module.active_adapters[0]
@@ -61,12 +61,14 @@ def save_adapter(model: torch.nn.Module, folder: Path | str) -> Path:
 
 
 def load_adapter(model: torch.nn.Module, folder: Path | str) -> int:
-    """Apply a peft LoRA folder to an effopt model: packed bases become LoraQuantLinear, dense and
-    masked bases get the update merged (masked: the update is masked too). Returns layers changed."""
+    """Apply a peft LoRA folder to an effopt model: packed and bitsandbytes 4-bit bases become
+    LoraQuantLinear / LoraBnb4bitLinear, dense and masked bases get the update merged (masked: the
+    update is masked too). Returns layers changed."""
     from safetensors.torch import load_file
 
     from effopt.nn import set_submodule
-    from effopt.nn.adapters import LoraQuantLinear
+    from effopt.nn.adapters import LoraBnb4bitLinear, LoraQuantLinear
+    from effopt.nn.bnb_linear import Bnb4bitLinear
     from effopt.nn.masked_linear import MaskedLinear
     from effopt.nn.quant_linear import QuantLinear
 
@@ -79,8 +81,10 @@ def load_adapter(model: torch.nn.Module, folder: Path | str) -> int:
         r = config.get("rank_pattern", {}).get(name, config["r"])
         scaling = config.get("alpha_pattern", {}).get(name, config["lora_alpha"]) / r
         base = model.get_submodule(name)
-        if isinstance(base, QuantLinear):
-            set_submodule(model, name, LoraQuantLinear.from_quant(base, a, b * scaling, alpha=float(a.shape[0])))
+        kind = LoraQuantLinear if isinstance(base, QuantLinear) else \
+            LoraBnb4bitLinear if isinstance(base, Bnb4bitLinear) else None
+        if kind is not None:
+            set_submodule(model, name, kind.from_base(base, a, b * scaling, alpha=float(a.shape[0])))
             continue
         with torch.no_grad():
             delta = (b @ a) * scaling

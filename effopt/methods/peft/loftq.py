@@ -23,8 +23,10 @@ def low_rank(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def loftq(weight: torch.Tensor, quantize: Quantizer, rank: int, iters: int = 1) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """Run LoftQ on one weight; returns (quantized state, L, R) with W ~ dequant(state) + L @ R.
+def loftq(weight: torch.Tensor, quantize: Quantizer, rank: int,
+          iters: int = 1) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run LoftQ on one weight; returns (quantized state, its dequantized weight Q, L, R) with
+    W ~ Q + L @ R.
 
     Args:
         weight: [out, in] full-precision weight.
@@ -40,7 +42,7 @@ def loftq(weight: torch.Tensor, quantize: Quantizer, rank: int, iters: int = 1) 
         state, deq = quantize(w - lr)
         left, right = low_rank(w - deq.float(), rank)
         lr = left @ right
-    return state, left, right
+    return state, deq, left, right
 
 
 def rtn_quantizer(bits: int, group_size: int, symmetric: bool) -> Quantizer:
@@ -55,12 +57,13 @@ def rtn_quantizer(bits: int, group_size: int, symmetric: bool) -> Quantizer:
 
 
 def nf4_quantizer(double_quant: bool = True, blocksize: int = 64) -> Quantizer:
-    """bitsandbytes NF4 (QLoRA's data type): state = a quantized bnb Params4bit."""
+    """bitsandbytes NF4 (QLoRA's data type). The state is the tensor that was quantized: quantizing
+    it again (Bnb4bitLinear.from_linear, same options) gives the same codes."""
     import bitsandbytes as bnb
 
     def quantize(w: torch.Tensor):
-        param = bnb.nn.Params4bit(w.detach().clone(), requires_grad=False, quant_type="nf4",
-                                  compress_statistics=double_quant, blocksize=blocksize).to(w.device)
-        return param, bnb.functional.dequantize_4bit(param.data, param.quant_state).float()
+        param = bnb.nn.Params4bit(w.detach().clone().cpu(), requires_grad=False, quant_type="nf4",
+                                  compress_statistics=double_quant, blocksize=blocksize)._quantize(w.device)
+        return w.detach().clone(), bnb.functional.dequantize_4bit(param.data, param.quant_state).float()
 
     return quantize

@@ -7,8 +7,9 @@ registered through peft's custom-module API:
 - QuantLinear (effopt's packed layers): y = Q(x) + s B A x; the base is never merged into.
 
 `finalize_lora` turns a trained model back into a plain one of effopt modules: dense and masked
-bases get the update merged in; packed bases become LoraQuantLinear (base stays packed); 4-bit
-bitsandbytes bases are dequantized and merged (a dense layer computing the same function).
+bases get the update merged in; packed bases become LoraQuantLinear and effopt's bitsandbytes 4-bit
+layers LoraBnb4bitLinear (the base stays quantized); other bitsandbytes layers are dequantized and
+merged (a dense layer computing the same function).
 """
 
 from __future__ import annotations
@@ -121,16 +122,19 @@ def _factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, float]:
 
 
 def _finalize_one(layer: LoraLayer) -> torch.nn.Module:
-    from effopt.nn.adapters import LoraQuantLinear
+    from effopt.nn.adapters import LORA_TYPES, LoraBnb4bitLinear, LoraQuantLinear
+    from effopt.nn.bnb_linear import Bnb4bitLinear
 
     base = layer.get_base_layer()
     a, b, scaling = _factors(layer)
-    if isinstance(base, LoraQuantLinear):  # a second LoRA over a first: ranks concatenate exactly
+    if isinstance(base, LORA_TYPES):  # a second LoRA over a first: ranks concatenate exactly
         a = torch.cat([base.lora_A.detach(), a.to(base.lora_A.dtype)])
         b = torch.cat([base.lora_B.detach() * base.scaling, b.to(base.lora_B.dtype) * scaling], dim=1)
-        return LoraQuantLinear.from_quant(base, a, b, alpha=float(a.shape[0]))
+        return type(base).from_base(base, a, b, alpha=float(a.shape[0]))
     if isinstance(base, QuantLinear):
-        return LoraQuantLinear.from_quant(base, a, b * scaling, alpha=float(a.shape[0]))
+        return LoraQuantLinear.from_base(base, a, b * scaling, alpha=float(a.shape[0]))
+    if isinstance(base, Bnb4bitLinear):
+        return LoraBnb4bitLinear.from_base(base, a, b * scaling, alpha=float(a.shape[0]))
     if is_bnb(base):
         return _merge_bnb(base, (b @ a) * scaling)
     layer.merge()
@@ -165,10 +169,12 @@ def _merge_bnb(base: torch.nn.Module, delta: torch.Tensor) -> torch.nn.Linear:
 
 def finalize_lora(model: torch.nn.Module) -> dict:
     """Replace every peft LoRA layer by an effopt-checkpointable module (see module docstring)."""
+    from effopt.nn.adapters import LORA_TYPES
+
     counts = {"merged": 0, "kept_on_quantized": 0}
     for name, layer in lora_layers(model):
         new = _finalize_one(layer)
-        counts["kept_on_quantized" if isinstance(layer.get_base_layer(), QuantLinear) else "merged"] += 1
+        counts["kept_on_quantized" if isinstance(new, LORA_TYPES) else "merged"] += 1
         set_submodule(model, name, new)
     for p in model.parameters():
         p.requires_grad_(False)

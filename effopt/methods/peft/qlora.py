@@ -26,15 +26,11 @@ def _dense(model: torch.nn.Module, name: str) -> torch.nn.Linear:
     return module
 
 
-def _nf4_layer(linear: torch.nn.Linear, param) -> torch.nn.Module:
-    import bitsandbytes as bnb
+def _nf4_layer(linear: torch.nn.Linear, quantized_input: torch.Tensor) -> torch.nn.Module:
+    from effopt.nn.bnb_linear import Bnb4bitLinear
 
-    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              compute_dtype=linear.weight.dtype, quant_type="nf4", device=linear.weight.device)
-    layer.weight = param
-    if linear.bias is not None:
-        layer.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    return layer
+    return Bnb4bitLinear.from_linear(linear, quantized_input.to(linear.weight.dtype), "nf4", double_quant=True,
+                                     blocksize=64)
 
 
 def _int_layer(linear: torch.nn.Linear, state, bits: int, group_size: int, symmetric: bool) -> QuantLinear:
@@ -54,7 +50,7 @@ def quantize_base(model: torch.nn.Module, names: list[str], base: str, rank: int
         linear = _dense(model, name)
         w = linear.weight.detach()
         if loftq_iters:
-            state, left, right = loftq(w, quantizer, rank, loftq_iters)
+            state, _, left, right = loftq(w, quantizer, rank, loftq_iters)
             factors[name] = (left, right)
         else:
             state, _ = quantizer(w.float())

@@ -98,7 +98,7 @@ def train_gates(model: torch.nn.Module, modules: dict[str, torch.nn.Module], sam
             lambdas.grad.neg_()  # ascent on the multipliers
             gate_opt.step()
             lambda_opt.step()
-            stats = {"final_lm_loss": float(lm), "expected_sparsity": float(gap + t)}
+            stats = {"final_lm_loss": lm.item(), "expected_sparsity": (gap + t).item()}
     finally:
         for name, g in gated.items():
             set_submodule(model, name, g.linear)

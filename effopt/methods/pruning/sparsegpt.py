@@ -11,9 +11,23 @@ N:M it is chosen per group of M columns when the loop reaches the group.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from effopt.methods.pruning.masks import prune_lowest
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run a stretch of many tiny ops on one CPU thread: the column loop's vector-sized steps gain
+    nothing from threads, and on a busy CPU each parallel region can stall on a descheduled thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -69,29 +83,48 @@ def sparsegpt_prune(weight: torch.Tensor, h: torch.Tensor, sparsity: float | Non
         raise ValueError("sparsegpt_prune needs exactly one of sparsity or nm")
     if nm is not None and (weight.shape[1] % nm[1] or block_size % nm[1]):
         raise ValueError(f"N:M needs in_features ({weight.shape[1]}) and block_size ({block_size}) divisible by M")
+    with single_thread():
+        return _sparsegpt(weight, h, sparsity, nm, block_size, damp)
+
+
+def _sparsegpt(weight, h, sparsity, nm, block_size, damp):
     w = weight.detach().float().clone()
     w[:, torch.diagonal(h) == 0] = 0
     u = inverse_hessian_factor(h, damp)
     pruned = torch.zeros_like(w, dtype=torch.bool)
-    cols = w.shape[1]
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
-        d = torch.diagonal(u1)
-        p1 = _block_mask(w1, d, sparsity) if nm is None else torch.zeros_like(w1, dtype=torch.bool)
-        for j in range(i2 - i1):
-            if nm is not None and j % nm[1] == 0:
-                p1[:, j: j + nm[1]] = _nm_prune(w1[:, j: j + nm[1]], d[j: j + nm[1]], *nm)
-            col = w1[:, j]
-            err = torch.where(p1[:, j], col, torch.zeros_like(col)) / d[j]
-            w1[:, j:] -= err.unsqueeze(1) * u1[j, j:].unsqueeze(0)
-            err1[:, j] = err
-        w1[p1] = 0
-        w[:, i1:i2] = w1
+    for i1 in range(0, w.shape[1], block_size):
+        i2 = min(i1 + block_size, w.shape[1])
+        p1, err1 = _prune_block(w, u, i1, i2, sparsity, nm)
         pruned[:, i1:i2] = p1
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+        w[:, i2:] -= err1.T @ u[i1:i2, i2:]
     return w.to(weight.dtype), ~pruned
+
+
+def _prune_block(w: torch.Tensor, u: torch.Tensor, i1: int, i2: int, sparsity: float | None,
+                 nm: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune columns i1:i2 of w in place, column by column with OBS updates inside the block.
+
+    Returns the block's prune mask [out, i2 - i1] and the scaled errors [i2 - i1, out] that the
+    caller applies lazily to the columns after the block. Columns are stored transposed (one
+    contiguous row per column) so each step is one multiply and one rank-1 update.
+    """
+    wt, u1 = w[:, i1:i2].T.contiguous(), u[i1:i2, i1:i2]
+    d = torch.diagonal(u1)
+    err = torch.zeros_like(wt)
+    if nm is None:
+        p1 = _block_mask(wt.T, d, sparsity)
+        scale = p1.T / d.unsqueeze(1)
+    else:
+        p1, scale = torch.zeros_like(wt.T, dtype=torch.bool), torch.zeros_like(wt)
+    for j in range(i2 - i1):
+        if nm is not None and j % nm[1] == 0:
+            p1[:, j: j + nm[1]] = _nm_prune(wt[j: j + nm[1]].T, d[j: j + nm[1]], *nm)
+            scale[j: j + nm[1]] = p1[:, j: j + nm[1]].T / d[j: j + nm[1]].unsqueeze(1)
+        torch.mul(wt[j], scale[j], out=err[j])
+        wt[j:].addr_(u1[j, j:], err[j], alpha=-1)
+    wt.T[p1] = 0
+    w[:, i1:i2] = wt.T
+    return p1, err
 
 
 def sparsegpt_sequential(model: torch.nn.Module, input_ids: torch.Tensor, names: list[str],

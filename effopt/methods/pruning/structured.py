@@ -12,8 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from effopt.methods.pruning.sequential import decoder_layers
 from effopt.nn.masked_linear import MaskedLinear
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder's list of layers (`model.model.layers` in Llama/Gemma/Qwen/Mistral models)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: no decoder layer list at model.model.layers")
+    return layers
 
 
 def structure_norm(parts: list[torch.Tensor], norm: str) -> torch.Tensor:

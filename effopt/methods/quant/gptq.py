@@ -56,8 +56,8 @@ def _current_columns(w: torch.Tensor, block: torch.Tensor, err: torch.Tensor, u:
 
 @contextlib.contextmanager
 def _single_thread():
-    """One intra-op thread: the column loop is many small ops, where thread hand-offs cost more
-    than they save (and much more on a busy machine)."""
+    """One intra-op thread: the column loop is thousands of small ops and the matrices are at most
+    a few thousand wide, so thread hand-offs cost more than they save (much more on a busy machine)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -97,6 +97,7 @@ def _quantize_block(w, u, i1, i2, scales, zeros, ready, group_of, invperm, g, bi
 
 
 @torch.no_grad()
+@_single_thread()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128,
                   symmetric: bool = False, percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False,
                   clip_search: bool = False, mask: torch.Tensor | None = None):
@@ -138,9 +139,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     loss = 0.0
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
-        with _single_thread():
-            block_codes, err = _quantize_block(w, u, i1, i2, scales, zeros, ready, group_of, invperm, g, bits,
-                                               symmetric, clip_search, keep)
+        block_codes, err = _quantize_block(w, u, i1, i2, scales, zeros, ready, group_of, invperm, g, bits,
+                                           symmetric, clip_search, keep)
         codes[:, i1:i2] = block_codes.T.to(torch.uint8)
         loss += float((err * err).sum()) / 2
         w[:, i2:] -= err.T @ u[i1:i2, i2:]

@@ -1,6 +1,10 @@
-"""Kernel tests run on CUDA at real sizes when a GPU is present, else on CPU through Triton's
+"""Shared set-up of the kernel tests; each test module imports it before `kernels`.
+
+Kernel tests run on CUDA at real sizes when a GPU is present, else on CPU through Triton's
 interpreter at small sizes. TRITON_INTERPRET must be set before the kernels are decorated, so it
-is set here, at collection, and kernel modules imported earlier (e.g. by effopt) are reloaded."""
+is set here, at collection, and kernel modules imported earlier (e.g. by effopt) are reloaded.
+(Not a conftest.py: tests/conftest.py is imported as `conftest` by other test modules, and a
+second conftest module would shadow it.)"""
 import importlib
 import os
 import sys
@@ -25,7 +29,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.fixture(autouse=True)
-def _poison_scratch(monkeypatch):
+def poison_scratch(monkeypatch):
     """Poison the kernels' internal scratch buffers too, so an unwritten partial result shows."""
     from kernels import attention, qmatmul
 

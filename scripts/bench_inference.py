@@ -1,0 +1,229 @@
+"""Inference benchmark: Llama-3-8B shapes with random weights on a GPU, or a builtin model on CPU.
+
+    python scripts/bench_inference.py llama8b [--tiny] [--gen-len 128] [--hf-gen-len 32] [--compile]
+    python scripts/bench_inference.py builtin [--source builtin:smollm2-135m] [--gen-len 64]
+
+`llama8b` builds LlamaForCausalLM from Llama-3-8B's config (bf16, random weights: speed does not
+depend on their values), then times, on one 128-token prompt at batch 1: plain transformers
+`generate`; effopt's decode path (static KV cache, CUDA graph of the whole step, with and without
+kernels/, with fused projections, optionally torch.compile); W4 weights (RTN, group 128, packed
+QuantLinear, Triton qmatmul); speculative decoding of the bf16 model with the W4 model as draft,
+against transformers' assisted generation. `--tiny` runs the same flow on a tiny config (CPU check).
+
+`builtin` runs effopt.bench.run_bench on the builtin model (plain, int8/int4 KV cache) and
+speculative decoding with compressed drafts built in-process.
+Prints a table last; writes JSON to $OUT (or --out) when set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from effopt.generation import Decoder, Sampling  # noqa: E402
+from effopt.generation.measure import common_prefix, effopt_run, hf_generate_run, speculative_run  # noqa: E402
+from effopt.nn import kv_cache  # noqa: E402
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
+
+
+def build_llama(shapes: dict, device: str, dtype: torch.dtype):
+    """A random-weight LlamaForCausalLM built directly on `device` in `dtype`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**shapes)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+@torch.no_grad()
+def quantize_rtn(model, bits: int = 4, group_size: int = 128):
+    """RTN (asymmetric, grouped) on every decoder linear layer, packed as QuantLinear, in place."""
+    from effopt.methods.quant.rtn import quantize_weight
+    from effopt.nn import set_submodule
+    from effopt.nn.quant_linear import QuantLinear
+
+    names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and "lm_head" not in n]
+    for name in names:
+        linear = model.get_submodule(name)
+        codes, scales, zeros = quantize_weight(linear.weight, bits, group_size)
+        set_submodule(model, name, QuantLinear.from_codes(codes, scales, zeros, bits, group_size, linear.bias, False,
+                                                          linear.weight.dtype))
+    return model
+
+
+class Report:
+    """Collects rows; each section runs under a time budget and records its error instead of dying."""
+
+    def __init__(self, budget_s: float):
+        self.rows: list[dict] = []
+        self.t0, self.budget = time.perf_counter(), budget_s
+
+    def section(self, name: str, fn) -> dict | None:
+        left = self.budget - (time.perf_counter() - self.t0)
+        if left <= 0:
+            self.rows.append({"name": name, "skipped": "time budget spent"})
+            return None
+        t = time.perf_counter()
+        try:
+            row = {"name": name, **fn()}
+        except Exception as exc:  # a benchmark section failing must not hide the others' numbers
+            row = {"name": name, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        row["section_s"] = round(time.perf_counter() - t, 1)
+        tokens = row.pop("tokens", None)
+        self.rows.append(row)
+        print(json.dumps(row, default=str), flush=True)
+        return dict(row, tokens=tokens)
+
+
+def _plain(run: dict, ref_tokens: list[int] | None = None) -> dict:
+    out = {k: run[k] for k in ("prefill_s", "ttft_s", "decode_tokens_per_s", "peak_gpu_mb", "peak_host_mb",
+                               "kv_cache_bytes", "new_tokens") if k in run}
+    out["ms_per_token"] = 1000 / run["decode_tokens_per_s"]
+    if ref_tokens is not None:
+        out["same_prefix_as_hf"] = common_prefix(run["tokens"][0], ref_tokens)
+    out["tokens"] = run["tokens"]
+    return out
+
+
+def run_llama8b(args) -> list[dict]:
+    """The GPU benchmark (see module docstring)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    rep = Report(args.budget_s)
+    model = build_llama(TINY if args.tiny else LLAMA3_8B, dev, dtype)
+    prompt = torch.randint(0, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
+    prompts = [prompt.tolist()]
+    n, hf_n = args.gen_len, args.hf_gen_len
+    hf = rep.section("transformers generate, bf16", lambda: _plain(hf_generate_run(model, prompts, hf_n, 0)))
+    ref = hf["tokens"][0] if hf and hf.get("tokens") else []
+
+    def effopt(m, cache="bf16", decoder=None, graph=None, length=n, kernels=True, compile_step=False):
+        kv_cache.USE_KERNELS = kernels
+        try:
+            return _plain(effopt_run(m, prompts, length, cache, decoder=decoder, graph=graph,
+                                     compile_step=compile_step), ref)
+        finally:
+            kv_cache.USE_KERNELS = True
+
+    rep.section("effopt eager (no graph), bf16", lambda: effopt(model, graph=False, length=min(n, 32)))
+    rep.section("effopt graph, bf16, torch attention", lambda: effopt(model, kernels=False))
+    rep.section("effopt graph, bf16, kernels", lambda: effopt(model))
+    fused = Decoder(model).fuse()
+    rep.section("effopt graph, bf16, kernels, fused qkv/gate-up", lambda: effopt(model, decoder=fused))
+    rep.section("effopt graph, bf16, int8 KV cache", lambda: effopt(model, cache="int8", decoder=fused))
+    if args.compile:
+        rep.section("effopt graph + torch.compile, bf16, fused", lambda: effopt(model, decoder=fused,
+                                                                                compile_step=True))
+    w4 = quantize_rtn(copy.deepcopy(model), 4, 128)
+    rep.section("effopt graph, W4 (RTN g128) qmatmul", lambda: effopt(w4))
+    w4_fused = Decoder(w4).fuse()
+    rep.section("effopt graph, W4, fused", lambda: effopt(w4, decoder=w4_fused))
+    rep.section("transformers generate, W4 modules", lambda: _plain(hf_generate_run(w4, prompts, min(hf_n, 16), 0)))
+    for k in args.k:
+        rep.section(f"effopt speculative, target bf16, draft W4, k={k}", lambda k=k: _spec(
+            speculative_run(model, w4, prompts[0], n, k, Sampling(), "bf16", target_decoder=fused,
+                            draft_decoder=w4_fused)))
+    rep.section("transformers assisted generation, draft W4", lambda: _plain(
+        hf_generate_run(model, prompts, hf_n, 0, assistant=w4), ref))
+    return rep.rows
+
+
+def _spec(run: dict) -> dict:
+    out = _plain(run)
+    out.update({k: run[k] for k in ("acceptance_rate", "tokens_per_target_call", "target_calls", "draft_calls")})
+    return out
+
+
+def run_builtin(args) -> list[dict]:
+    """run_bench on the builtin model, then speculative decoding with in-process compressed drafts."""
+    from effopt.bench import load, make_prompts, run_bench
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer, _ = load(args.source)
+    rows = []
+    for kv in ("int8", "int4"):
+        res = run_bench(args.source, gen_len=args.gen_len, prompt_len=args.prompt_len, kv_cache=kv,
+                        ppl_tokens=args.ppl_tokens, models={"source": model, "tokenizer": tokenizer})
+        rows.append({"name": f"run_bench kv {kv}", "result": res})
+        print(json.dumps(rows[-1], default=str), flush=True)
+    prompts = make_prompts(tokenizer, model.config.vocab_size, 1, args.prompt_len, 0)
+    plain = effopt_run(model, prompts, args.gen_len, "bf16")
+    for label, draft in _cpu_drafts(model):
+        for k in args.k:
+            run = speculative_run(model, draft, prompts[0], args.gen_len, k, Sampling(), "bf16")
+            row = {"name": f"speculative, draft {label}, k={k}", **_spec(run),
+                   "plain_tokens_per_s": plain["decode_tokens_per_s"],
+                   "speedup": run["decode_tokens_per_s"] / plain["decode_tokens_per_s"],
+                   "identical": run["tokens"][0] == plain["tokens"][0]}
+            row.pop("tokens")
+            rows.append(row)
+            print(json.dumps(row, default=str), flush=True)
+    return rows
+
+
+def _cpu_drafts(model):
+    """Compressed drafts of `model`: a bf16 copy (half the bytes per weight) and RTN W8 (QuantLinear)."""
+    yield "bf16 copy", copy.deepcopy(model).to(torch.bfloat16)
+    yield "RTN W8 g128", quantize_rtn(copy.deepcopy(model), 8, 128)
+
+
+def print_table(rows: list[dict]) -> None:
+    """The short table the device reply ends with."""
+    print("\n| run | decode tok/s | ms/token | prefill s | TTFT s | peak GPU MB | accept | tok/call | HF prefix |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "decode_tokens_per_s" not in r:
+            print(f"| {r['name']} | {r.get('error') or r.get('skipped') or '-'} |")
+            continue
+        cells = [r.get("decode_tokens_per_s"), r.get("ms_per_token"), r.get("prefill_s"), r.get("ttft_s"),
+                 r.get("peak_gpu_mb"), r.get("acceptance_rate"), r.get("tokens_per_target_call"),
+                 r.get("same_prefix_as_hf")]
+        print("| " + r["name"] + " | " + " | ".join("-" if c is None else f"{c:.4g}" if isinstance(c, float)
+                                                   else str(c) for c in cells) + " |")
+
+
+def main() -> None:
+    """Parse arguments, run one benchmark, print and save."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["llama8b", "builtin"])
+    parser.add_argument("--tiny", action="store_true", help="llama8b flow on a tiny config (CPU check)")
+    parser.add_argument("--source", default="builtin:smollm2-135m")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--gen-len", type=int, default=128)
+    parser.add_argument("--hf-gen-len", type=int, default=32)
+    parser.add_argument("--k", type=int, nargs="+", default=[4])
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=330.0)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--ppl-tokens", type=int, default=2048)
+    parser.add_argument("--out", default=os.environ.get("OUT"))
+    args = parser.parse_args()
+    rows = run_llama8b(args) if args.what == "llama8b" else run_builtin(args)
+    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"inference_{args.what}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1,
+                                                                               default=str))
+    if args.what == "llama8b":
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""KV caches: quantization numerics, quantized-cache logits against the float cache, the runtime
+switch for plain forwards, and the StreamingLLM sink cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from effopt.generation import Decoder, generate
+from effopt.generation.decode import prefill
+from effopt.nn.kv_cache import (dequantize_kv, fake_quantize_kv, kv_config, quantize_kv, runtime_of,
+                                use_runtime)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny-model ops take microseconds; on a busy 2-core machine each thread hand-off costs
+    milliseconds (100x slower, measured), so these tests run single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_kv_error_is_at_most_half_a_step(bits, dtype):
+    x = (torch.randn(2, 3, 17, 64) * torch.rand(2, 3, 17, 1) * 5).to(dtype)
+    codes, scale, zero = quantize_kv(x, bits)
+    assert codes.dtype == torch.uint8 and codes.shape[-1] == 64 * bits // 8
+    assert scale.shape == zero.shape == (2, 3, 17, 1)
+    back = dequantize_kv(codes, scale, zero, bits, torch.float32)
+    step = scale.float()
+    # half a step of rounding, plus the zero point's own rounding (another half step) at most
+    slack = 1e-2 * x.float().abs().amax(-1, keepdim=True) if dtype == torch.bfloat16 else 1e-6
+    assert ((back - x.float()).abs() <= step + slack).all()
+    assert torch.equal(fake_quantize_kv(x, bits), back.to(dtype))
+
+
+def test_int4_packs_two_codes_per_byte_low_nibble_first():
+    x = torch.tensor([[0.0, 15.0, 3.0, 7.0]])
+    codes, scale, zero = quantize_kv(x, 4)
+    assert scale.item() == 1.0 and zero.item() == 0.0
+    assert codes.tolist() == [[0 | (15 << 4), 3 | (7 << 4)]]
+
+
+@pytest.mark.parametrize("bad", [{"bits": 3}, {"bits": 8, "granularity": "tensor"}])
+def test_kv_config_rejects_unknown_settings(bad):
+    with pytest.raises(ValueError):
+        kv_config({"kv_cache": bad})
+
+
+# Max |logit - float-cache logit| of a tiny random Llama over a 24-token prompt (measured ~0.002 and
+# ~0.03 for 8 and 4 bits; logits are O(1)). Bounds are 5x that, and int4 must be worse than int8.
+@pytest.mark.parametrize("kind,tol", [("int8", 0.01), ("int4", 0.15)])
+def test_quantized_cache_logits_close_to_float_cache(kind, tol):
+    model = tiny_llama()
+    dec = Decoder(model)
+    ids = torch.randint(3, 259, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.inference_mode():
+        ref = model(torch.tensor([ids])).logits[0]
+        got = dec.forward(torch.tensor([ids]), torch.zeros(1, dtype=torch.long), dec.new_cache(kind, 1, 32), kv_len=24)[0]
+    err = (got - ref).abs().max().item()
+    assert 0 < err < tol
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_use_runtime_forward_equals_quantized_cache(bits):
+    """Perplexity under use_runtime measures exactly what the quantized cache computes."""
+    model = tiny_llama()
+    dec = Decoder(model)
+    ids = torch.randint(3, 259, (1, 20), generator=torch.Generator().manual_seed(2))
+    runtime = {"kv_cache": {"bits": bits, "granularity": "head_token"}}
+    with torch.inference_mode():
+        cached = dec.forward(ids, torch.zeros(1, dtype=torch.long), dec.new_cache(f"int{bits}", 1, 24), kv_len=20)
+        plain = model(ids).logits
+        with use_runtime(model, runtime):
+            assert runtime_of(model) == runtime
+            fake = model(ids).logits
+    torch.testing.assert_close(fake, cached, atol=1e-5, rtol=0)
+    assert (plain - fake).abs().max() > 1e-4
+    assert model.config._attn_implementation == "sdpa" and runtime_of(model) == {}
+
+
+def test_use_runtime_without_kv_cache_is_a_no_op():
+    model = tiny_llama()
+    with use_runtime(model, {}):
+        assert model.config._attn_implementation == "sdpa"
+
+
+def test_generation_uses_the_runtime_cache():
+    model = tiny_llama()
+    with use_runtime(model, {"kv_cache": {"bits": 4, "granularity": "head_token"}}):
+        assert generate(model, [[5, 6, 7]], 3).cache == "int4"
+    assert generate(model, [[5, 6, 7]], 3).cache == "bf16"
+
+
+def test_quantized_cache_bytes():
+    dec = Decoder(tiny_llama())  # 2 layers, 2 kv heads, head_dim 16, float32
+    float_tok = dec.new_cache("bf16", 1, 8).bytes_per_token()
+    assert float_tok == 2 * 2 * 2 * 16 * 4
+    assert dec.new_cache("int8", 1, 8).bytes_per_token() == 2 * 2 * 2 * (16 + 2 * 4)
+    assert dec.new_cache("int4", 1, 8).bytes_per_token() == 2 * 2 * 2 * (8 + 2 * 4)
+
+
+@pytest.mark.parametrize("sink,window,length", [(4, 8, 30), (2, 5, 6), (0, 6, 20), (3, 10, 40)])
+def test_sink_cache_keeps_first_tokens_and_window(sink, window, length):
+    dec = Decoder(tiny_llama())
+    cache = dec.new_cache("sink", 1, 0, sink=sink, window=window)
+    ids = torch.randint(3, 259, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.inference_mode():
+        prefill(dec, cache, ids)
+    held = min(length, sink + window)
+    expected = list(range(min(sink, length))) + list(range(length - (held - min(sink, length)), length))
+    assert cache.kept_positions() == expected
+    assert cache.k[0].shape[2] == held
+
+
+def test_sink_cache_matches_full_cache_until_it_fills():
+    model = tiny_llama()
+    prompt = [7, 8, 9, 10, 11]
+    full = generate(model, [prompt], 10).tokens[0]
+    sink = generate(model, [prompt], 10, cache="sink", sink=4, window=20).tokens[0]
+    assert sink == full
+
+
+def test_sink_cache_generates_past_the_trained_context():
+    """max_position_embeddings is 512: the sink cache decodes 600 tokens with a bounded cache."""
+    model = tiny_llama(layers=1, hidden=32, heads=2, kv_heads=1, intermediate=64)
+    out = generate(model, [[5, 6, 7]], 600, cache="sink", sink=4, window=60)
+    assert len(out.tokens[0]) == 600
+    assert out.kv_cache_bytes == 64 * 2 * 1 * 1 * 16 * 4  # 64 positions, K+V, 1 layer, 1 head, d=16, fp32

@@ -1,0 +1,129 @@
+"""AWQ: scale folding keeps the float function, the search and clipping reduce output error below
+RTN's, Gemma-style norms are handled, and the layer-by-layer driver quantizes a model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from effopt.methods.quant.awq import (apply_clip, awq_model, block_gram, fold_scales, norm_offset, scale_groups,
+                                      search_clip, search_scale)
+from effopt.methods.quant.rtn import dequantize_weight, fake_quantize, quantize_weight
+from tests.conftest import tiny_llama
+
+
+class NormLinear(torch.nn.Module):
+    """RMSNorm (Llama or Gemma flavour) followed by two linears sharing its output."""
+
+    def __init__(self, k: int = 256, n: int = 96, gemma: bool = False, seed: int = 0):
+        super().__init__()
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        torch.manual_seed(seed)
+        self.norm = Gemma3RMSNorm(k) if gemma else LlamaRMSNorm(k)
+        with torch.no_grad():
+            self.norm.weight.copy_(torch.rand(k) * 2 - (1.0 if gemma else 0.0))
+        self.a, self.b = torch.nn.Linear(k, n, bias=False), torch.nn.Linear(k, n // 2, bias=False)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return torch.cat([self.a(h), self.b(h)], dim=-1)
+
+
+def outlier_inputs(k: int = 256, tokens: int = 512, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=gen)
+    x[:, :4] *= 30  # a few salient channels, as in LLM activations
+    return x
+
+
+@pytest.mark.parametrize("gemma", [False, True])
+def test_norm_offset_and_folding_keep_the_float_function(gemma):
+    block = NormLinear(gemma=gemma)
+    assert norm_offset(block.norm) == (1.0 if gemma else 0.0)
+    x = outlier_inputs()
+    before = block(x)
+    s = torch.rand(256) * 3 + 0.2
+    fold_scales(block.norm, [block.a, block.b], s)
+    assert torch.allclose(block(x), before, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_into_previous_linear():
+    up, down = torch.nn.Linear(32, 64, bias=True), torch.nn.Linear(64, 16)
+    x = torch.randn(10, 32)
+    before = down(torch.relu(up(x)))  # positive scales commute with relu
+    fold_scales(up, [down], torch.rand(64) + 0.5)
+    assert torch.allclose(down(torch.relu(up(x))), before, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (3, 64), (4, -1), (3, 128)])
+def test_awq_output_error_below_rtn(bits, group_size):
+    block = NormLinear(seed=bits)
+    x = outlier_inputs(seed=bits)
+    ref = block(x).detach()
+    rtn = copy.deepcopy(block)
+    for lin in (rtn.a, rtn.b):
+        lin.weight.data = fake_quantize(lin.weight.data, bits, group_size)
+    h = block.norm(x).detach()
+    x_mean = h.abs().mean(0)
+    linears = {"a": block.a, "b": block.b}
+    s, alpha, losses = search_scale(linears, {"a", "b"}, lambda t, i: block(t), [x], x_mean, bits, group_size,
+                                    False)
+    assert losses[alpha] <= losses[0.0]  # alpha = 0 is RTN
+    fold_scales(block.norm, [block.a, block.b], s)
+    for lin in (block.a, block.b):
+        lin.weight.data = fake_quantize(lin.weight.data, bits, group_size)
+    err_awq = (block(x) - ref).pow(2).mean().item()
+    err_rtn = (rtn(x) - ref).pow(2).mean().item()
+    assert alpha > 0 and err_awq < 0.9 * err_rtn
+
+
+@pytest.mark.parametrize("bits, group_size", [(3, 64), (4, 128), (4, -1)])
+def test_clip_search_reduces_output_error(bits, group_size):
+    x = outlier_inputs(200, 400, seed=7)
+    w = torch.distributions.StudentT(3.0).sample((48, 200))
+    gram = block_gram(x, group_size)
+    assert gram.shape[0] == (1 if group_size < 0 else -(-200 // group_size))
+    shrink = search_clip(w, gram, bits, group_size, False)
+    clipped = w.clone()
+    apply_clip(clipped, shrink, group_size)
+    plain = dequantize_weight(*quantize_weight(w, bits, group_size), group_size)
+    tuned = dequantize_weight(*quantize_weight(clipped, bits, group_size), group_size)
+    err = lambda q: (x @ (q - w).T).pow(2).mean().item()  # noqa: E731
+    assert err(tuned) < err(plain)
+
+
+def test_scale_groups_respect_gqa():
+    model = tiny_llama(heads=4, kv_heads=2)
+    names = [g.prev for g in scale_groups(model.model.layers[0])]
+    assert names == ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"]  # no v->o under GQA
+    model = tiny_llama(heads=4, kv_heads=4)
+    assert "self_attn.v_proj" in [g.prev for g in scale_groups(model.model.layers[0])]
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_awq_model_beats_rtn(quantizer):
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2, kv_heads=4)
+    with torch.no_grad():  # salient channels in the norms' outputs
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:3] = 20
+            layer.post_attention_layernorm.weight[:3] = 20
+    ids = torch.randint(3, 259, (8, 32))
+    with torch.no_grad():
+        ref = model.model(input_ids=ids).last_hidden_state
+    rtn = copy.deepcopy(model)
+    for name, module in rtn.named_modules():
+        if name.endswith("_proj"):
+            module.weight.data = fake_quantize(module.weight.data, 3, 32)
+    stats = awq_model(model, ids, ["*_proj"], [], bits=3, group_size=32, symmetric=False, quantizer=quantizer,
+                      batch_size=4, search_samples=4)
+    assert stats["quantized_layers"] == 14 and 0 < stats["mean_alpha"] < 1
+    assert {m.method for n, m in model.named_modules() if n.endswith("_proj")} == {"awq"}
+    with torch.no_grad():
+        err_awq = (model.model(input_ids=ids).last_hidden_state - ref).pow(2).mean()
+        err_rtn = (rtn.model(input_ids=ids).last_hidden_state - ref).pow(2).mean()
+    assert err_awq < 0.8 * err_rtn
