@@ -71,13 +71,24 @@ class QuantLinear(torch.nn.Module):
         """The float weight [N, K] this layer computes with."""
         return dequantize_weight(self.codes(), self.scales, self.zeros, self.group_size, dtype or self.scales.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.bits in (4, 8):
-            from kernels import qmatmul  # Triton path; kernels/ never imports effopt
+    def _prepared(self, dtype: torch.dtype):
+        """The kernel's re-packed weight, cached until the buffers change (keyed on their versions)."""
+        from kernels import qmatmul  # Triton path; kernels/ never imports effopt
 
+        key = (dtype, self.qweight.device, self.qweight._version, self.scales._version, self.zeros._version)
+        if self._kernel_weight is None or self._kernel_weight[0] != key:
             g = self.in_features if self.group_size <= 0 else self.group_size
-            return qmatmul.quant_matmul(x, self.qweight, self.scales.to(x.dtype), self.zeros.to(x.dtype),
-                                        self.bits, g, self.in_features, self.bias)
+            prepared = qmatmul.prepare_weight(self.qweight, self.scales.to(dtype), self.zeros.to(dtype), self.bits, g,
+                                              self.in_features)
+            self._kernel_weight = (key, prepared)
+        return self._kernel_weight[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.bits in (2, 4, 8):
+            from kernels import qmatmul
+
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return qmatmul.quant_matmul(x, self._prepared(x.dtype), bias=bias)
         weight = self.dequantize(x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 

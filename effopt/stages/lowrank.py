@@ -126,8 +126,8 @@ def apply_lowrank(cfg, ctx) -> dict:
     if masked:
         log.warn(f"lowrank: {len(masked)} masked layers are factored; their sparsity masks do not carry over")
     shapes = _shapes(ctx.model, names)
-    with log.status(f"lowrank {cfg.method} on {len(names)} layers"):
-        ranks, extra = METHODS[cfg.method][1](cfg, ctx, names)
+    log.info(f"lowrank {cfg.method} on {len(names)} layers")
+    ranks, extra = METHODS[cfg.method][1](cfg, ctx, names)
     return {**summarize(shapes, ranks), **extra}
 
 

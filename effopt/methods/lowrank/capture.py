@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from effopt import log
+
 
 class _StopForward(Exception):
     """Raised by the last stub layer: everything needed has been recorded."""
@@ -135,7 +137,7 @@ def sequential_moments(model: torch.nn.Module, samples: torch.Tensor, targets: l
         h, kw = layer_inputs(model, batch)
         hidden.append(h)
         kwargs.append(kw)
-    for index, (prefix, layer) in enumerate(layers):
+    for index, (prefix, layer) in enumerate(log.progress(layers, "calibrating decoder layers")):
         watched = {t: model.get_submodule(t) for t in targets if t.startswith(prefix + ".")}
         if not watched:
             hidden = _run_layer(layer, hidden, [kw[index] for kw in kwargs])

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from effopt import log
 from effopt.methods.lowrank import rank as rk
 from effopt.methods.lowrank.capture import sequential_moments
 from effopt.methods.lowrank.nmf import check_nonnegative, nmf_factors
@@ -70,7 +71,7 @@ def compress_svd(model: torch.nn.Module, names: list[str], rule: RankRule) -> di
         ranks = _budget_ranks(model, names, rule.param_budget,
                               lambda _, w: torch.linalg.svdvals(w.detach().to(torch.float64)))
     done = {}
-    for name in names:
+    for name in log.progress(names, "svd"):
         w = dense_weight(model.get_submodule(name))
         out_f, in_f = w.shape
         if ranks is None and rule.ratio is not None:
@@ -100,7 +101,7 @@ def compress_nmf(model: torch.nn.Module, names: list[str], rule: RankRule, itera
         ranks = _budget_ranks(model, names, rule.param_budget,
                               lambda _, w: torch.linalg.svdvals(w.detach().to(torch.float64)))
     done = {}
-    for i, name in enumerate(names):
+    for i, name in enumerate(log.progress(names, "nmf")):
         w = dense_weight(model.get_submodule(name))
         out_f, in_f = w.shape
         if ranks is not None:
