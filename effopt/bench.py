@@ -228,6 +228,33 @@ def run_bench(source: str, baseline: str | None = None, prompt_len: int = 128, g
     return _strip(result)
 
 
+def bench_metrics(model, tokenizer, prompt_len: int = 128, gen_len: int = 64, batch: int = 1, runtime: dict | None = None,
+                  seed: int = 0) -> dict:
+    """The bench as flat eval metrics: effopt's decode path (KV cache per `runtime`) against plain
+    transformers `generate` on the same model and prompts (the eval stage's `bench` metric set)."""
+    from effopt.generation.decode import default_cache_kind
+    from effopt.generation.decoder import unsupported_reason
+    from effopt.nn.kv_cache import use_runtime
+
+    pad = (getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None) or 0
+    prompts = make_prompts(tokenizer, model.config.vocab_size, batch, prompt_len, seed)
+    hf = hf_generate_run(model, prompts, gen_len, pad)
+    out = {"bench_hf_decode_tokens_per_s": hf["decode_tokens_per_s"], "bench_hf_ttft_s": hf["ttft_s"]}
+    reason = unsupported_reason(model)
+    if reason:
+        out["bench_note"] = reason
+        return out
+    with use_runtime(model, runtime):
+        kind = default_cache_kind(model)
+    run = effopt_run(model, prompts, gen_len, kind)
+    same = [common_prefix(a, b) / max(len(b), 1) for a, b in zip(run["tokens"], hf["tokens"])]
+    out.update({f"bench_{k}": run[k] for k in ("prefill_s", "ttft_s", "decode_tokens_per_s", "kv_cache_bytes",
+                                               "peak_host_mb", "peak_gpu_mb")})
+    out.update({"bench_kv_cache": kind, "bench_decode_speedup": run["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
+                "bench_same_tokens_as_hf": min(same)})
+    return out
+
+
 def _strip(result: dict) -> dict:
     """Drop token lists (kept only for the equality checks) from the report."""
     for row in result["runs"]:

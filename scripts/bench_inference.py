@@ -125,20 +125,29 @@ def run_llama8b(args) -> list[dict]:
         finally:
             kv_cache.USE_KERNELS = True
 
-    rep.section("effopt eager (no graph), bf16", lambda: effopt(model, graph=False, length=min(n, 32)))
-    rep.section("effopt graph, bf16, torch attention", lambda: effopt(model, kernels=False))
-    rep.section("effopt graph, bf16, kernels", lambda: effopt(model))
+    cont = torch.randint(0, model.config.vocab_size, (32,), generator=torch.Generator().manual_seed(1)).tolist()
+    rep.section("logits check: effopt graph bf16 vs transformers forward", lambda: logits_check(model, prompts[0],
+                                                                                                cont))
     fused = Decoder(model).fuse()
-    rep.section("effopt graph, bf16, kernels, fused qkv/gate-up", lambda: effopt(model, decoder=fused))
-    rep.section("effopt graph, bf16, int8 KV cache", lambda: effopt(model, cache="int8", decoder=fused))
+    if not args.skip_bf16:
+        rep.section("effopt eager (no graph), bf16", lambda: effopt(model, graph=False, length=min(n, 32)))
+        rep.section("effopt graph, bf16, torch attention", lambda: effopt(model, kernels=False))
+        rep.section("effopt graph, bf16, kernels", lambda: effopt(model))
+        rep.section("effopt graph, bf16, kernels, fused qkv/gate-up", lambda: effopt(model, decoder=fused))
+        rep.section("effopt graph, bf16, int8 KV cache", lambda: effopt(model, cache="int8", decoder=fused))
     w4 = quantize_rtn(copy.deepcopy(model), 4, 128)
-    rep.section("effopt graph, W4 (RTN g128) qmatmul", lambda: effopt(w4))
+    g4 = False if args.no_graph_w4 else None
+    rep.section("effopt eager (no graph), W4", lambda: effopt(w4, graph=False, length=min(n, 32)))
+    rep.section("logits check: effopt W4 vs transformers forward W4", lambda: logits_check(w4, prompts[0], cont,
+                                                                                          graph=g4 is None))
+    rep.section(f"effopt {'eager' if g4 is False else 'graph'}, W4 (RTN g128) qmatmul", lambda: effopt(w4, graph=g4))
     w4_fused = Decoder(w4).fuse()
-    rep.section("effopt graph, W4, fused", lambda: effopt(w4, decoder=w4_fused))
+    rep.section(f"effopt {'eager' if g4 is False else 'graph'}, W4, fused", lambda: effopt(w4, decoder=w4_fused,
+                                                                                          graph=g4))
     rep.section("transformers generate, W4 modules", lambda: _plain(hf_generate_run(w4, prompts, min(hf_n, 16), 0)))
     for k in args.k:
         rep.section(f"effopt speculative, target bf16, draft W4, k={k}", lambda k=k: _spec(
-            speculative_run(model, w4, prompts[0], n, k, Sampling(), "bf16", target_decoder=fused,
+            speculative_run(model, w4, prompts[0], n, k, Sampling(), "bf16", graph=g4, target_decoder=fused,
                             draft_decoder=w4_fused)))
     rep.section("transformers assisted generation, draft W4", lambda: _plain(
         hf_generate_run(model, prompts, hf_n, 0, assistant=w4), ref))
@@ -148,6 +157,32 @@ def run_llama8b(args) -> list[dict]:
         rep.section("effopt graph + torch.compile, bf16, fused", lambda: effopt(model, decoder=fused,
                                                                                 compile_step=True))
     return rep.rows
+
+
+@torch.inference_mode()
+def logits_check(model, prompt: list[int], cont: list[int], decoder=None, graph: bool = True) -> dict:
+    """effopt's logits (eager prefill, then graph-replayed steps) against one teacher-forced HF forward.
+
+    Random-weight logits are nearly flat, so greedy tokens flip on bf16 rounding; the logits are
+    the test of correctness. Returns max |error|, the reference logits' std, and top-1 agreement.
+    """
+    from effopt.generation.decode import prefill
+    from effopt.generation.graphs import GraphStep
+
+    dev = next(model.parameters()).device
+    ref = model(torch.tensor([prompt + cont], device=dev)).logits[0, len(prompt) - 1: -1].float()
+    dec = decoder or Decoder(model)
+    max_len = len(prompt) + len(cont) + 2
+    cache = dec.new_cache("bf16", 1, max_len)
+    outs = [prefill(dec, cache, prompt).float()]
+    step = GraphStep(dec, cache, 1, 1, max_len - 1) if graph and dev.type == "cuda" else None
+    for i, tok in enumerate(cont[:-1]):
+        x, s = torch.tensor([[tok]], device=dev), torch.tensor([len(prompt) + i], device=dev)
+        logits = step(x, s) if step else dec.forward(x, s, cache, kv_len=len(prompt) + i + 1)
+        outs.append(logits[0, -1].float().clone())
+    got = torch.stack(outs)
+    return {"logits_max_abs_err": (got - ref).abs().max().item(), "logits_ref_std": ref.std().item(),
+            "top1_agreement": (got.argmax(-1) == ref.argmax(-1)).float().mean().item()}
 
 
 def _spec(run: dict) -> dict:
@@ -194,6 +229,10 @@ def print_table(rows: list[dict]) -> None:
     print("\n| run | decode tok/s | ms/token | prefill s | TTFT s | peak GPU MB | accept | tok/call | HF prefix |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "top1_agreement" in r:
+            print(f"| {r['name']} | max abs err {r['logits_max_abs_err']:.3g}, ref std {r['logits_ref_std']:.3g}, "
+                  f"top-1 agreement {r['top1_agreement']:.3g} |")
+            continue
         if "decode_tokens_per_s" not in r:
             print(f"| {r['name']} | {r.get('error') or r.get('skipped') or '-'} |")
             continue
@@ -215,6 +254,8 @@ def main() -> None:
     parser.add_argument("--hf-gen-len", type=int, default=32)
     parser.add_argument("--k", type=int, nargs="+", default=[4])
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--skip-bf16", action="store_true", help="only the baseline and the W4 sections")
+    parser.add_argument("--no-graph-w4", action="store_true", help="W4 and speculative runs without CUDA graphs")
     parser.add_argument("--budget-s", type=float, default=330.0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--ppl-tokens", type=int, default=2048)

@@ -65,7 +65,11 @@ def run_recipe(name: str, runs_dir: Path, rerun: bool) -> str:
     if record is not None:
         cmd.append("--resume")
     print(f"[bench] {name}: {shlex.join(cmd)}", flush=True)
+    load_before = os.getloadavg()[0]
     proc = subprocess.run(cmd, cwd=REPO)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    (runs_dir / f"{name}.load.json").write_text(json.dumps({"load_before": load_before,
+                                                            "load_after": os.getloadavg()[0]}))
     return "ran" if proc.returncode in (0, 1) else f"failed (exit {proc.returncode})"
 
 
@@ -79,7 +83,7 @@ def read_record(run_dir: Path) -> dict | None:
 # Reading results
 
 
-def summarize(name: str, record: dict | None) -> dict:
+def summarize(name: str, record: dict | None, load: dict | None = None) -> dict:
     """One table row from a run record: final perplexity, size, compression time and memory."""
     row = {"name": name, "status": "not run" if record is None else record["status"]}
     if record is None:
@@ -102,14 +106,22 @@ def summarize(name: str, record: dict | None) -> dict:
     failed = [s for s in record["stages"] if s["status"] == "failed"]
     if failed:
         row["error"] = f"stage {failed[0]['index']} ({failed[0]['label']}): {failed[0]['error']}"
+    if load:
+        row["load"] = max(load.values())
     row["environment"] = record.get("environment", {})
     row["finished"] = record.get("finished")
     return row
 
 
+def read_load(runs_dir: Path, name: str) -> dict:
+    """1-minute load averages of the machine before and after the run (written by run_recipe)."""
+    path = runs_dir / f"{name}.load.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def collect(runs_dir: Path) -> dict[str, dict]:
     """A row for every benchmark recipe (rows of runs that never happened say so)."""
-    return {name: summarize(name, read_record(runs_dir / name)) for name in ALL}
+    return {name: summarize(name, read_record(runs_dir / name), read_load(runs_dir, name)) for name in ALL}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,8 +134,8 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 
 def table(names: list[str], rows: dict[str, dict], baseline: float | None) -> list[str]:
     """Markdown table of one group."""
-    out = ["| recipe | stages | perplexity | × baseline | size MB | stage time s | peak RSS MB | status |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    out = ["| recipe | stages | perplexity | × baseline | size MB | stage time s | peak RSS MB | load avg | status |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name in names:
         r = rows[name]
         ratio, own = None, ""
@@ -137,7 +149,7 @@ def table(names: list[str], rows: dict[str, dict], baseline: float | None) -> li
             status = "recipe missing" if r["status"] == "not run" else f"{status} (recipe now missing)"
         out.append(f"| {name} | {r.get('method', '-')} | {_fmt(r.get('perplexity'), '.3f')} | {_fmt(ratio, '.3f')}{own} | "
                    f"{_fmt(r.get('size_bytes'), '.1f', 1e6)} | {_fmt(r.get('seconds'), '.1f')} | "
-                   f"{_fmt(r.get('peak_rss_mb'), '.0f')} | {status} |")
+                   f"{_fmt(r.get('peak_rss_mb'), '.0f')} | {_fmt(r.get('load'), '.1f')} | {status} |")
     return out
 
 
@@ -210,7 +222,9 @@ def report(rows: dict[str, dict], command: str, notes: list[str]) -> str:
              "- Protocol: each recipe in recipes/ runs with `python -m effopt run recipes/NAME.yaml --output "
              "runs/quality/NAME`; perplexity is the last eval of the run, × baseline divides it by the "
              "baseline recipe's perplexity; stage time and peak RSS cover the compression stages only "
-             "(not load or eval). Size is the model's weights as stored in memory.",
+             "(not load or eval). Size is the model's weights as stored in memory. Load avg is the machine's "
+             "1-minute load average before/after the run (the larger): on this 2-core machine anything above 2 "
+             "means other jobs shared the CPU, and wall-clock times are inflated by that much or more.",
              ""]
     if base is not None:
         b = rows["baseline"]

@@ -94,3 +94,25 @@ def test_run_directory_resolves_to_export_or_last_checkpoint(tmp_path, tiny_mode
     (run / "model" / "config.json").write_text("{}")
     assert resolve_source(str(run)) == str(run / "model")
     assert resolve_source(str(tiny_model_dir)) == str(tiny_model_dir)
+
+
+def test_eval_stage_bench_metric_set_and_kv_runtime():
+    """The eval stage measures under the run's runtime: an int4 KV cache shows in perplexity and bench."""
+    from types import SimpleNamespace
+
+    from effopt.stages.eval import EvalConfig, apply_eval
+
+    windows = [torch.randint(3, 259, (64,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    data = SimpleNamespace(windows=lambda name: windows, bos=lambda name: False,
+                           config=lambda name: SimpleNamespace(source="x", seq_len=64))
+    ctx = SimpleNamespace(model=tiny_llama(), tokenizer=tiny_tokenizer(), data=data, runtime={},
+                          recipe=SimpleNamespace(seed=0))
+    cfg = EvalConfig(metrics=["perplexity", "bench"], bench={"prompt_len": 8, "gen_len": 4})
+    plain = apply_eval(cfg, ctx)
+    ctx.runtime = {"kv_cache": {"bits": 4, "granularity": "head_token"}}
+    quant = apply_eval(cfg, ctx)
+    assert plain["bench_kv_cache"] == "bf16" and quant["bench_kv_cache"] == "int4"
+    assert quant["perplexity"] != plain["perplexity"]
+    assert quant["bench_kv_cache_bytes"] < plain["bench_kv_cache_bytes"]
+    assert plain["bench_decode_tokens_per_s"] > 0 and plain["bench_same_tokens_as_hf"] == 1.0
+    assert ctx.model.config._attn_implementation == "sdpa"

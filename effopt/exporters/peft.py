@@ -1,8 +1,9 @@
 """format: peft: a model with adapters as two folders side by side, `base/` and `adapter/`.
 
 Two kinds of models carry adapters: a peft `PeftModel` (any peft method), and an effopt model whose
-LoRA sits over packed layers (`LoraQuantLinear`, what the finetune stage's lora/qlora methods leave
-over a quantized base; over dense bases they merge the update, leaving nothing to export here).
+LoRA sits over quantized layers (`LoraQuantLinear` over packed codes, `LoraBnb4bitLinear` over
+bitsandbytes NF4/FP4: what the finetune stage's lora/qlora methods leave over a quantized base; over
+dense bases they merge the update, leaving nothing to export here).
 `base/` is the model without its adapters (an `hf` export: dense unless `packed`); `adapter/` is a
 peft adapter folder (adapter_config.json + adapter_model.safetensors), written by peft's
 `save_pretrained` or by effopt.methods.peft.adapter_io.save_adapter. Either way
@@ -32,25 +33,31 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def lora_quant_layers(model) -> list[str]:
-    """Names of effopt LoRA-over-packed layers (LoraQuantLinear) in `model`."""
-    from effopt.nn.adapters import LoraQuantLinear
+def lora_layers(model) -> list[str]:
+    """Names of effopt LoRA-over-quantized layers (LoraQuantLinear, LoraBnb4bitLinear) in `model`."""
+    from effopt.nn.adapters import LORA_TYPES
 
-    return [n for n, m in model.named_modules() if isinstance(m, LoraQuantLinear)]
+    return [n for n, m in model.named_modules() if isinstance(m, LORA_TYPES)]
+
+
+def _base_type(layer) -> type:
+    """The effopt module type a LoRA layer is built on (QuantLinear, Bnb4bitLinear)."""
+    from effopt.nn import MODULE_TYPES
+
+    return next(c for c in type(layer).__mro__[1:] if MODULE_TYPES.get(c.__name__) is c)
 
 
 def without_lora(model):
-    """A copy of `model` where every LoraQuantLinear is its packed QuantLinear base again."""
+    """A copy of `model` where every effopt LoRA layer is its quantized base layer again."""
     from effopt.nn import set_submodule
-    from effopt.nn.quant_linear import QuantLinear
 
     base = copy.deepcopy(model)
-    for name in lora_quant_layers(base):
+    for name in lora_layers(base):
         layer = base.get_submodule(name)
         spec = {k: v for k, v in layer.spec().items() if k not in ("r", "alpha")}
-        plain = QuantLinear.from_spec(spec).to(layer.qweight.device)
+        plain = _base_type(layer).from_spec(spec)
         plain.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("lora_")})
-        set_submodule(base, name, plain)
+        set_submodule(base, name, plain.to(next(layer.buffers(), next(layer.parameters())).device))
     return base
 
 
@@ -74,7 +81,7 @@ def _split(model, adapter: Path):
     if is_peft_model(model):
         model.save_pretrained(str(adapter))
         return copy.deepcopy(model).unload(), _peft_summary(model)
-    names = lora_quant_layers(model)
+    names = lora_layers(model)
     if not names:
         raise ValueError("format: peft needs a model carrying adapters: a PeftModel, or LoRA kept over packed "
                          "layers (finetune lora/qlora over a quantized base; over dense bases the update is merged "
@@ -83,8 +90,8 @@ def _split(model, adapter: Path):
 
     save_adapter(model, adapter)
     ranks = sorted({model.get_submodule(n).r for n in names})
-    return without_lora(model), {"default": {"peft_type": "LORA", "r": ranks, "target_modules": names,
-                                             "over": "effopt packed QuantLinear"}}
+    over = sorted({_base_type(model.get_submodule(n)).__name__ for n in names})
+    return without_lora(model), {"default": {"peft_type": "LORA", "r": ranks, "target_modules": names, "over": over}}
 
 
 def export_peft(model, tokenizer, out: Path, manifest: dict, packed: bool = False) -> dict:

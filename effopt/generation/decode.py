@@ -31,6 +31,8 @@ class Generation:
         steps: decode steps (forward passes after prefill).
         kv_cache_bytes: bytes the cache needs for the final sequences (all rows, all layers).
         cache: cache kind used.
+        capture_s: seconds spent capturing the CUDA graph (between the first token and decoding).
+        batch_sizes: rows alive at each decode step.
     """
 
     tokens: list[list[int]]
@@ -41,6 +43,7 @@ class Generation:
     steps: int = 0
     kv_cache_bytes: int = 0
     cache: str = "bf16"
+    capture_s: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
 
     @property
@@ -113,7 +116,6 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int | list[int], s
 
         def make_step(batch: int):
             return GraphStep(decoder, kv, batch, 1, max_len - 1, compile_step)
-    step = make_step(len(prompts)) if make_step else None  # captured before the clock starts
 
     sync(dev)
     t0 = time.perf_counter()
@@ -124,8 +126,15 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int | list[int], s
     for b, tok in enumerate(cur.tolist()):
         out.tokens[b].append(tok)
     out.ttft_s = time.perf_counter() - t0
+    # Captured after prefill, so no later eager call (of another shape) can reallocate a buffer
+    # the graph points into; the capture's own time is reported apart, not as decode time.
+    step = make_step(len(prompts)) if make_step else None
+    sync(dev)
+    t1 = time.perf_counter()
+    out.capture_s = t1 - t0 - out.ttft_s
     _decode_loop(decoder, kv, prompts, budgets, cur, out, sampling, gen, eos_token_id, step, make_step)
-    out.decode_s = time.perf_counter() - t0 - out.ttft_s
+    sync(dev)
+    out.decode_s = time.perf_counter() - t1
     per_token = kv.bytes_per_token() if hasattr(kv, "bytes_per_token") else None
     held = [len(p) + len(t) - 1 for p, t in zip(prompts, out.tokens)]
     out.kv_cache_bytes = int(per_token * sum(held)) if per_token is not None else kv.nbytes()

@@ -41,6 +41,7 @@ def backend_for(opts_backend: str, cuda: bool) -> str:
 
 
 def _save_payload(folder: Path, job: str, cfg, model, teacher, batches: dict, env: TrainEnv) -> None:
+    from effopt import log
     from effopt.models import save_checkpoint
 
     save_checkpoint(model, None, folder / "model", {})
@@ -51,18 +52,23 @@ def _save_payload(folder: Path, job: str, cfg, model, teacher, batches: dict, en
     meta = {"job": job, "config_type": f"{type(cfg).__module__}:{type(cfg).__qualname__}",
             "config": cfg.model_dump(mode="json"), "dtype": dtype, "seed": env.seed,
             "state_dir": str(env.state_dir) if env.state_dir else None,
-            "artifact_dir": str(env.artifact_dir) if env.artifact_dir else None}
+            "artifact_dir": str(env.artifact_dir) if env.artifact_dir else None,
+            "log_file": str(log._log_file) if log._log_file else None, "quiet": log._quiet}
     (folder / JOB_FILE).write_text(json.dumps(meta))
 
 
 def worker(folder: str) -> dict:
     """Entry point of one worker process (RANK, WORLD_SIZE, LOCAL_RANK come from the agent)."""
+    from effopt import log
     from effopt.models import load_checkpoint, save_checkpoint
 
     folder_path = Path(folder)
     meta = json.loads((folder_path / JOB_FILE).read_text())
     cfg = resolve(meta["config_type"]).model_validate(meta["config"])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    log.set_quiet(meta["quiet"] or rank != 0)  # rank 0 logs for everyone, into the run's log.txt too
+    if rank == 0 and meta["log_file"]:
+        log.set_log_file(Path(meta["log_file"]))
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if cuda else torch.device("cpu")
     if cuda:
@@ -103,6 +109,11 @@ def launch(job: str, cfg, model, teacher, batches: dict, env: TrainEnv, scratch:
     try:
         dtype = next(model.parameters()).dtype
         _save_payload(folder, job, cfg, model, teacher, batches, env)
+        for held in (model, teacher):  # the workers hold the copies now: free this process's device memory
+            if held is not None:
+                held.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex[:12],
                               rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                               monitor_interval=0.5, start_method="spawn")

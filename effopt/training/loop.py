@@ -77,6 +77,28 @@ def _wrap(task: torch.nn.Module, opts, env: TrainEnv) -> torch.nn.Module:
     return DistributedDataParallel(task, device_ids=ids)
 
 
+def unshard_fsdp(module: torch.nn.Module) -> None:
+    """Undo FSDP2's `fully_shard` in place after training: every sharded parameter becomes a plain
+    full tensor again (all-gathered with DTensor.full_tensor, a collective every rank calls in the
+    same module order), FSDP's forward hooks are removed and each module gets its original class
+    back, so finalizing and saving see an ordinary model."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if isinstance(param, DTensor):
+                full = param.full_tensor().detach().clone()
+                sub._parameters[name] = torch.nn.Parameter(full, requires_grad=param.requires_grad)
+    for sub in list(module.modules()):
+        if isinstance(sub, FSDPModule):
+            state = sub._get_fsdp_state()
+            for handle in ("_pre_forward_hook_handle", "_post_forward_hook_handle"):
+                if getattr(state, handle, None) is not None:
+                    getattr(state, handle).remove()
+            sub.__class__ = type(sub).__mro__[FSDPModule._orig_cls_mro_index]
+
+
 def _mean_over_ranks(value: torch.Tensor, env: TrainEnv) -> float:
     if env.world > 1:
         value = value.clone()
@@ -161,6 +183,7 @@ def train(task: torch.nn.Module, batches: dict, opts, env: TrainEnv | None = Non
             start, losses = resumed
             if env.is_main:
                 log.info(f"resuming training at step {start}/{opts.steps} from {env.state_dir}")
+    after = getattr(task, "after_step", None)  # e.g. keep pruned weights at zero
     t0 = time.perf_counter()
     for step in range(start, opts.steps):
         chunks = batch_rows(batches, step, opts, env)
@@ -171,7 +194,6 @@ def train(task: torch.nn.Module, batches: dict, opts, env: TrainEnv | None = Non
         skipped += int(skip)
         if not skip:
             scheduler.step()
-        after = getattr(task, "after_step", None)
         if after is not None:
             after()
         losses.append(_mean_over_ranks(loss, env))
@@ -185,6 +207,10 @@ def train(task: torch.nn.Module, batches: dict, opts, env: TrainEnv | None = Non
         if stop_after is not None and done >= stop_after and done < opts.steps:
             raise KeyboardInterrupt(f"stopped after step {done} (stop_after)")
     seconds = time.perf_counter() - t0
+    if sharded:
+        unshard_fsdp(task)
+        if after is not None:
+            after()
     task.eval()
     tokens = (opts.steps - start) * opts.batch_size * first.shape[1]
     return _metrics(losses, opts, skipped, trainable, seconds, tokens, env=env)

@@ -6,12 +6,18 @@ import torch
 
 
 def enforce_masks(model: torch.nn.Module) -> None:
-    """Zero every pruned weight of every MaskedLinear again (an optimizer step must not regrow it)."""
+    """Zero every pruned weight of every MaskedLinear again (an optimizer step must not regrow it).
+
+    Weights sharded by FSDP are skipped (their masked entries get zero gradients, which leave them
+    at zero under every gradient optimizer); the loop enforces again once they are gathered."""
+    from torch.distributed.tensor import DTensor
+
     from effopt.nn.masked_linear import MaskedLinear
 
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, MaskedLinear) and module.weight.requires_grad:
+            if isinstance(module, MaskedLinear) and module.weight.requires_grad \
+                    and not isinstance(module.weight, DTensor):
                 module.weight.mul_(module.weight_mask.to(module.weight.dtype))
 
 

@@ -155,7 +155,7 @@ def test_lora_over_packed_layers_is_merged_into_float_layers(tmp_path, tokenizer
     model = rtn(llama(), 4, 32, True)
     name = "model.layers.0.self_attn.q_proj"
     base = model.get_submodule(name)
-    lora = LoraQuantLinear.from_quant(base, torch.randn(4, base.in_features) * 0.1,
+    lora = LoraQuantLinear.from_base(base, torch.randn(4, base.in_features) * 0.1,
                                       torch.randn(base.out_features, 4) * 0.1, alpha=8.0)
     set_submodule(model, name, lora)
     export_compressed_tensors(model, tokenizer, tmp_path / "ct", {})

@@ -1,4 +1,5 @@
-"""Two processes (torchrun's agent, gloo on CPU, DDP) compute what one process computes.
+"""Two processes (torchrun's agent, gloo on CPU; DDP, or FSDP2 sharding) compute what one process
+computes, while also writing mid-stage training checkpoints.
 
 Tolerance: parameters agree within 2e-5 absolute after 3 AdamW steps at lr 1e-3 (each step moves a
 weight by up to ~1e-3): gradients are averaged in another order, nothing else differs.
@@ -16,20 +17,23 @@ from tests.conftest import tiny_llama
 TOL = 2e-5
 
 
-@pytest.mark.parametrize("stage,method,job", [
-    ("finetune", "full", "effopt.stages.finetune:finetune_job"),
-    pytest.param("distill", "features", "effopt.stages.distill:distill_job", marks=pytest.mark.slow),
+@pytest.mark.parametrize("stage,method,job,strategy", [
+    ("finetune", "full", "effopt.stages.finetune:finetune_job", "ddp"),
+    pytest.param("finetune", "lora", "effopt.stages.finetune:finetune_job", "fsdp", marks=pytest.mark.slow),
+    pytest.param("distill", "features", "effopt.stages.distill:distill_job", "ddp", marks=pytest.mark.slow),
 ])
-def test_two_gloo_processes_match_one(stage, method, job):
+def test_two_gloo_processes_match_one(tmp_path, stage, method, job, strategy):
     from effopt.registry import spec_of
 
     cls = next(c for c in spec_of(stage).configs if c.model_fields["method"].default == method)
     batches = {"input_ids": torch.randint(3, 259, (12, 32), generator=torch.Generator().manual_seed(0))}
     states, runs = [], []
     for nproc in (1, 2):
-        cfg = cls(steps=3, batch_size=4, seq_len=32, lr=1e-3, distributed={"nproc": nproc})
+        cfg = cls(steps=3, batch_size=4, seq_len=32, lr=1e-3, checkpoint_every=2,
+                  distributed={"nproc": nproc, "strategy": strategy if nproc > 1 else "ddp"})
         teacher = tiny_llama(seed=7) if stage == "distill" else None
-        model, metrics = run_job(job, cfg, tiny_llama(), teacher, batches, TrainEnv(seed=0))
+        model, metrics = run_job(job, cfg, tiny_llama(), teacher, batches,
+                                 TrainEnv(seed=0, state_dir=tmp_path / f"state{nproc}"))
         states.append(model.state_dict())
         runs.append(metrics)
     assert runs[1]["processes"] == 2 and runs[0]["processes"] == 1
