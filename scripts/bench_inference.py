@@ -192,17 +192,25 @@ def _spec(run: dict) -> dict:
 
 
 def run_builtin(args) -> list[dict]:
-    """run_bench on the builtin model, then speculative decoding with in-process compressed drafts."""
-    from effopt.bench import load, make_prompts, run_bench
+    """run_bench on the builtin model (int8 and int4 KV, a batch of 4), then speculative decoding
+    with compressed drafts built in-process; rows are saved after each step."""
+    from effopt.bench import load, make_prompts, run_bench, to_markdown
 
     torch.set_num_threads(args.threads)
     model, tokenizer, _ = load(args.source)
     rows = []
-    for kv in ("int8", "int4"):
-        res = run_bench(args.source, gen_len=args.gen_len, prompt_len=args.prompt_len, kv_cache=kv,
-                        ppl_tokens=args.ppl_tokens, models={"source": model, "tokenizer": tokenizer})
-        rows.append({"name": f"run_bench kv {kv}", "result": res})
-        print(json.dumps(rows[-1], default=str), flush=True)
+
+    def save(row):
+        rows.append(row)
+        print(row.get("markdown") or json.dumps(row, default=str), flush=True)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "inference_builtin.json").write_text(json.dumps(rows, indent=1, default=str))
+
+    common = dict(models={"source": model, "tokenizer": tokenizer}, gen_len=args.gen_len, prompt_len=args.prompt_len)
+    for kv, batch, ppl in (("int8", 1, args.ppl_tokens), ("int4", 1, args.ppl_tokens), ("bf16", 4, 0)):
+        res = run_bench(args.source, kv_cache=kv, batch=batch, ppl_tokens=ppl, **common)
+        save({"name": f"run_bench kv {kv} batch {batch}", "result": res, "markdown": to_markdown(res)})
     prompts = make_prompts(tokenizer, model.config.vocab_size, 1, args.prompt_len, 0)
     plain = effopt_run(model, prompts, args.gen_len, "bf16")
     for label, draft in _cpu_drafts(model):
@@ -213,8 +221,7 @@ def run_builtin(args) -> list[dict]:
                    "speedup": run["decode_tokens_per_s"] / plain["decode_tokens_per_s"],
                    "identical": run["tokens"][0] == plain["tokens"][0]}
             row.pop("tokens")
-            rows.append(row)
-            print(json.dumps(row, default=str), flush=True)
+            save(row)
     return rows
 
 

@@ -48,7 +48,8 @@ class ActQuantLinear(QuantLinear):
         super().__init__(in_features, out_features, 8, -1, bias, True, dtype, method)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, method: str = "smoothquant") -> "ActQuantLinear":
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None,
+                    method: str = "smoothquant") -> "ActQuantLinear":
         """Quantize a float weight [N, K] per output channel: scale = max|w_row| / 127."""
         n, k = weight.shape
         w = weight.detach().float()

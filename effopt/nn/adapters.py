@@ -55,6 +55,15 @@ class LoraBranch:
             layer.lora_B.copy_(lora_B)
         return layer.to(lora_A.device)
 
+    def to_base(self) -> torch.nn.Module:
+        """The quantized base layer alone (sharing this layer's tensors): what an export writes beside
+        the adapter folder."""
+        base_cls = next(c for c in type(self).__mro__[1:] if c is not LoraBranch and c.__name__ in MODULE_TYPES)
+        spec = {k: v for k, v in self.spec().items() if k not in ("r", "alpha")}
+        base = base_cls.from_spec(spec)
+        self._give_base(base)
+        return base.to(self.lora_A.device)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r={self.r}, alpha={self.alpha:g}"
 
@@ -73,6 +82,11 @@ class LoraQuantLinear(LoraBranch, QuantLinear):
         self.qweight, self.scales, self.zeros = base.qweight, base.scales, base.zeros
         if base.bias is not None:
             self.bias = base.bias
+
+    def _give_base(self, base: QuantLinear) -> None:
+        base.qweight, base.scales, base.zeros = self.qweight, self.scales, self.zeros
+        if self.bias is not None:
+            base.bias = self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return QuantLinear.forward(self, x) + self.lora_term(x)
@@ -108,6 +122,11 @@ class LoraBnb4bitLinear(LoraBranch, Bnb4bitLinear):
         self.weight = base.weight
         if base.bias is not None:
             self.bias = base.bias
+
+    def _give_base(self, base: Bnb4bitLinear) -> None:
+        base.weight = self.weight
+        if self.bias is not None:
+            base.bias = self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return Bnb4bitLinear.forward(self, x) + self.lora_term(x)

@@ -93,7 +93,8 @@ class BnbConfig(TargetedStageConfig):
 
     stage: Literal["quantize"] = "quantize"
     method: Literal["bnb"] = "bnb"
-    quant_type: Literal["nf4", "fp4", "int8"] = Field("nf4", description="4-bit NormalFloat, 4-bit float, or LLM.int8().")
+    quant_type: Literal["nf4", "fp4", "int8"] = Field("nf4", description="4-bit NormalFloat, 4-bit float, or "
+                                                                         "LLM.int8().")
     double_quant: bool = Field(False, description="4-bit: quantize the absmax statistics too.")
     blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(64, description="4-bit: weights per absmax.")
     threshold: float = Field(6.0, ge=0, description="int8: activation magnitude above which a column is an outlier.")

@@ -157,28 +157,12 @@ def train(task: torch.nn.Module, batches: dict, opts, env: TrainEnv | None = Non
         metrics: first/last losses, steps, skipped steps, tokens, seconds, trainable parameters.
     """
     env = env or TrainEnv()
-    if opts.batch_size % (env.world * opts.grad_accum):
-        raise ValueError(f"batch_size ({opts.batch_size}) must be a multiple of processes x grad_accum "
-                         f"({env.world} x {opts.grad_accum})")
-    rows_needed = opts.steps * opts.batch_size
-    first = next(iter(batches.values()))
-    if first.shape[0] < rows_needed:
-        raise ValueError(f"training needs {rows_needed} sequences, got {first.shape[0]}")
-    task.to(env.device).train()
-    params = [p for p in task.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
-    sharded = env.world > 1 and opts.distributed.strategy == "fsdp"
-    if sharded and opts.optimizer == "mezo":
-        raise ValueError("mezo needs no sharding (it keeps no gradients or states); use strategy: ddp")
-    wrapped = _wrap(task, opts, env)
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, opts)
-    scheduler = build_scheduler(optimizer, opts)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=opts.precision == "fp16")
+    _check_batches(batches, opts, env)
+    run = _setup(task, opts, env)
     start, losses, skipped = 0, [], 0
     if env.state_dir is not None:
-        resumed = train_state.load_state(env.state_dir, task, wrapped, optimizer, scheduler, scaler, digest,
-                                         env.rank, sharded)
+        resumed = train_state.load_state(env.state_dir, task, run.wrapped, run.optimizer, run.scheduler, run.scaler,
+                                         digest, env.rank, run.sharded)
         if resumed is not None:
             start, losses = resumed
             if env.is_main:
@@ -186,34 +170,76 @@ def train(task: torch.nn.Module, batches: dict, opts, env: TrainEnv | None = Non
     after = getattr(task, "after_step", None)  # e.g. keep pruned weights at zero
     t0 = time.perf_counter()
     for step in range(start, opts.steps):
-        chunks = batch_rows(batches, step, opts, env)
-        if opts.optimizer == "mezo":
-            loss, skip = _mezo_step(wrapped, chunks, opts, env, optimizer), False
-        else:
-            loss, skip = _grad_step(wrapped, chunks, opts, env, optimizer, scaler, params)
+        loss, skip = run.step(batch_rows(batches, step, opts, env))
         skipped += int(skip)
-        if not skip:
-            scheduler.step()
         if after is not None:
             after()
         losses.append(_mean_over_ranks(loss, env))
-        if env.is_main and ((step + 1) % opts.log_every == 0 or step + 1 == opts.steps):
-            log.info(f"    step {step + 1}/{opts.steps}  loss {losses[-1]:.4f}  lr {scheduler.get_last_lr()[0]:.3g}")
         done = step + 1
+        if env.is_main and (done % opts.log_every == 0 or done == opts.steps):
+            log.info(f"    step {done}/{opts.steps}  loss {losses[-1]:.4f}  lr {run.scheduler.get_last_lr()[0]:.3g}")
         if env.state_dir is not None and opts.checkpoint_every and done % opts.checkpoint_every == 0 \
                 and done < opts.steps:
-            train_state.save_state(env.state_dir, done, task, wrapped, optimizer, scheduler, scaler, losses,
-                                   digest, env.rank, sharded)
-        if stop_after is not None and done >= stop_after and done < opts.steps:
+            train_state.save_state(env.state_dir, done, task, run.wrapped, run.optimizer, run.scheduler, run.scaler,
+                                   losses, digest, env.rank, run.sharded)
+        if stop_after is not None and stop_after <= done < opts.steps:
             raise KeyboardInterrupt(f"stopped after step {done} (stop_after)")
     seconds = time.perf_counter() - t0
-    if sharded:
+    if run.sharded:
         unshard_fsdp(task)
         if after is not None:
             after()
     task.eval()
-    tokens = (opts.steps - start) * opts.batch_size * first.shape[1]
-    return _metrics(losses, opts, skipped, trainable, seconds, tokens, env=env)
+    tokens = (opts.steps - start) * opts.batch_size * next(iter(batches.values())).shape[1]
+    return _metrics(losses, opts, skipped, run.trainable, seconds, tokens, env=env)
+
+
+def _check_batches(batches: dict, opts, env: TrainEnv) -> None:
+    if opts.batch_size % (env.world * opts.grad_accum):
+        raise ValueError(f"batch_size ({opts.batch_size}) must be a multiple of processes x grad_accum "
+                         f"({env.world} x {opts.grad_accum})")
+    rows = next(iter(batches.values())).shape[0]
+    if rows < opts.steps * opts.batch_size:
+        raise ValueError(f"training needs {opts.steps * opts.batch_size} sequences, got {rows}")
+
+
+@dataclass
+class _Run:
+    """The objects one training run steps: wrapped task, optimizer, schedule, loss scaler."""
+
+    wrapped: torch.nn.Module
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    sharded: bool
+    trainable: int
+    opts: object
+    env: TrainEnv
+
+    def step(self, chunks: list[dict]) -> tuple[torch.Tensor, bool]:
+        """One optimizer step on this process's micro-batches; returns (loss, step skipped)."""
+        if self.opts.optimizer == "mezo":
+            loss, skip = _mezo_step(self.wrapped, chunks, self.opts, self.env, self.optimizer), False
+        else:
+            loss, skip = _grad_step(self.wrapped, chunks, self.opts, self.env, self.optimizer, self.scaler,
+                                    self.params)
+        if not skip:  # a step skipped for inf gradients does not advance the schedule
+            self.scheduler.step()
+        return loss, skip
+
+
+def _setup(task: torch.nn.Module, opts, env: TrainEnv) -> _Run:
+    task.to(env.device).train()
+    trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
+    sharded = env.world > 1 and opts.distributed.strategy == "fsdp"
+    if sharded and opts.optimizer == "mezo":
+        raise ValueError("mezo needs no sharding (it keeps no gradients or states); use strategy: ddp")
+    wrapped = _wrap(task, opts, env)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, opts)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=opts.precision == "fp16")
+    return _Run(wrapped, params, optimizer, build_scheduler(optimizer, opts), scaler, sharded, trainable, opts, env)
 
 
 def _metrics(losses, opts, skipped, trainable, seconds, tokens, env) -> dict:

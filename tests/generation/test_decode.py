@@ -42,6 +42,24 @@ def test_decoder_logits_equal_transformers(kv_heads):
     torch.testing.assert_close(torch.cat([got, rest], 1), ref, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("cache", ["bf16", "int8"])
+def test_whole_buffer_step_equals_exact_length_step(cache):
+    """kv_len=None (what a CUDA graph replays: every slot, masked) computes what the exact slice does;
+    the stale slots past the position (here: filled with garbage) are never seen."""
+    model = lively_llama()
+    dec = Decoder(model)
+    ids = prompt(12, 7)
+    outs = []
+    for kv_len in (13, None):
+        kv = dec.new_cache(cache, 1, 40)
+        for t in (kv.k if cache == "bf16" else [e[0] for e in kv.k]):
+            t.random_(0, 100)
+        with torch.inference_mode():
+            dec.forward(torch.tensor([ids]), torch.zeros(1, dtype=torch.long), kv, kv_len=12)
+            outs.append(dec.forward(torch.tensor([[5]]), torch.tensor([12]), kv, kv_len=kv_len))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_greedy_equals_transformers_generate(seed):
     model = lively_llama(seed=seed)

@@ -214,3 +214,30 @@ def test_layerwise_moments_match_a_full_forward(model):
     assert tokens == ids.numel() and set(got) == set(names)
     for name in names:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias,dtype", [(True, torch.float32), (False, torch.bfloat16)])
+def test_lowrank_linear_spec_round_trip_and_dense_form(bias, dtype):
+    a, b = torch.randn(3, 10, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    layer = LowRankLinear.from_factors(a, b, torch.randn(7) if bias else None, dtype, "svd_llm")
+    clone = LowRankLinear.from_spec(layer.spec())
+    clone.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 10, dtype=dtype)
+    torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
+    assert clone.spec() == layer.spec() and clone.spec()["method"] == "svd_llm"
+    assert sum(p.numel() for p in layer.parameters()) == 3 * (10 + 7) + (7 if bias else 0)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(layer.to_dense()(x).float(), layer(x).float(), rtol=tol, atol=tol)
+
+
+def test_model_with_lowrank_layers_survives_a_checkpoint(model, tokenizer, tmp_path):
+    from effopt.models import load_checkpoint, save_checkpoint
+
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    assert compress_svd(model, names, RankRule(ratio=0.5)) == {names[0]: 21, names[1]: 16}
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt", {})
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert all(isinstance(loaded.get_submodule(n), LowRankLinear) for n in names)
+    ids = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-from effopt.methods.quant.awq import (apply_clip, awq_model, block_gram, fold_scales, norm_offset, scale_groups,
-                                      search_clip, search_scale)
+from effopt.methods.quant.awq import awq_model, fold_scales, norm_offset, scale_groups, search_scale
+from effopt.methods.quant.clip import apply_clip, block_gram, search_clip
 from effopt.methods.quant.rtn import dequantize_weight, fake_quantize, quantize_weight
 from tests.conftest import tiny_llama
 

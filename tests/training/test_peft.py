@@ -102,7 +102,12 @@ def test_lora_over_quantized_checkpoints_and_adapter_folder_load_back(tmp_path, 
     add_lora(model, ["model.layers.1.self_attn.q_proj"], r=4)
     train(CausalLMTask(model), BATCHES, OPTS)
     finalize_lora(model)
-    assert type(model.model.layers[1].self_attn.q_proj) is kind
+    layer = model.model.layers[1].self_attn.q_proj
+    assert type(layer) is kind
+    x = torch.randn(3, layer.in_features)
+    base_only = layer.to_base()  # what an export writes beside the adapter folder
+    assert type(base_only) is kind.__mro__[2]
+    torch.testing.assert_close(base_only(x) + layer.lora_term(x), layer(x), atol=1e-6, rtol=1e-6)
     want = logits(model)
     save_checkpoint(model, None, tmp_path / "ckpt", {})
     back, _ = load_checkpoint(tmp_path / "ckpt")

@@ -55,29 +55,27 @@ def install(model: torch.nn.Module, name: str, a: torch.Tensor, b: torch.Tensor,
     set_submodule(model, name, LowRankLinear.from_factors(a, b, old.bias, dtype, method))
 
 
-def _budget_ranks(model, names: list[str], keep: float, spectrum) -> dict[str, int]:
+def _plain_spectrum(weight: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(weight.detach().to(torch.float64))
+
+
+def _budget_ranks(model, names: list[str], keep: float) -> dict[str, int]:
+    """Budget allocation over the plain singular values of the named layers' weights."""
     spectra = {}
     for name in names:
         w = dense_weight(model.get_submodule(name))
-        spectra[name] = rk.LayerSpectrum(w.shape[0], w.shape[1], spectrum(name, w))
+        spectra[name] = rk.LayerSpectrum(w.shape[0], w.shape[1], _plain_spectrum(w))
     return rk.allocate_budget(spectra, keep)
 
 
 @torch.no_grad()
 def compress_svd(model: torch.nn.Module, names: list[str], rule: RankRule) -> dict[str, int]:
     """Truncated SVD of every named layer (Frobenius-optimal, no data)."""
-    ranks = None
-    if rule.param_budget is not None:
-        ranks = _budget_ranks(model, names, rule.param_budget,
-                              lambda _, w: torch.linalg.svdvals(w.detach().to(torch.float64)))
+    ranks = _budget_ranks(model, names, rule.param_budget) if rule.param_budget is not None else None
     done = {}
     for name in log.progress(names, "svd"):
         w = dense_weight(model.get_submodule(name))
         out_f, in_f = w.shape
-        if ranks is None and rule.ratio is not None:
-            rank = rule.layer_rank(out_f, in_f, None)
-            if not rk.saves_parameters(out_f, in_f, rank):
-                continue
         u, s, vh = svd(w)
         rank = ranks[name] if ranks is not None else rule.layer_rank(out_f, in_f, s)
         if rk.saves_parameters(out_f, in_f, rank):
@@ -96,10 +94,7 @@ def compress_nmf(model: torch.nn.Module, names: list[str], rule: RankRule, itera
     """
     for name in names:
         check_nonnegative(dense_weight(model.get_submodule(name)), name)
-    ranks = None
-    if rule.param_budget is not None:
-        ranks = _budget_ranks(model, names, rule.param_budget,
-                              lambda _, w: torch.linalg.svdvals(w.detach().to(torch.float64)))
+    ranks = _budget_ranks(model, names, rule.param_budget) if rule.param_budget is not None else None
     done = {}
     for i, name in enumerate(log.progress(names, "nmf")):
         w = dense_weight(model.get_submodule(name))
@@ -107,12 +102,32 @@ def compress_nmf(model: torch.nn.Module, names: list[str], rule: RankRule, itera
         if ranks is not None:
             rank = ranks[name]
         else:
-            sv = None if rule.ratio is not None else torch.linalg.svdvals(w.detach().to(torch.float64))
-            rank = rule.layer_rank(out_f, in_f, sv)
+            rank = rule.layer_rank(out_f, in_f, None if rule.ratio is not None else _plain_spectrum(w))
         if rk.saves_parameters(out_f, in_f, rank):
             install(model, name, *nmf_factors(w, rank, iterations, seed + i, name), "nmf")
             done[name] = rank
     return done
+
+
+def _whitened_spectra(model, names: list[str], samples: torch.Tensor, damping: float, keep_moments: bool,
+                      batch_size: int) -> tuple[dict[str, rk.LayerSpectrum], dict[str, torch.Tensor]]:
+    """One calibration pass over the unchanged model: each layer's whitened singular values (and,
+    when asked, its X X^T, so the layers can be factored without a second pass)."""
+    spectra: dict[str, rk.LayerSpectrum] = {}
+    moments_kept: dict[str, torch.Tensor] = {}
+
+    def record(_, moments: dict[str, torch.Tensor]) -> bool:
+        factors = _factors(moments, damping)
+        for name, cov in moments.items():
+            w = dense_weight(model.get_submodule(name))
+            sv = torch.linalg.svdvals(w.detach().to(torch.float64) @ factors[id(cov)])
+            spectra[name] = rk.LayerSpectrum(w.shape[0], w.shape[1], sv)
+            if keep_moments:
+                moments_kept[name] = cov
+        return False
+
+    sequential_moments(model, samples, names, record, batch_size)
+    return spectra, moments_kept
 
 
 @torch.no_grad()
@@ -122,29 +137,16 @@ def compress_svd_llm(model: torch.nn.Module, names: list[str], samples: torch.Te
 
     With `sequential`, each decoder layer is calibrated on the outputs of the already compressed
     layers before it; otherwise every layer sees the original model's activations. A global
-    `param_budget` first needs every layer's whitened spectrum: one extra calibration pass on the
-    original model allocates the ranks, then the layers are factored.
+    `param_budget` first needs every layer's whitened spectrum: one calibration pass on the
+    original model allocates the ranks (and, when not sequential, its sums are used to factor).
 
     Args:
         samples: calibration token ids [n, seq_len].
         damping: relative diagonal shift for X X^T when its Cholesky factorization fails.
     """
-    ranks: dict[str, int] | None = None
-    kept_moments: dict[str, torch.Tensor] = {}
+    ranks, kept = None, {}
     if rule.param_budget is not None:
-        spectra: dict[str, rk.LayerSpectrum] = {}
-
-        def record(_, moments: dict[str, torch.Tensor]) -> bool:
-            factors = _factors(moments, damping)
-            for name, cov in moments.items():
-                w = dense_weight(model.get_submodule(name))
-                sv = torch.linalg.svdvals(w.detach().to(torch.float64) @ factors[id(cov)])
-                spectra[name] = rk.LayerSpectrum(w.shape[0], w.shape[1], sv)
-                if not sequential:
-                    kept_moments[name] = cov
-            return False
-
-        sequential_moments(model, samples, names, record, batch_size)
+        spectra, kept = _whitened_spectra(model, names, samples, damping, not sequential, batch_size)
         ranks = rk.allocate_budget(spectra, rule.param_budget)
     done: dict[str, int] = {}
 
@@ -159,8 +161,8 @@ def compress_svd_llm(model: torch.nn.Module, names: list[str], samples: torch.Te
                 done[name] = rank
         return sequential and len(done) > before
 
-    if kept_moments:
-        compress(None, kept_moments)
+    if kept:
+        compress(None, kept)
     else:
         sequential_moments(model, samples, names, compress, batch_size)
     return done

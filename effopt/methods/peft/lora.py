@@ -15,6 +15,7 @@ merged (a dense layer computing the same function).
 from __future__ import annotations
 
 import fnmatch
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +108,9 @@ def add_lora(model: torch.nn.Module, names: list[str], r: int = 8, alpha: float 
         raise ValueError("LoRA: no target layer matched")
     for p in model.parameters():
         p.requires_grad_(False)
-    inject_adapter_in_model(lora_config(names, r, alpha, dropout, init), model)
+    with warnings.catch_warnings():  # peft cannot tell QuantLinear's shapes are in_/out_features: they are
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        inject_adapter_in_model(lora_config(names, r, alpha, dropout, init), model)
     return model
 
 
