@@ -41,8 +41,8 @@ class ExportConfig(StageConfig):
 
     @model_validator(mode="after")
     def _options_fit_format(self) -> "ExportConfig":
-        for option, formats in FORMAT_OPTIONS.items():
-            if option in self.model_fields_set and self.format not in formats:
+        for option, formats in FORMAT_OPTIONS.items():  # defaults pass: resolved recipes spell every field
+            if getattr(self, option) != type(self).model_fields[option].default and self.format not in formats:
                 raise ValueError(f"{option} applies to format {' or '.join(formats)}, not {self.format!r}")
         return self
 

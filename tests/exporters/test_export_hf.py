@@ -73,3 +73,14 @@ def test_export_stage_accepts_each_format(stage, tiny_model_dir):
 
     recipe = parse_recipe({"name": "x", "stages": [{"stage": "load", "source": str(tiny_model_dir)}, stage]})
     assert recipe.stages[1].format == stage.get("format", "hf")
+
+
+def test_resolved_recipe_with_every_export_option_spelled_out_reloads(tmp_path, tiny_model_dir):
+    """run directories store the recipe with defaults filled in; it must validate again."""
+    from effopt.recipe import dump_recipe, load_recipe, parse_recipe
+
+    recipe = parse_recipe({"name": "x", "stages": [{"stage": "load", "source": str(tiny_model_dir)},
+                                                   {"stage": "export", "format": "gguf", "gguf_type": "Q4_0"},
+                                                   {"stage": "export", "format": "compressed-tensors"}]})
+    (tmp_path / "recipe.yaml").write_text(dump_recipe(recipe))
+    assert load_recipe(tmp_path / "recipe.yaml").stages[1].gguf_type == "Q4_0"

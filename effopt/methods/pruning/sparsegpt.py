@@ -5,8 +5,12 @@ visited left to right. Pruning weight w_rc costs w_rc^2 / [H^-1]_cc (the OBS sal
 inverse Hessian of the columns not yet fixed), and its error is compensated by updating the not
 yet visited weights of the same row along row c of the Cholesky factor of H^-1. Updates are applied
 lazily in blocks of `block_size` columns. The mask is adaptive: for unstructured sparsity it is
-chosen per block of `mask_block` columns from the saliencies of the already-updated weights; for
-N:M it is chosen per group of M columns when the loop reaches the group.
+chosen per block of `block_size` columns (over all rows of the block) from the saliencies of the
+already-updated weights; for N:M it is chosen per group of M columns of each row when the loop
+reaches the group. H is dampened by `damp` times its mean diagonal.
+
+`sparsegpt_sequential` runs it over a model layer by layer; each linear's Hessian is taken from
+inputs that already went through the pruned and updated linears before it.
 """
 
 from __future__ import annotations
