@@ -228,8 +228,8 @@ def run_bench(source: str, baseline: str | None = None, prompt_len: int = 128, g
     return _strip(result)
 
 
-def bench_metrics(model, tokenizer, prompt_len: int = 128, gen_len: int = 64, batch: int = 1, runtime: dict | None = None,
-                  seed: int = 0) -> dict:
+def bench_metrics(model, tokenizer, prompt_len: int = 128, gen_len: int = 64, batch: int = 1,
+                  runtime: dict | None = None, seed: int = 0) -> dict:
     """The bench as flat eval metrics: effopt's decode path (KV cache per `runtime`) against plain
     transformers `generate` on the same model and prompts (the eval stage's `bench` metric set)."""
     from effopt.generation.decode import default_cache_kind
@@ -283,8 +283,9 @@ def to_markdown(result: dict) -> str:
               "| KV cache bytes | same tokens as baseline |", "|" + "---|" * 10]
     for r in result["runs"]:
         lines.append(f"| {r['name']} | {r['model']} | {_fmt(r['prefill_s'])} | {_fmt(r['ttft_s'])} | "
-                     f"{_fmt(r['decode_tokens_per_s'])} | {_fmt(r['decode_speedup'])} | {_fmt(r['peak_host_mb'], 4)} | "
-                     f"{_fmt(r['peak_gpu_mb'], 4)} | {_fmt(r['kv_cache_bytes'])} | {_fmt(r['same_tokens_as_baseline'])} |")
+                     f"{_fmt(r['decode_tokens_per_s'])} | {_fmt(r['decode_speedup'])} | "
+                     f"{_fmt(r['peak_host_mb'], 4)} | {_fmt(r['peak_gpu_mb'], 4)} | {_fmt(r['kv_cache_bytes'])} | "
+                     f"{_fmt(r['same_tokens_as_baseline'])} |")
     sp = result.get("speculative")
     if sp:
         lines += ["", f"Speculative decoding: target {sp['target']}, draft `{sp['draft']}`, k = {sp['k']}, "

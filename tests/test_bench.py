@@ -49,8 +49,8 @@ def test_run_bench_reports_every_field(batch, kv, draft):
     models = {"source": target, "tokenizer": tiny_tokenizer()}
     if draft:
         models["draft"] = tiny_llama(seed=3, layers=1)
-    result = run_bench("tiny", prompt_len=12, gen_len=6, batch=batch, kv_cache=kv, draft="tiny-draft" if draft else None,
-                       ppl_tokens=300, models=models)
+    result = run_bench("tiny", prompt_len=12, gen_len=6, batch=batch, kv_cache=kv,
+                       draft="tiny-draft" if draft else None, ppl_tokens=300, models=models)
     _check_fields(result, kv != "bf16", draft)
     assert result["settings"]["prompt_lens"] == [12 - i * (12 // (2 * batch)) for i in range(batch)]
     float_row = next(r for r in result["runs"] if r["name"] == "effopt decode, float KV")

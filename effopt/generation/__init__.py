@@ -7,5 +7,6 @@ batching where finished sequences leave the batch, and speculative decoding.
 from effopt.generation.decode import Generation, generate
 from effopt.generation.decoder import Decoder, unsupported_reason
 from effopt.generation.sampling import Sampling
+from effopt.generation.speculative import SpecResult, speculative_generate
 
-__all__ = ["Decoder", "Generation", "Sampling", "generate", "unsupported_reason"]
+__all__ = ["Decoder", "Generation", "Sampling", "SpecResult", "generate", "speculative_generate", "unsupported_reason"]

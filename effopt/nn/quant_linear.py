@@ -84,7 +84,8 @@ class QuantLinear(torch.nn.Module):
         return self._kernel_weight[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.bits in (2, 4, 8):
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.bits in (2, 4, 8) \
+                and not (torch.is_grad_enabled() and x.requires_grad):  # the kernel has no backward
             from kernels import qmatmul
 
             bias = None if self.bias is None else self.bias.to(x.dtype)

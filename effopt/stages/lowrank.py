@@ -50,7 +50,8 @@ class SvdConfig(LowRankBase):
 
 
 class SvdLlmConfig(LowRankBase):
-    """SVD-LLM (Wang et al. 2024): SVD of W S, S the Cholesky factor of the calibration X X^T."""
+    """SVD-LLM's truncation-aware whitening (Wang et al., arXiv:2403.07378): SVD of W S, S the Cholesky
+    factor of the calibration X X^T, truncated and mapped back with S^-1 (no LoRA update)."""
 
     method: Literal["svd_llm"] = "svd_llm"
     data: str = Field("calibration", description="Data source of the calibration windows.")

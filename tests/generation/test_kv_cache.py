@@ -60,7 +60,8 @@ def test_quantized_cache_logits_close_to_float_cache(kind, tol):
     ids = torch.randint(3, 259, (24,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.inference_mode():
         ref = model(torch.tensor([ids])).logits[0]
-        got = dec.forward(torch.tensor([ids]), torch.zeros(1, dtype=torch.long), dec.new_cache(kind, 1, 32), kv_len=24)[0]
+        cache = dec.new_cache(kind, 1, 32)
+        got = dec.forward(torch.tensor([ids]), torch.zeros(1, dtype=torch.long), cache, kv_len=24)[0]
     err = (got - ref).abs().max().item()
     assert 0 < err < tol
 
