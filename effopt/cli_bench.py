@@ -30,6 +30,8 @@ def bench(
     ppl_tokens: int = typer.Option(2048, "--ppl-tokens", min=0, help="Persuasion tokens for the quantized KV "
                                                                      "cache's perplexity cost (0 = skip)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: torch's; "
+                                                                        "1 is fastest on a busy 2-core machine)."),
     as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON on stdout."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Also write the JSON result to this file."),
 ) -> None:
@@ -44,6 +46,11 @@ def bench(
     if draft is not None and batch != 1:
         _fail("--draft: speculative decoding is measured at --batch 1", EXIT_INPUT)
     from effopt.bench import run_bench, to_markdown
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
     try:
         result = run_bench(source, baseline, prompt_len, gen_len, batch, kv_cache, draft, k, temperature, seed,

@@ -68,7 +68,7 @@ def test_prompts_are_seeded_and_of_different_lengths():
 def test_cli_bench_json(tiny_model_dir, tmp_path):
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(app, ["bench", str(tiny_model_dir), "--prompt-len", "10", "--gen-len", "4",
-                                   "--kv-cache", "int4", "--draft", "source", "--ppl-tokens", "0", "--json",
+                                   "--kv-cache", "int4", "--draft", "source", "--ppl-tokens", "0", "--json", "--threads", "1",
                                    "-o", str(out)])
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())

@@ -1,9 +1,11 @@
 """format: gguf: one .gguf file for llama.cpp (and transformers' GGUF reader), written with `gguf`.
 
 Llama-architecture models only (SmolLM2 and the tests' tiny Llama). Norms stay F32; every 2-D
-weight is stored as `gguf_type` (F16, Q8_0, Q4_0, Q4_1 or Q4_K). A tensor whose rows do not fit the
-type's block (32, or 256 for Q4_K) falls back to Q4_0 for Q4_K, else to F16; the manifest lists
-each tensor's type. Two facts of the format matter here:
+weight is stored as `gguf_type` (F16, Q8_0, Q4_0, Q4_1 or Q4_K), except that 4-bit files keep the
+output projection (lm_head, or the embedding tied to it) at Q8_0, as llama.cpp's quantizer keeps it
+above the file's type. A tensor whose rows do not fit the type's block (32, or 256 for Q4_K) falls
+back to Q4_0 for Q4_K, else to F16; the manifest lists each tensor's type. Two facts of the format
+matter here:
 - llama.cpp applies rotary embeddings to adjacent pairs, transformers' Llama to the two halves of
   each head, so q_proj and k_proj rows are permuted per head (transformers' reader undoes it).
 - An effopt QuantLinear whose layout *is* the requested block (4-bit symmetric, group 32 -> Q4_0;
@@ -27,6 +29,9 @@ GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K")
 BLOCK = {"F32": 1, "F16": 1, "Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 256}
 FALLBACK = {"Q4_K": "Q4_0"}
 FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K": 15}  # llama.cpp's LlamaFileType
+# The output projection (lm_head, or the embedding when tied to it) is the most sensitive matrix:
+# like llama.cpp's own quantizer (which uses Q6_K there), 4-bit files keep it at 8 bits.
+OUTPUT_TYPE = {"Q4_0": "Q8_0", "Q4_1": "Q8_0", "Q4_K": "Q8_0"}
 # (bits, symmetric) of an effopt QuantLinear (group 32) that a GGUF type stores exactly.
 TRANSFERABLE = {"Q4_0": (4, True), "Q4_1": (4, False), "Q8_0": (8, True)}
 
@@ -177,9 +182,12 @@ def model_tensors(model, gguf_type: str):
             yield _gguf_name(name, name_map), raw, gguf_type, "transferred"
             continue
         w = tensor if perm is None else tensor[perm]
-        kind = "F32" if w.ndim == 1 else gguf_type
+        output = name == "lm_head.weight" or (tied and name.endswith("embed_tokens.weight"))
+        kind = "F32" if w.ndim == 1 else OUTPUT_TYPE.get(gguf_type, gguf_type) if output else gguf_type
         array, used = _quantize(w, kind)
-        yield _gguf_name(name, name_map), array, used, "quantized" if used not in ("F32", "F16") else "float"
+        how = "output layer, kept at higher precision" if kind != gguf_type and w.ndim > 1 else \
+            "quantized" if used not in ("F32", "F16") else "float"
+        yield _gguf_name(name, name_map), array, used, how
 
 
 def export_gguf(model, tokenizer, out: Path, manifest: dict, gguf_type: str = "Q8_0",

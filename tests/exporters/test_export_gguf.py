@@ -50,6 +50,8 @@ def test_transformers_reads_gguf_with_logits_close_to_source(tmp_path, bpe, gguf
     fmt = json.loads((tmp_path / "g" / "effopt_manifest.json").read_text())["format"]
     assert fmt["gguf_type"] == gguf_type and fmt["tensor_types"].get("F32") == 5  # 4 layer norms + final norm
     assert fmt["tensors"]["blk.0.attn_q.weight"]["type"] == gguf_type and fmt["tokenizer"]["merges"] > 0
+    # 4-bit files keep the output layer (here the tied embedding) at 8 bits, as llama.cpp does
+    assert fmt["tensors"]["token_embd.weight"]["type"] == ("Q8_0" if gguf_type.startswith("Q4") else gguf_type)
 
 
 def test_f16_gguf_holds_exactly_the_fp16_weights(tmp_path, bpe):
@@ -83,7 +85,7 @@ def test_layout_mismatch_is_requantized_not_transferred(tmp_path, bpe):
 def test_q4_k_falls_back_to_q4_0_on_narrow_rows(tmp_path, tokenizer):
     export_gguf(llama(), tokenizer, tmp_path / "g", {}, "Q4_K")  # hidden 64: no 256-wide super-block fits
     fmt = json.loads((tmp_path / "g" / "effopt_manifest.json").read_text())["format"]
-    assert fmt["tensor_types"] == {"F32": 5, "Q4_0": 15}
+    assert fmt["tensor_types"] == {"F32": 5, "Q4_0": 14, "Q8_0": 1}  # the tied embedding is the output layer
     assert "warning" in fmt["tokenizer"]  # the byte tokenizer has no merges: recorded, not hidden
 
 

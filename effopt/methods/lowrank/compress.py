@@ -15,7 +15,8 @@ from effopt import log
 from effopt.methods.lowrank import rank as rk
 from effopt.methods.lowrank.capture import sequential_moments
 from effopt.methods.lowrank.nmf import check_nonnegative, nmf_factors
-from effopt.methods.lowrank.svd import split_factors, svd, whitened_factors, whitened_svd, whitening_factor
+from effopt.methods.lowrank.svd import (singular_values, split_factors, svd, whitened_factors, whitened_svd,
+                                        whitening_factor)
 from effopt.nn import set_submodule
 from effopt.nn.lowrank_linear import LowRankLinear
 
@@ -56,7 +57,7 @@ def install(model: torch.nn.Module, name: str, a: torch.Tensor, b: torch.Tensor,
 
 
 def _plain_spectrum(weight: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.svdvals(weight.detach().to(torch.float64))
+    return singular_values(weight)
 
 
 def _budget_ranks(model, names: list[str], keep: float) -> dict[str, int]:
@@ -120,7 +121,7 @@ def _whitened_spectra(model, names: list[str], samples: torch.Tensor, damping: f
         factors = _factors(moments, damping)
         for name, cov in moments.items():
             w = dense_weight(model.get_submodule(name))
-            sv = torch.linalg.svdvals(w.detach().to(torch.float64) @ factors[id(cov)])
+            sv = singular_values(w.detach().to(torch.float64) @ factors[id(cov)])
             spectra[name] = rk.LayerSpectrum(w.shape[0], w.shape[1], sv)
             if keep_moments:
                 moments_kept[name] = cov
