@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from effopt.exporters import commit, fresh_tmp, package_version
+from effopt.exporters import commit, folder_bytes, fresh_tmp, package_version
 from effopt.exporters.hf import export_hf
 
 BASE_DIR, ADAPTER_DIR = "base", "adapter"
@@ -83,7 +83,7 @@ def _split(model, adapter: Path):
         return copy.deepcopy(model).unload(), _peft_summary(model)
     names = lora_layers(model)
     if not names:
-        raise ValueError("format: peft needs a model carrying adapters: a PeftModel, or LoRA kept over packed "
+        raise ValueError("format: peft needs a model carrying adapters: a PeftModel, or LoRA kept over quantized "
                          "layers (finetune lora/qlora over a quantized base; over dense bases the update is merged "
                          "into the weights, so use format: hf)")
     from effopt.methods.peft.adapter_io import save_adapter
@@ -110,8 +110,7 @@ def export_peft(model, tokenizer, out: Path, manifest: dict, packed: bool = Fals
                           "loads_with": "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
                                         "adapter); effopt: load_adapter(load_model(base), adapter)"}
     size = commit(tmp, out, manifest)
-    adapter_bytes = sum(f.stat().st_size for f in (out / ADAPTER_DIR).rglob("*") if f.is_file())
-    return {"export_path": str(out), "export_bytes": size, "export_adapter_bytes": adapter_bytes,
+    return {"export_path": str(out), "export_bytes": size, "export_adapter_bytes": folder_bytes(out / ADAPTER_DIR),
             "export_weights_bytes": base_metrics["export_weights_bytes"]}
 
 

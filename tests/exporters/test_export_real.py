@@ -56,8 +56,9 @@ def test_gguf_export_scores_close_to_effopt_and_keeps_the_tokenizer(nightly_run)
     fmt = json.loads((folder / "effopt_manifest.json").read_text())["format"]
     assert len(fmt["transferred"]) == 30 * 7 and fmt["tokenizer"]["pre"] == "smollm"
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="model-Q4_0.gguf", dtype=torch.float32)
-    # the embedding (tied to the output layer) is Q4_0 too in the file, float in effopt's model
-    assert _perplexity(nightly_run, model) == pytest.approx(_effopt_ppl(nightly_run), rel=GGUF_REL)
+    # codes transferred as they are; the tied embedding is Q8_0 in the file, float in effopt's model
+    # (measured on 4096 Persuasion tokens: 45.3081 vs 45.3046)
+    assert _perplexity(nightly_run, model) == pytest.approx(_effopt_ppl(nightly_run), rel=1e-3)
     gguf_tok = AutoTokenizer.from_pretrained(folder, gguf_file="model-Q4_0.gguf")
     source_tok = AutoTokenizer.from_pretrained(nightly_run / "model-vllm")
     assert gguf_tok(TEXT)["input_ids"] == source_tok(TEXT)["input_ids"]
