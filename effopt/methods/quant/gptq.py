@@ -100,7 +100,7 @@ def _quantize_block(w, u, i1, i2, scales, zeros, ready, group_of, invperm, g, bi
 @_single_thread()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128,
                   symmetric: bool = False, percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False,
-                  clip_search: bool = False, mask: torch.Tensor | None = None):
+                  clip_search: bool = False, mask: torch.Tensor | None = None, static_groups: bool = False):
     """Quantize `weight` [N, K] with GPTQ given its input Hessian [K, K].
 
     Args:
@@ -112,6 +112,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         clip_search: choose each group's range by an MSE clipping search instead of min/max.
         mask: optional bool [N, K] of weights to keep; masked weights are quantized to exactly 0
             (the zero point), so a pruning mask survives quantization.
+        static_groups: compute every group's scale and zero point from the original weights before
+            any update (AutoGPTQ's `static_groups`), instead of when the group is reached.
 
     Returns:
         codes uint8 [N, K] (original column order), scales [N, G], zeros [N, G] (float32), and a
@@ -135,6 +137,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     scales = torch.zeros(n, groups, device=w.device)
     zeros = torch.zeros(n, groups, device=w.device)
     ready = [False] * groups
+    if static_groups:
+        _, s0, z0 = quantize_weight(weight.detach().float(), bits, g, symmetric, clip_search)
+        scales.copy_(s0), zeros.copy_(z0)
+        ready = [True] * groups
     codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
     loss = 0.0
     for i1 in range(0, k, blocksize):
