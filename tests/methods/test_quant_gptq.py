@@ -81,7 +81,9 @@ def test_short_final_group():
     assert scales.shape == (32, 5)
     assert scales[:, 4].mean() < 0.05 * scales[:, :4].mean()
     deq = dequantize_weight(codes, scales, zeros, 128)
-    assert (deq[:, 512:] - w[:, 512:]).abs().max() < 0.01
+    # GPTQ moves weights inside a group to absorb earlier columns' error, so allow a few steps of
+    # the short group's own (small) scale, not half a step.
+    assert (deq[:, 512:] - w[:, 512:]).abs().max() < 3 * scales[:, 4].max()
 
 
 def test_masked_weights_quantize_to_zero():

@@ -101,7 +101,7 @@ def _kept_heads(attn, heads: int, kv: int, head_dim: int, count: int, mode: str,
     return keep_q, keep_kv
 
 
-def prune_heads(model: torch.nn.Module, amount: float, norm: str = "l2", mode: str = "kv_groups") -> dict:
+def prune_heads(model: torch.nn.Module, amount: float, norm: str = "l2", mode: str = "query_heads") -> dict:
     """Remove the lowest-norm attention heads, the same number in every layer.
 
     Args:
