@@ -63,6 +63,8 @@ class GptqConfig(QuantizeBase, Calibrated):
     blocksize: int = Field(128, gt=0, description="Columns per lazy-update block.")
     act_order: bool = Field(False, description="Quantize columns by decreasing Hessian diagonal (groups keep "
                                                "their original columns).")
+    static_groups: bool = Field(False, description="Compute group scales from the original weights up front "
+                                                   "instead of when each group is reached.")
     clip_search: bool = Field(False, description="MSE clipping search for each group's range.")
 
 
@@ -164,7 +166,7 @@ def apply_gptq(cfg: GptqConfig, ctx) -> dict:
     ids, opts = _calibration(cfg, ctx)
     return gptq_model(ctx.model, ids, cfg.targets, cfg.ignore, bits=cfg.bits, group_size=cfg.group_size,
                       symmetric=cfg.symmetric, percdamp=cfg.percdamp, blocksize=cfg.blocksize,
-                      act_order=cfg.act_order, clip_search=cfg.clip_search, **opts)
+                      act_order=cfg.act_order, static_groups=cfg.static_groups, clip_search=cfg.clip_search, **opts)
 
 
 def apply_awq(cfg: AwqConfig, ctx) -> dict:

@@ -166,7 +166,7 @@ def quantized_layer(module: torch.nn.Linear, codes: torch.Tensor, scales: torch.
 @torch.no_grad()
 def gptq_model(model: torch.nn.Module, input_ids: torch.Tensor, targets: list[str], ignore: list[str], *,
                bits: int, group_size: int, symmetric: bool, percdamp: float = 0.01, blocksize: int = 128,
-               act_order: bool = False, clip_search: bool = False, batch_size: int = 8,
+               act_order: bool = False, static_groups: bool = False, clip_search: bool = False, batch_size: int = 8,
                autocast: torch.dtype | None = None, device=None) -> dict:
     """Quantize every targeted linear inside the decoder layers with GPTQ, one layer at a time: each
     layer's Hessians come from the outputs of the already-quantized layers before it.
@@ -187,7 +187,8 @@ def gptq_model(model: torch.nn.Module, input_ids: torch.Tensor, targets: list[st
             mask = getattr(module, "weight_mask", None)
             weight = module.weight * mask if mask is not None else module.weight
             codes, scales, zeros, info = gptq_quantize(weight, hessians.pop(name), bits, group_size, symmetric,
-                                                       percdamp, blocksize, act_order, clip_search, mask)
+                                                       percdamp, blocksize, act_order, clip_search, mask,
+                                                       static_groups)
             step.replace(name, quantized_layer(module, codes, scales, zeros, bits, group_size, symmetric, "gptq"))
             stats["quantized_layers"] += 1
             stats["gptq_loss"] += info["loss"]
