@@ -129,7 +129,9 @@ def collect(runs_dir: Path) -> dict[str, dict]:
 
 
 def _fmt(value, spec: str, scale: float = 1.0) -> str:
-    return "-" if value is None else format(value / scale, spec)
+    if value is None:
+        return "-"
+    return format(value / scale, spec if abs(value / scale) < 1e5 else ".4g")
 
 
 def table(names: list[str], rows: dict[str, dict], baseline: float | None) -> list[str]:
@@ -147,8 +149,8 @@ def table(names: list[str], rows: dict[str, dict], baseline: float | None) -> li
         status = r["status"] if not r.get("error") else f"{r['status']}: {r['error'][:120]}"
         if not (REPO / "recipes" / f"{name}.yaml").is_file():
             status = "recipe missing" if r["status"] == "not run" else f"{status} (recipe now missing)"
-        out.append(f"| {name} | {r.get('method', '-')} | {_fmt(r.get('perplexity'), '.3f')} | {_fmt(ratio, '.3f')}{own} | "
-                   f"{_fmt(r.get('size_bytes'), '.1f', 1e6)} | {_fmt(r.get('seconds'), '.1f')} | "
+        out.append(f"| {name} | {r.get('method', '-')} | {_fmt(r.get('perplexity'), '.3f')} | "
+                   f"{_fmt(ratio, '.3f')}{own} | {_fmt(r.get('size_bytes'), '.1f', 1e6)} | {_fmt(r.get('seconds'), '.1f')} | "
                    f"{_fmt(r.get('peak_rss_mb'), '.0f')} | {_fmt(r.get('load'), '.1f')} | {status} |")
     return out
 
@@ -182,7 +184,7 @@ def targets(rows: dict[str, dict], base: float | None) -> list[str]:
         out.append(f"| {method} loses ≤ ¼ of magnitude's increase (50%) | {v} | {why} |")
     svd, asvd = _ppl(rows, "lowrank-svd-20"), _ppl(rows, "lowrank-asvd-20")
     ok = None if None in (svd, asvd) else asvd < svd
-    why = "needs both low-rank runs" if ok is None else f"activation-aware {asvd:.3f} vs plain {svd:.3f}"
+    why = "needs both low-rank runs" if ok is None else f"activation-aware {asvd:.4g} vs plain {svd:.4g}"
     out.append(f"| activation-aware SVD loses less than SVD (20% fewer params) | {_verdict(ok)} | {why} |")
     for name, label, figure in REFERENCE:
         m = _ppl(rows, name)
@@ -228,7 +230,8 @@ def report(rows: dict[str, dict], command: str, notes: list[str]) -> str:
              ""]
     if base is not None:
         b = rows["baseline"]
-        lines += [f"Baseline perplexity {base:.3f} on {b.get('eval_source')}, {b.get('eval_tokens')} scored tokens.", ""]
+        lines += [f"Baseline perplexity {base:.3f} on {b.get('eval_source')}, {b.get('eval_tokens')} scored tokens.",
+                  ""]
     else:
         lines += ["No baseline run: × baseline (marked †) divides by each run's own first eval.", ""]
     for title, names in GROUPS:
@@ -248,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="List the benchmark recipes and whether they exist.")
     parser.add_argument("--rerun", action="store_true", help="Delete and redo runs that already completed.")
     parser.add_argument("--no-run", action="store_true", help="Only rewrite the report from existing runs.")
+    parser.add_argument("--note", action="append", default=[], help="A line for the report's notes (repeatable), "
+                                                                     "e.g. a measurement made outside the runs.")
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "quality")
     parser.add_argument("--output", type=Path, default=REPO / "results" / "quality.md")
     args = parser.parse_args(argv)
@@ -261,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.only or [] if n not in ALL]
     if unknown:
         parser.error(f"unknown recipe(s) {unknown}; --list shows the benchmark's recipes")
-    notes = []
+    notes = list(args.note)
     if not args.no_run:
         for name in args.only or ALL:
             outcome = run_recipe(name, args.runs_dir, args.rerun)

@@ -22,12 +22,15 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
         "must be in want of a wife. ") * 40
 
 
-def make_recipe(tmp_path: Path, model_dir: Path, stages=None, gates=None, eval_tokens=1024, seq_len=64) -> Path:
+def make_recipe(tmp_path: Path, model_dir: Path, stages=None, gates=None, eval_tokens=1024, seq_len=64,
+                eval_repeats: int = 1) -> Path:
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
+    eval_text = tmp_path / "eval.txt"
+    eval_text.write_text(TEXT * eval_repeats)
     recipe = {
         "name": "tiny", "seed": 0,
-        "data": {"eval": {"source": str(text), "max_tokens": eval_tokens, "seq_len": seq_len},
+        "data": {"eval": {"source": str(eval_text), "max_tokens": eval_tokens, "seq_len": seq_len},
                  "calibration": {"source": str(text), "max_tokens": 2048, "seq_len": 32, "num_samples": 4},
                  "train": {"source": str(text), "max_tokens": 2048, "seq_len": 32}},
         "stages": stages or [
@@ -146,7 +149,9 @@ def test_json_summary_on_stdout(tmp_path, tiny_model_dir):
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, tiny_model_dir):
     """SIGKILL a run in the middle of its last eval, resume it, compare with an uninterrupted run."""
-    recipe = make_recipe(tmp_path, tiny_model_dir, eval_tokens=60000, seq_len=32)
+    # TEXT is ~4k bytes (one token each); 10 copies hold the 30k tokens the eval asks for (~2 s here), so
+    # the last eval lasts long enough to be killed in, even on a fast machine.
+    recipe = make_recipe(tmp_path, tiny_model_dir, eval_tokens=30_000, seq_len=32, eval_repeats=10)
     cmd = [sys.executable, "-m", "effopt", "run", "--quiet", str(recipe)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     killed = tmp_path / "killed"
@@ -160,8 +165,8 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, tiny_model_dir):
         if stages and stages[3]["status"] == "running":
             break
         assert proc.poll() is None, "run ended before it could be killed"
-        time.sleep(0.05)
-    time.sleep(0.5)
+        time.sleep(0.02)
+    time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     record = json.loads((killed / "run.json").read_text())

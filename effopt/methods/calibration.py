@@ -36,6 +36,21 @@ import torch
 from effopt import log
 
 
+def release_host_memory() -> None:
+    """Hand freed memory back to the OS (glibc keeps freed heap pages otherwise, so a process's RSS
+    stays at its high-water mark); on CUDA, empty the caching allocator too. Cheap; no-op elsewhere."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class _StopForward(Exception):
     """Raised by the last layer stub: every layer's arguments have been recorded."""
 
@@ -163,7 +178,8 @@ class LayerStep:
     def run(self, hooks: dict[str, Callable[[torch.Tensor, int], None]], chunks: int | None = None,
             outputs: bool = False) -> list[torch.Tensor] | None:
         """Run the layer over the inputs; `hooks[name](x, chunk)` sees module `name`'s input
-        flattened to [tokens, features] just before the module computes.
+        flattened to [tokens, features] just before the module computes (hooks run outside
+        autocast, so their own arithmetic keeps full precision).
 
         Args:
             hooks: {module name relative to the layer: callback}.
@@ -176,7 +192,8 @@ class LayerStep:
             def pre(module, args, fn=fn):
                 if args[0] is not state["x"]:  # one flat view per input tensor: identity marks sharing
                     state["x"], state["flat"] = args[0], args[0].reshape(-1, args[0].shape[-1])
-                fn(state["flat"], state["chunk"])
+                with torch.autocast(self.device.type, enabled=False):  # statistics in full precision
+                    fn(state["flat"], state["chunk"])
             handles.append(self.layer.get_submodule(rel).register_forward_pre_hook(pre))
         out = []
         try:
@@ -278,6 +295,7 @@ def calibrate_layers(model: torch.nn.Module, input_ids: torch.Tensor, on_layer: 
     """
     layers = decoder_layers(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    release_host_memory()
     inputs, kwargs = capture_inputs(model, input_ids, batch_size, device)
     for index, (name, layer) in enumerate(log.progress(layers, description)):
         home = next(layer.parameters()).device
@@ -291,4 +309,6 @@ def calibrate_layers(model: torch.nn.Module, input_ids: torch.Tensor, on_layer: 
                 inputs[i] = step.call(i)  # in place: one layer's inputs held at a time
         layer.to(home)
         kwargs[index] = []
+        step = None
+        release_host_memory()
     return int(input_ids.numel())

@@ -115,7 +115,12 @@ class StructuredConfig(StageConfig):
     structure: Literal["heads", "channels", "layers"] = Field(description="What to remove.")
     amount: float = Field(gt=0, lt=1, description="Fraction of heads / channels / layers to remove (rounded "
                                                   "to whole units; heads to whole GQA steps).")
-    norm: Literal["l1", "l2"] = Field("l2", description="Norm of a structure's weights used to rank it.")
+    norm: Literal["l1", "l2"] = Field("l2", description="Norm of a structure's weights (or saliencies) used to rank it.")
+    criterion: Literal["weights", "taylor"] = Field(
+        "weights", description="Take the norm of the weights, or of first-order Taylor saliencies |w * dL/dw| summed "
+                               "over calibration batches (LLM-Pruner's element-wise importance; use norm l1).")
+    data: str = Field("calibration", description="Calibration data source (criterion taylor).")
+    batch_size: int = Field(4, gt=0, description="Calibration samples per gradient batch (criterion taylor).")
     gqa: Literal["query_heads", "kv_groups"] = Field(
         "query_heads", description="heads: remove the same number of query heads from every KV group, "
                                    "or whole KV groups (a KV head with its query heads).")
@@ -206,12 +211,19 @@ def apply_structured(cfg: StructuredConfig, ctx) -> dict:
 
     t0 = time.perf_counter()
     before = logical_parameters(ctx.model)
+    saliency = None
+    if cfg.criterion == "taylor":
+        from effopt.methods.pruning.scores import taylor_scores
+
+        linears = structured.decoder_linears(ctx.model)
+        scores = taylor_scores(ctx.model, linears, ctx.data.samples(cfg.data).split(cfg.batch_size))
+        saliency = {linears[name]: score for name, score in scores.items()}
     if cfg.structure == "heads":
-        out = structured.prune_heads(ctx.model, cfg.amount, cfg.norm, cfg.gqa)
+        out = structured.prune_heads(ctx.model, cfg.amount, cfg.norm, cfg.gqa, saliency)
     elif cfg.structure == "channels":
-        out = structured.prune_channels(ctx.model, cfg.amount, cfg.norm)
+        out = structured.prune_channels(ctx.model, cfg.amount, cfg.norm, saliency)
     else:
-        out = structured.prune_layers(ctx.model, cfg.amount, cfg.norm)
+        out = structured.prune_layers(ctx.model, cfg.amount, cfg.norm, saliency)
     after = logical_parameters(ctx.model)
     return {**out, "parameters_before": before, "parameters_after": after,
             "parameters_removed_fraction": 1 - after / before, "prune_seconds": time.perf_counter() - t0}

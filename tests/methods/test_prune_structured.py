@@ -130,3 +130,35 @@ def test_structure_norms():
     parts = [torch.tensor([[3.0, -4.0], [0.0, 1.0]]), torch.tensor([[0.0], [-1.0]])]
     assert structured.structure_norm(parts, "l1").tolist() == [7.0, 2.0]
     assert torch.allclose(structured.structure_norm(parts, "l2"), torch.tensor([5.0, 2 ** 0.5]))
+
+
+@pytest.mark.parametrize("structure", ["heads", "channels", "layers"])
+def test_saliencies_replace_weights_as_the_ranking(structure):
+    """Given saliencies, the structure with zero saliency goes even though its weights are large."""
+    model = tiny_llama(heads=9, kv_heads=3, hidden=72, layers=3, intermediate=96)
+    linears = structured.decoder_linears(model)
+    assert len(linears) == 21
+    saliency = {m: torch.ones_like(m.weight) for m in linears.values()}
+    layer0 = model.model.layers[0]
+    if structure == "heads":
+        for proj, dim in ((layer0.self_attn.q_proj, 0), (layer0.self_attn.o_proj, 1)):
+            saliency[proj].narrow(dim, 8, 8).zero_()  # head 1
+        with torch.no_grad():
+            layer0.self_attn.q_proj.weight[8:16] *= 100
+        q_before = layer0.self_attn.q_proj.weight.detach().clone()
+        structured.prune_heads(model, 0.34, "l1", "query_heads", saliency)
+        kept = model.model.layers[0].self_attn.q_proj.weight
+        assert torch.equal(kept[:8], q_before[:8]) and torch.equal(kept[8:16], q_before[16:24])
+    elif structure == "channels":
+        for m, dim in ((layer0.mlp.gate_proj, 0), (layer0.mlp.up_proj, 0), (layer0.mlp.down_proj, 1)):
+            saliency[m].narrow(dim, 5, 1).zero_()
+        up_before = layer0.mlp.up_proj.weight.detach().clone()
+        structured.prune_channels(model, 1 / 96, "l1", saliency)
+        kept = model.model.layers[0].mlp.up_proj.weight
+        assert torch.equal(kept, torch.cat([up_before[:5], up_before[6:]]))
+    else:
+        for m in model.model.layers[1].modules():
+            if isinstance(m, torch.nn.Linear):
+                saliency[m].zero_()
+        out = structured.prune_layers(model, 0.34, "l2", saliency)
+        assert out["layers_removed"] == [1]

@@ -42,9 +42,10 @@ def test_every_method_runs_and_checkpoints(tmp_path, tiny_model_dir, options, ex
     assert record["stages"][2]["metrics"]["perplexity"] > 1 and model.config.vocab_size == 259
 
 
-def test_qlora_over_quantized_base_writes_a_peft_adapter(tmp_path, tiny_model_dir):
-    stages = [{"stage": "quantize", "method": "rtn", "bits": 4, "group_size": 32},
-              {"stage": "finetune", "method": "qlora", "r": 4, **TRAIN}]
+@pytest.mark.parametrize("quantize", [{"method": "rtn", "bits": 4, "group_size": 32},
+                                      {"method": "bnb", "quant_type": "nf4", "double_quant": True}])
+def test_qlora_over_quantized_base_writes_a_peft_adapter(tmp_path, tiny_model_dir, quantize):
+    stages = [{"stage": "quantize", **quantize}, {"stage": "finetune", "method": "qlora", "r": 4, **TRAIN}]
     record = run(tiny_recipe(tiny_model_dir, stages), tmp_path / "run")
     metrics = record["stages"][2]["metrics"]
     assert metrics["kept_on_quantized"] == 14

@@ -60,6 +60,7 @@ def run(tmp_path: Path, model_dir: Path, prune: dict, after: list | None = None)
     ({"method": "learned", "sparsity": 0.5, "steps": 0}, "greater than 0"),
     ({"method": "structured", "structure": "heads", "amount": 1.0}, "less than 1"),
     ({"method": "structured", "structure": "blocks", "amount": 0.2}, "structure"),
+    ({"method": "structured", "structure": "layers", "amount": 0.2, "criterion": "random"}, "criterion"),
     ({"method": "structured", "structure": "heads", "amount": 0.2, "sparsity": 0.5}, "unknown key"),
     ({"method": "pruney", "sparsity": 0.5}, "method"),
     ({"method": "wanda", "sparsity": 0.5, "blocksize": 64}, "unknown key"),
@@ -135,3 +136,10 @@ def test_structured_export_is_smaller_and_loads_in_transformers(prune, check, tm
     with torch.no_grad():
         assert torch.allclose(hf(input_ids=ids).logits, ckpt(input_ids=ids).logits, atol=1e-5)
     assert sum(p.numel() for p in hf.parameters()) == metrics["parameters_after"]
+
+
+def test_structured_with_taylor_criterion_runs_and_shrinks(tmp_path, tiny_model_dir):
+    record = run(tmp_path, tiny_model_dir, {"method": "structured", "structure": "channels", "amount": 0.25,
+                                            "criterion": "taylor", "norm": "l1", "batch_size": 2})
+    assert record["stages"][1]["metrics"]["channels_after"] == 96
+    assert record["stages"][2]["metrics"]["perplexity"] > 1

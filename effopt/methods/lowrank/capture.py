@@ -102,7 +102,8 @@ class _MomentHooks:
             handle.remove()
 
 
-def _run_layer(layer: torch.nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], hooks=None) -> list[torch.Tensor]:
+def _run_layer(layer: torch.nn.Module, hidden: list[torch.Tensor], kwargs: list[dict],
+               hooks: _MomentHooks | None = None) -> list[torch.Tensor]:
     out = []
     for h, kw in zip(hidden, kwargs):
         y = layer(h, **kw)

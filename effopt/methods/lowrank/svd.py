@@ -9,10 +9,10 @@ Plain SVD (Eckart-Young) minimizes ||W - W'||_F: it treats every input direction
 SVD-LLM (Wang, Zheng, Wan and Zhang, "SVD-LLM: Truncation-aware Singular Value Decomposition for
 Large Language Model Compression", arXiv:2403.07378) minimizes the output error ||(W - W') X||_F
 over calibration inputs X [in, n] instead, by truncation-aware data whitening. With S the Cholesky
-factor of X X^T (S S^T = X X^T), the whitened inputs S^-1 X are orthonormal, so ||(W - W') X||_F = ||(W - W') S||_F. Taking the SVD
-W S = U Sigma V^T and truncating it gives W' = U_r Sigma_r V_r^T S^-1, and dropping singular value
-sigma_i costs exactly sigma_i^2 of squared output error ("truncation-aware"): the spectrum that
-rank selection reads is the loss itself. Implemented here: that whitening and truncation (the
+factor of X X^T (S S^T = X X^T), the whitened inputs S^-1 X are orthonormal, so
+||(W - W') X||_F = ||(W - W') S||_F. Taking the SVD W S = U Sigma V^T and truncating it gives
+W' = U_r Sigma_r V_r^T S^-1, and dropping singular value sigma_i costs exactly sigma_i^2 of squared
+output error ("truncation-aware"): the spectrum that rank selection reads is the loss itself. Implemented here: that whitening and truncation (the
 paper's first component). Its second component, a LoRA-style fine-tuning of the factors after
 truncation ("parameter update with sequential low-rank approximation"), is not part of this
 stage; a later finetune stage can train the LowRankLinear factors.

@@ -61,6 +61,21 @@ def _expected_sparsity(gated: dict[str, GatedLinear]) -> torch.Tensor:
     return 1 - opened / total
 
 
+def _lagrangian_step(model, gated: dict[str, GatedLinear], batch: torch.Tensor, target: float,
+                     lambdas: torch.nn.Parameter, optimizers: tuple) -> dict:
+    """One step: descent on the gates, ascent on the multipliers; returns the step's figures."""
+    lm = model(input_ids=batch, labels=batch, use_cache=False).loss
+    gap = _expected_sparsity(gated) - target
+    loss = lm + lambdas[0] * gap + lambdas[1] * gap * gap
+    for opt in optimizers:
+        opt.zero_grad()
+    loss.backward()
+    lambdas.grad.neg_()
+    for opt in optimizers:
+        opt.step()
+    return {"final_lm_loss": lm.item(), "expected_sparsity": (gap + target).item()}
+
+
 def train_gates(model: torch.nn.Module, modules: dict[str, torch.nn.Module], samples: torch.Tensor,
                 target: float, steps: int = 300, batch_size: int = 1, lr: float = 0.05,
                 lambda_lr: float = 0.05, init_keep: float = 0.99) -> tuple[dict[str, torch.Tensor], dict]:
@@ -76,8 +91,8 @@ def train_gates(model: torch.nn.Module, modules: dict[str, torch.nn.Module], sam
     flags = {p: p.requires_grad for p in model.parameters()}
     gated = {name: GatedLinear(m, init_keep) for name, m in modules.items()}
     lambdas = torch.nn.Parameter(torch.zeros(2))
-    gate_opt = torch.optim.Adam([g.gate.log_alpha for g in gated.values()], lr=lr)
-    lambda_opt = torch.optim.SGD([lambdas], lr=lambda_lr)
+    optimizers = (torch.optim.Adam([g.gate.log_alpha for g in gated.values()], lr=lr),
+                  torch.optim.SGD([lambdas], lr=lambda_lr))
     device = next(model.parameters()).device
     stats: dict = {}
     try:
@@ -87,18 +102,8 @@ def train_gates(model: torch.nn.Module, modules: dict[str, torch.nn.Module], sam
             set_submodule(model, name, g)
         for step in log.progress(range(steps), "training L0 gates"):
             idx = torch.arange(step * batch_size, (step + 1) * batch_size) % samples.shape[0]
-            batch = samples[idx].to(device)
-            lm = model(input_ids=batch, labels=batch, use_cache=False).loss
-            t = target * min(1.0, (step + 1) / max(1, steps // 2))
-            gap = _expected_sparsity(gated) - t
-            loss = lm + lambdas[0] * gap + lambdas[1] * gap * gap
-            gate_opt.zero_grad()
-            lambda_opt.zero_grad()
-            loss.backward()
-            lambdas.grad.neg_()  # ascent on the multipliers
-            gate_opt.step()
-            lambda_opt.step()
-            stats = {"final_lm_loss": lm.item(), "expected_sparsity": (gap + t).item()}
+            ramp = target * min(1.0, (step + 1) / max(1, steps // 2))
+            stats = _lagrangian_step(model, gated, samples[idx].to(device), ramp, lambdas, optimizers)
     finally:
         for name, g in gated.items():
             set_submodule(model, name, g.linear)

@@ -1,5 +1,9 @@
 """Structured pruning by the L1/L2 norm of whole structures: attention heads, MLP channels, layers.
 
+A structure is scored by the norm of its weights (all its rows/columns in every matrix it spans)
+or, given per-weight saliencies (e.g. first-order Taylor |w * dL/dw|, LLM-Pruner's element-wise
+importance summed over a group), by the norm of those.
+
 Weight matrices are physically shrunk (plain nn.Linear, no masks) and the model config is updated
 so the saved model loads in transformers. A transformers config holds one head count and one MLP
 width for all layers, so heads and channels are pruned by the same count in every layer (which
@@ -14,6 +18,8 @@ import torch
 
 from effopt.nn.masked_linear import MaskedLinear
 
+Saliency = dict  # {linear module: per-weight score tensor of its weight's shape}
+
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder's list of layers (`model.model.layers` in Llama/Gemma/Qwen/Mistral models)."""
@@ -21,6 +27,16 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     if not isinstance(layers, torch.nn.ModuleList):
         raise ValueError(f"{type(model).__name__}: no decoder layer list at model.model.layers")
     return layers
+
+
+def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """{full name: module} of every linear layer inside the decoder layers."""
+    prefix = {id(layer) for layer in decoder_layers(model)}
+    out = {}
+    for name, module in model.named_modules():
+        if id(module) in prefix:
+            out.update({f"{name}.{rel}": m for rel, m in module.named_modules() if isinstance(m, torch.nn.Linear)})
+    return out
 
 
 def structure_norm(parts: list[torch.Tensor], norm: str) -> torch.Tensor:
@@ -71,6 +87,11 @@ def slice_linear(linear: torch.nn.Module, rows: torch.Tensor | None = None,
     return new
 
 
+def _values(linear: torch.nn.Module, saliency: Saliency | None) -> torch.Tensor:
+    """What a structure's score aggregates for this linear: its weight, or its saliencies."""
+    return linear.weight if saliency is None else saliency[linear]
+
+
 def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Row (or column) indices of the given heads in a [heads * head_dim, ...] projection."""
     return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
@@ -83,31 +104,35 @@ def _attention_shape(model) -> tuple[int, int, int]:
     return heads, kv, head_dim
 
 
-def _kept_heads(attn, heads: int, kv: int, head_dim: int, count: int, mode: str, norm: str):
+def _kept_heads(attn, heads: int, kv: int, head_dim: int, count: int, mode: str, norm: str,
+                saliency: Saliency | None):
     """(query heads kept, kv heads kept) of one attention block."""
     group = heads // kv
-    q = attn.q_proj.weight.view(heads, head_dim, -1)
-    o = attn.o_proj.weight.view(attn.o_proj.weight.shape[0], heads, head_dim).transpose(0, 1)
+    q = _values(attn.q_proj, saliency).reshape(heads, head_dim, -1)
+    o_w = _values(attn.o_proj, saliency)
+    o = o_w.reshape(o_w.shape[0], heads, head_dim).transpose(0, 1)
     if mode == "query_heads":
         scores = structure_norm([q, o], norm).view(kv, group)
         keep_in_group = torch.stack([lowest(s, count) for s in scores])
         keep_q = (torch.arange(kv).unsqueeze(1) * group + keep_in_group).flatten()
         return keep_q, torch.arange(kv)
-    k = attn.k_proj.weight.view(kv, head_dim, -1)
-    v = attn.v_proj.weight.view(kv, head_dim, -1)
+    k = _values(attn.k_proj, saliency).reshape(kv, head_dim, -1)
+    v = _values(attn.v_proj, saliency).reshape(kv, head_dim, -1)
     scores = structure_norm([q.reshape(kv, group * head_dim, -1), o.reshape(kv, group * head_dim, -1), k, v], norm)
     keep_kv = lowest(scores, count)
     keep_q = (keep_kv.unsqueeze(1) * group + torch.arange(group)).flatten()
     return keep_q, keep_kv
 
 
-def prune_heads(model: torch.nn.Module, amount: float, norm: str = "l2", mode: str = "query_heads") -> dict:
+def prune_heads(model: torch.nn.Module, amount: float, norm: str = "l2", mode: str = "query_heads",
+                saliency: Saliency | None = None) -> dict:
     """Remove the lowest-norm attention heads, the same number in every layer.
 
     Args:
         amount: fraction of query heads to remove, rounded to whole KV groups (mode 'kv_groups')
             or to whole heads per KV group (mode 'query_heads').
         norm: 'l1' or 'l2' over the head's q rows and o columns (plus k and v rows for KV groups).
+        saliency: per-weight scores to take the norm of instead of the weights.
     Returns:
         {"heads_before", "heads_after", "kv_heads_after", "heads_removed_fraction"}.
     """
@@ -119,7 +144,7 @@ def prune_heads(model: torch.nn.Module, amount: float, norm: str = "l2", mode: s
                           "KV groups" if mode == "kv_groups" else "query heads per KV group")
     for layer in decoder_layers(model):
         attn = layer.self_attn
-        keep_q, keep_kv = _kept_heads(attn, heads, kv, head_dim, count, mode, norm)
+        keep_q, keep_kv = _kept_heads(attn, heads, kv, head_dim, count, mode, norm, saliency)
         q_rows, kv_rows = _head_rows(keep_q, head_dim), _head_rows(keep_kv, head_dim)
         attn.q_proj = slice_linear(attn.q_proj, rows=q_rows)
         attn.k_proj = slice_linear(attn.k_proj, rows=kv_rows)
@@ -136,16 +161,16 @@ def prune_heads(model: torch.nn.Module, amount: float, norm: str = "l2", mode: s
             "heads_removed_fraction": 1 - new_heads / heads}
 
 
-def prune_channels(model: torch.nn.Module, amount: float, norm: str = "l2") -> dict:
+def prune_channels(model: torch.nn.Module, amount: float, norm: str = "l2", saliency: Saliency | None = None) -> dict:
     """Remove the lowest-norm MLP intermediate channels (gate/up rows, down columns), the same
-    number in every layer; updates config.intermediate_size."""
+    number in every layer; updates config.intermediate_size. `saliency` as in `prune_heads`."""
     width = model.config.intermediate_size
     count = removal_count(width, amount, "MLP channels")
     for layer in decoder_layers(model):
         mlp = layer.mlp
-        parts = [mlp.up_proj.weight, mlp.down_proj.weight.T]
+        parts = [_values(mlp.up_proj, saliency), _values(mlp.down_proj, saliency).T]
         if hasattr(mlp, "gate_proj"):
-            parts.append(mlp.gate_proj.weight)
+            parts.append(_values(mlp.gate_proj, saliency))
         keep = lowest(structure_norm(parts, norm), count)
         if hasattr(mlp, "gate_proj"):
             mlp.gate_proj = slice_linear(mlp.gate_proj, rows=keep)
@@ -157,18 +182,20 @@ def prune_channels(model: torch.nn.Module, amount: float, norm: str = "l2") -> d
     return {"channels_before": width, "channels_after": width - count}
 
 
-def layer_norm_score(layer: torch.nn.Module, norm: str) -> float:
-    """Norm of all linear weights of one decoder layer taken together."""
-    weights = [m.weight.detach().float().flatten() for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+def layer_norm_score(layer: torch.nn.Module, norm: str, saliency: Saliency | None = None) -> float:
+    """Norm of all linear weights (or their saliencies) of one decoder layer taken together."""
+    weights = [_values(m, saliency).detach().float().flatten() for m in layer.modules()
+               if isinstance(m, torch.nn.Linear)]
     return float(structure_norm([torch.cat(weights).unsqueeze(0)], norm)[0])
 
 
-def prune_layers(model: torch.nn.Module, amount: float, norm: str = "l2") -> dict:
+def prune_layers(model: torch.nn.Module, amount: float, norm: str = "l2", saliency: Saliency | None = None) -> dict:
     """Remove the decoder layers whose weights have the lowest norm; renumber the rest and update
-    config.num_hidden_layers (and config.layer_types where the model has it)."""
+    config.num_hidden_layers (and config.layer_types where the model has it). `saliency` as in
+    `prune_heads`."""
     layers = decoder_layers(model)
     count = removal_count(len(layers), amount, "decoder layers")
-    scores = torch.tensor([layer_norm_score(layer, norm) for layer in layers])
+    scores = torch.tensor([layer_norm_score(layer, norm, saliency) for layer in layers])
     keep = lowest(scores, count).tolist()
     model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
     for new_index, layer in enumerate(model.model.layers):
