@@ -64,6 +64,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture
+def exact_quant_path(monkeypatch):
+    """QuantLinear without its CPU fast path (torch's int4/int8 ops compute in bfloat16, ~1e-3 relative):
+    for tests that claim exact equality with the dequantized weight (exports, QAT conversion)."""
+    from effopt.nn import cpu_qmatmul
+
+    monkeypatch.setattr(cpu_qmatmul, "ENABLED", False)
+
+
 def pytest_collection_modifyitems(config, items):
     """Integration tests on the real model are marked `real`; the slowest also `slow`."""
     if os.environ.get("EFFOPT_SKIP_SLOW") != "1":

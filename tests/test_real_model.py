@@ -29,6 +29,7 @@ def _recipe(tmp_path: Path, eval_tokens: int) -> Path:
     return path
 
 
+@pytest.mark.usefixtures("exact_quant_path")  # atol vs the dequantized path, not the bf16 CPU ops
 def test_int8_rtn_on_real_model_round_trips_through_export(tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["run", "--quiet", str(_recipe(tmp_path, 2048)), "--output", str(out)])

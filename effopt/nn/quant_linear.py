@@ -1,8 +1,9 @@
 """QuantLinear: a linear layer whose weight is stored as packed integer codes (kernels/LAYOUT.md).
 
-On CPU it dequantizes and calls F.linear. On CUDA it calls the Triton kernel in `kernels.qmatmul`
-when that kernel supports the bit width, else it dequantizes too. Only the packed codes, scales and
-zeros are stored, so memory and checkpoint size shrink by the real ratio.
+On CPU it calls torch's quantized-matmul ops through `effopt.nn.cpu_qmatmul` when they apply (few rows,
+no input gradient needed), else it dequantizes and calls F.linear. On CUDA it calls the Triton kernel in
+`kernels.qmatmul` when that kernel supports the bit width, else it dequantizes too. Only the packed
+codes, scales and zeros are stored, so memory and checkpoint size shrink by the real ratio.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from effopt.methods.quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from effopt.methods.quant.rtn import dequantize_weight
-from effopt.nn import register_module
+from effopt.nn import cpu_qmatmul, register_module
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,6 +35,7 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=dtype))
         self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self._kernel_weight = None  # a kernel's cached re-pack (CUDA only); never saved
+        self._cpu_weight = None  # (source buffers, their versions, cpu_qmatmul.Prepared | None); never saved
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
@@ -83,7 +85,28 @@ class QuantLinear(torch.nn.Module):
             self._kernel_weight = (key, prepared)
         return self._kernel_weight[1]
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .float() / .cuda() replace the buffers: drop the re-packed copies rather than keep them
+        # (and the old buffers they reference) alive
+        self._kernel_weight = self._cpu_weight = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _cpu_prepared(self) -> "cpu_qmatmul.Prepared | None":
+        """The CPU ops' re-packed weight (None: no op applies), rebuilt when a buffer is replaced or changed."""
+        sources = (self.qweight, self.scales, self.zeros)
+        versions = tuple(_version(t) for t in sources)
+        cached = getattr(self, "_cpu_weight", None)
+        if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], sources)):
+            prepared = cpu_qmatmul.prepare(self.codes(), self.scales, self.zeros, self.bits, self.group_size)
+            self._cpu_weight = cached = (sources, versions, prepared)
+        return cached[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_qmatmul.usable(x, self.in_features) and self.qweight.device.type == "cpu" \
+                and not (torch.is_grad_enabled() and x.requires_grad):  # the ops have no backward
+            prepared = self._cpu_prepared()
+            if prepared is not None and cpu_qmatmul.worth_it(x, prepared):
+                return cpu_qmatmul.matmul(x, prepared, self.bias)
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.bits in (2, 4, 8) \
                 and not (torch.is_grad_enabled() and x.requires_grad):  # the kernel has no backward
             from kernels import qmatmul
@@ -106,3 +129,8 @@ class QuantLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, symmetric={self.symmetric}, method={self.method}")
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """In-place write counter; inference tensors have none (the identity check above still applies)."""
+    return None if t.is_inference() else t._version

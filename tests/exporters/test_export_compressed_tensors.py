@@ -69,6 +69,7 @@ def test_packed_tensors_equal_what_compressed_tensors_writes(tmp_path, tokenizer
             assert torch.equal(theirs[key], ours[key]), key
 
 
+@pytest.mark.usefixtures("exact_quant_path")  # atol 1e-5 vs the dequantized path, not the bf16 CPU ops
 @pytest.mark.parametrize("bits, group", [(4, 32), (8, -1)])
 def test_transformers_loads_symmetric_export_with_same_logits(tmp_path, tokenizer, bits, group):
     """transformers' compressed-tensors integration decompresses on CPU. Asymmetric checkpoints are not
@@ -145,6 +146,7 @@ def test_int32_words_is_little_endian_twos_complement(data, words):
     assert out.dtype == torch.int32 and out.tolist() == words
 
 
+@pytest.mark.usefixtures("exact_quant_path")  # atol 1e-5 vs the dequantized path, not the bf16 CPU ops
 def test_lora_over_packed_layers_is_merged_into_float_layers(tmp_path, tokenizer):
     """Packed codes cannot hold a LoRA update: such layers are written merged, in float, and ignored."""
     from transformers import AutoModelForCausalLM

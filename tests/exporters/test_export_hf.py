@@ -12,6 +12,7 @@ from effopt.exporters.hf import export_hf
 from effopt.nn.quant_linear import QuantLinear
 
 
+@pytest.mark.usefixtures("exact_quant_path")  # atol 1e-5 vs the dequantized path, not the bf16 CPU ops
 def test_dense_hf_export_loads_in_transformers_with_the_same_logits(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 

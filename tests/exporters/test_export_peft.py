@@ -54,6 +54,7 @@ def _reload_with_peft(folder):
     return PeftModel.from_pretrained(base, folder / "adapter").eval()
 
 
+@pytest.mark.usefixtures("exact_quant_path")  # atol 1e-5 vs the dequantized path, not the bf16 CPU ops
 @pytest.mark.parametrize("make", [_peft_model, _lora_over_packed, _lora_over_nf4],
                          ids=["peft-model", "lora-over-packed", "lora-over-nf4"])
 def test_peft_export_reloads_with_peft_to_the_same_logits(tmp_path, tokenizer, make):

@@ -19,6 +19,7 @@ def linear(seed: int = 0, n: int = 24, k: int = 80) -> torch.nn.Linear:
 
 
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (3, 32, True), (2, -1, False), (8, 64, True)])
+@pytest.mark.usefixtures("exact_quant_path")  # exact: the dequantized path, not the bf16 CPU ops
 def test_export_equals_the_fake_quant_forward(bits, group, symmetric):
     fq = FakeQuantLinear.from_linear(linear(), bits, group, symmetric)
     x = torch.randn(5, 80)
@@ -51,6 +52,7 @@ def test_masked_layer_keeps_its_zeros_through_qat_and_export():
     assert torch.count_nonzero(fq.to_quant().dequantize()[~mask]) == 0
 
 
+@pytest.mark.usefixtures("exact_quant_path")
 def test_qat_model_trains_and_converts_with_checkpoint_roundtrip(tmp_path):
     from effopt.models import load_checkpoint, save_checkpoint
     from effopt.training.loop import train
