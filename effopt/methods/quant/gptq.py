@@ -183,16 +183,26 @@ def gptq_model(model: torch.nn.Module, input_ids: torch.Tensor, targets: list[st
         if not linears:
             return
         hessians = accumulate_hessians(step, list(linears))
+        quantized = {}
         for name, module in linears.items():
             mask = getattr(module, "weight_mask", None)
             weight = module.weight * mask if mask is not None else module.weight
             codes, scales, zeros, info = gptq_quantize(weight, hessians.pop(name), bits, group_size, symmetric,
                                                        percdamp, blocksize, act_order, clip_search, mask,
                                                        static_groups)
-            step.replace(name, quantized_layer(module, codes, scales, zeros, bits, group_size, symmetric, "gptq"))
+            quantized[name] = quantized_layer(module, codes, scales, zeros, bits, group_size, symmetric, "gptq")
+            module.weight.copy_(quantized[name].dequantize(module.weight.dtype))
             stats["quantized_layers"] += 1
             stats["gptq_loss"] += info["loss"]
             stats["max_damp"] = max(stats["max_damp"], info["damp"])
+        # The outputs that feed the next layer come from the quantized weights, dequantized once here:
+        # a QuantLinear would dequantize on every calibration chunk (calibration chunks are too long
+        # for the CPU int path). Then the packed layers go in.
+        for i in range(len(step.inputs)):
+            step.inputs[i] = step.call(i)  # in place: one layer's inputs held at a time
+        step.next_inputs = step.inputs
+        for name, layer in quantized.items():
+            step.replace(name, layer)
 
     stats["calibration_tokens"] = calibrate_layers(model, input_ids, on_layer, batch_size=batch_size, device=device,
                                                    autocast=autocast, description=f"gptq w{bits} g{group_size}")
