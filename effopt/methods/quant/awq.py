@@ -275,7 +275,8 @@ def awq_model(model: torch.nn.Module, input_ids: torch.Tensor, targets: list[str
               bits: int, group_size: int, symmetric: bool, n_grid: int = 20, clip: bool = True,
               quantizer: str = "rtn", search_samples: int = 8, batch_size: int = 8,
               gptq_options: dict | None = None, autocast: torch.dtype | None = None, device=None) -> dict:
-    """AWQ over every decoder layer in order (each layer calibrated on the quantized layers' outputs).
+    """AWQ over every decoder layer in order (each layer calibrated on the float outputs of the layer
+    before it, as in the reference implementation; see `awq_layer`).
 
     Args:
         search_samples: calibration sequences the scale search's loss is measured on (the mean |x|
