@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from effopt.methods import calibration
 from effopt.nn.masked_linear import MaskedLinear
 
 Saliency = dict  # {linear module: per-weight score tensor of its weight's shape}
@@ -31,12 +32,8 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """{full name: module} of every linear layer inside the decoder layers."""
-    prefix = {id(layer) for layer in decoder_layers(model)}
-    out = {}
-    for name, module in model.named_modules():
-        if id(module) in prefix:
-            out.update({f"{name}.{rel}": m for rel, m in module.named_modules() if isinstance(m, torch.nn.Linear)})
-    return out
+    return {f"{name}.{rel}": m for name, layer in calibration.decoder_layers(model)
+            for rel, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def structure_norm(parts: list[torch.Tensor], norm: str) -> torch.Tensor:
