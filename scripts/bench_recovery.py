@@ -10,7 +10,7 @@ Each recipe runs as `python -m effopt run` in its own process (OMP_NUM_THREADS=-
 --runs/NAME; a run directory that already completed is read, not rerun, and an unfinished one is
 resumed. Usage:
 
-    .venv/bin/python scripts/bench_recovery.py [--threads 1] [--runs /tmp/runs/recovery] [--no-control]
+    .venv/bin/python scripts/bench_recovery.py [--threads 1] [--runs runs/recovery] [--no-control]
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def table(rows: list[tuple[str, str, dict]], control: dict | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=Path("/tmp/runs/recovery"), help="Run directories.")
+    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "recovery",
+                        help="Run directories (default runs/recovery, like bench_quality's runs/quality).")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "recovery.md", help="Markdown output.")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each run.")
     parser.add_argument("--no-control", action="store_true", help="Skip the uncompressed control run.")
@@ -106,6 +107,16 @@ def main() -> None:
     write(args, rows, details, control, walls, load_start)
 
 
+def _shown(path: str) -> str:
+    """An absolute path inside the repo shown relative to it (results files carry no machine paths)."""
+    if not Path(path).is_absolute():
+        return path
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return path
+
+
 def write(args, rows, details, control, walls, load_start) -> None:
     """Write the results file: table, control, per-run details, command and machine."""
     import platform
@@ -113,7 +124,7 @@ def write(args, rows, details, control, walls, load_start) -> None:
     import torch
 
     text = ["# Recovery after compression (builtin SmolLM2-135M)", "",
-            "Made by `" + " ".join(["scripts/bench_recovery.py"] + sys.argv[1:]) + "` on "
+            "Made by `" + " ".join(["scripts/bench_recovery.py"] + [_shown(a) for a in sys.argv[1:]]) + "` on "
             + dt.date.today().isoformat() + ". Train text: Pride and Prejudice (120 steps x 2 x 256 tokens); "
             "calibration: Emma; evaluation: first 16,384 tokens of Persuasion in 1,024-token windows (held out). "
             "`loss won back` = (NLL compressed - NLL recovered) / (NLL compressed - NLL before), NLL = mean "
@@ -134,7 +145,7 @@ def write(args, rows, details, control, walls, load_start) -> None:
              f"{torch.__version__}, OMP_NUM_THREADS={args.threads}; load average at start "
              f"{load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f} (other jobs shared the CPU: times are "
              "upper bounds). Peak RSS is the recovery stage's (student, teacher where used, optimizer state).",
-             f"Run directories: {args.runs}/<recipe name> (run.json has every metric)."]
+             f"Run directories: {_shown(str(args.runs))}/<recipe name> (run.json has every metric)."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(text) + "\n")
     print(args.out.read_text())
