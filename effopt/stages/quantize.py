@@ -79,6 +79,13 @@ class AwqConfig(QuantizeBase, Calibrated):
     quantizer: Literal["rtn", "gptq"] = Field("rtn", description="Final rounding after scaling.")
     search_samples: int = Field(8, gt=0, description="Calibration sequences the scale search's loss uses "
                                                      "(rounded up to whole batches); statistics use all.")
+    # The search re-runs attention and the MLP 20 times per layer: in bfloat16 it took AWQ W4 g128 on
+    # SmolLM2 from ~13 to ~6 CPU-seconds per layer (AMX) at the same perplexity (37.95 vs 37.94).
+    search_precision: Literal["model", "bfloat16"] = Field(
+        "bfloat16", description="Dtype of the scale search's block forwards (float reference and candidates "
+                                "alike): bfloat16 autocast, or the calibration dtype. Statistics, clipping and "
+                                "the next layer's inputs keep calibration_precision. Use 'model' on CPUs "
+                                "without fast bfloat16 matmul.")
     percdamp: float = Field(0.01, gt=0, le=1, description="GPTQ damping (quantizer: gptq).")
     act_order: bool = Field(False, description="GPTQ act-order (quantizer: gptq).")
 
@@ -179,6 +186,7 @@ def apply_awq(cfg: AwqConfig, ctx) -> dict:
     return awq_model(ctx.model, ids, cfg.targets, cfg.ignore, bits=cfg.bits, group_size=cfg.group_size,
                      symmetric=cfg.symmetric, n_grid=cfg.n_grid, clip=cfg.clip, quantizer=cfg.quantizer,
                      search_samples=cfg.search_samples,
+                     search_autocast=torch.bfloat16 if cfg.search_precision == "bfloat16" else None,
                      gptq_options={"percdamp": cfg.percdamp, "act_order": cfg.act_order}, **opts)
 
 

@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from effopt.methods.quant.awq import awq_model, fold_scales, norm_offset, scale_groups, search_scale
+from effopt.methods.quant.awq import (IntGrid, awq_model, block_loss, fold_scales, linear_loss, norm_offset,
+                                      scale_groups, search_scale)
 from effopt.methods.quant.clip import apply_clip, block_gram, search_clip
 from effopt.methods.quant.rtn import dequantize_weight, fake_quantize, quantize_weight
 from tests.conftest import tiny_llama
@@ -70,8 +71,8 @@ def test_awq_output_error_below_rtn(bits, group_size):
     h = block.norm(x).detach()
     x_mean = h.abs().mean(0)
     linears = {"a": block.a, "b": block.b}
-    s, alpha, losses = search_scale(linears, {"a", "b"}, lambda t, i: block(t), [x], x_mean, bits, group_size,
-                                    False)
+    s, alpha, losses = search_scale(linears, {"a", "b"}, block_loss(lambda t, i: block(t), [x]), x_mean,
+                                    IntGrid(bits, group_size, False))
     assert losses[alpha] <= losses[0.0]  # alpha = 0 is RTN
     fold_scales(block.norm, [block.a, block.b], s)
     for lin in (block.a, block.b):
@@ -79,6 +80,32 @@ def test_awq_output_error_below_rtn(bits, group_size):
     err_awq = (block(x) - ref).pow(2).mean().item()
     err_rtn = (rtn(x) - ref).pow(2).mean().item()
     assert alpha > 0 and err_awq < 0.9 * err_rtn
+
+
+@pytest.mark.parametrize("shape, bits, group_size, symmetric", [
+    ((48, 256), 4, 64, False), ((40, 200), 3, 64, False), ((40, 200), 4, 128, True), ((16, 96), 4, -1, False),
+    ((16, 96), 8, -1, True)])
+def test_int_grid_fake_quantize_is_rtn_exactly(shape, bits, group_size, symmetric):
+    """The search's fused quantize-dequantize gives rtn.fake_quantize's values bit for bit (short last
+    groups, all-positive groups and per-channel included)."""
+    w = torch.distributions.StudentT(3.0).sample(shape)
+    w[0] = w[0].abs() + 0.1  # a row with no negative weight
+    got = IntGrid(bits, group_size, symmetric).fake_quantize(w)
+    assert torch.equal(got, fake_quantize(w, bits, group_size, symmetric))
+
+
+def test_linear_loss_equals_running_the_linear():
+    """A lone linear's search loss from X^T X matches the output MSE of running it."""
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(96, 40)
+    chunks = [outlier_inputs(96, 64, seed=s).view(2, 32, 96) for s in (1, 2)]
+    by_gram = linear_loss(linear, chunks)
+    by_running = block_loss(lambda x, i: linear(x), chunks)
+    assert by_gram() == pytest.approx(0.0, abs=1e-9) and by_running() == pytest.approx(0.0, abs=1e-9)
+    with torch.no_grad():
+        linear.weight.add_(0.01 * torch.randn_like(linear.weight))
+    assert by_gram() == pytest.approx(by_running(), rel=1e-4)
+    assert by_gram() > 1e-6
 
 
 @pytest.mark.parametrize("bits, group_size", [(3, 64), (4, 128), (4, -1)])

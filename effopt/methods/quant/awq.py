@@ -21,17 +21,86 @@ Then an optional clipping search (per output row and group, shrink the range by 
 minimizing that group's contribution to the output error over every calibration token, using the
 diagonal blocks of X^T X; q/k are not clipped), and the final quantization by RTN or by GPTQ (with
 the Hessian transformed by the scales: x' = x / s gives H' = D^-1 H D^-1).
+
+The grid need not be integer groups: with `quantizer="nf4"` the search, the clipping (blocks clamped
+to +-r * absmax, so bitsandbytes' own absmax becomes the clipped range) and the final layers are
+bitsandbytes NF4 (blocks of 64 by default), i.e. AWQ's scales make a checkpoint any bitsandbytes
+runtime loads.
+
+Cost: the search re-runs the inspected block once per alpha on `search_samples` sequences. When
+the inspected block is the scaled linear itself (o_proj, down_proj) its loss needs no forward:
+mean((x dW^T)^2) = tr(dW G dW^T) / (tokens * rows) with G = X^T X of the search tokens, computed
+once, so each grid point costs a [N, K] x [K, K] product instead of a pass over the tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from effopt.methods.calibration import SharedInputs
-from effopt.methods.quant.clip import apply_clip, block_gram, diag_blocks, search_clip
-from effopt.methods.quant.rtn import fake_quantize
+from effopt.methods.quant import bnb
+from effopt.methods.quant.clip import apply_clip, block_gram, diag_blocks, padded_groups, search_clip
+from effopt.methods.quant.rtn import scale_zero_from_range
+
+QUANTIZERS = ("rtn", "gptq", "nf4")
+
+
+@dataclass(frozen=True)
+class IntGrid:
+    """Integer codes with a scale and zero point per group of columns (what QuantLinear stores)."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+
+    @property
+    def block(self) -> int:
+        """Columns per group (<= 0: the whole row)."""
+        return self.group_size
+
+    def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize in float32 (the same values as rtn.fake_quantize, in fewer passes)."""
+        n, k = w.shape
+        groups = padded_groups(w, self.group_size)
+        wmin, wmax = groups.aminmax(dim=-1, keepdim=True)
+        scale, zero = scale_zero_from_range(wmin, wmax, self.bits, self.symmetric)
+        q = torch.round(groups / scale).add_(zero).clamp_(0, 2**self.bits - 1)
+        return q.sub_(zero).mul_(scale).view(n, -1)[:, :k]
+
+    def search_clip(self, w: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+        """Range shrink per (row, group) on the output error (clip.search_clip)."""
+        return search_clip(w, gram, self.bits, self.group_size, self.symmetric)
+
+    def apply_clip(self, w: torch.Tensor, shrink: torch.Tensor) -> None:
+        """Clamp each group in place to its shrunk range."""
+        apply_clip(w, shrink, self.group_size)
+
+
+@dataclass(frozen=True)
+class Nf4Grid:
+    """bitsandbytes NF4: 16 normal-quantile levels times the absmax of each block of weights."""
+
+    blocksize: int = 64
+
+    @property
+    def block(self) -> int:
+        """Weights per absmax block."""
+        return self.blocksize
+
+    def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight bitsandbytes NF4 will compute with, in float32."""
+        return bnb.nf4_fake_quantize(w.float(), self.blocksize)
+
+    def search_clip(self, w: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+        """Absmax shrink per (row, block) on the output error (bnb.nf4_search_clip)."""
+        return bnb.nf4_search_clip(w, gram, self.blocksize)
+
+    def apply_clip(self, w: torch.Tensor, shrink: torch.Tensor) -> None:
+        """Clamp each block in place to +-shrink * absmax."""
+        bnb.nf4_apply_clip(w, shrink, self.blocksize)
 
 
 @dataclass
@@ -111,33 +180,62 @@ def awq_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def search_scale(linears: dict[str, torch.nn.Module], quantized: set[str], inspect, inputs: list[torch.Tensor],
-                 x_mean: torch.Tensor, bits: int, group_size: int, symmetric: bool, n_grid: int = 20):
+def block_loss(inspect, inputs: list[torch.Tensor]) -> Callable[[], float]:
+    """loss() = mean squared difference between the inspected block's output now and its output
+    when this was called (the float reference), averaged over the input chunks.
+
+    Args:
+        inspect: callable(x, chunk index) -> output of the block.
+        inputs: input chunks of the block.
+    """
+    reference = [inspect(x, i).float() for i, x in enumerate(inputs)]
+
+    @torch.no_grad()
+    def loss() -> float:
+        return sum(float((inspect(x, i).float() - ref).pow(2).mean()) for i, (x, ref) in
+                   enumerate(zip(inputs, reference))) / len(inputs)
+    return loss
+
+
+@torch.no_grad()
+def linear_loss(linear: torch.nn.Module, inputs: list[torch.Tensor]) -> Callable[[], float]:
+    """The same loss when the inspected block is `linear` itself, without running it: its output
+    changes by x dW^T, so the mean squared change is tr(dW G dW^T) / (tokens * rows), G = X^T X."""
+    x = torch.cat([c.reshape(-1, c.shape[-1]) for c in inputs]).float()
+    gram, tokens = x.T @ x, x.shape[0]
+    original = linear.weight.detach().float().clone()
+
+    @torch.no_grad()
+    def loss() -> float:
+        dw = linear.weight.float() - original
+        return float((dw @ gram).mul_(dw).sum()) / (tokens * dw.shape[0])
+    return loss
+
+
+@torch.no_grad()
+def search_scale(linears: dict[str, torch.nn.Module], quantized: set[str], loss: Callable[[], float],
+                 x_mean: torch.Tensor, grid, n_grid: int = 20):
     """Grid-search alpha; returns (best scales, best alpha, {alpha: loss}).
 
     Args:
         linears: every consumer of the shared input (all get W * s; only those in `quantized` are
             fake-quantized, the rest stay float).
-        inspect: callable(x, chunk index) -> output of the block the loss is measured on.
-        inputs: shared input chunks used for the search.
+        loss: () -> output error with the linears' current weights (`block_loss`, `linear_loss`).
         x_mean: per-channel mean |x| over all calibration tokens.
+        grid: IntGrid or Nf4Grid, the weights' quantization grid.
     """
     originals = {name: m.weight.detach().clone() for name, m in linears.items()}
-    reference = [inspect(x, i).float() for i, x in enumerate(inputs)]
     losses, best = {}, (float("inf"), 0.0, torch.ones_like(x_mean, dtype=torch.float32))
     try:
         for step in range(n_grid):
             alpha = step / n_grid
-            s = awq_scales(x_mean, alpha)
+            s = awq_scales(x_mean, alpha).view(1, -1)
             for name, m in linears.items():
                 if name in quantized:
-                    w = originals[name].float() * s.view(1, -1)
-                    m.weight.copy_(fake_quantize(w, bits, group_size, symmetric) / s.view(1, -1))
-            loss = sum(float((inspect(x, i).float() - ref).pow(2).mean()) for i, (x, ref) in
-                       enumerate(zip(inputs, reference))) / len(inputs)
-            losses[alpha] = loss
-            if loss < best[0]:
-                best = (loss, alpha, s)
+                    m.weight.copy_(grid.fake_quantize(originals[name].float() * s).div_(s))
+            losses[alpha] = loss()
+            if losses[alpha] < best[0]:
+                best = (losses[alpha], alpha, s.view(-1))
     finally:
         for name, m in linears.items():
             m.weight.copy_(originals[name])
@@ -194,13 +292,14 @@ def collect_stats(step, names: list[str], keep: int, full_gram: bool, block_size
     return stats, outputs
 
 
-def _inspector(step, name: str):
-    """callable(x, chunk) -> output of module `name` of the layer (attention gets the layer's kwargs)."""
+def _inspector(step, name: str, autocast: torch.dtype | None = None):
+    """callable(x, chunk) -> output of module `name` of the layer (attention gets the layer's kwargs),
+    under torch.autocast with `autocast` if given, else with the step's own setting."""
     module = step.layer.get_submodule(name)
     takes_kwargs = name.endswith("self_attn") or name.endswith("attention")
 
     def run(x: torch.Tensor, chunk: int) -> torch.Tensor:
-        with step.autocast_context():
+        with torch.autocast(step.device.type, dtype=autocast) if autocast else step.autocast_context():
             out = module(hidden_states=x, **step.kwargs[chunk]) if takes_kwargs else module(x)
         return out[0] if isinstance(out, tuple) else out
     return run
@@ -218,24 +317,41 @@ def _rescale_gram(gram: torch.Tensor, s: torch.Tensor, group_size: int) -> torch
     return gram / (sp.unsqueeze(2) * sp.unsqueeze(1))
 
 
+def _final_layer(module: torch.nn.Module, w: torch.Tensor, grid, quantizer: str, gram, tokens: int,
+                 gptq_options: dict | None) -> torch.nn.Module:
+    """The quantized replacement of `module` for its (scaled, clipped, masked) weight `w`."""
+    from effopt.methods.quant.gptq import gptq_quantize, quantized_layer
+    from effopt.methods.quant.rtn import quantize_weight
+
+    if quantizer == "nf4":
+        return bnb.quantize_linear(module, w, "nf4", blocksize=grid.blocksize)
+    bits, group_size, symmetric = grid.bits, grid.group_size, grid.symmetric
+    if quantizer == "gptq":
+        codes, scales, zeros, _ = gptq_quantize(w, 2 * gram / max(tokens, 1), bits, group_size, symmetric,
+                                                mask=getattr(module, "weight_mask", None), **(gptq_options or {}))
+    else:
+        codes, scales, zeros = quantize_weight(w, bits, group_size, symmetric)
+    return quantized_layer(module, codes, scales, zeros, bits, group_size, symmetric, "awq")
+
+
 @torch.no_grad()
-def awq_layer(step, targeted: dict[str, torch.nn.Module], *, bits: int, group_size: int, symmetric: bool,
-              n_grid: int = 20, clip: bool = True, quantizer: str = "rtn", search_chunks: int = 1,
+def awq_layer(step, targeted: dict[str, torch.nn.Module], *, grid, n_grid: int = 20, clip: bool = True,
+              quantizer: str = "rtn", search_chunks: int = 1, search_autocast: torch.dtype | None = None,
               gptq_options: dict | None = None) -> dict:
     """AWQ on one decoder layer (a calibration LayerStep): search and fold scales, clip, quantize.
 
     As in the reference implementation, the next layer is calibrated on this layer's float outputs
     (computed in the same pass that gathers the statistics).
 
+    Args:
+        grid: IntGrid (quantizer 'rtn' / 'gptq') or Nf4Grid (quantizer 'nf4').
+
     Returns {linear name: chosen alpha} for the scaled groups.
     """
-    from effopt.methods.quant.gptq import gptq_quantize, quantized_layer
-    from effopt.methods.quant.rtn import quantize_weight
-
     groups = scale_groups(step.layer)
     names = sorted({n for grp in groups for n in grp.linears} | set(targeted))
     stats, step.next_inputs = collect_stats(step, names, search_chunks, quantizer == "gptq",
-                                            group_size if clip else None)
+                                            grid.block if clip else None)
     applied: dict[str, torch.Tensor] = {}
     alphas = {}
     for grp in groups:
@@ -244,8 +360,11 @@ def awq_layer(step, targeted: dict[str, torch.nn.Module], *, bits: int, group_si
             continue
         linears = {n: step.layer.get_submodule(n) for n in grp.linears}
         st = stats[grp.linears[0]]
-        s, alpha, _ = search_scale(linears, quantized, _inspector(step, grp.inspect), st.kept, st.mean_abs(),
-                                   bits, group_size, symmetric, n_grid)
+        if grp.linears == [grp.inspect]:
+            loss = linear_loss(linears[grp.inspect], st.kept)
+        else:
+            loss = block_loss(_inspector(step, grp.inspect, search_autocast), st.kept)
+        s, alpha, _ = search_scale(linears, quantized, loss, st.mean_abs(), grid, n_grid)
         fold_scales(step.layer.get_submodule(grp.prev), list(linears.values()), s)
         applied.update({n: s for n in grp.linears})
         alphas.update({n: alpha for n in quantized})
@@ -254,38 +373,45 @@ def awq_layer(step, targeted: dict[str, torch.nn.Module], *, bits: int, group_si
     for name, module in targeted.items():
         gram = stats[name].gram
         if gram is not None and name in applied:
-            gram = _rescale_gram(gram, applied[name], group_size)
+            gram = _rescale_gram(gram, applied[name], grid.block)
         weight = module.weight.data
         if clip and not name.endswith(("q_proj", "k_proj")):
-            blocks = gram if gram.dim() == 3 else diag_blocks(gram, group_size)
-            apply_clip(weight, search_clip(weight, blocks, bits, group_size, symmetric), group_size)
+            blocks = gram if gram.dim() == 3 else diag_blocks(gram, grid.block)
+            grid.apply_clip(weight, grid.search_clip(weight, blocks))
         mask = getattr(module, "weight_mask", None)
         w = weight * mask if mask is not None else weight
-        if quantizer == "gptq":
-            codes, scales, zeros, _ = gptq_quantize(w, 2 * gram / max(stats[name].tokens, 1), bits, group_size,
-                                                    symmetric, mask=mask, **(gptq_options or {}))
-        else:
-            codes, scales, zeros = quantize_weight(w, bits, group_size, symmetric)
-        step.replace(name, quantized_layer(module, codes, scales, zeros, bits, group_size, symmetric, "awq"))
+        step.replace(name, _final_layer(module, w, grid, quantizer, gram, stats[name].tokens, gptq_options))
     return alphas
 
 
 @torch.no_grad()
 def awq_model(model: torch.nn.Module, input_ids: torch.Tensor, targets: list[str], ignore: list[str], *,
-              bits: int, group_size: int, symmetric: bool, n_grid: int = 20, clip: bool = True,
-              quantizer: str = "rtn", search_samples: int = 8, batch_size: int = 8,
-              gptq_options: dict | None = None, autocast: torch.dtype | None = None, device=None) -> dict:
+              bits: int = 4, group_size: int = 128, symmetric: bool = False, n_grid: int = 20, clip: bool = True,
+              quantizer: str = "rtn", blocksize: int = 64, search_samples: int = 8,
+              search_autocast: torch.dtype | None = torch.bfloat16, batch_size: int = 8, gptq_options: dict | None = None, autocast: torch.dtype | None = None, device=None) -> dict:
     """AWQ over every decoder layer in order (each layer calibrated on the float outputs of the layer
     before it, as in the reference implementation; see `awq_layer`).
 
     Args:
+        bits, group_size, symmetric: the integer grid (quantizer 'rtn' / 'gptq').
+        quantizer: 'rtn' or 'gptq' for the final rounding on the integer grid, or 'nf4' for
+            bitsandbytes NF4 throughout (search, clipping and the stored layers).
+        blocksize: weights per NF4 absmax block (quantizer 'nf4'); clipping needs every targeted
+            layer's input width to be a multiple of it.
         search_samples: calibration sequences the scale search's loss is measured on (the mean |x|
             statistics and the clipping search use every sequence).
-        quantizer: 'rtn' or 'gptq' for the final rounding.
+        search_autocast: dtype of the search's block forwards (None: as the other calibration
+            forwards, `autocast`).
         gptq_options: percdamp / blocksize / act_order for the GPTQ quantizer.
     """
     from effopt.methods.calibration import calibrate_layers
 
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+    grid = Nf4Grid(blocksize) if quantizer == "nf4" else IntGrid(bits, group_size, symmetric)
+    if quantizer == "nf4":
+        param = next(model.parameters())
+        bnb.check_backend("nf4", torch.device(device) if device is not None else param.device, param.dtype)
     search_chunks = max(1, -(-search_samples // batch_size))
     alphas: list[float] = []
     count = {"layers": 0}
@@ -294,12 +420,14 @@ def awq_model(model: torch.nn.Module, input_ids: torch.Tensor, targets: list[str
         targeted = step.linears(targets, ignore)
         if not targeted:
             return
-        chosen = awq_layer(step, targeted, bits=bits, group_size=group_size, symmetric=symmetric, n_grid=n_grid,
-                           clip=clip, quantizer=quantizer, search_chunks=search_chunks, gptq_options=gptq_options)
+        chosen = awq_layer(step, targeted, grid=grid, n_grid=n_grid, clip=clip, quantizer=quantizer,
+                           search_chunks=search_chunks, search_autocast=search_autocast,
+                           gptq_options=gptq_options)
         alphas.extend(chosen.values())
         count["layers"] += len(targeted)
 
+    label = f"awq nf4 b{blocksize}" if quantizer == "nf4" else f"awq w{bits} g{group_size}"
     tokens = calibrate_layers(model, input_ids, on_layer, batch_size=batch_size, device=device, autocast=autocast,
-                              description=f"awq w{bits} g{group_size}")
+                              description=label)
     return {"quantized_layers": count["layers"], "calibration_tokens": tokens,
             "mean_alpha": sum(alphas) / max(len(alphas), 1)}
