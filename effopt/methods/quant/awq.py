@@ -388,7 +388,8 @@ def awq_layer(step, targeted: dict[str, torch.nn.Module], *, grid, n_grid: int =
 def awq_model(model: torch.nn.Module, input_ids: torch.Tensor, targets: list[str], ignore: list[str], *,
               bits: int = 4, group_size: int = 128, symmetric: bool = False, n_grid: int = 20, clip: bool = True,
               quantizer: str = "rtn", blocksize: int = 64, search_samples: int = 8,
-              search_autocast: torch.dtype | None = torch.bfloat16, batch_size: int = 8, gptq_options: dict | None = None, autocast: torch.dtype | None = None, device=None) -> dict:
+              search_autocast: torch.dtype | None = torch.bfloat16, batch_size: int = 8,
+              gptq_options: dict | None = None, autocast: torch.dtype | None = None, device=None) -> dict:
     """AWQ over every decoder layer in order (each layer calibrated on the float outputs of the layer
     before it, as in the reference implementation; see `awq_layer`).
 
