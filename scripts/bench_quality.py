@@ -33,7 +33,8 @@ GROUPS: list[tuple[str, list[str]]] = [
     ("W8A8 and NF4", ["quantize-smoothquant-w8a8", "quantize-nf4"]),
     ("Unstructured pruning, 50%", ["prune-magnitude-50", "prune-wanda-50", "prune-sparsegpt-50", "prune-taylor-50"]),
     ("2:4 pruning", ["prune-magnitude-2of4", "prune-wanda-2of4", "prune-sparsegpt-2of4", "prune-taylor-2of4"]),
-    ("Structured pruning, 20%", ["prune-heads-20", "prune-channels-20"]),
+    ("Structured pruning, 20%", ["prune-heads-20", "prune-channels-20", "prune-heads-20-taylor",
+                                 "prune-channels-20-taylor"]),
     ("Low rank, 20% fewer parameters in the targeted layers", ["lowrank-svd-20", "lowrank-asvd-20"]),
 ]
 ALL = [name for _, names in GROUPS for name in names]

@@ -40,6 +40,18 @@ def test_taylor_scores_sum_per_batch_abs_w_grad():
     assert not module.weight.requires_grad or all(p.requires_grad for p in model.parameters())
 
 
+def test_taylor_scores_under_bf16_autocast_track_float32_ones():
+    model = tiny_llama()
+    name = "model.layers.1.mlp.down_proj"
+    module = model.get_submodule(name)
+    exact = taylor_scores(model, {name: module}, IDS.split(2))[name]
+    fast = taylor_scores(model, {name: module}, IDS.split(2), autocast=torch.bfloat16)[name]
+    assert fast.dtype == torch.float32 and module.weight.dtype == torch.float32
+    assert not torch.equal(fast, exact)  # the passes really ran in bfloat16
+    corr = torch.corrcoef(torch.stack([fast.flatten(), exact.flatten()]))[0, 1]
+    assert corr > 0.98, corr
+
+
 def test_taylor_restores_requires_grad_flags():
     model = tiny_llama()
     model.model.embed_tokens.weight.requires_grad_(False)
