@@ -10,6 +10,9 @@ Three Triton kernels, picked per shape by timing them once (`kernels._tune.choos
                     the narrow side (16 at least). Optional split-K with an in-kernel reduction
                     (the last split of a tile sums the partials), so one launch serves small M.
   * `_gemv_kernel`  CUDA-core kernel for M <= 4 (no padding of M to 16).
+  * `_gemv2_kernel` CUDA-core kernel for decode (M <= 16; offered for M <= 2) over a re-packed
+                    int32 copy of the codes: on an H200 at M = 1 it takes 17 us for W4 g128
+                    8192x8192, against 30 us for `_qmm_kernel` and 37 us for cuBLAS fp16.
   * `_dequant_kernel` + torch.matmul (cuBLAS) for large M where that wins.
 Codes become floats through an exponent-bit trick instead of int->float converts:
 `0x6400 | q` read as fp16 is 1024 + q (bf16: `0x4300 | q` is 128 + q), exact for small q. The offset
@@ -87,6 +90,7 @@ class QuantWeight:
     bits: int
     group_size: int  # normalised: K for per-channel
     in_features: int
+    qwords: torch.Tensor = None  # int32 [N, 32 * chunks] for `_gemv2_kernel` (see pack_words), or None
 
     @property
     def out_features(self) -> int:
@@ -98,16 +102,58 @@ class QuantWeight:
 
 
 def prepare_weight(qweight, scales, zeros, bits: int, group_size: int, in_features: int) -> QuantWeight:
-    """Re-lay out the packed tensors once for speed (group-major scales/zeros); cache the result."""
+    """Re-lay out the packed tensors once for speed (group-major scales/zeros); cache the result.
+
+    Where `_gemv2_kernel` applies (bits 2/4/8, g a multiple of 32 or per-channel) the result also
+    holds the codes re-packed into int32 words (`pack_words`): a second copy of the codes, as
+    large as qweight, kept so the decode kernel can read 16-byte words in its own order.
+    """
     _check_layout(qweight, scales, zeros, bits, group_size, in_features)
+    g = _norm_group(group_size, in_features)
+    words = pack_words(qweight, bits, in_features) if _gemv2_fits(bits, g, in_features) else None
     return QuantWeight(
         qweight.contiguous(),
         scales.t().contiguous().t(),
         zeros.t().contiguous().t(),
         bits,
-        _norm_group(group_size, in_features),
+        g,
         in_features,
+        words,
     )
+
+
+def _gemv2_fits(bits: int, group: int, in_features: int) -> bool:
+    """Whether every 32-code segment of the word layout lies in one group and the kernel's scale
+    flushes line up with group ends: per-channel, or g <= 1024 with g/32 and codes per word dividing
+    one another (g = 32, 64, 128, 256, ...)."""
+    if bits not in KERNEL_BITS:
+        return False
+    if group >= in_features:
+        return True
+    segs, cpw = group // 32, 32 // bits
+    return group % 32 == 0 and group <= 1024 and (cpw % segs == 0 or segs % cpw == 0)
+
+
+def pack_words(qweight: torch.Tensor, bits: int, in_features: int, rows: int = 2048) -> torch.Tensor:
+    """Re-pack the codes into int32 words for `_gemv2_kernel`: int32 [N, 32 * R].
+
+    The row is cut into R chunks of 32 words (CPW = 32 // bits codes each, 32 * CPW codes per
+    chunk, K padded with zero codes). Code c * 32 + t of chunk r sits at bits [c*b, (c+1)*b) of
+    word r * 32 + t, so segment c of a chunk (codes c*32 .. c*32+31) is one field of 32
+    consecutive words: a 16-byte load gives a thread 4 consecutive codes of each segment, whose x
+    values are 4 consecutive columns, and a segment never straddles a group when 32 | g.
+    """
+    n = qweight.shape[0]
+    cpw = 32 // bits
+    chunks = -(-in_features // (32 * cpw))
+    out = torch.empty(n, 32 * chunks, dtype=torch.int32, device=qweight.device)
+    shifts = (torch.arange(cpw, device=qweight.device, dtype=torch.int64) * bits)[None, None, :, None]
+    for r0 in range(0, n, rows):  # bounded temporaries for large layers
+        codes = unpack_codes(qweight[r0:r0 + rows], bits, in_features).to(torch.int64)
+        codes = torch.nn.functional.pad(codes, (0, 32 * cpw * chunks - in_features))
+        words = (codes.view(-1, chunks, cpw, 32) << shifts).sum(2)  # [rows, R, 32] < 2^32
+        out[r0:r0 + rows] = (words - ((words >> 31) << 32)).view(-1, 32 * chunks).to(torch.int32)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,6 +366,204 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _pow2(e: tl.constexpr):
+    """2.0 ** e as an fp32 scalar, built from its bits (exact), for integer constexpr e in [-126, 128)."""
+    return tl.full([], (e + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv2_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+    M, N, K, R,
+    stride_xm, stride_qn, stride_sn, stride_sg, stride_om,
+    GROUP: tl.constexpr,  # g (a constexpr, so the group index is a shift); 1 when per-channel
+    BITS: tl.constexpr,  # 2, 4 or 8
+    GROUP_MODE: tl.constexpr,  # 1: scale every FLUSH segments, 2: one group per row (at the end)
+    FLUSH: tl.constexpr,  # segments (32 codes) per scale flush: min(g / 32, codes per word)
+    GPOW: tl.constexpr,  # next_power_of_2(g) (GROUP_MODE 1): the zero-point epilogue's tile
+    MASK_K: tl.constexpr,  # False when K is whole chunks and R a multiple of STEP: no loop masks
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STEP: tl.constexpr,  # chunks (32 words = 128 bytes of a row) per loop trip, unrolled
+    SPLIT_K: tl.constexpr,
+    STAGES: tl.constexpr,  # 1: load a trip's operands at its top; 2: one trip ahead (prefetch)
+):
+    """Decode GEMV on CUDA cores over `pack_words` codes: out[M, N] = x[M, K] @ W[N, K]^T.
+
+    A program owns BLOCK_N rows and the chunks of split pid_k; per chunk it loads a [BLOCK_N, 32]
+    tile of words (segment c of the chunk is field c of every word). What this kernel does about
+    where the time goes:
+      * No per-step reductions: per token, `parts[m]` / `accs[m]` are [BLOCK_N, 32] fp32 in
+        registers, one lane per word column; the 32 columns are summed once, after the K loop.
+        Tokens are a tuple of 2-D tensors rather than a 3-D tensor, so every x and scale load is
+        smaller than the thread count and the compiler recomputes it in the words' register
+        layout instead of converting through shared memory.
+      * Code -> float in one AND: a b-bit field at bits [sh, sh+b), sh + b <= 23, read as fp32 is
+        the denormal q * 2^(sh-149), exact and linear (no offset to remove, no I2F). Fields that
+        reach the exponent bits are taken from the word shifted down by 16 (one shift per word).
+        The 2^(149-sh) goes onto x (x * 2^(85-sh): one convert and one multiply per x element,
+        shared by the rows a thread holds), so v * x' = q * x * 2^-64 exactly (<= 8 + 11
+        significant bits) and one FFMA per token is the only other per-code instruction.
+        |x| must stay below 2^42 (x * 2^85 < fp32 max).
+      * Scale once per group and column: acc += s * part after the group's last segment.
+      * Zero point out of the loop: sum_k s (q - z) x = s sum_k q x - s z sum_k x, and the second
+        term needs only x, so an epilogue sums x per group over this split's K range (`_zero_term`).
+      * Wide loads over several groups: a trip reads STEP chunks of 32 * (32 / BITS) codes per row;
+        rows and tokens past N / M are clamped to valid ones (dropped at the store), so with
+        MASK_K off the loop has no masks at all.
+    Per code: ~1 AND and M FFMA, plus M FFMA per group and column (scale) and 2 M per x element
+    (SASS at M=1, 64 rows, 2 chunks a trip: 862 instructions per 256 codes a thread, 128 registers).
+    Measured on an H200 (W4 g128, M=1): 17 us at 8192x8192 (2.1 TB/s, half the copy bandwidth).
+    Most likely latency-bound rather than bandwidth-bound (inferred from config sweeps, not
+    profiled): a warp loads a trip, then computes it, and the 4 programs of an SM run in step.
+    Prefetching a trip ahead (STAGES 2) should overlap the two but needs ~240 registers (2
+    programs per SM) and was slower; so were 8 rows a thread and 1 chunk a trip.
+    At M = 4 the FFMAs dominate (2x slower than the MMA kernel).
+    """
+    CPW: tl.constexpr = 32 // BITS  # codes per word = segments per chunk
+    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1)
+    offs_t = tl.arange(0, 32)
+    n_trips = tl.cdiv(R, STEP)
+    per_split = tl.cdiv(n_trips, SPLIT_K)
+    it0 = pid_k * per_split
+    it1 = tl.minimum(it0 + per_split, n_trips)
+    w_ptrs = qw_ptr + rows[:, None] * stride_qn + offs_t[None, :]
+    s_ptrs = s_ptr + rows * stride_sn
+
+    parts = ()  # per token: sum q x 2^-64 since the last flush
+    accs = ()  # per token: sum s q x 2^-64
+    for m in tl.static_range(BLOCK_M):
+        parts = parts + (tl.zeros((BLOCK_N, 32), tl.float32),)
+        accs = accs + (tl.zeros((BLOCK_N, 32), tl.float32),)
+    if STAGES >= 2:
+        nxt = _gemv2_loads(w_ptrs, x_ptr, offs_t, tl.minimum(it0, n_trips - 1), R, K, M, stride_xm,
+                           CPW, BLOCK_M, STEP, MASK_K)
+    for it in range(it0, it1):
+        if STAGES >= 2:  # trip it + 1's loads go out before trip it is computed
+            cur = nxt
+            if it + 1 < it1:  # (an `if` keeps ptxas from sinking them to the end of the trip)
+                nxt = _gemv2_loads(w_ptrs, x_ptr, offs_t, it + 1, R, K, M, stride_xm, CPW, BLOCK_M, STEP, MASK_K)
+        else:  # at the top of the trip: half the registers; other warps hide the latency
+            cur = _gemv2_loads(w_ptrs, x_ptr, offs_t, it, R, K, M, stride_xm, CPW, BLOCK_M, STEP, MASK_K)
+        for sub in tl.static_range(STEP):
+            r = it * STEP + sub
+            w = cur[0][sub]
+            w_hi = w >> 16
+            for c in tl.static_range(CPW):
+                if c * BITS + BITS <= 23:
+                    sh = c * BITS  # a constexpr: c is unrolled
+                    v = (w & (CODE_MASK << sh)).to(tl.float32, bitcast=True)
+                else:
+                    sh = c * BITS - 16
+                    v = (w_hi & (CODE_MASK << sh)).to(tl.float32, bitcast=True)
+                new_parts = ()
+                for m in tl.static_range(BLOCK_M):
+                    xv = cur[1][(sub * CPW + c) * BLOCK_M + m].to(tl.float32) * _pow2(85 - sh)
+                    new_parts = new_parts + (parts[m] + v * xv[None, :],)
+                parts = new_parts
+                if GROUP_MODE == 1 and (c + 1) % FLUSH == 0:
+                    g = ((r * CPW + c) * 32) // GROUP  # the group of the last FLUSH segments
+                    if MASK_K:  # past K (part = 0) any valid group will do
+                        g = tl.minimum(g, tl.cdiv(K, GROUP) - 1)
+                    s = tl.load(s_ptrs + g * stride_sg).to(tl.float32)[:, None]
+                    new_accs = ()
+                    new_parts = ()
+                    for m in tl.static_range(BLOCK_M):
+                        new_accs = new_accs + (accs[m] + s * parts[m],)
+                        new_parts = new_parts + (tl.zeros((BLOCK_N, 32), tl.float32),)
+                    accs = new_accs
+                    parts = new_parts
+    if GROUP_MODE == 2:
+        accs = parts
+    offs_m = tl.arange(0, BLOCK_M)
+    res = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for m in tl.static_range(BLOCK_M):
+        res = tl.where(offs_m[None, :] == m, tl.sum(accs[m], axis=1)[:, None], res)
+    res *= _pow2(64)
+    if GROUP_MODE == 2:
+        res *= tl.load(s_ptrs).to(tl.float32)[:, None]
+    tokens = tl.minimum(offs_m, M - 1)
+    k_lo = it0 * (STEP * CPW * 32)
+    k_hi = tl.minimum(it1 * (STEP * CPW * 32), K)
+    if GROUP_MODE == 1:
+        zt = _zero_term(x_ptr, s_ptr, z_ptr, tokens, rows, k_lo, k_hi, stride_xm, stride_sn, stride_sg,
+                        GROUP, GPOW, BLOCK_M)
+    else:
+        zt = _zero_term_channel(x_ptr, s_ptr, z_ptr, tokens, rows, k_lo, k_hi, stride_xm, stride_sn, BLOCK_M)
+    res -= tl.trans(zt)
+    _finish(res, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, offs_n, offs_m, N, M, stride_om,
+            HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M)
+
+
+@triton.jit
+def _gemv2_loads(w_ptrs, x_ptr, offs_t, it, R, K, M, stride_xm, CPW: tl.constexpr, BLOCK_M: tl.constexpr,
+                 STEP: tl.constexpr, MASK_K: tl.constexpr):
+    """Trip `it`'s operands: ([BLOCK_N, 32] words of each of its STEP chunks,
+    x[m, segment] for segment (sub * CPW + c) and token m at index (sub * CPW + c) * BLOCK_M + m)."""
+    words = ()
+    xs = ()
+    for sub in tl.static_range(STEP):
+        r = it * STEP + sub
+        if MASK_K:
+            words = words + (tl.load(w_ptrs + r * 32, mask=(r * 32 + offs_t < R * 32)[None, :], other=0),)
+        else:
+            words = words + (tl.load(w_ptrs + r * 32),)
+        for c in tl.static_range(CPW):
+            k = (r * CPW + c) * 32 + offs_t
+            for m in tl.static_range(BLOCK_M):
+                x_row = x_ptr + tl.minimum(m, M - 1) * stride_xm  # tokens past M: any valid row
+                if MASK_K:
+                    xs = xs + (tl.load(x_row + k, mask=k < K, other=0.0),)
+                else:
+                    xs = xs + (tl.load(x_row + k),)
+    return words, xs
+
+
+@triton.jit
+def _zero_term(x_ptr, s_ptr, z_ptr, offs_m, offs_n, k_lo, k_hi, stride_xm, stride_sn, stride_sg,
+               GROUP: tl.constexpr, GPOW: tl.constexpr, BLOCK_M: tl.constexpr):
+    """sum_g s[n, g] z[n, g] sum_{k in g, k_lo <= k < k_hi} x[m, k] as [BLOCK_M, BLOCK_N].
+
+    offs_m / offs_n are (clamped, valid) token and row indices. Runs once per program, after the
+    K loop: per (row, group) a thread pays two loads and an FFMA instead of an FFMA per element.
+    """
+    GB: tl.constexpr = max(1, 2048 // (GPOW * BLOCK_M))  # groups per trip: <= 2048 x values
+    offs_g = tl.arange(0, GB)
+    offs_j = tl.arange(0, GPOW)[None, None, :]
+    zt = tl.zeros((BLOCK_M, offs_n.shape[0]), tl.float32)
+    for g0 in range(k_lo // GROUP, tl.cdiv(k_hi, GROUP), GB):
+        gg = g0 + offs_g
+        k = gg[None, :, None] * GROUP + offs_j  # [1, GB, GPOW]
+        ok = (offs_j < GROUP) & (k >= k_lo) & (k < k_hi)
+        xt = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + k, mask=ok, other=0.0)
+        xs = tl.sum(xt.to(tl.float32), axis=2)  # [BLOCK_M, GB]: this split's part of each group
+        sz_off = offs_n[:, None] * stride_sn + gg[None, :] * stride_sg
+        g_ok = (gg * GROUP < k_hi)[None, :]
+        s = tl.load(s_ptr + sz_off, mask=g_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz_off, mask=g_ok, other=0.0).to(tl.float32)
+        zt += tl.sum(xs[:, None, :] * (s * z)[None, :, :], axis=2)
+    return zt
+
+
+@triton.jit
+def _zero_term_channel(x_ptr, s_ptr, z_ptr, offs_m, offs_n, k_lo, k_hi, stride_xm, stride_sn,
+                       BLOCK_M: tl.constexpr):
+    """`_zero_term` for one group per row: s z times the sum of x over [k_lo, k_hi)."""
+    offs = tl.arange(0, 1024)[None, :]
+    xs = tl.zeros((BLOCK_M, 1), tl.float32)
+    for kb in range(k_lo, k_hi, 1024):
+        k = kb + offs
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k, mask=k < k_hi, other=0.0)
+        xs += tl.sum(xt.to(tl.float32), axis=1, keep_dims=True)
+    s = tl.load(s_ptr + offs_n * stride_sn).to(tl.float32)
+    z = tl.load(z_ptr + offs_n * stride_sn).to(tl.float32)
+    return xs * (s * z)[None, :]
+
+
+@triton.jit
 def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KB, GROUP,
                     stride_qn, stride_sn, stride_sg, stride_wn,
                     BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -347,14 +591,14 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KB, GROUP,
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Cfg:
-    """One way to run the product: kind 'mma' | 'gemv' | 'dequant' and its tile sizes."""
+    """One way to run the product: kind 'mma' | 'gemv' | 'gemv2' | 'dequant' and its tile sizes."""
 
     kind: str
     block_m: int = 16
     block_n: int = 64
-    block_kb: int = 64  # bytes of a row per K-step
+    block_kb: int = 64  # bytes of a row per K-step (gemv2: always one 128-byte chunk of words)
     split_k: int = 1
-    step_blocks: int = 1  # K-blocks per (unrolled) loop trip of the mma kernel
+    step_blocks: int = 1  # K-blocks per (unrolled) loop trip of the mma and gemv2 kernels
     post_zero: bool = True
     x_split: bool = False
     warps: int = 4
@@ -407,6 +651,8 @@ def _launch(cfg: Cfg, x2, w: QuantWeight, bias, out):
         if has_bias:
             out += bias.to(out.dtype)
         return out
+    if cfg.kind == "gemv2":
+        return _launch_gemv2(cfg, x2, w, bias, out)
     mode = _group_mode(w, cfg.block_kb)
     block_m = triton.next_power_of_2(M) if cfg.kind == "gemv" else cfg.block_m
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, cfg.block_n)
@@ -430,6 +676,31 @@ def _launch(cfg: Cfg, x2, w: QuantWeight, bias, out):
                       UPCAST=not x2.is_cuda, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                       BLOCK_KB=cfg.block_kb, SPLIT_K=cfg.split_k, STEP_BLOCKS=cfg.step_blocks,
                       num_warps=cfg.warps, num_stages=cfg.stages)
+    return out
+
+
+def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):
+    M, K = x2.shape
+    N = w.out_features
+    if not _gemv2_fits(w.bits, w.group_size, K) or M > 16:
+        raise ValueError(f"gemv2 needs M <= 16 and g a multiple of 32 (or per-channel); got M={M}, g={w.group_size}")
+    words = w.qwords if w.qwords is not None else pack_words(w.qweight, w.bits, K)  # unprepared: per call
+    chunks = words.shape[1] // 32
+    cpw = 32 // w.bits
+    per_channel = w.group_size >= K
+    block_m = triton.next_power_of_2(M)
+    tiles = triton.cdiv(N, cfg.block_n)
+    ws, lock = _scratch(x2.device, tiles * cfg.split_k * block_m * cfg.block_n, tiles)
+    _gemv2_kernel[(tiles, cfg.split_k)](
+        x2, words, w.scales, w.zeros, bias if bias is not None else out, out, ws, lock,
+        M, N, K, chunks,
+        x2.stride(0), words.stride(0), w.scales.stride(0), w.scales.stride(1), out.stride(0),
+        GROUP=1 if per_channel else w.group_size, BITS=w.bits, GROUP_MODE=2 if per_channel else 1,
+        FLUSH=cpw if per_channel else min(w.group_size // 32, cpw),
+        GPOW=1 if per_channel else triton.next_power_of_2(w.group_size),
+        MASK_K=K % (32 * cpw) != 0 or chunks % cfg.step_blocks != 0,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=cfg.block_n, STEP=cfg.step_blocks,
+        SPLIT_K=cfg.split_k, STAGES=cfg.stages, num_warps=cfg.warps, num_stages=1)
     return out
 
 
@@ -459,6 +730,35 @@ def _splits(tiles: int, iters: int, target: int) -> list:
     return sorted(ok[:2])
 
 
+GEMV2_MAX_M = 2  # candidates() offers gemv2 up to here (H200, W4 g128: 1.8x the MMA at M=1, 0.5x at M=4)
+
+
+def gemv2_configs(M: int, w: QuantWeight) -> list:
+    """gemv2 launch configs for M tokens, most promising first (the benchmark times them all).
+
+    On an H200 (W4 g128, M = 1) what mattered was staying at <= 128 registers, so that 4
+    programs of 4 warps fit an SM and the grid is one wave; split-K brings the programs near
+    `per_sm` per SM, keeping >= 2 trips per split. Prefetching a trip ahead (stages 2) doubles the
+    operand registers and was slower everywhere measured; it stays as a candidate for the benchmark.
+    """
+    if w.qwords is None or M > 16:
+        return []
+    chunks = w.qwords.shape[1] // 32
+    sms = _sms(w.qweight.device)
+    if M <= 2:  # (block_n, step, stages, programs per SM), 4 warps each
+        shapes = [(64, 2, 1, 4), (32, 2, 1, 4), (64, 2, 2, 2), (64, 1, 1, 4)]
+    elif M <= 4:
+        shapes = [(32, 1, 1, 4), (32, 2, 1, 4), (16, 1, 1, 8)]
+    else:  # correct, but FFMA-bound: the MMA kernel wins from here on
+        shapes = [(16, 1, 1, 4)]
+    cfgs = []
+    for bn, step, stages, per_sm in shapes:
+        tiles, trips = triton.cdiv(w.out_features, bn), triton.cdiv(chunks, step)
+        sk = max(1, min(round(per_sm * sms / tiles), trips // 2, 32))
+        cfgs.append(Cfg("gemv2", triton.next_power_of_2(M), bn, 128, sk, step, warps=4, stages=stages))
+    return cfgs
+
+
 def candidates(M: int, w: QuantWeight, dtype) -> list:
     """Launch configs worth timing for M tokens; the first is the untimed default."""
     N = w.out_features
@@ -482,6 +782,8 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
                     cands.append(Cfg("gemv", M, bn, kb, sk, warps=4, stages=3))
         if M > 16:
             cands.append(Cfg("dequant"))
+        if M <= GEMV2_MAX_M:  # CUDA-core gemv2 first: the untimed default for 1-2 tokens
+            cands = gemv2_configs(M, w)[:2] + cands
         return cands
     kb = min(64, (_uniform_kbs(w, 128) or [32])[-1])  # x tile of 128 x 2*kb fp16 per stage
     return [Cfg("mma", 128, 128, kb, 1, post_zero=False, x_split=True, warps=8, stages=3),

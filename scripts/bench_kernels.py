@@ -4,6 +4,7 @@ GPU times come from CUDA-graph replays over input copies that rotate past the L2
 the eager column of the matmul table shows what one un-graphed call costs from Python.
 
     python scripts/bench_kernels.py [--quick] [--out results.md] [--only qmatmul,attn,decode]
+    python scripts/bench_kernels.py --gemv [--out gemv.md]   # decode GEMV table only (~2 min)
 
 Tables:
   * quant_matmul W4A16 g128 (and W8A16 per-channel) vs cuBLAS fp16 (torch.matmul) and
@@ -13,6 +14,9 @@ Tables:
     heads), 1k / 4k / 16k tokens vs SDPA's flash and cuDNN backends;
   * decode_attention (bf16) and decode_attention_int8 at KV 4k-16k vs SDPA decode, with the bytes
     moved per second next to the device-to-device copy bandwidth measured in the same run.
+  * --gemv: W4A16 g128 at M = 1, 4, 16 on the decode shapes (incl. Llama-3-8B fused qkv 6144x4096
+    and gate-up 28672x4096): cuBLAS fp16, the tuner's pick, the best tensor-core (mma) config
+    and each gemv2 config of `gemv2_configs` forced, one row each.
 Correctness at real sizes on the GPU: `python -m pytest tests/kernels` (picks CUDA when present).
 """
 import argparse
@@ -162,6 +166,46 @@ def bench_qmatmul(quick):
                "bnb NF4 µs", "speedup vs NF4", "effopt eager µs", "path", "rel err"], rows)
 
 
+def bench_gemv(copy_tbs):
+    """Decode-size W4A16 g128 products: every gemv2 config next to cuBLAS, the tuner and the best mma."""
+    shapes = [(8192, 8192), (14336, 4096), (4096, 14336), (4096, 4096), (6144, 4096), (28672, 4096)]
+    rows = []
+    for n, k in shapes:
+        w0 = make_quant(n, k, 4, 128)
+        wbytes = w0.qweight.numel() + 2 * w0.scales.numel() * 2
+        ws = [w0] + rotating(lambda: make_quant(n, k, 4, 128), wbytes)[1:]
+        w16 = [Q.dequantize(w.qweight, w.scales, w.zeros, 4, 128, k, dtype=torch.float16)
+               for w in ws[: max(1, math.ceil(3 * L2_BYTES / (n * k * 2)))]]
+        for m in (1, 4, 16):
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(4)]
+            out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+            ref = xs[1].float() @ w16[0].float().t()
+            byts = wbytes + m * k * 2 + m * n * 2
+
+            def row(label, cfg):
+                err = ((Q.quant_matmul(xs[1], w0, cfg=cfg).float() - ref).norm() / ref.norm()).item()
+                t, _ = graph_ms([lambda i=i: Q.quant_matmul(xs[i % 4], ws[i], out=out, cfg=cfg)
+                                 for i in range(len(ws))])
+                rows.append([f"{n}x{k}", m, label, fmt(t * 1e3), fmt(byts / (t * 1e-3) / 1e12, 2),
+                             fmt(100 * byts / (t * 1e-3) / 1e12 / copy_tbs, 0), fmt(t_f / t, 2), f"{err:.1e}"])
+                print(" | ".join(str(c) for c in rows[-1]), flush=True)  # progress; the table follows
+
+            t_f, _ = graph_ms([lambda i=i: torch.matmul(xs[i % 4], w16[i].t()) for i in range(len(w16))])
+            rows.append([f"{n}x{k}", m, "cuBLAS fp16", fmt(t_f * 1e3), fmt(n * k * 2 / (t_f * 1e-3) / 1e12, 2),
+                         "", "1.00", ""])
+            Q.quant_matmul(xs[0], w0, out=out)  # the tuner times its candidates once for this shape
+            key = next(kk for kk in TIMINGS if kk[1:5] == (m if m <= 4 else triton.next_power_of_2(m), n, k, 4))
+            row(f"tuned: {_cfg_str(chosen(key))}", chosen(key))
+            mma = min((c for c in TIMINGS[key] if c[0].kind == "mma"), key=lambda c: c[1], default=None)
+            if mma:
+                row(f"best mma: {_cfg_str(mma[0])}", mma[0])
+            for cfg in Q.gemv2_configs(m, w0):
+                row(_cfg_str(cfg), cfg)
+        ws = w16 = None
+    table(f"decode GEMV, W4A16 g128, fp16 x (copy bandwidth {copy_tbs:.2f} TB/s read + write)",
+          ["N x K", "M", "kernel", "µs", "TB/s", "% of copy BW", "speedup vs cuBLAS fp16", "rel err"], rows)
+
+
 def _cfg_str(cfg):
     if cfg is None:
         return "?"
@@ -170,6 +214,8 @@ def _cfg_str(cfg):
     tag = f"{cfg.kind} {cfg.block_m}x{cfg.block_n}x{cfg.block_kb}B"
     tag += f" sk{cfg.split_k}" if cfg.split_k > 1 else ""
     tag += f" x{cfg.step_blocks}" if cfg.step_blocks > 1 else ""
+    if cfg.kind == "gemv2":
+        return tag + f" w{cfg.warps}" + (" prefetch" if cfg.stages > 1 else "")
     return tag + ("" if cfg.post_zero else " pre")
 
 
@@ -283,6 +329,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a smaller set of shapes")
     ap.add_argument("--out", default=None, help="also write the tables (markdown) here")
     ap.add_argument("--only", default="qmatmul,attn,decode")
+    ap.add_argument("--gemv", action="store_true", help="only the decode GEMV table (gemv2 configs vs the rest)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
@@ -294,8 +341,8 @@ def main():
     copy_tbs = copy_bandwidth()
     emit(f"\ndevice-to-device copy: {copy_tbs:.2f} TB/s (read + write)")
     sections = {"qmatmul": lambda: bench_qmatmul(args.quick), "attn": lambda: bench_attention(args.quick),
-                "decode": lambda: bench_decode(args.quick, copy_tbs)}
-    for name in args.only.split(","):
+                "decode": lambda: bench_decode(args.quick, copy_tbs), "gemv": lambda: bench_gemv(copy_tbs)}
+    for name in ["gemv"] if args.gemv else args.only.split(","):
         t0 = time.time()
         try:
             sections[name]()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernel_testing import DEVICE, ON_GPU, poison_scratch, rel_err  # noqa: F401 (autouse fixture)
-from kernels.qmatmul import Cfg, candidates, dequantize, prepare_weight, quant_matmul, unpack_codes
+from kernels.qmatmul import Cfg, candidates, dequantize, pack_words, prepare_weight, quant_matmul, unpack_codes
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}  # relative L2 error vs the float32 reference
 N, K = (2048 + 24, 4096 + 72) if ON_GPU else (40, 200)  # K % block != 0, short last group
@@ -89,6 +89,53 @@ def test_quant_matmul_matches_reference(cfg, bits, group, dtype, m, prepared):
     assert rel_err(y, ref) < TOL[dtype]
 
 
+# gemv2, the CUDA-core decode kernel over int32 words: K a whole number of 256-code chunks or not
+# (576 with g=128 ends in a 64-code group; 200 ends mid-chunk), groups of 32 / 64 / 128 and
+# per-channel, with and without prefetch, split-K, symmetric (zeros = 2^(b-1)) and asymmetric.
+GEMV2_CASES = [  # (cfg, bits, group, K, dtype, M, sym)
+    (Cfg("gemv2", 1, 16, 128, 1, 2), 4, 128, 576, torch.float16, 1, False),
+    (Cfg("gemv2", 4, 32, 128, 2, 1, stages=2), 4, 128, 576, torch.bfloat16, 3, True),  # prefetch
+    (Cfg("gemv2", 16, 16, 128, 2, 1), 4, 32, 200, torch.float16, 16, False),
+    (Cfg("gemv2", 4, 16, 128, 1, 1), 4, -1, 200, torch.bfloat16, 3, False),
+    (Cfg("gemv2", 1, 32, 128, 2, 1), 4, 128, 512, torch.float16, 1, True),  # no masks in the loop
+    (Cfg("gemv2", 2, 16, 128, 2, 1), 8, 64, 200, torch.bfloat16, 2, False),
+    (Cfg("gemv2", 1, 16, 128, 3, 1, stages=2), 2, 128, 600, torch.float16, 1, False),
+]
+
+
+@pytest.mark.parametrize("cfg,bits,group,k,dtype,m,sym", GEMV2_CASES)
+def test_gemv2_matches_reference(cfg, bits, group, k, dtype, m, sym):
+    qweight, scales, zeros, _ = make_weight(N, k, bits, group, dtype)
+    if sym:
+        zeros.fill_(2 ** (bits - 1))
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    bias = torch.randn(N, device=DEVICE, dtype=dtype)
+    ref = x.float() @ dequantize(qweight, scales, zeros, bits, group, k, dtype=torch.float32).t() + bias.float()
+    w = prepare_weight(qweight, scales, zeros, bits, group, k)
+    assert w.qwords is not None
+    out = torch.full((m, N), float("nan"), device=DEVICE, dtype=dtype)
+    y = quant_matmul(x, w, bias=bias, cfg=cfg, out=out)
+    assert rel_err(y, ref) < TOL[dtype]
+    if m == 1:  # an unprepared weight is re-packed on the fly
+        y2 = quant_matmul(x, qweight, scales, zeros, bits, group, k, bias=bias, cfg=cfg)
+        assert torch.equal(y2, y)
+
+
+def test_pack_words_layout():
+    """Code c * 32 + t of chunk r sits at bits [c*b, (c+1)*b) of word r * 32 + t (zero padded)."""
+    for bits in (2, 4, 8):
+        k = 700
+        codes = torch.randint(0, 2**bits, (3, k))
+        words = pack_words(pack_codes(codes, bits), bits, k)
+        cpw = 32 // bits
+        chunks = -(-k // (32 * cpw))
+        assert words.shape == (3, 32 * chunks) and words.dtype == torch.int32
+        kk = torch.arange(32 * cpw * chunks)
+        r, c, t = kk // (32 * cpw), (kk % (32 * cpw)) // 32, kk % 32
+        got = (words[:, r * 32 + t].long() >> (c * bits)) & (2**bits - 1)
+        assert torch.equal(got[:, :k], codes) and not got[:, k:].any()
+
+
 def test_batched_input_and_default_dispatch():
     qweight, scales, zeros, _ = make_weight(N, K, 4, 64, torch.float16)
     x = torch.randn(2, 3, K, device=DEVICE, dtype=torch.float16)
@@ -98,13 +145,15 @@ def test_batched_input_and_default_dispatch():
     assert rel_err(y, ref) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("m", [1, 3, 16, 64, 1024])
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 64, 1024])
 def test_candidates_are_valid(m):
     qweight, scales, zeros, _ = make_weight(64, 256, 4, 128, torch.float16, "cpu")
     w = prepare_weight(qweight, scales, zeros, 4, 128, 256)
     cands = candidates(m, w, torch.float16)
-    assert cands and all(c.kind in ("mma", "gemv", "dequant") for c in cands)
+    assert cands and all(c.kind in ("mma", "gemv", "gemv2", "dequant") for c in cands)
     assert (m <= 4) == any(c.kind == "gemv" for c in cands)
+    assert (m <= 2) == (cands[0].kind == "gemv2")  # the untimed default for one or two tokens
+    assert (m <= 2) == any(c.kind == "gemv2" for c in cands)
 
 
 def test_wrong_input_raises():
