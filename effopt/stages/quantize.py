@@ -71,12 +71,20 @@ class GptqConfig(QuantizeBase, Calibrated):
 
 
 class AwqConfig(QuantizeBase, Calibrated):
-    """AWQ: activation-aware per-channel scales (grid search), folded into the preceding op, then rounding."""
+    """AWQ: activation-aware per-channel scales (grid search), folded into the preceding op, then rounding
+    on the integer grid (bits, group_size) or, with grid: nf4, into bitsandbytes NF4 layers."""
 
     method: Literal["awq"] = "awq"
     n_grid: int = Field(20, ge=2, description="Grid points for alpha in [0, 1).")
     clip: bool = Field(True, description="Search a per-group clipping range on the output error (not for q/k).")
-    quantizer: Literal["rtn", "gptq"] = Field("rtn", description="Final rounding after scaling.")
+    grid: Literal["int", "nf4"] = Field(
+        "int", description="What the weights are rounded to: int (bits, group_size, symmetric; packed QuantLinear) "
+                           "or nf4 (bitsandbytes NF4, one absmax per block of `blocksize` weights, for the "
+                           "search, the clipping and the stored bitsandbytes Linear4bit layers).")
+    quantizer: Literal["rtn", "gptq"] = Field("rtn", description="Final rounding after scaling: to the nearest "
+                                                                 "level, or GPTQ's error feedback.")
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(
+        64, description="grid nf4: weights per absmax block (bitsandbytes' blocksize).")
     search_samples: int = Field(8, gt=0, description="Calibration sequences the scale search's loss uses "
                                                      "(rounded up to whole batches); statistics use all.")
     # The search re-runs attention and the MLP 20 times per layer: in bfloat16 it took AWQ W4 g128 on
@@ -88,6 +96,21 @@ class AwqConfig(QuantizeBase, Calibrated):
                                 "without fast bfloat16 matmul.")
     percdamp: float = Field(0.01, gt=0, le=1, description="GPTQ damping (quantizer: gptq).")
     act_order: bool = Field(False, description="GPTQ act-order (quantizer: gptq).")
+
+    @model_validator(mode="after")
+    def _check_grid(self):
+        if self.grid == "nf4":
+            moot = sorted(self.model_fields_set & {"bits", "group_size", "symmetric"})
+            if moot:
+                one = len(moot) == 1
+                raise ValueError(f"grid: nf4 stores bitsandbytes NF4 (16 levels times one absmax per block of "
+                                 f"`blocksize` weights), so {' and '.join(moot)} {'does' if one else 'do'} not "
+                                 f"apply: remove {'it' if one else 'them'}")
+            if self.act_order:
+                raise ValueError("act_order: GPTQ on the NF4 grid rounds columns in their stored order")
+        elif "blocksize" in self.model_fields_set:
+            raise ValueError("blocksize is the NF4 block (grid: nf4); on the integer grid, groups are group_size")
+        return self
 
 
 class SmoothQuantConfig(TargetedStageConfig, Calibrated):
@@ -184,8 +207,8 @@ def apply_awq(cfg: AwqConfig, ctx) -> dict:
 
     ids, opts = _calibration(cfg, ctx)
     return awq_model(ctx.model, ids, cfg.targets, cfg.ignore, bits=cfg.bits, group_size=cfg.group_size,
-                     symmetric=cfg.symmetric, n_grid=cfg.n_grid, clip=cfg.clip, quantizer=cfg.quantizer,
-                     search_samples=cfg.search_samples,
+                     symmetric=cfg.symmetric, n_grid=cfg.n_grid, clip=cfg.clip, grid=cfg.grid,
+                     quantizer=cfg.quantizer, blocksize=cfg.blocksize, search_samples=cfg.search_samples,
                      search_autocast=torch.bfloat16 if cfg.search_precision == "bfloat16" else None,
                      gptq_options={"percdamp": cfg.percdamp, "act_order": cfg.act_order}, **opts)
 

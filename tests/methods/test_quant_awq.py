@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from effopt.methods.quant import awq
 from effopt.methods.quant.awq import (IntGrid, awq_model, block_loss, fold_scales, linear_loss, norm_offset,
                                       scale_groups, search_scale)
 from effopt.methods.quant.clip import apply_clip, block_gram, search_clip
@@ -154,3 +155,53 @@ def test_awq_model_beats_rtn(quantizer):
         err_awq = (model.model(input_ids=ids).last_hidden_state - ref).pow(2).mean()
         err_rtn = (rtn.model(input_ids=ids).last_hidden_state - ref).pow(2).mean()
     assert err_awq < 0.8 * err_rtn
+
+
+def _salient_llama(kv_heads: int = 4):
+    """A 2-layer tiny Llama whose norms make three channels salient, and calibration ids."""
+    model = tiny_llama(layers=2, kv_heads=kv_heads)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:3] = 20
+            layer.post_attention_layernorm.weight[:3] = 20
+    return model, torch.randint(3, 259, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def test_awq_nf4_stores_bitsandbytes_nf4_and_beats_plain_nf4():
+    from effopt.methods.quant.bnb import bnb_quantize_model
+    from effopt.nn.bnb_linear import Bnb4bitLinear
+
+    model, ids = _salient_llama()
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        ref = model.model(input_ids=ids).last_hidden_state
+    bnb_quantize_model(plain, [(n, m) for n, m in plain.named_modules() if n.endswith("_proj")], "nf4")
+    stats = awq_model(model, ids, ["*_proj"], [], grid="nf4", batch_size=4, search_samples=4)
+    assert stats["quantized_layers"] == 14 and 0 < stats["mean_alpha"] < 1
+    layers = [m for n, m in model.named_modules() if n.endswith("_proj")]
+    assert len(layers) == 14 and all(type(m) is Bnb4bitLinear for m in layers)
+    assert {(m.weight.quant_type, m.blocksize, bool(m.weight.compress_statistics)) for m in layers} == \
+        {("nf4", 64, False)}
+    with torch.no_grad():
+        err_awq = (model.model(input_ids=ids).last_hidden_state - ref).pow(2).mean()
+        err_plain = (plain.model(input_ids=ids).last_hidden_state - ref).pow(2).mean()
+    assert err_awq < 0.7 * err_plain
+
+
+def test_awq_nf4_scale_folding_keeps_the_float_function(monkeypatch):
+    """With the final rounding and clipping left out, the NF4 search's scales only move between ops."""
+    model, ids = _salient_llama(kv_heads=4)  # v -> o scaled too
+    norm_before = model.model.layers[0].input_layernorm.weight.detach().clone()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+
+    def keep_float(module, w, *args):
+        module.weight.data.copy_(w)
+        return module
+
+    monkeypatch.setattr(awq, "_final_layer", keep_float)
+    stats = awq_model(model, ids, ["*_proj"], [], grid="nf4", clip=False, batch_size=4, search_samples=4)
+    assert stats["mean_alpha"] > 0
+    assert not torch.allclose(model.model.layers[0].input_layernorm.weight, norm_before)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)

@@ -69,3 +69,38 @@ def test_backend_failure_is_a_clear_error(monkeypatch):
 def test_unknown_type_rejected():
     with pytest.raises(ValueError, match="quant_type"):
         bnb_methods.quantize_linear(torch.nn.Linear(4, 4), torch.zeros(4, 4), "int4")
+
+
+@pytest.mark.parametrize("shape, blocksize", [((48, 256), 64), ((64, 100), 64), ((7, 100), 64), ((16, 96), 32)])
+def test_nf4_fake_quantize_is_bitsandbytes_exactly(shape, blocksize):
+    """The NF4 grid AWQ searches on is the one bitsandbytes stores: same values, bit for bit (blocks
+    straddling rows and a short last block included)."""
+    import bitsandbytes.functional as F
+
+    w = torch.distributions.StudentT(3.0).sample(shape) * 0.02
+    w[0, :3] = 0.0
+    codes, state = F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+    assert torch.equal(bnb_methods.nf4_fake_quantize(w, blocksize), F.dequantize_4bit(codes, state))
+    assert bnb_methods.nf4_code().numel() == 16
+
+
+def test_nf4_clip_search_reduces_output_error_and_bnb_stores_the_clip():
+    torch.manual_seed(7)
+    x = torch.randn(400, 256)
+    x[:, :4] *= 30
+    w = torch.distributions.StudentT(3.0).sample((48, 256))
+    from effopt.methods.quant.clip import block_gram
+
+    shrink = bnb_methods.nf4_search_clip(w, block_gram(x, 64), 64)
+    assert shrink.shape == (48, 4) and (shrink < 1).any()
+    clipped = w.clone()
+    bnb_methods.nf4_apply_clip(clipped, shrink, 64)
+    layer = bnb_methods.quantize_linear(torch.nn.Linear(256, 48, bias=False), clipped, "nf4", blocksize=64)
+    assert torch.equal(layer.dequantize(), bnb_methods.nf4_fake_quantize(clipped, 64))
+    err = lambda q: (x @ (q - w).T).pow(2).mean().item()  # noqa: E731
+    assert err(layer.dequantize()) < 0.95 * err(bnb_methods.nf4_fake_quantize(w, 64))
+
+
+def test_nf4_clip_needs_whole_blocks_per_row():
+    with pytest.raises(ValueError, match="straddle the rows of a weight with 100 columns"):
+        bnb_methods.nf4_search_clip(torch.randn(8, 100), torch.zeros(2, 64, 64), 64)

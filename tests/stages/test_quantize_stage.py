@@ -43,6 +43,8 @@ CASES = [
     ({"method": "awq", "bits": 4, "group_size": 32, "n_grid": 5, "search_samples": 2}, "QuantLinear", 0.2),
     ({"method": "awq", "bits": 4, "group_size": 32, "n_grid": 4, "quantizer": "gptq", "clip": False},
      "QuantLinear", 0.2),
+    ({"method": "awq", "grid": "nf4", "n_grid": 4, "search_samples": 2}, "Bnb4bitLinear", 0.2),
+    ({"method": "awq", "grid": "nf4", "quantizer": "gptq", "n_grid": 4, "blocksize": 32}, "Bnb4bitLinear", 0.2),
     ({"method": "smoothquant", "alpha": 0.5}, "ActQuantLinear", 0.05),
     ({"method": "bnb", "quant_type": "nf4", "double_quant": True}, "Bnb4bitLinear", 0.2),
     ({"method": "bnb", "quant_type": "fp4"}, "Bnb4bitLinear", 0.25),
@@ -92,6 +94,14 @@ def test_targets_outside_decoder_layers_are_refused(tmp_path):
     ({"method": "smoothquant", "bits": 4}, "bits"), ({"method": "bnb", "quant_type": "int4"}, "quant_type"),
     ({"method": "kv_cache", "bits": 3}, "bits"), ({"method": "rtn", "granularity": "row"}, "granularity"),
     ({"method": "gptq", "calibration_precision": "float16"}, "calibration_precision"),
+    ({"method": "awq", "search_precision": "float16"}, "search_precision"),
+    ({"method": "awq", "grid": "nf4", "bits": 3}, "grid: nf4 stores bitsandbytes NF4 .* bits does not apply"),
+    ({"method": "awq", "grid": "nf4", "group_size": 64, "symmetric": True},
+     "group_size and symmetric do not apply: remove them"),
+    ({"method": "awq", "grid": "nf4", "blocksize": 48}, "blocksize"),
+    ({"method": "awq", "blocksize": 64}, "blocksize is the NF4 block"),
+    ({"method": "awq", "grid": "nf4", "quantizer": "gptq", "act_order": True}, "act_order"),
+    ({"method": "awq", "grid": "fp4"}, "grid"),
 ])
 def test_invalid_options_are_rejected(stage, key):
     with pytest.raises(RecipeError, match=key):

@@ -63,3 +63,137 @@ def bnb_quantize_model(model: torch.nn.Module, layers: list[tuple[str, torch.nn.
         weight = linear.weight * mask if mask is not None else linear.weight
         set_submodule(model, name, quantize_linear(linear, weight, quant_type, double_quant, blocksize, threshold))
     return len(layers)
+
+
+def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 NF4 levels in [-1, 1], ascending, as bitsandbytes defines them."""
+    from bitsandbytes.functional import get_4bit_type
+
+    return get_4bit_type("nf4", device=device)
+
+
+def nf4_blocks(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """[N, K] -> float32 [N, K / blocksize, blocksize]: bitsandbytes' absmax blocks, which run over
+    the flattened weight, so they are column groups of a row only when K is a multiple of blocksize.
+
+    Raises:
+        ValueError: K is not a multiple of blocksize (the per-block clipping search needs whole blocks).
+    """
+    n, k = weight.shape
+    if k % blocksize:
+        raise ValueError(f"NF4 blocks of {blocksize} straddle the rows of a weight with {k} columns; "
+                         f"clipping needs whole blocks per row (use a blocksize dividing {k}, or no clipping)")
+    return weight.float().reshape(n, k // blocksize, blocksize)
+
+
+def nf4_dequant_blocks(blocks: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Each weight of `blocks` [..., b] rounded to the nearest level of code * absmax [..., 1] (the
+    level bitsandbytes stores: nearest by midpoints, inputs clamped to +-absmax)."""
+    mids = (code[:-1] + code[1:]) / 2
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))).clamp_(-1, 1)
+    return code[torch.bucketize(scaled, mids)].mul_(absmax)
+
+
+def nf4_fake_quantize(weight: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """The weight a bitsandbytes NF4 layer (no double quantization) computes with, in weight's dtype:
+    blocks of `blocksize` consecutive weights of the flattened tensor, the last one possibly short."""
+    flat = weight.float().reshape(-1)
+    n = flat.numel()
+    blocks = torch.nn.functional.pad(flat, (0, -n % blocksize)).view(-1, blocksize)  # zeros leave absmax as is
+    absmax = blocks.abs().amax(-1, keepdim=True)
+    deq = nf4_dequant_blocks(blocks, absmax, nf4_code(weight.device))
+    return deq.view(-1)[:n].view(weight.shape).to(weight.dtype)
+
+
+@torch.no_grad()
+def nf4_search_clip(weight: torch.Tensor, gram: torch.Tensor, blocksize: int = 64, n_grid: int = 20,
+                    max_shrink: float = 0.5) -> torch.Tensor:
+    """Per (row, block) shrink r [N, K / blocksize] of the NF4 range: the block is clamped to
+    +-r * absmax, so bitsandbytes' own absmax becomes r * absmax (`clip.search_shrink`)."""
+    from effopt.methods.quant.clip import search_shrink
+
+    blocks = nf4_blocks(weight, blocksize)
+    absmax, code = blocks.abs().amax(-1, keepdim=True), nf4_code(weight.device)
+    return search_shrink(blocks, gram, lambda r: nf4_dequant_blocks(blocks, absmax * r, code), n_grid, max_shrink)
+
+
+@torch.no_grad()
+def nf4_apply_clip(weight: torch.Tensor, shrink: torch.Tensor, blocksize: int = 64) -> None:
+    """Clamp each (row, block) of `weight` in place to +-shrink * its absmax."""
+    blocks = nf4_blocks(weight, blocksize)
+    bound = blocks.abs().amax(-1, keepdim=True) * shrink.unsqueeze(-1)
+    weight.copy_(torch.minimum(torch.maximum(blocks, -bound), bound).view(weight.shape).to(weight.dtype))
+
+
+@torch.no_grad()
+def nf4_gptq(weight: torch.Tensor, hessian: torch.Tensor, blocksize: int = 64, percdamp: float = 0.01,
+             lazy: int = 128, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al., 2022) on the NF4 grid: columns are rounded in order to the nearest NF4
+    level of their block's absmax, and each column's error is spread over the columns not yet
+    rounded through the inverse Hessian. The absmax of every block is fixed up front from `weight`
+    (static groups), so a clipped weight keeps its clipped ranges.
+
+    Args:
+        weight: [N, K], K a multiple of blocksize.
+        hessian: [K, K] input Hessian (any positive multiple of X^T X).
+        percdamp: damping added to H's diagonal, as a fraction of its mean.
+        lazy: columns per lazy-update block.
+        mask: optional bool [N, K] of weights to keep; the others get the code of 0.0 (a pruning
+            mask survives).
+
+    Returns:
+        codes uint8 [N, K] (indices into nf4_code()) and absmax float32 [N, K / blocksize]; the
+        layer computes with nf4_code()[codes] * absmax (store them with `nf4_layer_from_codes`).
+    """
+    from effopt.methods.quant.gptq import damped_inverse_cholesky
+
+    n, k = weight.shape
+    w = weight.detach().float().clone()
+    absmax = nf4_blocks(w, blocksize).abs().amax(-1)
+    h = hessian.detach().float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    u, _ = damped_inverse_cholesky(h, percdamp)
+    del h
+    code = nf4_code(w.device)
+    mids = (code[:-1] + code[1:]) / 2
+    zero = int(torch.nonzero(code == 0)[0])
+    keep = None if mask is None else mask.to(torch.bool)
+    inv_absmax = 1.0 / absmax.clamp(min=1e-38)
+    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of [N]-sized ops: thread hand-offs cost more than they save
+    try:
+        for i1 in range(0, k, lazy):
+            i2 = min(i1 + lazy, k)
+            block = w[:, i1:i2].T.contiguous()  # [B, N], one row per column
+            err = torch.empty_like(block)
+            ublock = u[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                g = (i1 + i) // blocksize
+                q = torch.bucketize((block[i] * inv_absmax[:, g]).clamp_(-1, 1), mids)
+                if keep is not None:
+                    q = torch.where(keep[:, i1 + i], q, zero)
+                codes[:, i1 + i] = q
+                torch.sub(block[i], code[q] * absmax[:, g], out=err[i]).div_(ublock[i, i])
+                block[i + 1:].addr_(ublock[i, i + 1:], err[i], alpha=-1)
+            w[:, i2:] -= err.T @ u[i1:i2, i2:]
+    finally:
+        torch.set_num_threads(threads)
+    return codes, absmax
+
+
+def nf4_layer_from_codes(linear: torch.nn.Module, codes: torch.Tensor, absmax: torch.Tensor,
+                         blocksize: int = 64) -> torch.nn.Module:
+    """A bitsandbytes NF4 layer (like `quantize_linear(..., "nf4")`) holding exactly these codes
+    [N, K] and absmax values [N, K / blocksize], packed as bitsandbytes packs them (two codes per
+    byte, the first in the high nibble); bitsandbytes' own quantization would recompute absmax."""
+    code = nf4_code(codes.device)
+    n, k = codes.shape
+    weight = (code[codes.long()].view(n, -1, blocksize) * absmax.unsqueeze(-1)).view(n, k)
+    layer = quantize_linear(linear, weight.to(linear.weight.dtype), "nf4", blocksize=blocksize)
+    flat = codes.reshape(-1).to(torch.uint8)
+    packed = ((flat[::2] << 4) | flat[1::2]).view(layer.weight.data.shape)
+    layer.weight.data.copy_(packed)
+    layer.weight.quant_state.absmax.copy_(absmax.reshape(-1))
+    return layer
