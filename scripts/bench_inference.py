@@ -52,17 +52,21 @@ def build_llama(shapes: dict, device: str, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def quantize_rtn(model, bits: int = 4, group_size: int = 128):
-    """RTN (asymmetric, grouped) on every decoder linear layer, packed as QuantLinear, in place."""
+def quantize_rtn(model, bits: int = 4, group_size: int = 128, head_bits: int | None = None):
+    """RTN (asymmetric, grouped) on every decoder linear layer, packed as QuantLinear, in place; with
+    `head_bits`, lm_head too, per channel (it unties a tied embedding: fine for a draft)."""
     from effopt.methods.quant.rtn import quantize_weight
     from effopt.nn import set_submodule
     from effopt.nn.quant_linear import QuantLinear
 
-    names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and "lm_head" not in n]
+    names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear
+             and ("lm_head" not in n or head_bits)]
     for name in names:
         linear = model.get_submodule(name)
-        codes, scales, zeros = quantize_weight(linear.weight, bits, group_size)
-        set_submodule(model, name, QuantLinear.from_codes(codes, scales, zeros, bits, group_size, linear.bias, False,
+        b, g = (head_bits, linear.in_features) if "lm_head" in name else \
+            (bits, group_size if group_size > 0 else linear.in_features)
+        codes, scales, zeros = quantize_weight(linear.weight, b, g)
+        set_submodule(model, name, QuantLinear.from_codes(codes, scales, zeros, b, g, linear.bias, False,
                                                           linear.weight.dtype))
     return model
 
@@ -144,13 +148,17 @@ def run_llama8b(args) -> list[dict]:
     w4_fused = Decoder(w4).fuse()
     rep.section(f"effopt {'eager' if g4 is False else 'graph'}, W4, fused", lambda: effopt(w4, decoder=w4_fused,
                                                                                           graph=g4))
+    if args.profile:
+        rep.section("kernel time per step, bf16 fused (profiler)", lambda: kernel_profile(fused, prompts[0]))
+        rep.section("kernel time per step, W4 fused (profiler)", lambda: kernel_profile(w4_fused, prompts[0]))
     rep.section("transformers generate, W4 modules", lambda: _plain(hf_generate_run(w4, prompts, min(hf_n, 16), 0)))
-    for k in args.k:
+    for k in [] if args.no_spec else args.k:
         rep.section(f"effopt speculative, target bf16, draft W4, k={k}", lambda k=k: _spec(
             speculative_run(model, w4, prompts[0], n, k, Sampling(), "bf16", graph=g4, target_decoder=fused,
                             draft_decoder=w4_fused)))
-    rep.section("transformers assisted generation, draft W4", lambda: _plain(
-        hf_generate_run(model, prompts, hf_n, 0, assistant=w4), ref))
+    if not args.no_spec:
+        rep.section("transformers assisted generation, draft W4", lambda: _plain(
+            hf_generate_run(model, prompts, hf_n, 0, assistant=w4), ref))
     if args.compile:  # last: compilation time is the least predictable
         rep.section("effopt graph + torch.compile, W4, fused", lambda: effopt(w4, decoder=w4_fused,
                                                                               compile_step=True))
@@ -185,6 +193,36 @@ def logits_check(model, prompt: list[int], cont: list[int], decoder=None, graph:
             "top1_agreement": (got.argmax(-1) == ref.argmax(-1)).float().mean().item()}
 
 
+@torch.inference_mode()
+def kernel_profile(decoder, prompt: list[int], steps: int = 8, top: int = 12) -> dict:
+    """GPU time per decode step by kernel (eager steps under torch.profiler): what a CUDA graph of the
+    step cannot go below, and where it goes. Names are cut to 60 characters."""
+    from effopt.generation.decode import prefill
+
+    cache = decoder.new_cache("bf16", 1, len(prompt) + steps + 8)
+    prefill(decoder, cache, prompt)
+    dev = decoder.device
+    x = torch.tensor([[1]], device=dev)
+    pos = len(prompt)
+    for i in range(3):  # warm-up (and the qmatmul tuner)
+        decoder.forward(x, torch.tensor([pos + i], device=dev), cache, kv_len=pos + i + 1)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            decoder.forward(x, torch.tensor([pos + 3 + i], device=dev), cache, kv_len=pos + 4 + i)
+        torch.cuda.synchronize()
+    per: dict[str, list] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            slot = per.setdefault(ev.name[:60], [0.0, 0])
+            slot[0] += ev.device_time / steps
+            slot[1] += 1 / steps
+    rows = sorted(per.items(), key=lambda kv: -kv[1][0])
+    return {"gpu_us_per_step": round(sum(v[0] for v in per.values()), 1),
+            "launches_per_step": round(sum(v[1] for v in per.values())),
+            "top_kernels_us": {k: [round(v[0], 1), round(v[1], 1)] for k, v in rows[:top]}}
+
+
 def _spec(run: dict) -> dict:
     out = _plain(run)
     out.update({k: run[k] for k in ("acceptance_rate", "tokens_per_target_call", "target_calls", "draft_calls")})
@@ -208,12 +246,16 @@ def run_builtin(args) -> list[dict]:
             (Path(args.out) / "inference_builtin.json").write_text(json.dumps(rows, indent=1, default=str))
 
     common = dict(models={"source": model, "tokenizer": tokenizer}, gen_len=args.gen_len, prompt_len=args.prompt_len)
-    for kv, batch, ppl in (("int8", 1, args.ppl_tokens), ("int4", 1, args.ppl_tokens), ("bf16", 4, 0)):
+    for kv, batch, ppl in [] if args.spec_only else (("int8", 1, args.ppl_tokens), ("int4", 1, args.ppl_tokens),
+                                                     ("bf16", 4, 0)):
         res = run_bench(args.source, kv_cache=kv, batch=batch, ppl_tokens=ppl, **common)
         save({"name": f"run_bench kv {kv} batch {batch}", "result": res, "markdown": to_markdown(res)})
     prompts = make_prompts(tokenizer, model.config.vocab_size, 1, args.prompt_len, 0)
     plain = effopt_run(model, prompts, args.gen_len, "bf16")
     for label, draft in _cpu_drafts(model):
+        alone = effopt_run(draft, prompts, args.gen_len, "bf16")
+        save({"name": f"draft alone: {label}", "decode_tokens_per_s": alone["decode_tokens_per_s"],
+              "plain_tokens_per_s": plain["decode_tokens_per_s"]})
         for k in args.k:
             run = speculative_run(model, draft, prompts[0], args.gen_len, k, Sampling(), "bf16")
             row = {"name": f"speculative, draft {label}, k={k}", **_spec(run),
@@ -226,9 +268,11 @@ def run_builtin(args) -> list[dict]:
 
 
 def _cpu_drafts(model):
-    """Compressed drafts of `model`: a bf16 copy (half the bytes per weight) and RTN W8 (QuantLinear)."""
+    """Compressed drafts of `model`: a bf16 copy (half the bytes per weight), and RTN W8 per channel and
+    W4 g128 QuantLinear models with an int8 lm_head (torch's int8/int4 CPU matmuls; effopt.nn.cpu_qmatmul)."""
     yield "bf16 copy", copy.deepcopy(model).to(torch.bfloat16)
-    yield "RTN W8 g128", quantize_rtn(copy.deepcopy(model), 8, 128)
+    yield "RTN W8 per channel, lm_head W8", quantize_rtn(copy.deepcopy(model), 8, -1, head_bits=8)
+    yield "RTN W4 g128, lm_head W8", quantize_rtn(copy.deepcopy(model), 4, 128, head_bits=8)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -261,6 +305,9 @@ def main() -> None:
     parser.add_argument("--hf-gen-len", type=int, default=32)
     parser.add_argument("--k", type=int, nargs="+", default=[4])
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--spec-only", action="store_true", help="builtin: only the speculative-decoding rows")
+    parser.add_argument("--no-spec", action="store_true", help="skip speculative / assisted generation (llama8b)")
+    parser.add_argument("--profile", action="store_true", help="GPU kernel time per decode step (bf16, W4)")
     parser.add_argument("--skip-bf16", action="store_true", help="only the baseline and the W4 sections")
     parser.add_argument("--no-graph-w4", action="store_true", help="W4 and speculative runs without CUDA graphs")
     parser.add_argument("--budget-s", type=float, default=330.0)

@@ -41,6 +41,15 @@ def unsupported_reason(model) -> str | None:
 _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * normalize(x in fp32), cast back
 
 
+def fused_kernels():
+    """kernels.fused when Triton is importable, else None."""
+    try:
+        from kernels import fused
+    except ImportError:  # no Triton: the torch path
+        return None
+    return fused
+
+
 def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's RMSNorm, through torch's fused rms_norm when the module has the Llama formula."""
     if type(norm).__name__ not in _RMS_NORMS:
@@ -69,6 +78,21 @@ class Decoder:
         self.dtype, self.device = self.embed.weight.dtype, param.device
         self._cos = self._sin = None
         self.fused: list | None = None
+        self.kernels = self._fused_kernels_apply(model)
+
+    def _fused_kernels_apply(self, model):
+        """kernels.fused when this model's step can use it (CUDA, fp16/bf16, Llama RMSNorm, SiLU MLP)."""
+        layer = self.layers[0]
+        ok = (self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+              and all(type(n).__name__ in _RMS_NORMS for n in (layer.input_layernorm, layer.post_attention_layernorm,
+                                                               self.norm))
+              and type(getattr(layer.mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"))
+        return fused_kernels() if ok else None
+
+    def _use_kernels(self) -> bool:
+        from effopt.nn import kv_cache
+
+        return self.kernels is not None and kv_cache.USE_KERNELS
 
     # ------------------------------------------------------------------------------------------
     def ensure_positions(self, n: int) -> None:
@@ -124,7 +148,9 @@ class Decoder:
             out = self.fused[i][0](h)
             qk = out[..., : (nh + nkv) * d].reshape(b, t, nh + nkv, d)
             v = out[..., (nh + nkv) * d:].reshape(b, t, nkv, d)
-            if rotate:  # one rotation for q and k together
+            if rotate and self._use_kernels():  # one launch for q and k
+                qk = self.kernels.rope(qk, *step.cached("rope", lambda: self.rotary(step.pos)))
+            elif rotate:  # one rotation for q and k together
                 qk = step.rotate(qk)
             q, k = qk[:, :, :nh], qk[:, :, nh:]
         else:
@@ -137,7 +163,10 @@ class Decoder:
 
     def _mlp(self, i: int, mlp, h: torch.Tensor) -> torch.Tensor:
         if self.fused is not None and self.fused[i][1] is not None:
-            gate, up = self.fused[i][1](h).chunk(2, dim=-1)
+            gate_up = self.fused[i][1](h)
+            if self._use_kernels():
+                return mlp.down_proj(self.kernels.silu_mul(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
             return mlp.down_proj(mlp.act_fn(gate) * up)
         return mlp(h)
 
@@ -157,6 +186,8 @@ class Decoder:
         b, t, _ = x.shape
         step = Step(start, t, self.rotary, kv_len)
         rotate = not cache.rotates_inside
+        if self._use_kernels():
+            return self._forward_fused(x, step, cache, rotate, last_only)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             q, k, v = self._qkv(i, attn, rms_norm(layer.input_layernorm, x), step, rotate)
@@ -166,3 +197,20 @@ class Decoder:
         if last_only:
             x = x[:, -1:]
         return self.lm_head(rms_norm(self.norm, x))
+
+    def _forward_fused(self, x, step: Step, cache, rotate: bool, last_only: bool) -> torch.Tensor:
+        """`forward` with each residual add folded into the next RMSNorm (kernels.fused.add_rms_norm)."""
+        b, t, _ = x.shape
+        norm = self.kernels.add_rms_norm
+        pending = None  # the last sublayer's output, added to x by the next norm
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x, h = norm(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, pending)
+            q, k, v = self._qkv(i, attn, h, step, rotate)
+            out = cache.attend(i, q, k, v, step)
+            x, h = norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+                        attn.o_proj(out.transpose(1, 2).reshape(b, t, -1)))
+            pending = self._mlp(i, layer.mlp, h)
+        if last_only:
+            x, pending = x[:, -1:], pending[:, -1:]
+        return self.lm_head(norm(x, self.norm.weight, self.norm.variance_epsilon, pending)[1])

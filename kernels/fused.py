@@ -1,0 +1,127 @@
+"""Small fused kernels for the decode step: each replaces several tiny torch launches.
+
+A W4 Llama-3-8B decode step on the H200 spends ~1.5 of its ~3.6 ms of GPU time outside the
+matmuls, over ~650 launches of elementwise kernels of a microsecond or two each (results/inference.md).
+Inside a CUDA graph a launch still costs its own latency, so fewer launches is the whole point here:
+
+  * `add_rms_norm`: residual add + Llama RMSNorm (fp32 statistics, normalized value cast to the
+    input dtype, then times the weight, as transformers computes it) -- one launch instead of five.
+  * `rope`: x * cos + rotate_half(x) * sin over [B, T, H, D] (the caller passes sin with the sign of
+    rotate_half folded in) -- one launch instead of four.
+  * `silu_mul`: silu(gate) * up over a fused [..., 2F] gate/up output -- one launch instead of two.
+
+Each has a torch reference (`*_reference`) that the tests compare against. Rows are processed
+whole (one program per row), so the hidden size must fit one block (<= 16384 elements).
+"""
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROW = 16384
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, y_ptr, N, eps, HAS_DELTA: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < N
+    x = tl.load(x_ptr + row * N + offs, mask=ok, other=0.0)
+    if HAS_DELTA:
+        x = (x.to(tl.float32) + tl.load(d_ptr + row * N + offs, mask=ok, other=0.0).to(tl.float32))
+        x = x.to(sum_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # rounded like a torch add
+        tl.store(sum_ptr + row * N + offs, x, mask=ok)
+    xf = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
+    normed = (xf * inv).to(y_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * N + offs, (normed * w).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None):
+    """(x + delta, rms_norm(x + delta) * weight) in x's dtype; without delta, (x, rms_norm(x) * weight)."""
+    n = x.shape[-1]
+    if n > MAX_ROW:
+        raise ValueError(f"add_rms_norm handles rows of at most {MAX_ROW} elements, got {n}")
+    if weight.shape != (n,) or (delta is not None and delta.shape != x.shape):
+        raise ValueError("weight must be [hidden] and delta shaped like x")
+    x = x.contiguous()
+    total = torch.empty_like(x) if delta is not None else x
+    y = torch.empty_like(x)
+    rows = x.numel() // n
+    _add_rms_norm_kernel[(rows,)](x, delta.contiguous() if delta is not None else x, weight, total, y, n, eps,
+                                  HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n))
+    return total, y
+
+
+def add_rms_norm_reference(x, weight, eps, delta=None):
+    total = x + delta if delta is not None else x
+    y = torch.nn.functional.rms_norm(total.float(), (total.shape[-1],), eps=eps)
+    return total, weight * y.to(total.dtype)
+
+
+@triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, stride_row, stride_head, D: tl.constexpr, HALF: tl.constexpr):
+    # one program per (b, t) row of x [B, T, H, D] (any row/head strides, unit stride along D);
+    # y is contiguous [B, T, H, D]; cos/sin are contiguous [B, T, D]
+    row = tl.program_id(0)
+    offs_d = tl.arange(0, HALF)
+    c1 = tl.load(cos_ptr + row * D + offs_d).to(tl.float32)
+    c2 = tl.load(cos_ptr + row * D + HALF + offs_d).to(tl.float32)
+    s1 = tl.load(sin_ptr + row * D + offs_d).to(tl.float32)
+    s2 = tl.load(sin_ptr + row * D + HALF + offs_d).to(tl.float32)
+    for h in range(H):
+        src = row * stride_row + h * stride_head
+        dst = (row * H + h) * D
+        a = tl.load(x_ptr + src + offs_d).to(tl.float32)
+        b = tl.load(x_ptr + src + HALF + offs_d).to(tl.float32)
+        # x * cos + roll(x, D/2) * signed_sin: the first half gets b * s1, the second a * s2
+        tl.store(y_ptr + dst + offs_d, (a * c1 + b * s1).to(y_ptr.dtype.element_ty))
+        tl.store(y_ptr + dst + HALF + offs_d, (b * c2 + a * s2).to(y_ptr.dtype.element_ty))
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D] rotated: x * cos + roll(x, D/2) * sin, with cos / signed sin [B, T, D].
+
+    x may be a strided view (e.g. the q/k columns of a fused qkv output) as long as D is contiguous
+    and B, T merge into one row index; the result is contiguous.
+    """
+    b, t, h, d = x.shape
+    if d % 2 or d & (d - 1) or cos.shape != (b, t, d) or sin.shape != (b, t, d):
+        raise ValueError(f"rope needs a power-of-two head dim and cos/sin [{b}, {t}, {d}]")
+    if x.stride(-1) != 1 or (b > 1 and x.stride(0) != t * x.stride(1)):
+        x = x.contiguous()
+    y = torch.empty(b, t, h, d, dtype=x.dtype, device=x.device)
+    _rope_kernel[(b * t,)](x, cos.contiguous(), sin.contiguous(), y, h, x.stride(1), x.stride(2), D=d, HALF=d // 2)
+    return y
+
+
+def rope_reference(x, cos, sin):
+    return x * cos.unsqueeze(2) + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin.unsqueeze(2)
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, y_ptr, F, BLOCK: tl.constexpr):
+    row, blk = tl.program_id(0), tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < F
+    g = tl.load(gu_ptr + row * 2 * F + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * F + F + offs, mask=ok, other=0.0)
+    act = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty)  # silu rounded like torch's, then the product
+    tl.store(y_ptr + row * F + offs, (act.to(tl.float32) * u.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [..., 2F] holding gate then up."""
+    f = gate_up.shape[-1] // 2
+    gate_up = gate_up.contiguous()
+    y = torch.empty(*gate_up.shape[:-1], f, dtype=gate_up.dtype, device=gate_up.device)
+    rows = gate_up.numel() // (2 * f)
+    block = min(1024, triton.next_power_of_2(f))
+    _silu_mul_kernel[(rows, triton.cdiv(f, block))](gate_up, y, f, BLOCK=block)
+    return y
+
+
+def silu_mul_reference(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
