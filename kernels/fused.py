@@ -7,7 +7,8 @@ Inside a CUDA graph a launch still costs its own latency, so fewer launches is t
   * `add_rms_norm`: residual add + Llama RMSNorm (fp32 statistics, normalized value cast to the
     input dtype, then times the weight, as transformers computes it) -- one launch instead of five.
   * `rope`: x * cos + rotate_half(x) * sin over [B, T, H, D] (the caller passes sin with the sign of
-    rotate_half folded in) -- one launch instead of four.
+    rotate_half folded in) -- one launch instead of four; `rope_store_kv` also writes the rotated
+    keys and the values into a static KV cache -- one launch instead of six.
   * `silu_mul`: silu(gate) * up over a fused [..., 2F] gate/up output -- one launch instead of two.
 
 Each has a torch reference (`*_reference`) that the tests compare against. Rows are processed
@@ -61,23 +62,27 @@ def add_rms_norm_reference(x, weight, eps, delta=None):
 
 
 @triton.jit
+def _rotate_half_pair(x_ptr, cos_ptr, sin_ptr, offs_d, HALF: tl.constexpr):
+    # x * cos + roll(x, D/2) * signed_sin for one head vector: the first half gets b * s1, the second a * s2
+    a = tl.load(x_ptr + offs_d).to(tl.float32)
+    b = tl.load(x_ptr + HALF + offs_d).to(tl.float32)
+    c1 = tl.load(cos_ptr + offs_d).to(tl.float32)
+    c2 = tl.load(cos_ptr + HALF + offs_d).to(tl.float32)
+    s1 = tl.load(sin_ptr + offs_d).to(tl.float32)
+    s2 = tl.load(sin_ptr + HALF + offs_d).to(tl.float32)
+    return a * c1 + b * s1, b * c2 + a * s2
+
+
+@triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, stride_row, stride_head, D: tl.constexpr, HALF: tl.constexpr):
-    # one program per (b, t) row of x [B, T, H, D] (any row/head strides, unit stride along D);
-    # y is contiguous [B, T, H, D]; cos/sin are contiguous [B, T, D]
-    row = tl.program_id(0)
+    # one program per (b*t row, head) of x [B, T, H, D]; y contiguous [B, T, H, D]; cos/sin contiguous [B, T, D]
+    row, h = tl.program_id(0), tl.program_id(1)
     offs_d = tl.arange(0, HALF)
-    c1 = tl.load(cos_ptr + row * D + offs_d).to(tl.float32)
-    c2 = tl.load(cos_ptr + row * D + HALF + offs_d).to(tl.float32)
-    s1 = tl.load(sin_ptr + row * D + offs_d).to(tl.float32)
-    s2 = tl.load(sin_ptr + row * D + HALF + offs_d).to(tl.float32)
-    for h in range(H):
-        src = row * stride_row + h * stride_head
-        dst = (row * H + h) * D
-        a = tl.load(x_ptr + src + offs_d).to(tl.float32)
-        b = tl.load(x_ptr + src + HALF + offs_d).to(tl.float32)
-        # x * cos + roll(x, D/2) * signed_sin: the first half gets b * s1, the second a * s2
-        tl.store(y_ptr + dst + offs_d, (a * c1 + b * s1).to(y_ptr.dtype.element_ty))
-        tl.store(y_ptr + dst + HALF + offs_d, (b * c2 + a * s2).to(y_ptr.dtype.element_ty))
+    lo, hi = _rotate_half_pair(x_ptr + row * stride_row + h * stride_head, cos_ptr + row * D, sin_ptr + row * D,
+                               offs_d, HALF)
+    dst = y_ptr + (row * H + h) * D
+    tl.store(dst + offs_d, lo.to(y_ptr.dtype.element_ty))
+    tl.store(dst + HALF + offs_d, hi.to(y_ptr.dtype.element_ty))
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -87,13 +92,69 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     and B, T merge into one row index; the result is contiguous.
     """
     b, t, h, d = x.shape
-    if d % 2 or d & (d - 1) or cos.shape != (b, t, d) or sin.shape != (b, t, d):
-        raise ValueError(f"rope needs a power-of-two head dim and cos/sin [{b}, {t}, {d}]")
+    _check_rope(x, cos, sin)
     if x.stride(-1) != 1 or (b > 1 and x.stride(0) != t * x.stride(1)):
         x = x.contiguous()
     y = torch.empty(b, t, h, d, dtype=x.dtype, device=x.device)
-    _rope_kernel[(b * t,)](x, cos.contiguous(), sin.contiguous(), y, h, x.stride(1), x.stride(2), D=d, HALF=d // 2)
+    _rope_kernel[(b * t, h)](x, cos.contiguous(), sin.contiguous(), y, h, x.stride(1), x.stride(2), D=d, HALF=d // 2)
     return y
+
+
+def _check_rope(x, cos, sin):
+    b, t, _, d = x.shape
+    if d % 2 or d & (d - 1) or cos.shape != (b, t, d) or sin.shape != (b, t, d):
+        raise ValueError(f"rope needs a power-of-two head dim and cos/sin [{b}, {t}, {d}]")
+
+
+@triton.jit
+def _rope_store_kv_kernel(x_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, T, NH, NKV, L,
+                          stride_row, stride_head, D: tl.constexpr, HALF: tl.constexpr):
+    # program (b*t row, head) of qkv [B, T, NH + 2 NKV, D]: q heads are rotated into q [B, T, NH, D];
+    # k heads rotated and v heads copied into the caches [B, NKV, L, D] at slot pos[b, t]
+    row, h = tl.program_id(0), tl.program_id(1)
+    offs_d = tl.arange(0, HALF)
+    src = x_ptr + row * stride_row + h * stride_head
+    if h < NH + NKV:
+        lo, hi = _rotate_half_pair(src, cos_ptr + row * D, sin_ptr + row * D, offs_d, HALF)
+        if h < NH:
+            dst = q_ptr + (row * NH + h) * D
+        else:
+            slot = tl.load(pos_ptr + row)
+            dst = k_ptr + (((row // T) * NKV + h - NH) * L + slot) * D
+        tl.store(dst + offs_d, lo.to(dst.dtype.element_ty))
+        tl.store(dst + HALF + offs_d, hi.to(dst.dtype.element_ty))
+    else:
+        slot = tl.load(pos_ptr + row)
+        dst = v_ptr + (((row // T) * NKV + h - NH - NKV) * L + slot) * D
+        tl.store(dst + offs_d, tl.load(src + offs_d).to(dst.dtype.element_ty))
+        tl.store(dst + HALF + offs_d, tl.load(src + HALF + offs_d).to(dst.dtype.element_ty))
+
+
+def rope_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, q_heads: int) -> torch.Tensor:
+    """RoPE for q and k of a fused qkv output and the cache write of k and v, in one launch.
+
+    Args:
+        qkv: [B, T, NH + 2 NKV, D] (q heads, then k, then v; D contiguous).
+        cos, sin: [B, T, D] (sin signed as rotate_half needs). pos: [B, T] int64 cache slots.
+        k_cache, v_cache: [B, NKV, L, D] contiguous; written at [b, :, pos[b, t]].
+    Returns:
+        rotated q, contiguous [B, T, NH, D].
+    """
+    b, t, heads, d = qkv.shape
+    nkv = (heads - q_heads) // 2
+    _check_rope(qkv, cos, sin)
+    if q_heads + 2 * nkv != heads or k_cache.shape != v_cache.shape or k_cache.shape[:2] != (b, nkv) \
+            or k_cache.shape[3] != d or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError(f"qkv {tuple(qkv.shape)} with {q_heads} query heads does not fit caches "
+                         f"{tuple(k_cache.shape)} (contiguous [B, NKV, L, D] expected)")
+    if qkv.stride(-1) != 1 or (b > 1 and qkv.stride(0) != t * qkv.stride(1)):
+        qkv = qkv.contiguous()
+    q = torch.empty(b, t, q_heads, d, dtype=qkv.dtype, device=qkv.device)
+    _rope_store_kv_kernel[(b * t, heads)](qkv, cos.contiguous(), sin.contiguous(), pos.contiguous(), q, k_cache,
+                                          v_cache, t, q_heads, nkv, k_cache.shape[2], qkv.stride(1), qkv.stride(2),
+                                          D=d, HALF=d // 2)
+    return q
 
 
 def rope_reference(x, cos, sin):

@@ -202,12 +202,20 @@ class Decoder:
         """`forward` with each residual add folded into the next RMSNorm (kernels.fused.add_rms_norm)."""
         b, t, _ = x.shape
         norm = self.kernels.add_rms_norm
+        store_inside = (rotate and type(cache) is StaticKVCache and self.fused is not None
+                        and all(qkv is not None for qkv, _ in self.fused))
         pending = None  # the last sublayer's output, added to x by the next norm
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x, h = norm(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, pending)
-            q, k, v = self._qkv(i, attn, h, step, rotate)
-            out = cache.attend(i, q, k, v, step)
+            if store_inside:  # RoPE and the K/V cache write in one launch
+                qkv = self.fused[i][0](h).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
+                q = self.kernels.rope_store_kv(qkv, *step.cached("rope", lambda: self.rotary(step.pos)), step.pos,
+                                               cache.k[i], cache.v[i], self.heads)
+                out = cache.attend_stored(i, q.transpose(1, 2), step)
+            else:
+                q, k, v = self._qkv(i, attn, h, step, rotate)
+                out = cache.attend(i, q, k, v, step)
             x, h = norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
                         attn.o_proj(out.transpose(1, 2).reshape(b, t, -1)))
             pending = self._mlp(i, layer.mlp, h)

@@ -178,6 +178,12 @@ class StaticKVCache:
         b, h, t, d = k.shape
         idx = step.cached(("idx", h, d), lambda: step.pos.view(b, 1, t, 1).expand(b, h, t, d))
         self._store(layer, k, v, idx)
+        return self.attend_stored(layer, q, step)
+
+    def attend_stored(self, layer: int, q: torch.Tensor, step: Step) -> torch.Tensor:
+        """Attend over slots [0, step.kv_len) when this step's K/V are already in the cache (written
+        by a fused kernel, kernels.fused.rope_store_kv). q: [B, H, T, D], rotated."""
+        t = q.shape[2]
         if t == 1 and self._kernel_ok(q):  # split-KV decode kernel: no mask, no GQA copies
             lens = step.cached("seqlens", lambda: (step.start + 1).to(torch.int32))
             return decode_kernel()(q, self.k[layer], self.v[layer], cache_seqlens=lens).unsqueeze(2)

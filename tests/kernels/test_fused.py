@@ -82,3 +82,27 @@ def test_decoder_step_with_fused_kernels_matches_torch_path(fuse):
         logits[use] = torch.cat((pre[0], step[0])).float()
     assert rel_err(logits[True], logits[False]) < 1e-2
     assert (logits[True].argmax(-1) == logits[False].argmax(-1)).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("b,t", [(1, 1), (2, 3)])
+def test_rope_store_kv_rotates_q_and_writes_the_cache(b, t):
+    nh, nkv, d, L = 4, 2, 16, 10
+    qkv = torch.randn(b, t, (nh + 2 * nkv) * d, device=DEVICE).half().view(b, t, nh + 2 * nkv, d)
+    ang = torch.rand(b, t, d // 2, device=DEVICE) * 6
+    cos = torch.cat((ang.cos(), ang.cos()), -1).half()
+    sin = torch.cat((-ang.sin(), ang.sin()), -1).half()
+    pos = torch.tensor([[5, 2, 7][:t], [0, 9, 1][:t]][:b], device=DEVICE)
+    kc = torch.full((b, nkv, L, d), float("nan"), device=DEVICE).half()
+    vc = torch.full_like(kc, float("nan"))
+    q = fused.rope_store_kv(qkv, cos, sin, pos, kc, vc, nh)
+    ref = fused.rope_reference(qkv.float(), cos.float(), sin.float())
+    assert rel_err(q, ref[:, :, :nh]) < 1e-2
+    for bi in range(b):
+        for ti in range(t):
+            slot = int(pos[bi, ti])
+            assert rel_err(kc[bi, :, slot], ref[bi, ti, nh:nh + nkv]) < 1e-2
+            assert torch.equal(vc[bi, :, slot], qkv[bi, ti, nh + nkv:])
+    written = torch.zeros(b, L, dtype=torch.bool)
+    for bi in range(b):
+        written[bi, pos[bi].cpu()] = True
+    assert torch.isnan(kc.float()).any(-1).all(1).cpu().eq(~written).all()  # nothing else was touched
