@@ -30,7 +30,7 @@ GROUPS: list[tuple[str, list[str]]] = [
     ("Weight quantization, 4 bits, group 128", ["quantize-rtn-w4g128", "quantize-gptq-w4g128", "quantize-awq-w4g128"]),
     ("Like for like with llm-compressor: GPTQ W4 g64 symmetric", ["quantize-gptq-w4g64-sym"]),
     ("Weight quantization, 3 bits, group 128", ["quantize-rtn-w3g128", "quantize-gptq-w3g128", "quantize-awq-w3g128"]),
-    ("W8A8 and NF4", ["quantize-smoothquant-w8a8", "quantize-nf4"]),
+    ("W8A8 and NF4", ["quantize-smoothquant-w8a8", "quantize-nf4", "quantize-awq-nf4"]),
     ("Unstructured pruning, 50%", ["prune-magnitude-50", "prune-wanda-50", "prune-sparsegpt-50", "prune-taylor-50"]),
     ("2:4 pruning", ["prune-magnitude-2of4", "prune-wanda-2of4", "prune-sparsegpt-2of4", "prune-taylor-2of4"]),
     ("Structured pruning, 20%", ["prune-heads-20", "prune-channels-20", "prune-heads-20-taylor",
@@ -46,7 +46,8 @@ REFERENCE = [("quantize-gptq-w4g128", "llm-compressor GPTQ W4 g64 symmetric", 1.
              ("quantize-gptq-w4g64-sym", "llm-compressor GPTQ W4 g64 symmetric", 1.146),
              ("prune-sparsegpt-50", "llm-compressor SparseGPT 50%", 1.814),
              ("prune-wanda-50", "llm-compressor Wanda 50%", 2.627),
-             ("quantize-nf4", "bitsandbytes NF4", 1.244)]
+             ("quantize-nf4", "bitsandbytes NF4", 1.244),
+             ("quantize-awq-nf4", "bitsandbytes NF4", 1.244)]
 TIME_LIMIT_S = 180.0
 
 

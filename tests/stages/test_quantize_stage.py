@@ -44,7 +44,8 @@ CASES = [
     ({"method": "awq", "bits": 4, "group_size": 32, "n_grid": 4, "quantizer": "gptq", "clip": False},
      "QuantLinear", 0.2),
     ({"method": "awq", "grid": "nf4", "n_grid": 4, "search_samples": 2}, "Bnb4bitLinear", 0.2),
-    ({"method": "awq", "grid": "nf4", "quantizer": "gptq", "n_grid": 4, "blocksize": 32}, "Bnb4bitLinear", 0.2),
+    ({"method": "awq", "grid": "nf4", "quantizer": "gptq", "n_grid": 4, "blocksize": 32, "act_order": True},
+     "Bnb4bitLinear", 0.2),
     ({"method": "smoothquant", "alpha": 0.5}, "ActQuantLinear", 0.05),
     ({"method": "bnb", "quant_type": "nf4", "double_quant": True}, "Bnb4bitLinear", 0.2),
     ({"method": "bnb", "quant_type": "fp4"}, "Bnb4bitLinear", 0.25),
@@ -100,7 +101,6 @@ def test_targets_outside_decoder_layers_are_refused(tmp_path):
      "group_size and symmetric do not apply: remove them"),
     ({"method": "awq", "grid": "nf4", "blocksize": 48}, "blocksize"),
     ({"method": "awq", "blocksize": 64}, "blocksize is the NF4 block"),
-    ({"method": "awq", "grid": "nf4", "quantizer": "gptq", "act_order": True}, "act_order"),
     ({"method": "awq", "grid": "fp4"}, "grid"),
 ])
 def test_invalid_options_are_rejected(stage, key):

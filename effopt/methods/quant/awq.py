@@ -266,12 +266,12 @@ class InputStats:
         if chunk < self.keep:
             self.kept.append(x.reshape(*shape[:-1], x.shape[-1]).clone())
         if self.full_gram:
-            g = xf.T @ xf
+            if self.gram is None:
+                self.gram = torch.zeros(xf.shape[1], xf.shape[1], device=xf.device)
+            self.gram.addmm_(xf.T, xf)
         elif self.block_size is not None:
             g = block_gram(xf, self.block_size)
-        else:
-            return
-        self.gram = g if self.gram is None else self.gram.add_(g)
+            self.gram = g if self.gram is None else self.gram.add_(g)
 
     def mean_abs(self) -> torch.Tensor:
         """Per-channel mean |x| over every token seen."""
@@ -332,8 +332,9 @@ def _final_layer(module: torch.nn.Module, w: torch.Tensor, grid, quantizer: str,
     if isinstance(grid, Nf4Grid):
         if quantizer == "rtn":
             return bnb.quantize_linear(module, w, "nf4", blocksize=grid.blocksize)
-        percdamp = (gptq_options or {}).get("percdamp", 0.01)
-        codes, absmax = bnb.nf4_gptq(w, gram, grid.blocksize, percdamp, mask=mask)
+        opts = gptq_options or {}
+        codes, absmax = bnb.nf4_gptq(w, gram, grid.blocksize, opts.get("percdamp", 0.01),
+                                     opts.get("act_order", False), mask=mask)
         return bnb.nf4_layer_from_codes(module, codes, absmax, grid.blocksize)
     bits, group_size, symmetric = grid.bits, grid.group_size, grid.symmetric
     if quantizer == "gptq":
@@ -415,8 +416,8 @@ def awq_model(model: torch.nn.Module, input_ids: torch.Tensor, targets: list[str
             statistics and the clipping search use every sequence).
         search_autocast: dtype of the search's block forwards (None: as the other calibration
             forwards, `autocast`).
-        gptq_options: percdamp / blocksize / act_order for the GPTQ quantizer (percdamp only on
-            the NF4 grid).
+        gptq_options: percdamp / blocksize / act_order for the GPTQ quantizer (percdamp and
+            act_order on the NF4 grid).
     """
     from effopt.methods.calibration import calibrate_layers
 

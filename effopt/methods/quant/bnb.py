@@ -12,6 +12,8 @@ clear error if this bitsandbytes build cannot run it there.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
@@ -72,6 +74,35 @@ def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     return get_4bit_type("nf4", device=device)
 
 
+_BINS = 256  # uniform bins over [-1, 1], narrower than the closest two NF4 levels' midpoints
+
+
+@functools.lru_cache(maxsize=4)
+def _nf4_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(levels, midpoints below each bin's left edge [_BINS + 1] int32, the next midpoint per bin).
+
+    A bin holds at most one midpoint, so a scaled weight's level index is the count below its bin
+    plus one if it lies above that next midpoint: bitsandbytes' bucketize by midpoints, exactly
+    (no midpoint lies within float rounding of a bin edge, checked here), at a third of the cost."""
+    code = nf4_code(device)
+    mids = (code[:-1] + code[1:]) / 2
+    edges = torch.arange(_BINS + 1, dtype=torch.float64, device=device) * (2 / _BINS) - 1
+    gaps = (mids.double().view(-1, 1) - edges.view(1, -1)).abs()
+    if float(gaps.min()) < 1e-5 or float(mids.diff().min()) <= 2 / _BINS:
+        raise RuntimeError("NF4 rounding table: a midpoint sits on a bin edge or two share a bin")
+    below = (mids.double().view(1, -1) < edges.view(-1, 1)).sum(1)
+    nxt = torch.cat([mids, torch.tensor([float("inf")], device=device)])[below]
+    return code, below.to(torch.int32), nxt
+
+
+def nf4_round(scaled: torch.Tensor) -> torch.Tensor:
+    """Index (int32) of the nearest NF4 level of each value of `scaled` in [-1, 1], ties rounding
+    down as bitsandbytes' quantizer does."""
+    _, below, nxt = _nf4_tables(scaled.device)
+    b = (scaled + 1).mul_(_BINS / 2).to(torch.int32)
+    return below[b].add_(scaled > nxt[b])
+
+
 def nf4_blocks(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
     """[N, K] -> float32 [N, K / blocksize, blocksize]: bitsandbytes' absmax blocks, which run over
     the flattened weight, so they are column groups of a row only when K is a multiple of blocksize.
@@ -89,9 +120,8 @@ def nf4_blocks(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
 def nf4_dequant_blocks(blocks: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Each weight of `blocks` [..., b] rounded to the nearest level of code * absmax [..., 1] (the
     level bitsandbytes stores: nearest by midpoints, inputs clamped to +-absmax)."""
-    mids = (code[:-1] + code[1:]) / 2
     scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))).clamp_(-1, 1)
-    return code[torch.bucketize(scaled, mids)].mul_(absmax)
+    return code[nf4_round(scaled)].mul_(absmax)
 
 
 def nf4_fake_quantize(weight: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
@@ -127,19 +157,21 @@ def nf4_apply_clip(weight: torch.Tensor, shrink: torch.Tensor, blocksize: int = 
 
 @torch.no_grad()
 def nf4_gptq(weight: torch.Tensor, hessian: torch.Tensor, blocksize: int = 64, percdamp: float = 0.01,
-             lazy: int = 128, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ (Frantar et al., 2022) on the NF4 grid: columns are rounded in order to the nearest NF4
-    level of their block's absmax, and each column's error is spread over the columns not yet
+             act_order: bool = False, mask: torch.Tensor | None = None,
+             lazy: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al., 2022) on the NF4 grid: columns are rounded one at a time to the nearest
+    NF4 level of their block's absmax, and each column's error is spread over the columns not yet
     rounded through the inverse Hessian. The absmax of every block is fixed up front from `weight`
-    (static groups), so a clipped weight keeps its clipped ranges.
+    (static groups), so a clipped weight keeps its clipped ranges and act-order needs no regrouping.
 
     Args:
         weight: [N, K], K a multiple of blocksize.
         hessian: [K, K] input Hessian (any positive multiple of X^T X).
         percdamp: damping added to H's diagonal, as a fraction of its mean.
-        lazy: columns per lazy-update block.
+        act_order: round columns by decreasing diag(H) (the stored layout is unchanged).
         mask: optional bool [N, K] of weights to keep; the others get the code of 0.0 (a pruning
             mask survives).
+        lazy: columns per lazy-update block.
 
     Returns:
         codes uint8 [N, K] (indices into nf4_code()) and absmax float32 [N, K / blocksize]; the
@@ -148,19 +180,22 @@ def nf4_gptq(weight: torch.Tensor, hessian: torch.Tensor, blocksize: int = 64, p
     from effopt.methods.quant.gptq import damped_inverse_cholesky
 
     n, k = weight.shape
-    w = weight.detach().float().clone()
-    absmax = nf4_blocks(w, blocksize).abs().amax(-1)
+    absmax = nf4_blocks(weight, blocksize).abs().amax(-1)  # [N, G]
     h = hessian.detach().float().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
-    u, _ = damped_inverse_cholesky(h, percdamp)
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k, device=h.device)
+    w = weight.detach().float()[:, perm].contiguous()
+    u, _ = damped_inverse_cholesky(h[perm][:, perm], percdamp)
     del h
     code = nf4_code(w.device)
-    mids = (code[:-1] + code[1:]) / 2
+    mids = (code[:-1] + code[1:]) / 2  # per column, one bucketize beats nf4_round's several small ops
     zero = int(torch.nonzero(code == 0)[0])
-    keep = None if mask is None else mask.to(torch.bool)
-    inv_absmax = 1.0 / absmax.clamp(min=1e-38)
-    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    keep = None if mask is None else mask.to(torch.bool)[:, perm].T.contiguous()
+    scale = absmax.T.contiguous()  # [G, N]: one contiguous row per block
+    inv_scale = 1.0 / scale.clamp(min=1e-38)
+    block_of = (perm // blocksize).tolist()
+    codes = torch.empty(k, n, dtype=torch.int64, device=w.device)  # [K, N] in rounding order
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of [N]-sized ops: thread hand-offs cost more than they save
     try:
@@ -169,18 +204,20 @@ def nf4_gptq(weight: torch.Tensor, hessian: torch.Tensor, blocksize: int = 64, p
             block = w[:, i1:i2].T.contiguous()  # [B, N], one row per column
             err = torch.empty_like(block)
             ublock = u[i1:i2, i1:i2]
+            diag = torch.diagonal(ublock).tolist()
             for i in range(i2 - i1):
-                g = (i1 + i) // blocksize
-                q = torch.bucketize((block[i] * inv_absmax[:, g]).clamp_(-1, 1), mids)
+                g = block_of[i1 + i]
+                q = torch.bucketize((block[i] * inv_scale[g]).clamp_(-1, 1), mids)
                 if keep is not None:
-                    q = torch.where(keep[:, i1 + i], q, zero)
-                codes[:, i1 + i] = q
-                torch.sub(block[i], code[q] * absmax[:, g], out=err[i]).div_(ublock[i, i])
-                block[i + 1:].addr_(ublock[i, i + 1:], err[i], alpha=-1)
+                    q = torch.where(keep[i1 + i], q, zero)
+                codes[i1 + i] = q
+                torch.sub(block[i], code[q].mul_(scale[g]), out=err[i]).div_(diag[i])
+                if i + 1 < i2 - i1:
+                    block[i + 1:].addr_(ublock[i, i + 1:], err[i], alpha=-1)
             w[:, i2:] -= err.T @ u[i1:i2, i2:]
     finally:
         torch.set_num_threads(threads)
-    return codes, absmax
+    return codes.T[:, torch.argsort(perm)].to(torch.uint8).contiguous(), absmax
 
 
 def nf4_layer_from_codes(linear: torch.nn.Module, codes: torch.Tensor, absmax: torch.Tensor,
