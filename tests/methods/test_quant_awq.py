@@ -1,5 +1,6 @@
 """AWQ: scale folding keeps the float function, the search and clipping reduce output error below
-RTN's, Gemma-style norms are handled, and the layer-by-layer driver quantizes a model."""
+RTN's, Gemma-style norms are handled, the layer-by-layer driver quantizes a model, and on the NF4
+grid it stores bitsandbytes NF4 layers that beat bitsandbytes' own rounding."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 from effopt.methods.quant import awq
-from effopt.methods.quant.awq import (IntGrid, awq_model, block_loss, fold_scales, linear_loss, norm_offset,
-                                      scale_groups, search_scale)
+from effopt.methods.quant.awq import (awq_model, block_loss, fold_scales, linear_loss, norm_offset, scale_groups,
+                                      search_scale)
 from effopt.methods.quant.clip import apply_clip, block_gram, search_clip
+from effopt.methods.quant.grids import IntGrid
 from effopt.methods.quant.rtn import dequantize_weight, fake_quantize, quantize_weight
 from tests.conftest import tiny_llama
 
