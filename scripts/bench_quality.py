@@ -46,8 +46,8 @@ REFERENCE = [("quantize-gptq-w4g128", "llm-compressor GPTQ W4 g64 symmetric", 1.
              ("quantize-gptq-w4g64-sym", "llm-compressor GPTQ W4 g64 symmetric", 1.146),
              ("prune-sparsegpt-50", "llm-compressor SparseGPT 50%", 1.814),
              ("prune-wanda-50", "llm-compressor Wanda 50%", 2.627),
-             ("quantize-nf4", "bitsandbytes NF4", 1.244),
-             ("quantize-awq-nf4", "bitsandbytes NF4", 1.244)]
+             ("quantize-awq-nf4", "bitsandbytes NF4", 1.244)]  # quantize-nf4 *is* bitsandbytes NF4: its row
+# reproduces the reference (a check of the protocol), so it is not compared with itself.
 TIME_LIMIT_S = 180.0
 
 

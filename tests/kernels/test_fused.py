@@ -84,6 +84,27 @@ def test_decoder_step_with_fused_kernels_matches_torch_path(fuse):
     assert (logits[True].argmax(-1) == logits[False].argmax(-1)).float().mean() > 0.8
 
 
+def test_decoder_fused_kernels_batch_rows_at_different_positions():
+    """Two rows prefilled one at a time into a batch-2 cache (row views), then one decode step for both
+    at different positions: the fused path writes each row's K/V at its own slot."""
+    from conftest import tiny_llama
+    from effopt.generation.decode import prefill
+    from effopt.generation.decoder import Decoder
+
+    model = tiny_llama(heads=4, kv_heads=2, hidden=64).to(DEVICE).half()
+    prompts = [[5, 9, 11, 3, 7], [8, 2, 6]]
+    logits = {}
+    for use in (False, True):
+        dec = Decoder(model).fuse()
+        dec.kernels = fused if use else None
+        cache = dec.new_cache("bf16", 2, 16)
+        for row, p in enumerate(prompts):
+            prefill(dec, cache, p, row)
+        start = torch.tensor([len(p) for p in prompts], device=DEVICE)
+        logits[use] = dec.forward(torch.tensor([[4], [1]], device=DEVICE), start, cache)[:, 0].float()
+    assert rel_err(logits[True], logits[False]) < 1e-2
+
+
 @pytest.mark.parametrize("b,t", [(1, 1), (2, 3)])
 def test_rope_store_kv_rotates_q_and_writes_the_cache(b, t):
     nh, nkv, d, L = 4, 2, 16, 10
