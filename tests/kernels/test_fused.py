@@ -8,6 +8,16 @@ from kernels import fused
 DTYPES = [torch.bfloat16, torch.float16]
 
 
+def tiny_llama():
+    """A random 2-layer Llama with GQA (built here: `conftest` can name another directory's module)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_delta", [True, False])
 @pytest.mark.parametrize("rows,hidden", [(1, 576), (3, 100)])
@@ -65,10 +75,9 @@ def test_silu_mul_matches_reference(dtype, rows, f):
 def test_decoder_step_with_fused_kernels_matches_torch_path(fuse):
     """The Decoder's fused-kernel forward (residual adds folded into the norms, one-launch RoPE and
     SiLU-mul) gives the torch path's logits, prefill and a decode step, in fp16."""
-    from conftest import tiny_llama
     from effopt.generation.decoder import Decoder
 
-    model = tiny_llama(heads=4, kv_heads=2, hidden=64).to(DEVICE).half()
+    model = tiny_llama().to(DEVICE).half()
     logits = {}
     for use in (False, True):
         dec = Decoder(model)
@@ -87,11 +96,10 @@ def test_decoder_step_with_fused_kernels_matches_torch_path(fuse):
 def test_decoder_fused_kernels_batch_rows_at_different_positions():
     """Two rows prefilled one at a time into a batch-2 cache (row views), then one decode step for both
     at different positions: the fused path writes each row's K/V at its own slot."""
-    from conftest import tiny_llama
     from effopt.generation.decode import prefill
     from effopt.generation.decoder import Decoder
 
-    model = tiny_llama(heads=4, kv_heads=2, hidden=64).to(DEVICE).half()
+    model = tiny_llama().to(DEVICE).half()
     prompts = [[5, 9, 11, 3, 7], [8, 2, 6]]
     logits = {}
     for use in (False, True):
