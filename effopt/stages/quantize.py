@@ -68,8 +68,9 @@ class GptqConfig(QuantizeBase, Calibrated):
     static_groups: bool = Field(True, description="Compute group scales from the original weights up front "
                                                   "instead of when each group is reached (pairs with act_order).")
     clip_search: bool = Field(False, description="MSE clipping search for each group's range.")
-    # Chunks of 4 (not 8) sequences: the Hessians are the same sums; the layer forwards' temporaries
-    # halve, and peak host memory on SmolLM2 fell from 2.1x to 1.7x the model (results/quality.md).
+    # Chunks of 4 (not 8) sequences: the Hessians are the same sums and the layer forwards' temporaries
+    # halve. Peak host memory on SmolLM2 still reaches ~2.05-2.1x the model in a load -> gptq run
+    # (results/quality.md): the temporaries are not what sets the peak.
     batch_size: int = Field(4, gt=0, description="Calibration sequences per forward chunk.")
 
 
