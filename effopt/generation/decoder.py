@@ -78,9 +78,9 @@ class Decoder:
         self.dtype, self.device = self.embed.weight.dtype, param.device
         self._cos = self._sin = None
         self.fused: list | None = None
-        self.kernels = self._fused_kernels_apply(model)
+        self.kernels = self._fused_kernels_fit()
 
-    def _fused_kernels_apply(self, model):
+    def _fused_kernels_fit(self):
         """kernels.fused when this model's step can use it (CUDA, fp16/bf16, Llama RMSNorm, SiLU MLP)."""
         layer = self.layers[0]
         ok = (self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
@@ -149,7 +149,7 @@ class Decoder:
             qk = out[..., : (nh + nkv) * d].reshape(b, t, nh + nkv, d)
             v = out[..., (nh + nkv) * d:].reshape(b, t, nkv, d)
             if rotate and self._use_kernels():  # one launch for q and k
-                qk = self.kernels.rope(qk, *step.cached("rope", lambda: self.rotary(step.pos)))
+                qk = self.kernels.rope(qk, *step.rope_tables())
             elif rotate:  # one rotation for q and k together
                 qk = step.rotate(qk)
             q, k = qk[:, :, :nh], qk[:, :, nh:]
@@ -210,7 +210,7 @@ class Decoder:
             x, h = norm(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, pending)
             if store_inside:  # RoPE and the K/V cache write in one launch
                 qkv = self.fused[i][0](h).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
-                q = self.kernels.rope_store_kv(qkv, *step.cached("rope", lambda: self.rotary(step.pos)), step.pos,
+                q = self.kernels.rope_store_kv(qkv, *step.rope_tables(), step.pos,
                                                cache.k[i], cache.v[i], self.heads)
                 out = cache.attend_stored(i, q.transpose(1, 2), step)
             else:

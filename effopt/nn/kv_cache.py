@@ -119,9 +119,13 @@ class Step:
 
         x * cos + rotate_half(x) * sin, with rotate_half(x) * sin written as roll(x, D/2) * signed sin.
         """
-        cos, sin = self.cached("rope", lambda: self._rotary(self.pos)) if pos is None else self._rotary(pos)
+        cos, sin = self.rope_tables() if pos is None else self._rotary(pos)
         cos, sin = cos.unsqueeze(head_axis), sin.unsqueeze(head_axis)
         return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
+
+    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) [B, T, D] at this step's positions, computed once per step."""
+        return self.cached("rope", lambda: self._rotary(self.pos))
 
     def cached(self, key, make):
         """memo[key], computed by make() on first use in this step."""
