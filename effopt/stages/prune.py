@@ -68,15 +68,24 @@ class MagnitudeConfig(ScopedPrune):
     method: Literal["magnitude"] = "magnitude"
 
 
-class TaylorConfig(ScopedPrune):
+class GradientPasses(StageConfig):
+    """The dtype of Taylor saliency's gradient passes (mixin)."""
+
+    calibration_precision: Literal["model", "bfloat16"] = Field(
+        "model", description="Dtype of the gradient passes: the model's own, or bfloat16 autocast (several times "
+                             "faster on CPUs with bf16 matrix units; scores still accumulate in float32).")
+
+    def autocast(self) -> torch.dtype | None:
+        """torch.autocast dtype for the passes (None: the model's own)."""
+        return torch.bfloat16 if self.calibration_precision == "bfloat16" else None
+
+
+class TaylorConfig(ScopedPrune, GradientPasses):
     """First-order Taylor: prune the smallest sum over calibration batches of |w * dL/dw|."""
 
     method: Literal["taylor"] = "taylor"
     data: str = Field("calibration", description="Name of the data source of calibration samples.")
     batch_size: int = Field(4, gt=0, description="Calibration samples per gradient batch.")
-    calibration_precision: Literal["model", "bfloat16"] = Field(
-        "model", description="Dtype of the gradient passes: the model's own, or bfloat16 autocast (several times "
-                             "faster on CPUs with bf16 matrix units; scores still accumulate in float32).")
 
 
 class GradientConfig(TaylorConfig):
@@ -109,7 +118,7 @@ class LearnedConfig(CalibratedPrune):
     init_keep: float = Field(0.99, gt=0.5, lt=1, description="Initial sigmoid(log_alpha) (near 1: start dense).")
 
 
-class StructuredConfig(StageConfig):
+class StructuredConfig(GradientPasses):
     """Remove whole heads, MLP channels or decoder layers with the lowest L1/L2 norm (same count in
     every layer, so the transformers config stays valid)."""
 
@@ -124,9 +133,6 @@ class StructuredConfig(StageConfig):
                                "over calibration batches (LLM-Pruner's element-wise importance; use norm l1).")
     data: str = Field("calibration", description="Calibration data source (criterion taylor).")
     batch_size: int = Field(4, gt=0, description="Calibration samples per gradient batch (criterion taylor).")
-    calibration_precision: Literal["model", "bfloat16"] = Field(
-        "model", description="Dtype of the gradient passes: the model's own, or bfloat16 autocast (several times "
-                             "faster on CPUs with bf16 matrix units; scores still accumulate in float32).")
     gqa: Literal["query_heads", "kv_groups"] = Field(
         "query_heads", description="heads: remove the same number of query heads from every KV group, "
                                    "or whole KV groups (a KV head with its query heads).")
@@ -164,10 +170,6 @@ def apply_magnitude(cfg: MagnitudeConfig, ctx) -> dict:
     return _finish(cfg, ctx, masks_from_scores(scores, cfg.sparsity, cfg.nm(), cfg.scope), t0)
 
 
-def _autocast(cfg) -> torch.dtype | None:
-    return torch.bfloat16 if cfg.calibration_precision == "bfloat16" else None
-
-
 def apply_taylor(cfg: TaylorConfig, ctx) -> dict:
     """First-order Taylor pruning over calibration batches."""
     from effopt.methods.pruning.masks import masks_from_scores
@@ -175,7 +177,7 @@ def apply_taylor(cfg: TaylorConfig, ctx) -> dict:
 
     t0 = time.perf_counter()
     samples = ctx.data.samples(cfg.data)
-    scores = taylor_scores(ctx.model, _targets(cfg, ctx), samples.split(cfg.batch_size), _autocast(cfg))
+    scores = taylor_scores(ctx.model, _targets(cfg, ctx), samples.split(cfg.batch_size), cfg.autocast())
     return _finish(cfg, ctx, masks_from_scores(scores, cfg.sparsity, cfg.nm(), cfg.scope), t0,
                    calibration_tokens=samples.numel())
 
@@ -226,7 +228,7 @@ def apply_structured(cfg: StructuredConfig, ctx) -> dict:
         from effopt.methods.pruning.scores import taylor_scores
 
         linears = structured.decoder_linears(ctx.model)
-        scores = taylor_scores(ctx.model, linears, ctx.data.samples(cfg.data).split(cfg.batch_size), _autocast(cfg))
+        scores = taylor_scores(ctx.model, linears, ctx.data.samples(cfg.data).split(cfg.batch_size), cfg.autocast())
         saliency = {linears[name]: score for name, score in scores.items()}
     if cfg.structure == "heads":
         out = structured.prune_heads(ctx.model, cfg.amount, cfg.norm, cfg.gqa, saliency)
