@@ -232,6 +232,9 @@ app.command()(bench)
 
 def main() -> None:
     """Console-script entry point."""
+    from effopt import hostmem
+
+    hostmem.configure()  # huge-page CPU allocations, set before torch is imported (effopt/hostmem.py)
     app()
 
 

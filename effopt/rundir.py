@@ -60,10 +60,12 @@ def environment(seed: int, device: str | None = None) -> dict:
     import transformers
 
     import effopt
+    from effopt import hostmem
 
     env = {"effopt": effopt.__version__, "python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
-           "cuda": torch.cuda.is_available(), "git_revision": git_revision(), "seed": seed, "device": device}
+           "cuda": torch.cuda.is_available(), "git_revision": git_revision(), "seed": seed, "device": device,
+           "host_allocator": hostmem.applied or None}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env

@@ -42,3 +42,49 @@ class GraphStep:
         self.start.copy_(start)
         self.graph.replay()
         return self.logits
+
+
+class GreedyRollout:
+    """`rollout(token, start) -> n tokens`: n greedy decode steps captured as one CUDA graph, each
+    step's argmax fed to the next step on the device.
+
+    A speculative draft proposes its k tokens this way with one replay and one host sync, where
+    step-by-step proposing pays a replay, an argmax and a device-to-host sync per token (on the
+    H200, fitted from three k: ~0.56 ms a proposal step by step, ~0.37 ms rolled out, for a 6-layer
+    SmolLM2 draft; results/inference.md). Captured at
+    `scratch` like GraphStep (n slots past every real position); off CUDA the steps run eagerly.
+    """
+
+    def __init__(self, decoder, cache, n: int, scratch: int):
+        dev = decoder.device
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.start = torch.full((1,), scratch, dtype=torch.long, device=dev)
+
+        def rollout() -> torch.Tensor:
+            tok, out = self.token, []
+            for i in range(n):
+                logits = decoder.forward(tok, self.start + i, cache, last_only=True)
+                tok = logits[:, -1, : decoder.vocab].argmax(-1, keepdim=True)
+                out.append(tok)
+            return torch.cat(out, 1)[0]
+
+        self.rollout, self.graph = rollout, None
+        if dev.type != "cuda":  # no graphs: the same steps run eagerly on each call (CPU tests)
+            return
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                rollout()
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.tokens = rollout()
+
+    def __call__(self, token: int, start: int) -> list[int]:
+        self.token.fill_(token)
+        self.start.fill_(start)
+        if self.graph is None:
+            return self.rollout().tolist()
+        self.graph.replay()
+        return self.tokens.tolist()

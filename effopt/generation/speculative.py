@@ -101,7 +101,7 @@ class _Stepper:
         from effopt.generation.graphs import GraphStep
 
         self.decoder, self.cache = decoder, cache
-        self.graphs = None
+        self.graphs = self.rollout = None
         if graph:
             self.graphs = {t: GraphStep(decoder, cache, 1, t, cache.max_len - t) for t in counts}
 
@@ -118,10 +118,11 @@ class _Stepper:
 def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, k: int = 4,
                          sampling: Sampling = Sampling(), eos_token_id: int | None = None, seed: int = 0,
                          cache: str = "bf16", graph: bool | None = None, target_decoder: Decoder | None = None,
-                         draft_decoder: Decoder | None = None) -> SpecResult:
+                         draft_decoder: Decoder | None = None, rollout: bool | None = None) -> SpecResult:
     """Generate up to `max_new_tokens` after `prompt` with `draft` proposing k tokens per round.
 
     Both models must share the tokenizer (vocabularies may differ in padding rows only).
+    rollout: greedy drafts propose all k tokens in one graphs.GreedyRollout call (default: with graphs).
     """
     if cache == "sink":
         raise ValueError("speculative decoding needs a static cache (bf16/float, int8 or int4), not sink")
@@ -144,6 +145,10 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, 
     res.ttft_s = time.perf_counter() - t0
     # graphs captured after prefill (see decode.generate); capture time is not decode time
     tstep, dstep = _Stepper(td, tcache, graph, (k + 1,)), _Stepper(dd, dcache, graph, (1,))
+    if (graph if rollout is None else rollout) and sampling.greedy:  # k proposals, one replay and one sync
+        from effopt.generation.graphs import GreedyRollout
+
+        dstep.rollout = GreedyRollout(dd, dcache, k, dcache.max_len - k)
     sync(dev)
     t1 = time.perf_counter()
     draft_len = len(prompt)  # positions the draft cache holds correctly
@@ -175,6 +180,9 @@ def _propose(dstep: _Stepper, seq: list[int], draft_len: int, k: int, sampling: 
         draft_len += 1
         res.draft_calls += 1
     tok = pending[-1]
+    if dstep.rollout is not None:
+        res.draft_calls += k
+        return dstep.rollout(tok, draft_len), qs, draft_len + k
     for _ in range(k):
         logits = dstep([tok], draft_len)[-1].float()
         res.draft_calls += 1

@@ -39,14 +39,12 @@ from effopt import log
 def release_host_memory() -> None:
     """Hand freed memory back to the OS (glibc keeps freed heap pages otherwise, so a process's RSS
     stays at its high-water mark); on CUDA, empty the caching allocator too. Cheap; no-op elsewhere."""
-    import ctypes
     import gc
 
+    from effopt.hostmem import trim_heap
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -175,6 +173,14 @@ class LayerStep:
         out = out[0] if isinstance(out, tuple) else out
         return out.to(self.inputs[chunk].dtype)
 
+    def advance(self) -> list[torch.Tensor]:
+        """Overwrite each input chunk with the layer's output on it (the next layer's inputs), in the
+        chunk's own storage (the held activations stay one block, allocated once); returns `inputs`,
+        ready for `next_inputs`."""
+        for i in range(len(self.inputs)):
+            self.inputs[i].copy_(self.call(i))
+        return self.inputs
+
     def run(self, hooks: dict[str, Callable[[torch.Tensor, int], None]], chunks: int | None = None,
             outputs: bool = False) -> list[torch.Tensor] | None:
         """Run the layer over the inputs; `hooks[name](x, chunk)` sees module `name`'s input
@@ -297,16 +303,17 @@ def calibrate_layers(model: torch.nn.Module, input_ids: torch.Tensor, on_layer: 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     release_host_memory()
     inputs, kwargs = capture_inputs(model, input_ids, batch_size, device)
+    inputs = list(torch.cat(inputs).split(batch_size))  # one block, updated in place (LayerStep.advance)
     for index, (name, layer) in enumerate(log.progress(layers, description)):
         home = next(layer.parameters()).device
         layer.to(device)
         step = LayerStep(index, name, layer, inputs, kwargs[index], autocast, device)
         on_layer(step)
-        if step.next_inputs is not None:
-            inputs[:] = step.next_inputs
-        else:
-            for i in range(len(inputs)):
-                inputs[i] = step.call(i)  # in place: one layer's inputs held at a time
+        if step.next_inputs is None:
+            step.advance()  # in place: one layer's inputs held at a time
+        elif step.next_inputs is not inputs:
+            for held, new in zip(inputs, step.next_inputs):
+                held.copy_(new)
         layer.to(home)
         kwargs[index] = []
         step = None

@@ -14,6 +14,7 @@ import torch
 from pydantic import Field, model_validator
 
 from effopt import log
+from effopt.hostmem import bounded_heap
 from effopt.registry import register_stage
 from effopt.stages.base import StageConfig, TargetedStageConfig
 
@@ -44,6 +45,11 @@ class Calibrated(StageConfig):
     calibration_precision: Literal["model", "bfloat16"] = Field(
         "model", description="Dtype of calibration forwards: the model's own, or bfloat16 autocast (faster on "
                              "CPUs with bf16 matmul; statistics still accumulate in float32).")
+    host_memory: Literal["fast", "low"] = Field(
+        "fast", description="low: tensors of 1 MiB and more are mapped and freed on their own, so peak host memory "
+                            "follows live data, at the cost of page faults (GPTQ W4 g128 on SmolLM2, bf16 forwards: "
+                            "1197 MiB in 144-160 s, against 1220 MiB in 131 s with fast, the allocator's heap "
+                            "reuse). See effopt/hostmem.py.")
 
 
 class RtnConfig(QuantizeBase):
@@ -69,9 +75,14 @@ class GptqConfig(QuantizeBase, Calibrated):
                                                   "instead of when each group is reached (pairs with act_order).")
     clip_search: bool = Field(False, description="MSE clipping search for each group's range.")
     # Chunks of 4 (not 8) sequences: the Hessians are the same sums and the layer forwards' temporaries
-    # halve. Peak host memory on SmolLM2 still reaches ~2.05-2.1x the model in a load -> gptq run
-    # (results/quality.md): the temporaries are not what sets the peak.
+    # halve. That alone did not lower peak host memory (heap fragmentation set it; see host_memory).
     batch_size: int = Field(4, gt=0, description="Calibration sequences per forward chunk.")
+    # bf16 calibration forwards by default (Hessian sums stay float32). SmolLM2 W4 g128, float32 model, AMX CPU:
+    # x1.123 in 131 s, peak 1220 MiB; float32 forwards: x1.120 in 143-148 s, peak 1383-1410 MiB (heap
+    # fragmentation of the larger temporaries; 1228 MiB in 171-207 s with host_memory: low). results/quality.md
+    calibration_precision: Literal["model", "bfloat16"] = Field(
+        "bfloat16", description="Dtype of calibration forwards: bfloat16 autocast (fast on CPUs with bf16 matmul; "
+                                "the Hessians still accumulate in float32), or the model's own.")
 
 
 class AwqConfig(QuantizeBase, Calibrated):
@@ -198,9 +209,10 @@ def apply_gptq(cfg: GptqConfig, ctx) -> dict:
     from effopt.methods.quant.gptq import gptq_model
 
     ids, opts = _calibration(cfg, ctx)
-    return gptq_model(ctx.model, ids, cfg.targets, cfg.ignore, bits=cfg.bits, group_size=cfg.group_size,
-                      symmetric=cfg.symmetric, percdamp=cfg.percdamp, blocksize=cfg.blocksize,
-                      act_order=cfg.act_order, static_groups=cfg.static_groups, clip_search=cfg.clip_search, **opts)
+    with bounded_heap(cfg.host_memory == "low"):
+        return gptq_model(ctx.model, ids, cfg.targets, cfg.ignore, bits=cfg.bits, group_size=cfg.group_size,
+                          symmetric=cfg.symmetric, percdamp=cfg.percdamp, blocksize=cfg.blocksize,
+                          act_order=cfg.act_order, static_groups=cfg.static_groups, clip_search=cfg.clip_search, **opts)
 
 
 def apply_awq(cfg: AwqConfig, ctx) -> dict:
@@ -208,11 +220,12 @@ def apply_awq(cfg: AwqConfig, ctx) -> dict:
     from effopt.methods.quant.awq import awq_model
 
     ids, opts = _calibration(cfg, ctx)
-    return awq_model(ctx.model, ids, cfg.targets, cfg.ignore, bits=cfg.bits, group_size=cfg.group_size,
-                     symmetric=cfg.symmetric, n_grid=cfg.n_grid, clip=cfg.clip, grid=cfg.grid,
-                     quantizer=cfg.quantizer, blocksize=cfg.blocksize, search_samples=cfg.search_samples,
-                     search_autocast=torch.bfloat16 if cfg.search_precision == "bfloat16" else None,
-                     gptq_options={"percdamp": cfg.percdamp, "act_order": cfg.act_order}, **opts)
+    with bounded_heap(cfg.host_memory == "low"):
+        return awq_model(ctx.model, ids, cfg.targets, cfg.ignore, bits=cfg.bits, group_size=cfg.group_size,
+                         symmetric=cfg.symmetric, n_grid=cfg.n_grid, clip=cfg.clip, grid=cfg.grid,
+                         quantizer=cfg.quantizer, blocksize=cfg.blocksize, search_samples=cfg.search_samples,
+                         search_autocast=torch.bfloat16 if cfg.search_precision == "bfloat16" else None,
+                         gptq_options={"percdamp": cfg.percdamp, "act_order": cfg.act_order}, **opts)
 
 
 def apply_smoothquant(cfg: SmoothQuantConfig, ctx) -> dict:
@@ -220,8 +233,9 @@ def apply_smoothquant(cfg: SmoothQuantConfig, ctx) -> dict:
     from effopt.methods.quant.smoothquant import smoothquant_model
 
     ids, opts = _calibration(cfg, ctx)
-    return smoothquant_model(ctx.model, ids, cfg.targets, cfg.ignore, alpha=cfg.alpha, smooth_down=cfg.smooth_down,
-                             **opts)
+    with bounded_heap(cfg.host_memory == "low"):
+        return smoothquant_model(ctx.model, ids, cfg.targets, cfg.ignore, alpha=cfg.alpha, smooth_down=cfg.smooth_down,
+                                 **opts)
 
 
 def apply_bnb(cfg: BnbConfig, ctx) -> dict:

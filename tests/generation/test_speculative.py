@@ -47,6 +47,37 @@ def test_greedy_speculative_equals_plain_greedy(draft_name, k, cache):
         assert spec.acceptance_rate == 1.0 and spec.tokens_per_target_call > k
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_greedy_rollout_drafts_equal_plain_greedy(k):
+    """The draft's k proposals from one GreedyRollout call (what CUDA graphs replay), run eagerly here."""
+    target = lively_llama(seed=0).double()
+    draft = noisy_copy(target, 0.1, 2).double()
+    for seed, n in ((1, 9), (2, 40)):
+        ids = prompt(5 + 3 * seed, seed)
+        spec = speculative_generate(target, draft, ids, n, k=k, rollout=True)
+        stepwise = speculative_generate(target, draft, ids, n, k=k, rollout=False)
+        assert spec.tokens == generate(target, [ids], n).tokens[0] == stepwise.tokens
+        assert (spec.accepted, spec.target_calls) == (stepwise.accepted, stepwise.target_calls)
+    assert 0 < spec.acceptance_rate < 1
+
+
+def test_greedy_rollout_continues_like_plain_greedy():
+    from effopt.generation import Decoder
+    from effopt.generation.decode import prefill
+    from effopt.generation.graphs import GreedyRollout
+
+    model = lively_llama(seed=0).double()
+    ids = prompt(9, 1)
+    dec = Decoder(model)
+    cache = dec.new_cache("bf16", 1, len(ids) + 20)
+    tokens, pos = [int(prefill(dec, cache, ids).argmax())], len(ids)
+    roll = GreedyRollout(dec, cache, 4, cache.max_len - 4)
+    while len(tokens) < 13:
+        tokens += roll(tokens[-1], pos)
+        pos += 4
+    assert tokens[:13] == generate(model, [ids], 13).tokens[0]
+
+
 def test_speculative_counters():
     target = lively_llama()
     spec = speculative_generate(target, noisy_copy(target, 0.1, 2), prompt(7, 3), 30, k=4)

@@ -198,9 +198,7 @@ def gptq_model(model: torch.nn.Module, input_ids: torch.Tensor, targets: list[st
         # The outputs that feed the next layer come from the quantized weights, dequantized once here:
         # a QuantLinear would dequantize on every calibration chunk (calibration chunks are too long
         # for the CPU int path). Then the packed layers go in.
-        for i in range(len(step.inputs)):
-            step.inputs[i] = step.call(i)  # in place: one layer's inputs held at a time
-        step.next_inputs = step.inputs
+        step.next_inputs = step.advance()
         for name, layer in quantized.items():
             step.replace(name, layer)
 

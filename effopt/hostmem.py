@@ -1,0 +1,72 @@
+"""Host allocator control: hand large freed tensors straight back to the OS where peak memory matters.
+
+glibc serves an allocation from its heap unless it is at least the mmap threshold, and that threshold
+rises (up to 32 MiB) each time a mapped block is freed. After the first few forwards, every activation
+of a layer-by-layer calibration (a few MiB to tens of MiB each) comes from the heap, whose freed holes
+stay resident until a malloc_trim: on SmolLM2 GPTQ with float32 forwards that fragmentation put the
+peak host memory at 1383-1410 MiB where the live data peaks near 1230 MiB (results/quality.md).
+
+`bounded_heap()` fixes the threshold at 1 MiB for a block of work, so a large tensor that does not fit
+the heap's free chunks is mapped on its own and unmapped when freed instead of growing the heap: peak
+RSS tracks live data. The price is a fresh, zeroed mapping per
+large tensor (GPTQ float32: 171-207 s instead of 143-148 s; with bf16 forwards, GPTQ's default now,
+1197 MiB in 144-160 s against 1220 MiB in 131 s). Stages opt in with `host_memory: low`.
+
+torch's transparent-huge-page allocations (THP_MEM_ALLOC_ENABLE: 2 MiB-aligned, madvise'd) make those
+page faults cheaper (float32 GPTQ, one run: 190 s without them); torch reads the variable at its first
+allocation, so `configure()` sets it at the start of the `effopt` command, before torch is imported.
+On systems without glibc both are no-ops. EFFOPT_HOST_ALLOCATOR=default turns `configure()` off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+
+BOUNDED_MMAP_THRESHOLD = 1 << 20
+RELAXED_MMAP_THRESHOLD = 32 << 20  # where glibc's dynamic threshold ends up (its 64-bit maximum)
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+applied: dict = {}  # what configure() set in this process (run.json records it)
+
+
+def _mallopt_threshold(nbytes: int) -> bool:
+    """Set glibc's mmap threshold; False where there is no glibc (nothing changed)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(nbytes)) == 1
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+
+
+def trim_heap() -> None:
+    """Return the heap's free pages to the OS (glibc keeps them resident otherwise)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def configure() -> dict:
+    """Turn on torch's huge-page CPU allocations for this process unless the user chose otherwise.
+    Only effective before torch is first imported. Returns what was applied."""
+    if os.environ.get("EFFOPT_HOST_ALLOCATOR") != "default" and "torch" not in sys.modules:
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    applied.update(thp=os.environ.get("THP_MEM_ALLOC_ENABLE") == "1")
+    return dict(applied)
+
+
+@contextlib.contextmanager
+def bounded_heap(enabled: bool = True):
+    """Within the block, tensors of 1 MiB and more are mapped and unmapped on their own (peak RSS
+    follows live data); afterwards the threshold goes to 32 MiB (heap reuse, as glibc settles)."""
+    if not enabled or not _mallopt_threshold(BOUNDED_MMAP_THRESHOLD):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        _mallopt_threshold(RELAXED_MMAP_THRESHOLD)
