@@ -8,9 +8,9 @@ peak host memory at 1383-1410 MiB where the live data peaks near 1230 MiB (resul
 
 `bounded_heap()` fixes the threshold at 1 MiB for a block of work, so a large tensor that does not fit
 the heap's free chunks is mapped on its own and unmapped when freed instead of growing the heap: peak
-RSS tracks live data. The price is a fresh, zeroed mapping per
-large tensor (GPTQ float32: 171-207 s instead of 143-148 s; with bf16 forwards, GPTQ's default now,
-1197 MiB in 144-160 s against 1220 MiB in 131 s). Stages opt in with `host_memory: low`.
+RSS tracks live data. The price is a fresh, zeroed mapping per large tensor (GPTQ float32: 171-207 s
+instead of 143-148 s; with bf16 forwards, GPTQ's default now, 1197 MiB in 144-192 s against 1220 MiB
+in 113-131 s). Stages opt in with `host_memory: low`.
 
 torch's transparent-huge-page allocations (THP_MEM_ALLOC_ENABLE: 2 MiB-aligned, madvise'd) make those
 page faults cheaper (float32 GPTQ, one run: 190 s without them); torch reads the variable at its first
@@ -61,8 +61,9 @@ def configure() -> dict:
 
 @contextlib.contextmanager
 def bounded_heap(enabled: bool = True):
-    """Within the block, tensors of 1 MiB and more are mapped and unmapped on their own (peak RSS
-    follows live data); afterwards the threshold goes to 32 MiB (heap reuse, as glibc settles)."""
+    """Within the block, tensors of 1 MiB and more that the heap's free chunks cannot hold are mapped
+    and unmapped on their own instead of growing the heap (peak RSS follows live data); afterwards
+    the threshold goes to 32 MiB (heap reuse, where glibc's dynamic threshold settles)."""
     if not enabled or not _mallopt_threshold(BOUNDED_MMAP_THRESHOLD):
         yield False
         return

@@ -48,7 +48,7 @@ class Calibrated(StageConfig):
     host_memory: Literal["fast", "low"] = Field(
         "fast", description="low: tensors of 1 MiB and more are mapped and freed on their own, so peak host memory "
                             "follows live data, at the cost of page faults (GPTQ W4 g128 on SmolLM2, bf16 forwards: "
-                            "1197 MiB in 144-160 s, against 1220 MiB in 131 s with fast, the allocator's heap "
+                            "1197 MiB in 144-192 s, against 1220 MiB in 113-131 s with fast, the allocator's heap "
                             "reuse). See effopt/hostmem.py.")
 
 
