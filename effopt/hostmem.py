@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import sys
 
@@ -31,23 +32,28 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 applied: dict = {}  # what configure() set in this process (run.json records it)
 
 
+@functools.lru_cache(maxsize=None)
+def _libc_function(name: str):
+    """A C library function through ctypes, or None (not Linux, or a libc without it, e.g. musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def _mallopt_threshold(nbytes: int) -> bool:
     """Set glibc's mmap threshold; False where there is no glibc (nothing changed)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(nbytes)) == 1
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
+    mallopt = _libc_function("mallopt")
+    return mallopt is not None and mallopt(_M_MMAP_THRESHOLD, int(nbytes)) == 1
 
 
 def trim_heap() -> None:
     """Return the heap's free pages to the OS (glibc keeps them resident otherwise)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    malloc_trim = _libc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def configure() -> dict:

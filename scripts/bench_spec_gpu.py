@@ -67,10 +67,10 @@ def main() -> None:
 
     def add(name: str, run: dict, ref: list[int] | None) -> None:
         row = rows.setdefault(name, {"tokens": 0, "seconds": 0.0, "same_as_plain": 0, "accepted": [], "per_call": []})
-        n = len(run["tokens"][0] if isinstance(run["tokens"][0], list) else run["tokens"]) - 1
+        out = run["tokens"][0] if isinstance(run["tokens"][0], list) else run["tokens"]  # batch runs nest rows
+        n = len(out) - 1  # the first token comes from the prefill
         row["tokens"] += n
         row["seconds"] += n / run["decode_tokens_per_s"]
-        out = run["tokens"][0] if isinstance(run["tokens"][0], list) else run["tokens"]
         row["same_as_plain"] += int(ref is None or out == ref)
         if "acceptance_rate" in run:
             row["accepted"].append(run["acceptance_rate"])

@@ -12,6 +12,21 @@ from __future__ import annotations
 import torch
 
 
+def capture(fn, device) -> tuple[torch.cuda.CUDAGraph, object]:
+    """(graph, outputs) of `fn()` captured as a CUDA graph, after three warm-up calls on a side stream
+    (kernels autotune / compile there, outside the capture)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class GraphStep:
     """`step(tokens [B, T], start [B]) -> logits [B, T, V]`, replayed from a captured CUDA graph.
 
@@ -27,15 +42,7 @@ class GraphStep:
         dev = decoder.device
         self.tokens = torch.zeros(batch, t, dtype=torch.long, device=dev)
         self.start = torch.full((batch,), scratch, dtype=torch.long, device=dev)
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # kernels autotune / compile here, outside the capture
-                self.forward(self.tokens, self.start, cache)
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.forward(self.tokens, self.start, cache)
+        self.graph, self.logits = capture(lambda: self.forward(self.tokens, self.start, cache), dev)
 
     def __call__(self, tokens: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
@@ -69,17 +76,8 @@ class GreedyRollout:
             return torch.cat(out, 1)[0]
 
         self.rollout, self.graph = rollout, None
-        if dev.type != "cuda":  # no graphs: the same steps run eagerly on each call (CPU tests)
-            return
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                rollout()
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.tokens = rollout()
+        if dev.type == "cuda":  # elsewhere the same steps run eagerly on each call (CPU tests)
+            self.graph, self.tokens = capture(rollout, dev)
 
     def __call__(self, token: int, start: int) -> list[int]:
         self.token.fill_(token)

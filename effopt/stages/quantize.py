@@ -209,10 +209,9 @@ def apply_gptq(cfg: GptqConfig, ctx) -> dict:
     from effopt.methods.quant.gptq import gptq_model
 
     ids, opts = _calibration(cfg, ctx)
-    with bounded_heap(cfg.host_memory == "low"):
-        return gptq_model(ctx.model, ids, cfg.targets, cfg.ignore, bits=cfg.bits, group_size=cfg.group_size,
-                          symmetric=cfg.symmetric, percdamp=cfg.percdamp, blocksize=cfg.blocksize,
-                          act_order=cfg.act_order, static_groups=cfg.static_groups, clip_search=cfg.clip_search, **opts)
+    return gptq_model(ctx.model, ids, cfg.targets, cfg.ignore, bits=cfg.bits, group_size=cfg.group_size,
+                      symmetric=cfg.symmetric, percdamp=cfg.percdamp, blocksize=cfg.blocksize,
+                      act_order=cfg.act_order, static_groups=cfg.static_groups, clip_search=cfg.clip_search, **opts)
 
 
 def apply_awq(cfg: AwqConfig, ctx) -> dict:
@@ -220,12 +219,11 @@ def apply_awq(cfg: AwqConfig, ctx) -> dict:
     from effopt.methods.quant.awq import awq_model
 
     ids, opts = _calibration(cfg, ctx)
-    with bounded_heap(cfg.host_memory == "low"):
-        return awq_model(ctx.model, ids, cfg.targets, cfg.ignore, bits=cfg.bits, group_size=cfg.group_size,
-                         symmetric=cfg.symmetric, n_grid=cfg.n_grid, clip=cfg.clip, grid=cfg.grid,
-                         quantizer=cfg.quantizer, blocksize=cfg.blocksize, search_samples=cfg.search_samples,
-                         search_autocast=torch.bfloat16 if cfg.search_precision == "bfloat16" else None,
-                         gptq_options={"percdamp": cfg.percdamp, "act_order": cfg.act_order}, **opts)
+    return awq_model(ctx.model, ids, cfg.targets, cfg.ignore, bits=cfg.bits, group_size=cfg.group_size,
+                     symmetric=cfg.symmetric, n_grid=cfg.n_grid, clip=cfg.clip, grid=cfg.grid,
+                     quantizer=cfg.quantizer, blocksize=cfg.blocksize, search_samples=cfg.search_samples,
+                     search_autocast=torch.bfloat16 if cfg.search_precision == "bfloat16" else None,
+                     gptq_options={"percdamp": cfg.percdamp, "act_order": cfg.act_order}, **opts)
 
 
 def apply_smoothquant(cfg: SmoothQuantConfig, ctx) -> dict:
@@ -233,9 +231,8 @@ def apply_smoothquant(cfg: SmoothQuantConfig, ctx) -> dict:
     from effopt.methods.quant.smoothquant import smoothquant_model
 
     ids, opts = _calibration(cfg, ctx)
-    with bounded_heap(cfg.host_memory == "low"):
-        return smoothquant_model(ctx.model, ids, cfg.targets, cfg.ignore, alpha=cfg.alpha, smooth_down=cfg.smooth_down,
-                                 **opts)
+    return smoothquant_model(ctx.model, ids, cfg.targets, cfg.ignore, alpha=cfg.alpha, smooth_down=cfg.smooth_down,
+                             **opts)
 
 
 def apply_bnb(cfg: BnbConfig, ctx) -> dict:
@@ -259,8 +256,9 @@ METHODS = {"rtn": (RtnConfig, apply_rtn), "gptq": (GptqConfig, apply_gptq), "awq
 
 
 def apply_quantize(cfg, ctx) -> dict:
-    """Dispatch to the method named by `cfg.method`."""
-    return METHODS[cfg.method][1](cfg, ctx)
+    """Dispatch to the method named by `cfg.method` (calibrated methods under their host_memory choice)."""
+    with bounded_heap(isinstance(cfg, Calibrated) and cfg.host_memory == "low"):
+        return METHODS[cfg.method][1](cfg, ctx)
 
 
 register_stage("quantize", [c for c, _ in METHODS.values()], apply_quantize, changes_model=True,
