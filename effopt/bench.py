@@ -148,6 +148,7 @@ def _speculative(target, draft, prompt, gen_len: int, k: int, temperature: float
                  plain: dict, labels: tuple[str, str]) -> dict:
     """effopt speculative decoding and transformers' assisted generation against plain decoding."""
     from effopt.generation.sampling import Sampling
+    from effopt.methods.distill.eagle import EagleHead
 
     spec = speculative_run(target, draft, prompt, gen_len, k, Sampling(temperature), "bf16", seed)
     greedy = temperature <= 0
@@ -159,7 +160,7 @@ def _speculative(target, draft, prompt, gen_len: int, k: int, temperature: float
            "speedup": spec["decode_tokens_per_s"] / plain["decode_tokens_per_s"],
            "identical_to_plain_greedy": (spec["tokens"][0] == plain["tokens"][0]) if greedy else None}
     out["assisted"] = None
-    if greedy:
+    if greedy and not isinstance(draft, EagleHead):  # transformers' assistant must be a model
         hf_plain = hf_generate_run(target, [prompt], gen_len, pad)
         assisted = hf_generate_run(target, [prompt], gen_len, pad, assistant=draft)
         out["assisted"] = {"decode_tokens_per_s": assisted["decode_tokens_per_s"],
@@ -170,6 +171,17 @@ def _speculative(target, draft, prompt, gen_len: int, k: int, temperature: float
     return out
 
 
+def load_draft(draft: str, target, device: str = "auto", dtype: str = "auto"):
+    """A speculative draft: an EAGLE head bound to `target` when `draft` is a folder written by the
+    distill stage's eagle method (or a run directory holding one in draft/), else a model source."""
+    from effopt.methods.distill.eagle import is_eagle_folder, load_eagle
+
+    for folder in (Path(draft), Path(draft) / "draft"):
+        if is_eagle_folder(folder):
+            return load_eagle(folder, target)
+    return load(draft, device, dtype)[0]
+
+
 def run_bench(source: str, baseline: str | None = None, prompt_len: int = 128, gen_len: int = 128,
               batch: int = 1, kv_cache: str | None = None, draft: str | None = None, k: int = 4,
               temperature: float = 0.0, seed: int = 0, ppl_tokens: int = 2048, device: str = "auto",
@@ -178,7 +190,8 @@ def run_bench(source: str, baseline: str | None = None, prompt_len: int = 128, g
 
     Args:
         kv_cache: bf16 (the model's float dtype), int8 or int4; default: SOURCE's runtime setting.
-        draft: a source for the draft model, or "source" to draft with SOURCE itself; speculative
+        draft: a source for the draft model, an EAGLE head's folder (or a run holding one in draft/), or
+            "source" to draft with SOURCE itself; speculative
             decoding then runs on the target = BASELINE (or SOURCE when there is none), batch 1.
         ppl_tokens: Persuasion tokens for the quantized cache's perplexity cost (0: skip).
         models: preloaded {"source"|"baseline"|"draft": model} (tests, scripts); tokenizer from SOURCE.
@@ -220,8 +233,8 @@ def run_bench(source: str, baseline: str | None = None, prompt_len: int = 128, g
         runs.append(_row(f"effopt decode, {kind} KV", "source", kv_run, base_run))
         result["kv_cache"] = _kv_section(model, tokenizer, prompts, kind, ppl_tokens, float_run, kv_run)
     if draft:
-        dmodel = models.get("draft") or (model if draft == "source" else load(draft, device, dtype)[0])
         target_label = "baseline" if base is not model else "source"
+        dmodel = models.get("draft") or (model if draft == "source" else load_draft(draft, base, device, dtype))
         plain = float_run if base is model and batch == 1 else effopt_run(base, prompts[:1], gen_len, "bf16")
         result["speculative"] = _speculative(base, dmodel, prompts[0], gen_len, k, temperature, seed, pad, plain,
                                              (target_label, draft))

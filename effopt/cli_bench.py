@@ -22,7 +22,8 @@ def bench(
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="bf16 (the model's float dtype), int8 or "
                                                                     "int4; default: SOURCE's runtime setting."),
     draft: Optional[str] = typer.Option(None, "--draft", help="Draft model for speculative decoding of the "
-                                                              "baseline (or SOURCE); 'source' drafts with SOURCE."),
+                                                              "baseline (or SOURCE), an EAGLE head's folder (or a run with one in "
+                                                              "draft/); 'source' drafts with SOURCE."),
     k: int = typer.Option(4, "--k", min=1, help="Draft tokens per speculative round."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; > 0 samples (speculative "
                                                                           "sampling acceptance rule)."),

@@ -9,8 +9,9 @@ Forward: one program per (BLOCK_M queries, head); keys stream through in BLOCK_N
 online softmax in base 2 (exp2 of pre-scaled logits). Blocks that need no mask run a mask-free
 loop. Backward: recompute P from the saved log-sum-exp; one kernel accumulates dK, dV per key
 block (looping over the query heads of its KV group), another dQ per query block.
-Decode: each program takes one KV head, all of its G query heads as the rows of a small MMA, and
-one slice of the cache; a second kernel merges the slices by their log-sum-exp.
+Decode: each program takes one KV head, all of its G query heads (times the step's T tokens, T > 1
+for a speculative verify step) as the rows of a small MMA, and one slice of the cache; a second
+kernel merges the slices by their log-sum-exp.
 """
 import math
 
@@ -256,14 +257,16 @@ def _i8_to_f16(x):
 
 
 @triton.jit
-def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, qk_scale, HKV, GROUP, SPLIT_LEN, NUM_SPLITS,
-                  stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, qk_scale, HKV, GROUP, T, SPLIT_LEN, NUM_SPLITS,
+                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                   stride_sb, stride_sh,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                   QUANT: tl.constexpr, UPCAST: tl.constexpr):
-    """Attention of the GROUP query heads of KV head hk over one slice of the cache.
+    """Attention of the T query tokens of the GROUP query heads of KV head hk over one slice of the cache.
 
-    Writes the slice's normalised output O_PART[b, h, split, :] (fp32) and its log2-sum-exp.
+    Row r of the MMA is query token t = r % T of head g = r // T. The T tokens are the last T of
+    the LENS[b] valid slots, so token t sees slots < LENS[b] - (T - 1 - t) (causal within the step).
+    Writes the slice's normalised output O_PART[b, h, t, split, :] (fp32) and its log2-sum-exp.
     QUANT: K and V are int8 with one scale per (batch, head, token) in KS / VS (strides
     stride_sb, stride_sh, 1): q.k = (q.k_int) * ks and p.v = (p * vs).v_int, in fp16.
     """
@@ -272,20 +275,23 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, qk_scale, HKV, GROUP,
     length = tl.load(LENS + b)
     start = split * SPLIT_LEN
     end = tl.minimum(start + SPLIT_LEN, length)
-    offs_g = tl.arange(0, BLOCK_G)
+    offs_r = tl.arange(0, BLOCK_R)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    g_ok = offs_g < GROUP
-    h = hk * GROUP + offs_g
-    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    r_ok = offs_r < GROUP * T
+    t = offs_r % T
+    h = hk * GROUP + offs_r // T
+    limit = length - (T - 1 - t)  # per row: slots [0, limit) are visible
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :],
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     if QUANT:
         q = q.to(tl.float16)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_G,), tl.float32)
-    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         c_ok = cols < end
@@ -294,13 +300,14 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, qk_scale, HKV, GROUP,
         if QUANT:
             ks = tl.load(KS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
             vs = tl.load(VS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
-            qk = _dot(q, _i8_to_f16(kt), tl.zeros((BLOCK_G, BLOCK_N), tl.float32), UPCAST) * (ks * qk_scale)[None, :]
+            qk = _dot(q, _i8_to_f16(kt), tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) * (ks * qk_scale)[None, :]
         else:
-            qk = _dot(q, kt, tl.zeros((BLOCK_G, BLOCK_N), tl.float32), UPCAST) * qk_scale
-        qk = tl.where(c_ok[None, :], qk, float("-inf"))
+            qk = _dot(q, kt, tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) * qk_scale
+        qk = tl.where(c_ok[None, :] & (cols[None, :] < limit[:, None]), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible slot yet: p = alpha = 0
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if QUANT:
             acc = _dot((p * vs[None, :]).to(tl.float16), _i8_to_f16(v), acc * alpha[:, None], UPCAST)
@@ -308,27 +315,29 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, qk_scale, HKV, GROUP,
             acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
         m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # an empty slice: lse = -inf, output 0
-    part = (b * HKV * GROUP + h) * NUM_SPLITS + split
-    tl.store(LSE_PART + part, m_i + tl.math.log2(l_safe), mask=g_ok)
-    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=g_ok[:, None] & d_ok[None, :])
+    part = ((b * HKV * GROUP + h) * T + t) * NUM_SPLITS + split
+    tl.store(LSE_PART + part, m_i + tl.math.log2(l_safe), mask=r_ok)
+    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
+             mask=r_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _decode_merge(O_PART, LSE_PART, OUT, NUM_SPLITS, stride_ob, stride_oh, H,
+def _decode_merge(O_PART, LSE_PART, OUT, NUM_SPLITS, stride_ob, stride_oh, stride_ot, H, T,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """OUT[b, h] = sum_s w_s O_s / sum_s w_s with w_s = 2^(lse_s - max lse)."""
-    bh = tl.program_id(0)
-    b, h = bh // H, bh % H
+    """OUT[b, h, t] = sum_s w_s O_s / sum_s w_s with w_s = 2^(lse_s - max lse)."""
+    bht = tl.program_id(0)
+    b, h, t = bht // (H * T), (bht // T) % H, bht % T
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < NUM_SPLITS
-    lse = tl.load(LSE_PART + bh * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    lse = tl.load(LSE_PART + bht * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.where(s_ok & (lse > float("-inf")), tl.math.exp2(lse - m), 0.0)
-    o = tl.load(O_PART + (bh * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+    o = tl.load(O_PART + (bht * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=s_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     out = tl.sum(o * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
-    tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(OUT + b * stride_ob + h * stride_oh + t * stride_ot + offs_d, out.to(OUT.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,11 +491,12 @@ DEBUG_POISON = False  # tests: fill the per-slice partial results with NaN befor
 
 
 def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_splits, out):
-    if q.dim() == 4:
-        if q.shape[2] != 1:
-            raise ValueError("decode attention takes one query token: q [B, H, D] or [B, H, 1, D]")
-        q = q[:, :, 0]
-    B, H, D = q.shape
+    squeeze = q.dim() == 3  # [B, H, D]: one token, returned as [B, H, D]
+    if squeeze:
+        q = q[:, :, None]
+    if q.dim() != 4:
+        raise ValueError(f"decode attention takes q [B, H, D] or [B, H, T, D], got {tuple(q.shape)}")
+    B, H, T, D = q.shape
     if k.dim() != 4 or v.shape != k.shape or k.shape[0] != B or k.shape[3] != D or H % k.shape[1]:
         raise ValueError(f"q {tuple(q.shape)} does not match caches {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.is_cuda or interpreting()):
@@ -504,36 +514,40 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
     vs = v_scale if quant else lens
     if quant and (k_scale.stride(-1) != 1 or v_scale.stride() != k_scale.stride()):
         ks, vs = k_scale.contiguous(), v_scale.contiguous()
+    shape = (B, H, D) if squeeze else (B, H, T, D)
     if out is None:
-        out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
-    elif out.shape != (B, H, D) or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must be [B, H, D] = {(B, H, D)} in {q.dtype}")
+        out = torch.empty(shape, device=q.device, dtype=q.dtype)
+    elif out.shape != shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {list(shape)} in {q.dtype}")
+    out4 = out[:, :, None] if squeeze else out
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
     bd = max(16, triton.next_power_of_2(D))
+    rows = max(16, triton.next_power_of_2(T * group))  # every (token, head) pair of a KV group: one MMA
 
     def run(c):
         bn, per_sm, warps, stages = c
         splits = num_splits or max(1, min(triton.cdiv(per_sm * sms, B * Hkv), triton.cdiv(S, 2 * bn)))
         split_len = triton.cdiv(triton.cdiv(S, splits), bn) * bn
         splits = triton.cdiv(S, split_len)
-        o_part = torch.empty(B * H * splits, D, device=q.device, dtype=torch.float32)
-        lse_part = torch.empty(B * H * splits, device=q.device, dtype=torch.float32)
+        o_part = torch.empty(B * H * T * splits, D, device=q.device, dtype=torch.float32)
+        lse_part = torch.empty(B * H * T * splits, device=q.device, dtype=torch.float32)
         if DEBUG_POISON:
             o_part.fill_(float("nan"))
             lse_part.fill_(float("nan"))
         _decode_split[(B * Hkv, splits)](
-            q, k, v, ks, vs, o_part, lse_part, lens, sm_scale * LOG2E, Hkv, group, split_len, splits,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            ks.stride(0) if quant else 0, ks.stride(1) if quant else 0,
-            HEAD_DIM=D, BLOCK_D=bd, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=bn,
+            q, k, v, ks, vs, o_part, lse_part, lens, sm_scale * LOG2E, Hkv, group, T, split_len, splits,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), ks.stride(0) if quant else 0, ks.stride(1) if quant else 0,
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=rows, BLOCK_N=bn,
             QUANT=quant, UPCAST=not q.is_cuda, num_warps=warps, num_stages=stages)
-        _decode_merge[(B * H,)](o_part, lse_part, out, splits, out.stride(0), out.stride(1), H,
-                                HEAD_DIM=D, BLOCK_D=bd, BLOCK_S=max(2, triton.next_power_of_2(splits)))
+        _decode_merge[(B * H * T,)](o_part, lse_part, out4, splits, out4.stride(0), out4.stride(1), out4.stride(2),
+                                    H, T, HEAD_DIM=D, BLOCK_D=bd, BLOCK_S=max(2, triton.next_power_of_2(splits)))
 
     if block_n is not None:  # forced tiles: ~2 programs per SM unless num_splits is given
         cfg = (block_n, 2, 4, 3 if q.is_cuda else 1)
     else:
-        key = ("decode", q.device, D, q.dtype, quant, group, triton.next_power_of_2(B * Hkv), triton.next_power_of_2(S))
+        key = ("decode", q.device, D, q.dtype, quant, group, T, triton.next_power_of_2(B * Hkv),
+               triton.next_power_of_2(S))
         cfg = choose(key, _decode_cfgs(), run)
     run(cfg)
     return out
@@ -548,14 +562,17 @@ def _decode_cfgs():
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, block_n=None, num_splits=None,
                      out=None):
-    """One query token per sequence against a KV cache, split along the cache length.
+    """A few query tokens per sequence against a KV cache, split along the cache length.
 
     Args:
-        q: [B, H, D] (or [B, H, 1, D]); k_cache, v_cache: [B, Hkv, S, D], same dtype as q.
-        cache_seqlens: int [B], valid cache length of each sequence (default: all S).
+        q: [B, H, D] (one token) or [B, H, T, D] (T small: a speculative verify step), causal within
+            the step: the T tokens are the last T valid slots and token t sees slots < len - (T - 1 - t).
+        k_cache, v_cache: [B, Hkv, S, D], same dtype as q.
+        cache_seqlens: int [B], valid cache length of each sequence, this step's tokens included
+            (default: all S).
         block_n, num_splits: keys per inner step and cache slices (default: timed once per shape).
-        out: optional [B, H, D] result tensor.
-    Returns [B, H, D] in q.dtype.
+        out: optional result tensor, shaped like q.
+    Returns q's shape ([B, H, D] or [B, H, T, D]) in q.dtype.
     """
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"q and the caches must share one of fp16/bf16, got {q.dtype}, {k_cache.dtype}")
@@ -568,7 +585,7 @@ def decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens=N
 
     Args:
         k_cache, v_cache: int8 [B, Hkv, S, D]; k_scale, v_scale: [B, Hkv, S] (per head, per token).
-    The products run in fp16 (int8 values are exact there); returns [B, H, D] in q.dtype.
+    The products run in fp16 (int8 values are exact there); returns q's shape in q.dtype.
     """
     if k_cache.dtype != torch.int8 or v_cache.dtype != torch.int8:
         raise ValueError("k_cache and v_cache must be int8")
@@ -608,7 +625,7 @@ def _hf_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
     window = sliding_window if (causal and sliding_window) else None
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if q_len == 1 and not grad:
-        out = decode_attention(query, key, value, sm_scale=scaling)[:, :, None]
+        out = decode_attention(query, key, value, sm_scale=scaling)  # [B, H, 1, D]
     else:
         out = flash_attention(query, key, value, causal=causal, sm_scale=scaling, window=window)
     return out.transpose(1, 2).contiguous(), None

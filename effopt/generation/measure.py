@@ -119,15 +119,19 @@ def effopt_run(model, prompts: list[list[int]], gen_len: int, cache: str, decode
 
 def speculative_run(target, draft, prompt: list[int], gen_len: int, k: int, sampling: Sampling, cache: str,
                     seed: int = 0, graph=None, target_decoder=None, draft_decoder=None) -> dict:
-    """effopt speculative decoding of one prompt, after a short warm-up; adds acceptance counters."""
+    """effopt speculative decoding of one prompt, after a short warm-up; adds acceptance counters.
+    `draft` is a draft model or an EAGLE head (effopt.methods.distill.eagle)."""
+    from effopt.generation.eagle import eagle_generate
     from effopt.generation.speculative import speculative_generate
+    from effopt.methods.distill.eagle import EagleHead
 
+    spec = eagle_generate if isinstance(draft, EagleHead) else speculative_generate
     kw = dict(k=k, sampling=sampling, cache=cache, seed=seed, graph=graph, target_decoder=target_decoder,
               draft_decoder=draft_decoder)
-    speculative_generate(target, draft, prompt, 2 * k + 2, **kw)
+    spec(target, draft, prompt, 2 * k + 2, **kw)
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        r = speculative_generate(target, draft, prompt, gen_len, **kw)
+        r = spec(target, draft, prompt, gen_len, **kw)
         total = time.perf_counter() - t0
     return {"prefill_s": r.prefill_s, "ttft_s": r.ttft_s, "decode_tokens_per_s": r.decode_tokens_per_s,
             "total_s": total, "new_tokens": len(r.tokens), "peak_host_mb": mem.peak_rss_mb,

@@ -140,6 +140,7 @@ class Step:
 
 
 USE_KERNELS = True  # scripts flip this to time the torch path against kernels/ on CUDA
+MAX_KERNEL_T = 16  # steps of up to this many tokens (decode, speculative verify) use the decode kernel
 _DECODE_KERNEL = None
 
 
@@ -188,9 +189,10 @@ class StaticKVCache:
         """Attend over slots [0, step.kv_len) when this step's K/V are already in the cache (written
         by a fused kernel, kernels.fused.rope_store_kv). q: [B, H, T, D], rotated."""
         t = q.shape[2]
-        if t == 1 and self._kernel_ok(q):  # split-KV decode kernel: no mask, no GQA copies
-            lens = step.cached("seqlens", lambda: (step.start + 1).to(torch.int32))
-            return decode_kernel()(q, self.k[layer], self.v[layer], cache_seqlens=lens).unsqueeze(2)
+        if t <= MAX_KERNEL_T and self._kernel_ok(q):  # split-KV decode kernel: no mask, no GQA copies
+            # causal within the step: the kernel's token i sees slots < lens - (t - 1 - i) = start + i + 1
+            lens = step.cached("seqlens", lambda: (step.start + t).to(torch.int32))
+            return decode_kernel()(q, self.k[layer], self.v[layer], cache_seqlens=lens)
         kv_len = self.max_len if step.kv_len is None else step.kv_len
         keys, values = self._load(layer, kv_len)
         return _sdpa(q, keys, values, step.slot_mask(kv_len))

@@ -8,13 +8,14 @@ stay zero, packed ones frozen) or, with a `lora:` block, LoRA factors merged at 
 
 from __future__ import annotations
 
+import shutil
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from effopt.registry import register_stage
-from effopt.stages.base import TargetedStageConfig
+from effopt.stages.base import StageConfig, TargetedStageConfig
 from effopt.training.options import TrainOptions
 
 JOB = "effopt.stages.distill:distill_job"
@@ -95,6 +96,21 @@ class ResponseConfig(DistillBase):
     ce_weight: float = Field(1.0, ge=0, description="Weight of cross-entropy on the teacher's tokens.")
 
 
+class EagleConfig(StageConfig, TrainOptions):
+    """Train an EAGLE draft head for the model as it is at this stage (the target of speculative
+    decoding): one fused-input linear layer and one decoder layer over the model's top features,
+    sharing its embeddings and LM head (effopt/methods/distill/eagle.py). The model itself is not
+    changed; the head is written to `output` in the run directory, for `effopt bench --draft`."""
+
+    stage: Literal["distill"] = "distill"
+    method: Literal["eagle"] = "eagle"
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    token_weight: float = Field(0.1, ge=0, description="Weight of the token cross-entropy next to the feature "
+                                                       "regression (the paper's 0.1).")
+    noise: float = Field(0.1, ge=0, description="Half-width of the uniform noise added to input features.")
+    output: str = Field("draft", description="Folder of the head, relative to the run directory.")
+
+
 def _prepare_student(cfg, model) -> torch.nn.Module:
     from effopt.methods.peft.adapters import mark_trainable
     from effopt.methods.peft.lora import add_lora, select_targets
@@ -154,9 +170,35 @@ def load_teacher(cfg, ctx) -> torch.nn.Module:
     return teacher
 
 
+def apply_eagle(cfg, ctx) -> dict:
+    """Train an EAGLE head on ctx.data[cfg.data] against ctx.model (frozen) and save it."""
+    from pathlib import Path
+
+    from effopt.methods.distill.eagle import EagleHead, EagleTask, save_eagle
+    from effopt.training.job import config_digest, lm_batches, stage_env
+    from effopt.training.loop import train
+
+    env = stage_env(ctx)
+    torch.manual_seed(env.seed)
+    target = ctx.model
+    target.requires_grad_(False)
+    head = EagleHead(target)
+    task = EagleTask(head, target, cfg.token_weight, cfg.noise)
+    metrics = train(task, lm_batches(ctx, cfg), cfg, env, config_digest(cfg))
+    folder = save_eagle(head, Path(ctx.run_dir) / cfg.output, {"steps": cfg.steps, "seq_len": cfg.seq_len})
+    shutil.rmtree(env.state_dir, ignore_errors=True)
+    metrics.update({f"eagle_{k}_last": v for k, v in task.last.items()})
+    metrics["draft_path"] = str(folder.relative_to(ctx.run_dir))
+    metrics["draft_parameters"] = sum(p.numel() for p in head.parameters())
+    return metrics
+
+
 def apply_distill(cfg, ctx) -> dict:
     """Distill the teacher into ctx.model on ctx.data[cfg.data]."""
     import time
+
+    if cfg.method == "eagle":
+        return apply_eagle(cfg, ctx)
 
     from effopt.methods.distill.response import teacher_responses
     from effopt.training.job import lm_batches, run_stage_job
@@ -177,7 +219,7 @@ def apply_distill(cfg, ctx) -> dict:
     return {**metrics, **extra}
 
 
-CONFIGS = [LogitsConfig, FeaturesConfig, ResponseConfig]
+CONFIGS = [LogitsConfig, FeaturesConfig, ResponseConfig, EagleConfig]
 register_stage("distill", CONFIGS, apply_distill, changes_model=True,
                summary="Distill a teacher (default: the model before compression) into the model: logits, "
-                       "features, responses.")
+                       "features, responses; or train an EAGLE draft head for it.")

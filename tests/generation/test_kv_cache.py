@@ -9,8 +9,9 @@ from conftest import tiny_llama
 
 from effopt.generation import Decoder, generate
 from effopt.generation.decode import prefill
-from effopt.nn.kv_cache import (dequantize_kv, fake_quantize_kv, kv_config, quantize_kv, runtime_of,
-                                use_runtime)
+from effopt.nn import kv_cache
+from effopt.nn.kv_cache import (StaticKVCache, Step, dequantize_kv, fake_quantize_kv, kv_config, quantize_kv,
+                                runtime_of, use_runtime)
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -103,6 +104,35 @@ def test_quantized_cache_bytes():
     assert float_tok == 2 * 2 * 2 * 16 * 4
     assert dec.new_cache("int8", 1, 8).bytes_per_token() == 2 * 2 * 2 * (16 + 2 * 4)
     assert dec.new_cache("int4", 1, 8).bytes_per_token() == 2 * 2 * 2 * (8 + 2 * 4)
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_attend_stored_decode_kernel_matches_sdpa(t, monkeypatch):
+    """A decode (t=1) or speculative verify (t=4) step through the split-KV kernel equals the masked SDPA path.
+
+    The kernel path needs CUDA; on CPU `_kernel_ok` is forced so it runs under TRITON_INTERPRET."""
+    if kv_cache.decode_kernel() is None:
+        pytest.skip("Triton not importable")
+    from kernels import attention
+
+    monkeypatch.setattr(attention, "DEBUG_POISON", True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    cache = StaticKVCache(1, 2, 2, 48, 64, dtype, device)  # GQA 3, capacity 48 > every length
+    for buf in cache.k + cache.v:  # slots past a row's length hold stale values the mask must hide
+        buf.copy_(torch.randn_like(buf) * 4)
+    q = torch.randn(2, 6, t, 64, dtype=dtype, device=device)
+    start = torch.tensor([20, 9], device=device)
+    monkeypatch.setattr(kv_cache, "USE_KERNELS", False)
+    ref = cache.attend_stored(0, q, Step(start, t, rotary=None))
+    monkeypatch.setattr(kv_cache, "USE_KERNELS", True)
+    if device == "cpu":
+        monkeypatch.setattr(StaticKVCache, "_kernel_ok", lambda self, q: kv_cache.USE_KERNELS)
+    out = cache.attend_stored(0, q, Step(start, t, rotary=None))
+    assert out.shape == ref.shape == (2, 6, t, 64)
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < 1.6e-2  # bf16 vs bf16
 
 
 @pytest.mark.parametrize("sink,window,length", [(4, 8, 30), (2, 5, 6), (0, 6, 20), (3, 10, 40)])

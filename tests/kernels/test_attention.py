@@ -121,6 +121,57 @@ def test_decode_matches_reference(b, h, hkv, s, d, dtype, lens, int8):
         assert rel_err(out[i], ref[0, :, 0]) < TOL[dtype]
 
 
+# (B, H, Hkv, S, D, dtype, T, lens, int8): T query tokens per row (a speculative verify step), the last
+# T of its len valid slots. With block_n 32 the interpreter cuts S=300 into slices of 96 slots, so
+# len 193 and 97 leave slices and blocks where some rows see no slot at all (the safe-max path).
+DECODE_STEP = [
+    (2, 4, 4, 300, 64, torch.float16, 1, [300, 77], False),  # GQA group 1, one token
+    (2, 6, 2, 300, 64, torch.bfloat16, 2, [193, 97], False),  # group 3
+    (3, 8, 2, 200, 64, torch.float16, 4, [4, 97, 150], False),  # group 4; len == T: token 0 sees slot 0 only
+    (2, 12, 4, 160, 64, torch.bfloat16, 5, [129, 33], False),  # group 3: 15 rows
+    (1, 4, 1, 100, 64, torch.bfloat16, 5, [70], False),  # group 4: 20 rows, padded to 32
+    (2, 8, 2, 300, 64, torch.float16, 4, [193, 97], True),  # int8 cache
+]
+
+
+@pytest.mark.parametrize("b,h,hkv,s,d,dtype,t,lens,int8", DECODE_STEP)
+def test_decode_step_of_t_tokens_matches_causal_reference(b, h, hkv, s, d, dtype, t, lens, int8):
+    if ON_GPU:
+        s = s * 16 + 3
+        lens = [n * 16 for n in lens]
+    q = torch.randn(b, h, t, d, device=DEVICE, dtype=dtype)
+    k = torch.randn(b, hkv, s, d, device=DEVICE, dtype=dtype)
+    v = torch.randn(b, hkv, s, d, device=DEVICE, dtype=dtype)
+    seqlens = torch.tensor(lens, device=DEVICE)
+    out = torch.full((b, h, t, d), float("nan"), device=DEVICE, dtype=dtype)
+    if int8:
+        kq, ks = A.quantize_kv(k)
+        vq, vs = A.quantize_kv(v)
+        k, v = kq.float() * ks[..., None], vq.float() * vs[..., None]  # the cache it really holds
+        for i, n in enumerate(lens):  # stale slots past len: any read shows as NaN
+            ks[i, :, n:], vs[i, :, n:] = float("nan"), float("nan")
+        A.decode_attention_int8(q, kq, vq, ks, vs, cache_seqlens=seqlens, block_n=32, out=out)
+    else:
+        ref_k, ref_v = k.clone(), v.clone()
+        for i, n in enumerate(lens):
+            k[i, :, n:], v[i, :, n:] = float("nan"), float("nan")
+        A.decode_attention(q, k, v, cache_seqlens=seqlens, block_n=32, out=out)
+        k, v = ref_k, ref_v
+    for i, n in enumerate(lens):  # bottom-right causal: token j sits at slot n - t + j
+        ref = reference(q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], True, d**-0.5)
+        assert rel_err(out[i], ref[0]) < TOL[dtype]
+
+
+def test_decode_keeps_the_shape_of_q():
+    q = torch.randn(2, 4, 64, device=DEVICE, dtype=torch.float16)
+    k, v = (torch.randn(2, 2, 40, 64, device=DEVICE, dtype=torch.float16) for _ in range(2))
+    flat = A.decode_attention(q, k, v)
+    assert flat.shape == (2, 4, 64)
+    assert torch.equal(A.decode_attention(q[:, :, None], k, v), flat[:, :, None])
+    with pytest.raises(ValueError):
+        A.decode_attention(q[:, :, None], k, v, out=torch.empty_like(q))  # out must be [B, H, T, D]
+
+
 def test_int8_cache_round_trip():
     x = torch.randn(2, 2, 9, 64, device=DEVICE)
     xq, scale = A.quantize_kv(x)
