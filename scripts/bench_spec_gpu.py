@@ -9,7 +9,8 @@ Persuasion at seeded offsets) it measures, after a warm-up:
   * plain, rollout R: the same greedy tokens, R steps per replay with the argmax fed back on the
     device (graphs.GreedyRollout), so a speculative speed-up is not just fewer host syncs;
   * speculative k: the draft proposes k tokens in one rollout replay, the target verifies k + 1.
-Prints a table (tokens/s summed over prompts) last; writes JSON to --out.
+and the cost of the target's forward over T = 1 and T = k + 1 tokens (what a verify pass costs).
+Prints the tables (tokens/s summed over prompts) last; writes JSON to --out.
 """
 
 from __future__ import annotations
@@ -46,6 +47,27 @@ def rollout_run(model, prompt: list[int], gen_len: int, chunk: int) -> dict:
         pos += chunk
     sync(dec.device)
     return {"tokens": tokens[:gen_len], "decode_tokens_per_s": (len(tokens) - 1) / (time.perf_counter() - t0)}
+
+
+@torch.inference_mode()
+def step_ms(model, position: int, t: int, replays: int = 200) -> float:
+    """Milliseconds of one target forward over t tokens at `position` (a CUDA-graph replay, as a
+    speculative verify pass of k = t - 1 drafts runs)."""
+    from effopt.generation.graphs import GraphStep
+
+    dec = Decoder(model)
+    cache = dec.new_cache("bf16", 1, position + 2 * t + 8)
+    step = GraphStep(dec, cache, 1, t, cache.max_len - t)
+    tokens = torch.zeros(1, t, dtype=torch.long, device=dec.device)
+    start = torch.tensor([position], device=dec.device)
+    for _ in range(10):
+        step(tokens, start)
+    sync(dec.device)
+    t0 = time.perf_counter()
+    for _ in range(replays):
+        step(tokens, start)
+    sync(dec.device)
+    return (time.perf_counter() - t0) / replays * 1e3
 
 
 def main() -> None:
@@ -86,6 +108,18 @@ def main() -> None:
         for k in args.k:
             add(f"speculative k={k}", speculative_run(target, draft, prompt, args.gen_len, k, Sampling(), "bf16"), ref)
 
+    from effopt.nn import kv_cache
+
+    position = args.prompt_len + args.gen_len // 2
+    costs = {f"T = {t}": step_ms(target, position, t) for t in [1] + [k + 1 for k in args.k]}
+    kernel_t, kv_cache.MAX_KERNEL_T = kv_cache.MAX_KERNEL_T, 1  # T > 1 through SDPA, as before the T-token kernel
+    costs.update({f"T = {k + 1}, SDPA attention": step_ms(target, position, k + 1) for k in args.k})
+    kv_cache.MAX_KERNEL_T = kernel_t
+    print("\n| target forward over T tokens (graph replay) | ms | x T = 1 |")
+    print("|---|---|---|")
+    for name, ms in costs.items():
+        print(f"| {name} | {ms:.3f} | {ms / costs['T = 1']:.2f} |")
+
     base = rows["plain (graph per token)"]["tokens"] / rows["plain (graph per token)"]["seconds"]
     best = max(r["tokens"] / r["seconds"] for n, r in rows.items() if n.startswith("plain"))
     print("\n| run | tok/s | x plain | x best plain | acceptance | tokens / target call | same tokens as plain |")
@@ -98,7 +132,8 @@ def main() -> None:
         print(f"| {name} | {rate:.1f} | {rate / base:.2f} | {rate / best:.2f} | {acc} | {per} | "
               f"{r['same_as_plain']}/{len(prompts)} |")
     if args.out:
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1))
+        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows,
+                                        "step_ms": costs}, indent=1))
 
 
 if __name__ == "__main__":

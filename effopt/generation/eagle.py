@@ -11,11 +11,13 @@ cache slot j holds the pair (x_{j+1}, f_j) and its output g_j stands in for f_{j
      next steps overwrite before any query can see them; its output at slot L-1+n gives d'_1;
   4. it rolls out k - 1 more steps on its own features g for d'_2..d'_k.
 Greedy rounds run entirely on the device (acceptance included) and, on CUDA, as one CUDA graph
-that also writes the next round's inputs, so a round costs one replay and one small read-back.
+that also writes the next round's inputs, so a round costs one replay and one small read-back,
+which overlaps the next round.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
@@ -70,6 +72,9 @@ class GreedyEagleRound:
         self.emitted = torch.zeros(k + 2, dtype=torch.long, device=dev)
         self.arange = torch.arange(k + 1, device=dev)
         self.graph = None
+        pinned = dev.type == "cuda"  # host rows the device copies into while the next round runs
+        self.host = [torch.empty(k + 2, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self.events = [torch.cuda.Event() if pinned else None for _ in range(2)]
 
     def __call__(self) -> None:
         k = self.k
@@ -92,19 +97,27 @@ class GreedyEagleRound:
         self.start.fill_(scratch)
         self.graph, _ = capture(self, self.td.device)
 
-    def run(self, last: int, drafts: list[int], start: int) -> list[int]:
-        """Verify `drafts` after token `last` at position `start`; return [n, kept tokens...]."""
+    def prime(self, last: int, drafts: list[int], start: int) -> None:
+        """Set the first round's inputs: verify `drafts` after token `last` at position `start`."""
         self.tokens.copy_(torch.tensor([[last] + drafts]))
         self.start.fill_(start)
-        return self.replay()
 
-    def replay(self) -> list[int]:
-        """One more round from the buffers as the last round left them."""
+    def launch(self, slot: int) -> None:
+        """Queue one round from the buffers as the last round left them; its emitted row goes to
+        host slot `slot` (0 or 1, pinned on CUDA) without waiting for the device."""
         if self.graph is None:
             self()
         else:
             self.graph.replay()
-        return self.emitted.tolist()
+        self.host[slot].copy_(self.emitted, non_blocking=True)
+        if self.events[slot] is not None:
+            self.events[slot].record()
+
+    def read(self, slot: int) -> list[int]:
+        """[n, kept tokens...] of the round launched into `slot` (waits for that round only)."""
+        if self.events[slot] is not None:
+            self.events[slot].synchronize()
+        return self.host[slot].tolist()
 
 
 def scratch_slots(k: int) -> int:
@@ -157,15 +170,19 @@ def eagle_generate(target, head, prompt: list[int], max_new_tokens: int, k: int 
             round_.capture(real_len)
         sync(dev)
         t1 = time.perf_counter()
-        out = round_.run(seq[-1], drafts, len(seq) - 1)
-        while True:
+        # Round r + 1 is queued before round r's tokens are read (the graph writes its own next
+        # inputs), so the device never waits for the host; the round queued past the end is wasted.
+        round_.prime(seq[-1], drafts, len(seq) - 1)
+        round_.launch(0)
+        for r in itertools.count():
+            round_.launch((r + 1) % 2)
+            out = round_.read(r % 2)
             n, kept = out[0], out[1: out[0] + 2]
             _count(res, k, n)
             seq += kept
             res.tokens += kept
             if len(res.tokens) >= max_new_tokens or (eos_token_id is not None and eos_token_id in kept):
                 break
-            out = round_.replay()
     else:
         sync(dev)
         t1 = time.perf_counter()

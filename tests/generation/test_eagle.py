@@ -83,7 +83,7 @@ def test_training_lowers_the_eagle_loss_on_held_out_text():
             return float(eagle_loss(head, target.lm_head, held_out, target_features(target, held_out), noise=0)[0])
 
     before = held_out_loss()
-    opts = TrainOptions(steps=60, batch_size=16, seq_len=40, lr=2e-3, warmup_steps=5, log_every=1000)
+    opts = TrainOptions(steps=60, batch_size=16, seq_len=40, lr=1e-2, warmup_steps=5, log_every=1000)
     train(EagleTask(head, target), {"input_ids": train_ids.repeat(3, 1)[:960]}, opts)
     after = held_out_loss()
     assert after < 0.95 * before, (before, after)
