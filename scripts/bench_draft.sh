@@ -32,6 +32,7 @@ RUN=$(dirname "$TRAIN")/draft-run
 # shellcheck disable=SC2086  # DRAFT_SET and BENCH_ARGS are lists of flags
 $PY -m effopt run "${RECIPE:-recipes/draft-layers6-distill.yaml}" --model "$MODEL" --set "data.train.source=$TRAIN" \
     --output "$RUN" ${DRAFT_SET:-} --quiet --json > "$OUT/draft_run.json"
+[ -d "$RUN/draft" ] && cp -r "$RUN/draft" "$OUT/draft"  # an EAGLE head (a few MB): keep it with the results
 # shellcheck disable=SC2086
 $PY -m effopt bench "$MODEL" --draft "$RUN" --k 4 --gen-len "${GEN_LEN:-256}" ${BENCH_ARGS:-} \
     --output "$OUT/bench_k4.json" > /dev/null

@@ -34,7 +34,7 @@ class EagleDrafter:
 
     def __init__(self, head, cache_kind: str, max_len: int, decoder: Decoder | None = None):
         self.head = head
-        self.decoder = decoder or Decoder(head.draft_model)
+        self.decoder = decoder or Decoder(head.draft_model).fuse()  # one q|k|v and one gate|up matmul
         self.cache = self.decoder.new_cache(cache_kind, 1, max_len)
         self.vocab = self.decoder.vocab
 
