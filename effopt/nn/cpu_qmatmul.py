@@ -58,15 +58,21 @@ class Prepared:
     correction: torch.Tensor | None = None  # int8 asymmetric: (128 - z) * s [N], float32
 
 
-def usable(x: torch.Tensor, in_features: int) -> bool:
-    """Whether the fast path may run for this input (the weight's own check is `prepare`)."""
-    return (ENABLED and x.device.type == "cpu" and x.dtype in _DTYPES and x.shape[-1] == in_features
-            and 0 < x.numel() // in_features <= max(MAX_ROWS.values()))
+def usable(x: torch.Tensor, in_features: int, bits: int, group_size: int) -> bool:
+    """Whether the fast path may run for this input and beats dequantize + F.linear at its row count
+    (checked before `prepare`, so a weight only ever called with many rows is never re-packed)."""
+    op = kind(in_features, bits, group_size)
+    return (ENABLED and op is not None and x.device.type == "cpu" and x.dtype in _DTYPES
+            and x.shape[-1] == in_features and 0 < x.numel() // in_features <= MAX_ROWS[op])
 
 
-def worth_it(x: torch.Tensor, prep: Prepared) -> bool:
-    """Whether the op beats dequantize + F.linear for this many rows."""
-    return x.numel() // prep.k <= MAX_ROWS[prep.kind]
+def kind(k: int, bits: int, group_size: int) -> str | None:
+    """The op `prepare` uses for a weight of K = k inputs: int8, int4 or int8x2 (None: none applies)."""
+    if bits == 8 and (group_size <= 0 or group_size >= k):
+        return "int8"
+    if bits > 8 or op_group(k, group_size) is None:
+        return None
+    return "int4" if bits <= 4 else "int8x2"
 
 
 def op_group(k: int, group_size: int) -> int | None:
@@ -100,9 +106,12 @@ def prepare(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits
             group_size: int) -> Prepared | None:
     """Re-pack unpacked codes [N, K] and per-group scales/zeros [N, G] for the ops; None if none applies."""
     n, k = codes.shape
+    op = kind(k, bits, group_size)
+    if op is None:
+        return None
     codes = codes.cpu().to(torch.int32)
     scales, zeros = scales.cpu().float(), zeros.cpu().float()
-    if bits == 8 and (group_size <= 0 or group_size >= k):
+    if op == "int8":
         k_pad = -(-k // 16) * 16
         w = torch.zeros(n, k_pad, dtype=torch.int8)
         w[:, :k] = (codes - 128).to(torch.int8)
@@ -110,14 +119,10 @@ def prepare(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits
         corr = (128 - z) * s
         return Prepared("int8", n, k, k_pad, 0, (w,), (s.to(_COMPUTE),),
                         None if bool((z == 128).all()) else corr)
-    if bits > 8:
-        return None
     op_g = op_group(k, group_size)
-    if op_g is None:
-        return None
     k_pad, n_pad = -(-k // op_g) * op_g, -(-n // 16) * 16
     s, z = (_per_op_group(t, k, group_size, op_g, k_pad) for t in (scales, zeros))
-    if bits <= 4:
+    if op == "int4":
         # Centre b-bit codes on the op's 8 (q + c, z + c): keeps (q - 8) s and the zero term small, else
         # their bf16 roundings cancel badly at 2 bits (~3% error instead of ~0.4%).
         c = 8 - 2 ** (bits - 1)

@@ -102,10 +102,10 @@ class QuantLinear(torch.nn.Module):
         return cached[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_qmatmul.usable(x, self.in_features) and self.qweight.device.type == "cpu" \
+        if cpu_qmatmul.usable(x, self.in_features, self.bits, self.group_size) and self.qweight.device.type == "cpu" \
                 and not (torch.is_grad_enabled() and x.requires_grad):  # the ops have no backward
             prepared = self._cpu_prepared()
-            if prepared is not None and cpu_qmatmul.worth_it(x, prepared):
+            if prepared is not None:
                 return cpu_qmatmul.matmul(x, prepared, self.bias)
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.bits in (2, 4, 8) \
                 and not (torch.is_grad_enabled() and x.requires_grad):  # the kernel has no backward

@@ -76,12 +76,14 @@ def test_padding_odd_shapes(bits, group_size, n, k):
 
 @pytest.mark.parametrize("bits, group_size", [(4, 16), (4, 48), (8, 16), (3, 96 + 8)])
 def test_unsupported_group_sizes_fall_back_exactly(bits, group_size):
-    # no op group size (32..256) divides these: prepare says None and the layer dequantizes (exact)
+    # no op group size (32..256) divides these: no op kind, nothing prepared, the layer dequantizes (exact)
     layer = make_layer(bits, group_size, False)
     x = torch.randn(1, 576)
     with torch.no_grad():
         y = layer(x)
-    assert layer._cpu_weight is not None and layer._cpu_weight[2] is None
+    assert cpu_qmatmul.kind(576, bits, group_size) is None
+    assert layer._cpu_weight is None
+    assert cpu_qmatmul.prepare(layer.codes(), layer.scales, layer.zeros, bits, group_size) is None
     torch.testing.assert_close(y, reference(layer, x))
 
 
@@ -108,6 +110,21 @@ def test_many_rows_and_disabled_use_dequantize():
             assert layer._cpu_weight is None
         finally:
             cpu_qmatmul.ENABLED = old
+
+
+def test_rows_past_the_kinds_cap_never_prepare():
+    """A grouped 8-bit weight (int8x2: two int4 ops, cap 96 rows) called with more rows than its cap
+    but fewer than another kind's dequantizes without re-packing; one row then prepares it."""
+    layer = make_layer(8, 64, False)
+    assert cpu_qmatmul.kind(576, 8, 64) == "int8x2"
+    rows = cpu_qmatmul.MAX_ROWS["int8x2"] + 1
+    assert rows <= max(cpu_qmatmul.MAX_ROWS.values())
+    with torch.no_grad():
+        x = torch.randn(rows, 576)
+        torch.testing.assert_close(layer(x), reference(layer, x))
+        assert layer._cpu_weight is None
+        layer(torch.randn(1, 576))
+        assert layer._cpu_weight is not None and layer._cpu_weight[2].kind == "int8x2"
 
 
 def test_cache_follows_buffer_changes():
