@@ -170,12 +170,14 @@ def eagle_generate(target, head, prompt: list[int], max_new_tokens: int, k: int 
             round_.capture(real_len)
         sync(dev)
         t1 = time.perf_counter()
-        # Round r + 1 is queued before round r's tokens are read (the graph writes its own next
-        # inputs), so the device never waits for the host; the round queued past the end is wasted.
+        # With a graph, round r + 1 is queued before round r's tokens are read (the graph writes its
+        # own next inputs), so the device never waits for the host; the round queued past the end is
+        # wasted. Eager rounds (CPU) run one at a time.
         round_.prime(seq[-1], drafts, len(seq) - 1)
         round_.launch(0)
         for r in itertools.count():
-            round_.launch((r + 1) % 2)
+            if graph:
+                round_.launch((r + 1) % 2)
             out = round_.read(r % 2)
             n, kept = out[0], out[1: out[0] + 2]
             _count(res, k, n)
@@ -183,6 +185,8 @@ def eagle_generate(target, head, prompt: list[int], max_new_tokens: int, k: int 
             res.tokens += kept
             if len(res.tokens) >= max_new_tokens or (eos_token_id is not None and eos_token_id in kept):
                 break
+            if not graph:
+                round_.launch((r + 1) % 2)
     else:
         sync(dev)
         t1 = time.perf_counter()

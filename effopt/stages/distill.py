@@ -100,7 +100,8 @@ class EagleConfig(StageConfig, TrainOptions):
     """Train an EAGLE draft head for the model as it is at this stage (the target of speculative
     decoding): one fused-input linear layer and one decoder layer over the model's top features,
     sharing its embeddings and LM head (effopt/methods/distill/eagle.py). The model itself is not
-    changed; the head is written to `output` in the run directory, for `effopt bench --draft`."""
+    changed; the head is written to `output` in the run directory, for `effopt bench --draft`.
+    Trains in one process (the head is small; `distributed` is not used)."""
 
     stage: Literal["distill"] = "distill"
     method: Literal["eagle"] = "eagle"
@@ -109,6 +110,15 @@ class EagleConfig(StageConfig, TrainOptions):
                                                        "regression (the paper's 0.1).")
     noise: float = Field(0.1, ge=0, description="Half-width of the uniform noise added to input features.")
     output: str = Field("draft", description="Folder of the head, relative to the run directory.")
+
+    @model_validator(mode="after")
+    def _inside_run(self):
+        from pathlib import PurePosixPath
+
+        path = PurePosixPath(self.output)
+        if path.is_absolute() or ".." in path.parts or not path.parts:
+            raise ValueError(f"output: a folder inside the run directory is expected, got {self.output!r}")
+        return self
 
 
 def _prepare_student(cfg, model) -> torch.nn.Module:

@@ -120,3 +120,11 @@ def test_distill_stage_eagle_method_writes_a_head_bench_can_load(tmp_path, tiny_
     assert isinstance(head, EagleHead)
     ids = prompt(6, 1)
     assert eagle_generate(target, head, ids, 8, k=2).tokens == generate(target, [ids], 8).tokens[0]
+
+
+@pytest.mark.parametrize("output", ["../elsewhere", "/tmp/x", ""])
+def test_eagle_output_must_stay_inside_the_run(output):
+    from effopt.stages.distill import EagleConfig
+
+    with pytest.raises(ValueError, match="inside the run directory"):
+        EagleConfig(output=output)
