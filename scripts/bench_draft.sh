@@ -32,7 +32,12 @@ RUN=$(dirname "$TRAIN")/draft-run
 # shellcheck disable=SC2086  # DRAFT_SET and BENCH_ARGS are lists of flags
 $PY -m effopt run "${RECIPE:-recipes/draft-layers6-distill.yaml}" --model "$MODEL" --set "data.train.source=$TRAIN" \
     --output "$RUN" ${DRAFT_SET:-} --quiet --json > "$OUT/draft_run.json"
-[ -d "$RUN/draft" ] && cp -r "$RUN/draft" "$OUT/draft"  # an EAGLE head (a few MB): keep it with the results
+if [ -d "$RUN/draft" ]; then  # an EAGLE head: keep it with the results, in bf16 (8 MB, under the device's 16 MiB)
+  mkdir -p "$OUT/draft" && cp "$RUN/draft/eagle.json" "$OUT/draft/"
+  $PY -c "import sys, torch; from safetensors.torch import load_file, save_file
+save_file({k: v.to(torch.bfloat16) for k, v in load_file(sys.argv[1]).items()}, sys.argv[2])" \
+      "$RUN/draft/eagle.safetensors" "$OUT/draft/eagle.safetensors"
+fi
 # shellcheck disable=SC2086
 $PY -m effopt bench "$MODEL" --draft "$RUN" --k 4 --gen-len "${GEN_LEN:-256}" ${BENCH_ARGS:-} \
     --output "$OUT/bench_k4.json" > /dev/null
