@@ -6,4 +6,5 @@ its own. Set TRITON_INTERPRET=1 before importing it to run the kernels on CPU te
 Modules:
     kernels.qmatmul   -- W4A16 / W8A16 (and W2A16) matmul over effopt's packed layout (LAYOUT.md).
     kernels.attention -- FlashAttention-style forward/backward, split-KV decode, int8-KV decode.
+    kernels.int8_matmul -- W8A8 (SmoothQuant): per-token int8 quantization, int8 tensor-core matmul.
 """

@@ -5,6 +5,7 @@ the eager column of the matmul table shows what one un-graphed call costs from P
 
     python scripts/bench_kernels.py [--quick] [--out results.md] [--only qmatmul,attn,decode]
     python scripts/bench_kernels.py --gemv [--out gemv.md]   # decode GEMV table only (~2 min)
+    python scripts/bench_kernels.py --w8a8 [--out w8a8.md]   # W8A8 (SmoothQuant) table only
 
 Tables:
   * quant_matmul W4A16 g128 (and W8A16 per-channel) vs cuBLAS fp16 (torch.matmul) and
@@ -17,6 +18,11 @@ Tables:
   * --gemv: W4A16 g128 at M = 1, 4, 16 on the decode shapes (incl. Llama-3-8B fused qkv 6144x4096
     and gate-up 28672x4096): cuBLAS fp16, the tuner's pick, the best tensor-core (mma) config
     and each gemv2 config of `gemv2_configs` forced, one row each.
+  * --w8a8: ActQuantLinear's products (int8 weights per channel, int8 activations per token) on the
+    same shapes and M: kernels.int8_matmul.w8a8_linear (quantize + int8 tensor-core matmul with the
+    rescale fused) on the layer's uint8 codes as stored, and on a pre-converted int8 copy; the
+    layer's torch path (quantize_per_token, torch._int_mm, float rescale; int_weight() per call as
+    the layer does, and with the int8 weight cached); cuBLAS fp16 on the float weight.
 Correctness at real sizes on the GPU: `python -m pytest tests/kernels` (picks CUDA when present).
 """
 import argparse
@@ -31,6 +37,7 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kernels import attention as A  # noqa: E402
+from kernels import int8_matmul as W8  # noqa: E402
 from kernels import qmatmul as Q  # noqa: E402
 from kernels._tune import TIMINGS, chosen  # noqa: E402
 
@@ -220,6 +227,87 @@ def _cfg_str(cfg):
 
 
 # ------------------------------------------------------------------------------------------------
+def make_w8a8(n, k):
+    """A float fp16 weight [N, K] and ActQuantLinear's buffers for it: (w16, uint8 codes, fp16 scales [N, 1])."""
+    from effopt.nn.act_quant_linear import ActQuantLinear
+
+    w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+    layer = ActQuantLinear.from_weight(w16, None)
+    return w16, layer.qweight, layer.scales
+
+
+def w8a8_torch_path(x, qweight, scales, int_weight=None):
+    """ActQuantLinear's torch path (its forward without the kernel), but torch._int_mm unguarded:
+    where it refuses the shape (M <= 16 on some versions) the layer falls back to a float64
+    product, which this benchmark reports as n/a rather than time."""
+    from effopt.nn.act_quant_linear import quantize_per_token
+
+    xq, xs = quantize_per_token(x)
+    wq = int_weight if int_weight is not None else (qweight.to(torch.int16) - 128).to(torch.int8)
+    acc = torch._int_mm(xq, wq.t())
+    return (acc.float() * xs * scales.float().view(1, -1)).to(x.dtype)
+
+
+def bench_w8a8(quick):
+    shapes = [(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)]
+    ms_list = [1, 16, 64, 128, 1024]
+    if quick:
+        shapes, ms_list = [(8192, 8192), (4096, 14336)], [1, 16, 64, 1024]
+    rows = []
+    for n, k in shapes:
+        sets = rotating(lambda: make_w8a8(n, k), n * k)  # the int8 weights past the L2
+        w16s = [w for w, _, _ in sets[: max(1, math.ceil(3 * L2_BYTES / (n * k * 2)))]]
+        i8s = [W8.int8_weight(q) for _, q, _ in sets]
+        w16, q0, s0 = sets[0]
+        for m in ms_list:
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(4)]
+            out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+            ref = xs[1].float() @ w16.float().t()
+
+            def err(y):
+                return f"{((y.float() - ref).norm() / ref.norm()).item():.1e}"
+
+            W8.w8a8_linear(xs[0], q0, s0, out=out)  # tunes once for this shape (uint8 and int8 weights)
+            W8.w8a8_linear(xs[0], i8s[0], s0, out=out)
+            e_ours = err(W8.w8a8_linear(xs[1], q0, s0))
+            t_u8, _ = graph_ms([lambda i=i: W8.w8a8_linear(xs[i % 4], sets[i][1], sets[i][2], out=out)
+                                for i in range(len(sets))])
+            t_i8, _ = graph_ms([lambda i=i: W8.w8a8_linear(xs[i % 4], i8s[i], sets[i][2], out=out)
+                                for i in range(len(sets))])
+            try:
+                e_torch = err(w8a8_torch_path(xs[1], q0, s0))
+                t_tp, _ = graph_ms([lambda i=i: w8a8_torch_path(xs[i % 4], sets[i][1], sets[i][2])
+                                    for i in range(len(sets))])
+                t_tc, _ = graph_ms([lambda i=i: w8a8_torch_path(xs[i % 4], sets[i][1], sets[i][2], i8s[i])
+                                    for i in range(len(sets))])
+            except RuntimeError as e:  # torch._int_mm refuses this shape
+                e_torch, t_tp, t_tc = f"n/a ({str(e).splitlines()[0][:40]})", None, None
+            t_f, _ = graph_ms([lambda i=i: torch.matmul(xs[i % 4], w16s[i].t()) for i in range(len(w16s))])
+            key = next((kk for kk in TIMINGS if kk[0] == "w8a8" and kk[2:6] == (
+                m if m <= W8.SMALL_M else triton.next_power_of_2(m), n, k, torch.uint8)), None)
+            byts = n * k + m * k * 2 + m * n * 2
+            rows.append([f"{n}x{k}", m, fmt(t_u8 * 1e3), fmt(byts / (t_u8 * 1e-3) / 1e12, 2),
+                         fmt(2 * m * n * k / (t_u8 * 1e-3) / 1e12), fmt(t_i8 * 1e3),
+                         fmt(t_tp * 1e3 if t_tp else None), fmt(t_tc * 1e3 if t_tc else None), fmt(t_f * 1e3),
+                         fmt(t_tp / t_u8 if t_tp else None, 2), fmt(t_tc / t_u8 if t_tc else None, 2),
+                         fmt(t_f / t_u8, 2), _w8a8_cfg_str(chosen(key) if key else None), e_ours, e_torch,
+                         err(torch.matmul(xs[1], w16.t()))])
+            print(" | ".join(str(c) for c in rows[-1]), flush=True)  # progress; the table follows
+        sets = w16s = i8s = None
+    table("W8A8 (SmoothQuant ActQuantLinear): fp16 x, int8 weights per channel, int8 activations per token",
+          ["N x K", "M", "effopt µs", "TB/s", "TOP/s", "effopt int8-w µs", "torch path µs",
+           "torch int8-w cached µs", "cuBLAS fp16 µs", "vs torch path", "vs torch cached", "vs cuBLAS fp16",
+           "config", "rel err effopt", "rel err torch", "rel err fp16"], rows)
+
+
+def _w8a8_cfg_str(cfg):
+    if cfg is None:
+        return "?"
+    return (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} {'swap ' if cfg.swap else ''}"
+            f"w{cfg.warps} s{cfg.stages}")
+
+
+# ------------------------------------------------------------------------------------------------
 def sdpa(backend):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -330,6 +418,7 @@ def main():
     ap.add_argument("--out", default=None, help="also write the tables (markdown) here")
     ap.add_argument("--only", default="qmatmul,attn,decode")
     ap.add_argument("--gemv", action="store_true", help="only the decode GEMV table (gemv2 configs vs the rest)")
+    ap.add_argument("--w8a8", action="store_true", help="only the W8A8 (SmoothQuant int8 x int8) table")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
@@ -341,8 +430,10 @@ def main():
     copy_tbs = copy_bandwidth()
     emit(f"\ndevice-to-device copy: {copy_tbs:.2f} TB/s (read + write)")
     sections = {"qmatmul": lambda: bench_qmatmul(args.quick), "attn": lambda: bench_attention(args.quick),
-                "decode": lambda: bench_decode(args.quick, copy_tbs), "gemv": lambda: bench_gemv(copy_tbs)}
-    for name in ["gemv"] if args.gemv else args.only.split(","):
+                "decode": lambda: bench_decode(args.quick, copy_tbs), "gemv": lambda: bench_gemv(copy_tbs),
+                "w8a8": lambda: bench_w8a8(args.quick)}
+    only = [name for name, flag in (("gemv", args.gemv), ("w8a8", args.w8a8)) if flag]
+    for name in only or args.only.split(","):
         t0 = time.time()
         try:
             sections[name]()

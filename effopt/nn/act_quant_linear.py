@@ -5,13 +5,17 @@ zero point 128), so sizes, checkpoints and kernels treat it like any 8-bit Quant
 is real integer arithmetic: each token's activations are quantized at run time to int8 with their
 own scale max|x_t| / 127, the int8 x int8 products are summed in int32 (torch._int_mm; exact
 float64 matmul of the integer values where that op is unavailable), and the int32 result is
-rescaled by (activation scale x weight scale).
+rescaled by (activation scale x weight scale). On CUDA the Triton kernels of kernels.int8_matmul can
+do all three (quantize, int8 tensor-core product, fused rescale), with the same codes and sums
+(opt-in for now: USE_W8A8_KERNEL).
 
 `to_dense()` (for plain Hugging Face exports) returns the dequantized weights only: a dense export
 computes with float activations; `export: packed: true` keeps the W8A8 arithmetic.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -23,8 +27,13 @@ ACT_QMAX = 127
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per-row quantization of x [M, K]: (codes int8 [M, K], scales float32 [M, 1])."""
-    scale = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / ACT_QMAX
+    """Symmetric int8 per-row quantization of x [M, K]: (codes int8 [M, K], scales float32 [M, 1]).
+
+    The scale is max|x| times fp32(1/127), not max|x| / 127: torch divides by a Python scalar
+    exactly on CPU but through that reciprocal on CUDA, and the codes should not depend on the
+    device (kernels.int8_matmul.quantize_rows matches this code for code).
+    """
+    scale = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) * (1.0 / ACT_QMAX)
     codes = torch.clamp(torch.round(x.float() / scale), -ACT_QMAX, ACT_QMAX).to(torch.int8)
     return codes, scale
 
@@ -35,6 +44,28 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch._int_mm(a, b)
     except RuntimeError:  # shapes or device the int8 kernel does not take: exact in float64
         return (a.double() @ b.double()).to(torch.int32)
+
+
+# The Triton W8A8 path passed its tests only under the interpreter so far (not yet compiled or timed
+# on a GPU): opt in with EFFOPT_W8A8_KERNEL=1 until results/kernels.md shows it beats torch._int_mm.
+USE_W8A8_KERNEL = os.environ.get("EFFOPT_W8A8_KERNEL", "0") == "1"
+
+
+def w8a8_kernel(x: torch.Tensor):
+    """kernels.int8_matmul.w8a8_linear when it can run this call, else None (the torch path below).
+
+    It can (when USE_W8A8_KERNEL) on CUDA, for fp16 / bf16 / fp32 inputs that need no gradient (the kernels have no
+    backward), when Triton is importable. It computes what the torch path does: the same codes,
+    the same exact int32 sums, the same float epilogue (up to float rounding: the GPU may fuse
+    a multiply-add)."""
+    if not USE_W8A8_KERNEL or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16, torch.float32) \
+            or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    try:
+        from kernels.int8_matmul import w8a8_linear  # kernels/ never imports effopt
+    except ImportError:  # no Triton
+        return None
+    return w8a8_linear
 
 
 @register_module
@@ -68,6 +99,10 @@ class ActQuantLinear(QuantLinear):
         return (self.qweight.to(torch.int16) - 128).to(torch.int8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = w8a8_kernel(x)
+        if kernel is not None and x.device == self.qweight.device:
+            # qweight holds the codes + 128 (zero point 128): the kernel flips them to int8 in registers
+            return kernel(x, self.qweight, self.scales, self.bias)
         shape = x.shape
         xq, xs = quantize_per_token(x.reshape(-1, shape[-1]))
         acc = int8_matmul(xq, self.int_weight().t())

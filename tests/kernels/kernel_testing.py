@@ -15,7 +15,7 @@ import torch
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
-    for name in ("kernels._tune", "kernels.qmatmul", "kernels.attention", "kernels.fused"):
+    for name in ("kernels._tune", "kernels.qmatmul", "kernels.attention", "kernels.fused", "kernels.int8_matmul"):
         if name in sys.modules:
             importlib.reload(sys.modules[name])
 
