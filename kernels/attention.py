@@ -257,11 +257,11 @@ def _i8_to_f16(x):
 
 
 @triton.jit
-def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, qk_scale, HKV, GROUP, T, SPLIT_LEN, NUM_SPLITS,
+def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, HKV, GROUP, T, SPLIT_LEN, NUM_SPLITS,
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                  stride_sb, stride_sh,
+                  stride_sb, stride_sh, stride_ob, stride_oh, stride_ot,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                  QUANT: tl.constexpr, UPCAST: tl.constexpr):
+                  QUANT: tl.constexpr, UPCAST: tl.constexpr, FUSED_MERGE: tl.constexpr):
     """Attention of the T query tokens of the GROUP query heads of KV head hk over one slice of the cache.
 
     Row r of the MMA is query token t = r % T of head g = r // T. The T tokens are the last T of
@@ -269,6 +269,9 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, qk_scale, HKV, GROUP,
     Writes the slice's normalised output O_PART[b, h, t, split, :] (fp32) and its log2-sum-exp.
     QUANT: K and V are int8 with one scale per (batch, head, token) in KS / VS (strides
     stride_sb, stride_sh, 1): q.k = (q.k_int) * ks and p.v = (p * vs).v_int, in fp16.
+    FUSED_MERGE: the last program of a (batch, KV head) to finish merges every split into OUT (an
+    arrival counter per (batch, KV head) in LOCK, re-armed after), saving the merge launch, which is
+    a visible share of a small cache's decode.
     """
     bhk, split = tl.program_id(0), tl.program_id(1)
     b, hk = bhk // HKV, bhk % HKV
@@ -319,6 +322,35 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, qk_scale, HKV, GROUP,
     tl.store(LSE_PART + part, m_i + tl.math.log2(l_safe), mask=r_ok)
     tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
              mask=r_ok[:, None] & d_ok[None, :])
+    if FUSED_MERGE:
+        tl.debug_barrier()  # every thread's partial is written before the arrival is counted
+        if tl.atomic_add(LOCK + bhk, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+            first = ((b * HKV * GROUP + h) * T + t) * NUM_SPLITS
+            out = _merge_splits(O_PART, LSE_PART, first, NUM_SPLITS, r_ok, offs_d, d_ok, HEAD_DIM, BLOCK_R, BLOCK_D)
+            tl.store(OUT + b * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_ot + offs_d[None, :],
+                     out.to(OUT.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+            tl.atomic_xchg(LOCK + bhk, 0)  # re-arm the counter for the next launch
+
+
+@triton.jit
+def _merge_splits(O_PART, LSE_PART, first, NUM_SPLITS, r_ok, offs_d, d_ok, HEAD_DIM: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """sum_s w_s O_s / sum_s w_s with w_s = 2^(lse_s - max lse), for rows whose splits start at
+    `first` [BLOCK_R]; reads through L2 (.cg), as other programs wrote the partials."""
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    for s in range(NUM_SPLITS):
+        m = tl.maximum(m, tl.load(LSE_PART + first + s, mask=r_ok, other=float("-inf"), cache_modifier=".cg"))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    total = tl.zeros((BLOCK_R,), tl.float32)
+    for s in range(NUM_SPLITS):
+        lse = tl.load(LSE_PART + first + s, mask=r_ok, other=float("-inf"), cache_modifier=".cg")
+        w = tl.where(lse > float("-inf"), tl.math.exp2(lse - m), 0.0)
+        o = tl.load(O_PART + (first + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :],
+                    other=0.0, cache_modifier=".cg")
+        acc += o * w[:, None]
+        total += w
+    return acc / tl.maximum(total, 1e-30)[:, None]
 
 
 @triton.jit
@@ -490,7 +522,7 @@ def quantize_kv(x):
 DEBUG_POISON = False  # tests: fill the per-slice partial results with NaN before the launch
 
 
-def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_splits, out):
+def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_splits, out, fused_merge=None):
     squeeze = q.dim() == 3  # [B, H, D]: one token, returned as [B, H, D]
     if squeeze:
         q = q[:, :, None]
@@ -525,7 +557,7 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
     rows = max(16, triton.next_power_of_2(T * group))  # every (token, head) pair of a KV group: one MMA
 
     def run(c):
-        bn, per_sm, warps, stages = c
+        bn, per_sm, warps, stages, fused = c
         splits = num_splits or max(1, min(triton.cdiv(per_sm * sms, B * Hkv), triton.cdiv(S, 2 * bn)))
         split_len = triton.cdiv(triton.cdiv(S, splits), bn) * bn
         splits = triton.cdiv(S, split_len)
@@ -535,33 +567,64 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
             o_part.fill_(float("nan"))
             lse_part.fill_(float("nan"))
         _decode_split[(B * Hkv, splits)](
-            q, k, v, ks, vs, o_part, lse_part, lens, sm_scale * LOG2E, Hkv, group, T, split_len, splits,
+            q, k, v, ks, vs, o_part, lse_part, lens, out4, _arrival_counters(q.device, B * Hkv),
+            sm_scale * LOG2E, Hkv, group, T, split_len, splits,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), ks.stride(0) if quant else 0, ks.stride(1) if quant else 0,
+            out4.stride(0), out4.stride(1), out4.stride(2),
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=rows, BLOCK_N=bn,
-            QUANT=quant, UPCAST=not q.is_cuda, num_warps=warps, num_stages=stages)
-        _decode_merge[(B * H * T,)](o_part, lse_part, out4, splits, out4.stride(0), out4.stride(1), out4.stride(2),
-                                    H, T, HEAD_DIM=D, BLOCK_D=bd, BLOCK_S=max(2, triton.next_power_of_2(splits)))
+            QUANT=quant, UPCAST=not q.is_cuda, FUSED_MERGE=fused, num_warps=warps, num_stages=stages)
+        if not fused:
+            _decode_merge[(B * H * T,)](o_part, lse_part, out4, splits, out4.stride(0), out4.stride(1),
+                                        out4.stride(2), H, T, HEAD_DIM=D, BLOCK_D=bd,
+                                        BLOCK_S=max(2, triton.next_power_of_2(splits)))
 
     if block_n is not None:  # forced tiles: ~2 programs per SM unless num_splits is given
-        cfg = (block_n, 2, 4, 3 if q.is_cuda else 1)
+        cfg = (block_n, 2, 4, 3 if q.is_cuda else 1, bool(fused_merge))
     else:
-        key = ("decode", q.device, D, q.dtype, quant, group, T, triton.next_power_of_2(B * Hkv),
-               triton.next_power_of_2(S))
-        cfg = choose(key, _decode_cfgs(), run)
+        cands = _decode_cfgs() if fused_merge is None else [c for c in _decode_cfgs() if c[4] == fused_merge]
+        cfg = choose(_decode_key(q, k, quant, fused_merge), cands, run)
     run(cfg)
     return out
 
 
+def _decode_key(q4, k, quant: bool, fused_merge) -> tuple:
+    """The tuner's key of a decode call: q4 [B, H, T, D], k [B, Hkv, S, D]."""
+    B, H, T, D = q4.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    return ("decode", q4.device, D, q4.dtype, quant, H // Hkv, T, triton.next_power_of_2(B * Hkv),
+            triton.next_power_of_2(S), fused_merge)
+
+
+def decode_choice(q, k_cache, quant: bool = False):
+    """(BLOCK_N, programs per SM, warps, stages, fused merge) the tuner picked for this shape, or None."""
+    from kernels._tune import chosen
+
+    return chosen(_decode_key(q if q.dim() == 4 else q[:, :, None], k_cache, quant, None))
+
+
+_COUNTERS: dict = {}
+
+
+def _arrival_counters(device, n: int) -> torch.Tensor:
+    """Per-device int32 arrival counters of the fused merge (zero between launches: they re-arm)."""
+    lock = _COUNTERS.get(device)
+    if lock is None or lock.numel() < n:
+        lock = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
+        _COUNTERS[device] = lock
+    return lock
+
+
 def _decode_cfgs():
-    """(BLOCK_N, programs per SM, warps, stages); the first is the default."""
+    """(BLOCK_N, programs per SM, warps, stages, fused merge); the first is the default."""
     if interpreting():
-        return [(64, 2, 4, 1)]
-    return [(64, 2, 4, 3), (64, 4, 4, 3), (128, 2, 4, 3), (32, 4, 4, 4), (64, 8, 4, 2), (128, 4, 8, 3)]
+        return [(64, 2, 4, 1, False), (64, 2, 4, 1, True)]
+    tiles = [(64, 2, 4, 3), (64, 4, 4, 3), (128, 2, 4, 3), (32, 4, 4, 4), (64, 8, 4, 2), (128, 4, 8, 3)]
+    return [t + (fused,) for fused in (False, True) for t in tiles]
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, block_n=None, num_splits=None,
-                     out=None):
+                     out=None, fused_merge=None):
     """A few query tokens per sequence against a KV cache, split along the cache length.
 
     Args:
@@ -572,15 +635,17 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, 
             (default: all S).
         block_n, num_splits: keys per inner step and cache slices (default: timed once per shape).
         out: optional result tensor, shaped like q.
+        fused_merge: merge the slices in the last program of each KV head (True) or in a second
+            launch (False); default: timed once per shape with the tiles.
     Returns q's shape ([B, H, D] or [B, H, T, D]) in q.dtype.
     """
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"q and the caches must share one of fp16/bf16, got {q.dtype}, {k_cache.dtype}")
-    return _decode(q, k_cache, v_cache, None, None, cache_seqlens, sm_scale, block_n, num_splits, out)
+    return _decode(q, k_cache, v_cache, None, None, cache_seqlens, sm_scale, block_n, num_splits, out, fused_merge)
 
 
 def decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens=None, sm_scale=None, *,
-                          block_n=None, num_splits=None, out=None):
+                          block_n=None, num_splits=None, out=None, fused_merge=None):
     """decode_attention over an int8 cache (see quantize_kv): K = k_cache * k_scale[..., None].
 
     Args:
@@ -591,7 +656,8 @@ def decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens=N
         raise ValueError("k_cache and v_cache must be int8")
     if k_scale.shape != k_cache.shape[:3] or v_scale.shape != v_cache.shape[:3]:
         raise ValueError(f"scales must be [B, Hkv, S] = {tuple(k_cache.shape[:3])}")
-    return _decode(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_splits, out)
+    return _decode(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_splits, out,
+                   fused_merge)
 
 
 # ----------------------------------------------------------------------------------------------

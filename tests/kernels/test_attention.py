@@ -99,7 +99,8 @@ DECODE = [  # (B, H, Hkv, S, D, dtype, lens)
 
 @pytest.mark.parametrize("b,h,hkv,s,d,dtype,lens", DECODE)
 @pytest.mark.parametrize("int8", [False, True])
-def test_decode_matches_reference(b, h, hkv, s, d, dtype, lens, int8):
+@pytest.mark.parametrize("fused", [False, True], ids=["merge-launch", "fused-merge"])
+def test_decode_matches_reference(b, h, hkv, s, d, dtype, lens, int8, fused):
     if ON_GPU:
         s = s * 16 + 3
         lens = None if lens is None else [min(s, n * 16) for n in lens]
@@ -111,10 +112,10 @@ def test_decode_matches_reference(b, h, hkv, s, d, dtype, lens, int8):
     if int8:
         kq, ks = A.quantize_kv(k)
         vq, vs = A.quantize_kv(v)
-        A.decode_attention_int8(q, kq, vq, ks, vs, cache_seqlens=seqlens, block_n=32, out=out)
+        A.decode_attention_int8(q, kq, vq, ks, vs, cache_seqlens=seqlens, block_n=32, out=out, fused_merge=fused)
         k, v = kq.float() * ks[..., None], vq.float() * vs[..., None]  # the cache it really holds
     else:
-        A.decode_attention(q, k, v, cache_seqlens=seqlens, block_n=32, out=out)
+        A.decode_attention(q, k, v, cache_seqlens=seqlens, block_n=32, out=out, fused_merge=fused)
     for i in range(b):
         n = s if lens is None else lens[i]
         ref = reference(q[i : i + 1, :, None], k[i : i + 1, :, :n], v[i : i + 1, :, :n], False, d**-0.5)
@@ -135,7 +136,8 @@ DECODE_STEP = [
 
 
 @pytest.mark.parametrize("b,h,hkv,s,d,dtype,t,lens,int8", DECODE_STEP)
-def test_decode_step_of_t_tokens_matches_causal_reference(b, h, hkv, s, d, dtype, t, lens, int8):
+@pytest.mark.parametrize("fused", [False, True], ids=["merge-launch", "fused-merge"])
+def test_decode_step_of_t_tokens_matches_causal_reference(b, h, hkv, s, d, dtype, t, lens, int8, fused):
     if ON_GPU:
         s = s * 16 + 3
         lens = [n * 16 for n in lens]
@@ -150,12 +152,16 @@ def test_decode_step_of_t_tokens_matches_causal_reference(b, h, hkv, s, d, dtype
         k, v = kq.float() * ks[..., None], vq.float() * vs[..., None]  # the cache it really holds
         for i, n in enumerate(lens):  # stale slots past len: any read shows as NaN
             ks[i, :, n:], vs[i, :, n:] = float("nan"), float("nan")
-        A.decode_attention_int8(q, kq, vq, ks, vs, cache_seqlens=seqlens, block_n=32, out=out)
+        A.decode_attention_int8(q, kq, vq, ks, vs, cache_seqlens=seqlens, block_n=32, out=out, fused_merge=fused)
     else:
         ref_k, ref_v = k.clone(), v.clone()
         for i, n in enumerate(lens):
             k[i, :, n:], v[i, :, n:] = float("nan"), float("nan")
-        A.decode_attention(q, k, v, cache_seqlens=seqlens, block_n=32, out=out)
+        A.decode_attention(q, k, v, cache_seqlens=seqlens, block_n=32, out=out, fused_merge=fused)
+        if fused:  # the arrival counters re-armed themselves: a second launch gives the same result
+            again = torch.full_like(out, float("nan"))
+            A.decode_attention(q, k, v, cache_seqlens=seqlens, block_n=32, out=again, fused_merge=True)
+            assert torch.equal(again, out)
         k, v = ref_k, ref_v
     for i, n in enumerate(lens):  # bottom-right causal: token j sits at slot n - t + j
         ref = reference(q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], True, d**-0.5)
