@@ -4,11 +4,15 @@ Reads effopt's packed layout (kernels/LAYOUT.md): `qweight` uint8 [N, ceil(K*b/8
 little-endian bit stream of b-bit codes per row, `scales` / `zeros` [N, ceil(K/g)], and
 W[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g].
 
-Three Triton kernels, picked per shape by timing them once (`kernels._tune.choose`):
+Triton kernels (and dequantize + cuBLAS), picked per shape by timing them once (`kernels._tune.choose`):
   * `_qmm_kernel`   tensor-core kernel for every M. It computes out^T = W @ x^T, so the output
                     features fill the MMA's 64-row side and the few tokens of a decode step sit on
                     the narrow side (16 at least). Optional split-K with an in-kernel reduction
                     (the last split of a tile sums the partials), so one launch serves small M.
+  * `_qmm_xw_kernel` tensor-core kernel in the plain orientation, out = x W^T, offered for
+                    M >= XW_MIN_M (`xw_configs`): x is the MMA's A operand, the dequantized
+                    weight tile the B operand, stored to shared memory once per K-step instead of
+                    being converted into the A operand's register layout. Same split-K finish.
   * `_gemv_kernel`  CUDA-core kernel for M <= 4 (no padding of M to 16).
   * `_gemv2_kernel` CUDA-core kernel for decode (M <= 16; offered for M <= 2) over a re-packed
                     int32 copy of the codes: on an H200 at M = 1 it takes 17 us for W4 g128
@@ -310,6 +314,117 @@ def _qmm_kernel(
 
 
 @triton.jit
+def _unpack_tile(wb, BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_KB: tl.constexpr):
+    """uint8 [ROWS, BLOCK_KB] bytes -> int16 [ROWS, BLOCK_KB * 8 // BITS] codes in K order.
+
+    Code c of byte j lands in column j * CPB + c: the CPB code planes are interleaved with
+    tl.join (the new, innermost axis stays inside a thread) and merged by a reshape.
+    """
+    if BITS == 8:
+        return wb.to(tl.int16)
+    elif BITS == 4:
+        lo = (wb & 15).to(tl.int16)
+        hi = (wb >> 4).to(tl.int16)
+        return tl.reshape(tl.join(lo, hi), (ROWS, BLOCK_KB * 2))
+    else:  # 2 bits: join(join(c0, c2), join(c1, c3))[..., l, i] is code 2 l + i of the byte
+        c0 = (wb & 3).to(tl.int16)
+        c1 = ((wb >> 2) & 3).to(tl.int16)
+        c2 = ((wb >> 4) & 3).to(tl.int16)
+        c3 = (wb >> 6).to(tl.int16)
+        return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (ROWS, BLOCK_KB * 4))
+
+
+@triton.jit
+def _qmm_xw_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+    M, N, K, KB, GROUP,
+    stride_xm, stride_qn, stride_sn, stride_sg, stride_om,
+    BITS: tl.constexpr,  # 2, 4 or 8
+    GROUP_MODE: tl.constexpr,  # 0: scales per element, 1: one group per K-block, 2: one group per row
+    DQ: tl.constexpr,  # code->float trick, see _codes_to_float
+    POST_ZERO: tl.constexpr,  # apply scale/zero to the MMA result (needs GROUP_MODE 1 or 2)
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """out[M, N] = x[M, K] @ W[N, K]^T in the plain orientation: acc[BLOCK_M, BLOCK_N] += x_tile @ W_tile^T.
+
+    The x tile [BLOCK_M, BLOCK_K] (BLOCK_K = BLOCK_KB * CPB codes, contiguous columns) is the A
+    operand as loaded; the weight tile is unpacked to [BLOCK_N, BLOCK_K] codes in K order
+    (`_unpack_tile`), dequantized, and transposed into the [BLOCK_K, BLOCK_N] B operand, which
+    the MMA reads from shared memory: one store per K-step, no conversion into the A operand's
+    register layout as in `_qmm_kernel` (in the sm_90 TTGIR of triton 3.9 the tile is one
+    local_alloc and the transpose a view of it, feeding one warp_group_dot). One MMA of depth
+    BLOCK_K per K-step. Scale / zero point as in `_qmm_kernel`: POST_ZERO keeps OFFSET + q in the
+    tile and applies s (part - (OFFSET + z) sum_k x) to the fp32 partial of each group (GROUP_MODE
+    1) or once at the end (2); otherwise (q - z) * s is folded into the 16-bit tile.
+    Programs walk the M tiles of one N tile consecutively (pid_m fastest), so the weight tile is
+    read from HBM about once and from L2 by the other M tiles.
+    """
+    CPB: tl.constexpr = 8 // BITS
+    BLOCK_K: tl.constexpr = BLOCK_KB * CPB
+    OFFSET: tl.constexpr = 1024.0 if DQ == 1 else (128.0 if DQ == 2 else 0.0)
+    dt = x_ptr.dtype.element_ty
+
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m, pid_n = pid % num_m, pid // num_m
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok, m_ok = offs_n < N, offs_m < M
+    offs_j = tl.arange(0, BLOCK_KB)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    n_iters = tl.cdiv(KB, BLOCK_KB)
+    per_split = tl.cdiv(n_iters, SPLIT_K)
+    it0 = pid_k * per_split
+    it1 = tl.minimum(it0 + per_split, n_iters)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    xsum = tl.zeros((BLOCK_M,), tl.float32)
+    s = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
+    for it in range(it0, it1):
+        kb = it * BLOCK_KB + offs_j
+        wb = tl.load(qw_ptr + offs_n[:, None] * stride_qn + kb[None, :],
+                     mask=n_ok[:, None] & (kb < KB)[None, :], other=0)
+        kk = it * BLOCK_K + offs_k
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                     mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+        code = _unpack_tile(wb, BITS, BLOCK_N, BLOCK_KB)  # [BLOCK_N, BLOCK_K]; padding codes are 0
+        if GROUP_MODE == 1:  # the whole K-block lies in group g
+            g = (it * BLOCK_K) // GROUP
+            s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
+        if POST_ZERO:
+            w = _codes_to_float(code, DQ).to(dt)  # OFFSET + q, exact
+            if GROUP_MODE == 1:
+                part = _mma(xt, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST)
+                xs = tl.sum(xt.to(tl.float32), axis=1)
+                acc += s[None, :] * (part - (z + OFFSET)[None, :] * xs[:, None])
+            else:
+                xsum += tl.sum(xt.to(tl.float32), axis=1)
+                acc = _mma(xt, tl.trans(w), acc, UPCAST)
+        else:
+            if GROUP_MODE == 0:  # groups smaller than the K-block: gather per element
+                gi = (kk // GROUP)[None, :]
+                ok = n_ok[:, None] & (kk < K)[None, :]
+                se = tl.load(s_ptr + offs_n[:, None] * stride_sn + gi * stride_sg, mask=ok, other=0.0)
+                ze = tl.load(z_ptr + offs_n[:, None] * stride_sn + gi * stride_sg, mask=ok, other=0.0)
+                w = ((_codes_to_float(code, 0) - ze.to(tl.float32)) * se.to(tl.float32)).to(dt)
+            elif DQ == 0:
+                w = ((_codes_to_float(code, 0) - z[:, None]) * s[:, None]).to(dt)
+            elif UPCAST:  # the interpreter's bf16 arithmetic is broken; fp32 rounds the same
+                w = ((_codes_to_float(code, DQ).to(tl.float32) - (z + OFFSET)[:, None]) * s[:, None]).to(dt)
+            else:  # (OFFSET + q) - (OFFSET + z) is exact in 16 bits; one rounding for * s
+                w = (_codes_to_float(code, DQ) - (z + OFFSET).to(dt)[:, None]) * s.to(dt)[:, None]
+            acc = _mma(xt, tl.trans(w), acc, UPCAST)
+    if POST_ZERO and GROUP_MODE == 2:
+        acc = s[None, :] * (acc - (z + OFFSET)[None, :] * xsum[:, None])
+    _finish(tl.trans(acc), out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, offs_n, offs_m, N, M, stride_om,
+            HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
     M, N, K, KB, GROUP,
@@ -591,14 +706,18 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KB, GROUP,
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Cfg:
-    """One way to run the product: kind 'mma' | 'gemv' | 'gemv2' | 'dequant' and its tile sizes."""
+    """One way to run the product: kind 'mma' | 'xw' | 'gemv' | 'gemv2' | 'dequant' and its tile sizes.
+
+    'mma' is `_qmm_kernel` (out^T = W x^T, weight tile as the MMA's A operand); 'xw' is
+    `_qmm_xw_kernel` (out = x W^T, weight tile as the B operand; step_blocks and x_split unused).
+    """
 
     kind: str
     block_m: int = 16
     block_n: int = 64
     block_kb: int = 64  # bytes of a row per K-step (gemv2: always one 128-byte chunk of words)
     split_k: int = 1
-    step_blocks: int = 1  # K-blocks per (unrolled) loop trip of the mma and gemv2 kernels
+    step_blocks: int = 1  # K-blocks per (unrolled) loop trip of the mma and gemv2 kernels (xw: 1)
     post_zero: bool = True
     x_split: bool = False
     warps: int = 4
@@ -670,6 +789,15 @@ def _launch(cfg: Cfg, x2, w: QuantWeight, bias, out):
                            num_warps=cfg.warps, num_stages=cfg.stages)
         return out
     grid = (tiles, cfg.split_k)
+    if cfg.kind == "xw":
+        if cfg.step_blocks != 1:
+            raise ValueError("the xw kernel takes one K-block per loop trip (step_blocks=1)")
+        _qmm_xw_kernel[grid](*common, BITS=w.bits, GROUP_MODE=mode, DQ=_dq_mode(x2.dtype, w.bits),
+                             POST_ZERO=cfg.post_zero and mode != 0, HAS_BIAS=has_bias,
+                             UPCAST=not x2.is_cuda, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                             BLOCK_KB=cfg.block_kb, SPLIT_K=cfg.split_k,
+                             num_warps=cfg.warps, num_stages=cfg.stages)
+        return out
     _qmm_kernel[grid](*common, BITS=w.bits, GROUP_MODE=mode, DQ=_dq_mode(x2.dtype, w.bits),
                       POST_ZERO=cfg.post_zero and mode != 0, X_SPLIT=cfg.x_split and w.bits == 4,
                       HAS_BIAS=has_bias,
@@ -759,6 +887,44 @@ def gemv2_configs(M: int, w: QuantWeight) -> list:
     return cfgs
 
 
+XW_MIN_M = 32  # candidates() offers the x @ W^T kernel (`_qmm_xw_kernel`) from here on
+
+# (block_m, block_n, codes per K-step, warps, stages, post_zero, split-K options, programs per SM)
+_XW_SHAPES_SMALL = [(64, 128, 128, 4, 4, False, 2, 1), (64, 64, 128, 4, 4, False, 1, 2),
+                    (64, 128, 64, 4, 4, False, 1, 1), (64, 128, 128, 8, 3, True, 1, 1)]
+_XW_SHAPES_LARGE = [(128, 128, 128, 8, 3, False, 2, 1), (128, 128, 64, 8, 4, False, 1, 1),
+                    (128, 256, 64, 8, 3, False, 1, 1), (64, 128, 128, 4, 4, False, 1, 1)]
+
+
+def xw_configs(M: int, w: QuantWeight) -> list:
+    """`_qmm_xw_kernel` launch configs for M >= XW_MIN_M tokens (none below; the tuner times them).
+
+    64-row tiles up to M = 64, 128-row tiles beyond; K-steps of 128 or 64 codes, or the longest
+    step that stays inside one group when g is shorter (none when even 16 bytes straddle groups:
+    2-bit g32); split-K brings the programs near one or two per SM (as `_splits`), since at M = 64
+    a 4096-row layer has only 32 tiles of 128 columns.
+    """
+    if M < XW_MIN_M or w.bits not in KERNEL_BITS:
+        return []
+    cpb = 8 // w.bits
+    kbs = _uniform_kbs(w, 128)
+    sms = _sms(w.qweight.device)
+    cfgs = []
+    for bm, bn, codes, warps, stages, post, n_sk, per_sm in (_XW_SHAPES_SMALL if M <= 64 else _XW_SHAPES_LARGE):
+        kb = max([k for k in kbs if k * cpb <= codes], default=0)
+        if not kb:
+            continue
+        tiles = triton.cdiv(M, bm) * triton.cdiv(w.out_features, bn)
+        target = per_sm * sms
+        sks = _splits(tiles, triton.cdiv(w.row_bytes, kb), target)
+        sks = sks if n_sk > 1 else [min(sks, key=lambda s: abs(math.log2(tiles * s / target)))]
+        for sk in sks:
+            cfg = Cfg("xw", bm, bn, kb, sk, post_zero=post, warps=warps, stages=stages)
+            if cfg not in cfgs:
+                cfgs.append(cfg)
+    return cfgs
+
+
 def candidates(M: int, w: QuantWeight, dtype) -> list:
     """Launch configs worth timing for M tokens; the first is the untimed default."""
     N = w.out_features
@@ -784,13 +950,13 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
             cands.append(Cfg("dequant"))
         if M <= GEMV2_MAX_M:  # CUDA-core gemv2 first: the untimed default for 1-2 tokens
             cands = gemv2_configs(M, w)[:2] + cands
-        return cands
+        return cands + xw_configs(M, w)  # none below XW_MIN_M
     kb = min(64, (_uniform_kbs(w, 128) or [32])[-1])  # x tile of 128 x 2*kb fp16 per stage
     return [Cfg("mma", 128, 128, kb, 1, post_zero=False, x_split=True, warps=8, stages=3),
             Cfg("mma", 128, 128, max(16, kb // 2), 1, post_zero=False, x_split=True, warps=8, stages=4),
             Cfg("mma", 64, 128, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
             Cfg("mma", 128, 64, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
-            Cfg("dequant")]
+            Cfg("dequant")] + xw_configs(M, w)
 
 
 def _as_weight(qweight, scales, zeros, bits, group_size, in_features) -> QuantWeight:

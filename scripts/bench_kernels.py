@@ -10,7 +10,9 @@ the eager column of the matmul table shows what one un-graphed call costs from P
 Tables:
   * quant_matmul W4A16 g128 (and W8A16 per-channel) vs cuBLAS fp16 (torch.matmul) and
     bitsandbytes NF4 (when importable) at N x K = 4096^2, 8192^2, 14336x4096, 4096x14336 and
-    M = 1, 16, 64, 128, 1024;
+    M = 1, 16, 64, 128, 1024; the path column names the tuner's pick ('mma ...' = the swapped
+    W x^T kernel, 'xw ...' = the x W^T kernel, offered from M = 32), and two more columns time
+    the fastest config of each tensor-core orientation the tuner tried;
   * flash_attention forward / backward, causal and full, d=128, 32 heads (MHA and GQA with 8 KV
     heads), 1k / 4k / 16k tokens vs SDPA's flash and cuDNN backends;
   * decode_attention (bf16) and decode_attention_int8 at KV 4k-16k vs SDPA decode, with the bytes
@@ -162,15 +164,28 @@ def bench_qmatmul(quick):
                             and kk[4] == bits), None)
                 flops = 2 * m * n * k
                 byts = wbytes + m * k * 2 + m * n * 2
+                best = {}  # per orientation, the tuner's fastest config, re-timed like the row
+                for kind in ("mma", "xw"):
+                    c = min((t for t in TIMINGS.get(key, []) if t[0].kind == kind and math.isfinite(t[1])),
+                            key=lambda t: t[1], default=None)
+                    if c is None:
+                        best[kind] = "n/a"
+                        continue
+                    calls = [lambda i=i, cf=c[0]: Q.quant_matmul(xs[i % 4], ws[i], out=out, cfg=cf)
+                             for i in range(len(ws))]
+                    t_c = t_q if c[0] == chosen(key) else graph_ms(calls)[0]
+                    best[kind] = f"{fmt(t_c * 1e3)} ({_cfg_str(c[0])})"
                 rows.append([f"{n}x{k}", m, fmt(t_q * 1e3), fmt(byts / (t_q * 1e-3) / 1e12, 2),
                              fmt(flops / (t_q * 1e-3) / 1e12), fmt(t_f * 1e3), fmt(t_f / t_q, 2),
                              (fmt(t_b * 1e3) + ("" if how == "graph" else " (eager)")) if t_b else "n/a",
                              fmt(t_b / t_q, 2) if t_b else "n/a", fmt(t_e * 1e3),
-                             _cfg_str(chosen(key) if key else None), f"{err:.1e}"])
+                             _cfg_str(chosen(key) if key else None), best["mma"], best["xw"], f"{err:.1e}"])
             ws = w16 = None  # free this shape's copies before the next
-        table(f"quant_matmul {name} (fp16 activations; bnb: {note})",
+        table(f"quant_matmul {name} (fp16 activations; bnb: {note}; path: the tuner's pick, 'mma' = W x^T "
+              f"(swap AB), 'xw' = x W^T; best mma / xw: the fastest config of each orientation the tuner timed)",
               ["N x K", "M", "effopt µs", "TB/s", "TFLOP/s", "cuBLAS fp16 µs", "speedup vs fp16",
-               "bnb NF4 µs", "speedup vs NF4", "effopt eager µs", "path", "rel err"], rows)
+               "bnb NF4 µs", "speedup vs NF4", "effopt eager µs", "path", "best mma µs", "best xw µs",
+               "rel err"], rows)
 
 
 def bench_gemv(copy_tbs):
@@ -214,6 +229,9 @@ def bench_gemv(copy_tbs):
 
 
 def _cfg_str(cfg):
+    """'mma 16x64x64B sk4 x2': kind ('mma' = out^T = W x^T, 'xw' = out = x W^T, gemv, gemv2),
+    block_m x block_n x bytes of a row per K-step, split-K, K-steps per trip; 'pre' = scale and zero
+    folded into the weight tile (else applied after the MMA); xw: also warps and stages."""
     if cfg is None:
         return "?"
     if cfg.kind == "dequant":
@@ -223,6 +241,8 @@ def _cfg_str(cfg):
     tag += f" x{cfg.step_blocks}" if cfg.step_blocks > 1 else ""
     if cfg.kind == "gemv2":
         return tag + f" w{cfg.warps}" + (" prefetch" if cfg.stages > 1 else "")
+    if cfg.kind == "xw":
+        tag += f" w{cfg.warps}s{cfg.stages}"
     return tag + ("" if cfg.post_zero else " pre")
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from kernel_testing import DEVICE, ON_GPU, poison_scratch, rel_err  # noqa: F401 (autouse fixture)
-from kernels.qmatmul import Cfg, candidates, dequantize, pack_words, prepare_weight, quant_matmul, unpack_codes
+from kernels.qmatmul import (XW_MIN_M, Cfg, candidates, dequantize, pack_words, prepare_weight, quant_matmul,
+                             unpack_codes, xw_configs)
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}  # relative L2 error vs the float32 reference
 N, K = (2048 + 24, 4096 + 72) if ON_GPU else (40, 200)  # K % block != 0, short last group
@@ -89,6 +90,62 @@ def test_quant_matmul_matches_reference(cfg, bits, group, dtype, m, prepared):
     assert rel_err(y, ref) < TOL[dtype]
 
 
+# xw, the tensor-core kernel in the plain orientation (out = x @ W^T, the weight tile as the B
+# operand), forced for M from 17 to 130: N = 40 is never a multiple of BLOCK_N (64 > N: one partial
+# tile), K = 200 never a multiple of the K-step (32-128 codes); groups of 32 / 64 / 128 and
+# per-channel; scale / zero after the MMA (post) and folded into the tile (pre), K-blocks spanning
+# several groups (per-element scales: 4-bit g32 with 64 codes, 2-bit g32 with 64 codes), split-K,
+# symmetric (zeros = 2^(b-1)) and asymmetric, bias always.
+XW_CASES = [  # (cfg, bits, group, dtype, M, sym)
+    (Cfg("xw", 32, 32, 16, 1, post_zero=False), 4, 128, torch.float16, 33, False),
+    (Cfg("xw", 32, 32, 16, 2, post_zero=True), 4, 32, torch.bfloat16, 32, True),
+    (Cfg("xw", 64, 32, 32, 1, post_zero=False), 4, 64, torch.bfloat16, 64, False),
+    (Cfg("xw", 64, 64, 32, 3, post_zero=True), 4, -1, torch.float16, 130, False),
+    (Cfg("xw", 64, 64, 64, 1, post_zero=False), 4, 128, torch.float16, 32, True),  # 128 codes a step
+    (Cfg("xw", 32, 32, 32, 2, post_zero=True), 4, 128, torch.bfloat16, 130, False),
+    (Cfg("xw", 64, 32, 32, 1, post_zero=False), 4, 32, torch.float16, 64, False),  # 2 groups a K-block
+    (Cfg("xw", 16, 32, 32, 1, post_zero=True), 8, -1, torch.bfloat16, 17, True),  # bf16 W8: fp32 codes
+    (Cfg("xw", 32, 32, 32, 2, post_zero=False), 8, 32, torch.float16, 130, False),
+    (Cfg("xw", 32, 64, 16, 1, post_zero=False), 8, 64, torch.bfloat16, 33, False),
+    (Cfg("xw", 32, 32, 64, 2, post_zero=True), 8, 128, torch.float16, 17, True),
+    (Cfg("xw", 32, 32, 16, 2, post_zero=False), 2, 32, torch.bfloat16, 33, True),  # 2-bit: per element
+    (Cfg("xw", 32, 32, 16, 1, post_zero=True), 2, -1, torch.float16, 64, False),
+]
+
+
+def _check_xw(cfg, bits, group, k, dtype, m, sym, prepared):
+    qweight, scales, zeros, _ = make_weight(N, k, bits, group, dtype)
+    if sym:
+        zeros.fill_(2 ** (bits - 1))
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    bias = torch.randn(N, device=DEVICE, dtype=dtype)
+    ref = x.float() @ dequantize(qweight, scales, zeros, bits, group, k, dtype=torch.float32).t() + bias.float()
+    out = torch.full((m, N), float("nan"), device=DEVICE, dtype=dtype)
+    w = prepare_weight(qweight, scales, zeros, bits, group, k) if prepared else qweight
+    args = () if prepared else (scales, zeros, bits, group, k)
+    y = quant_matmul(x, w, *args, bias=bias, cfg=cfg, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    err = rel_err(y, ref)
+    assert err < TOL[dtype], f"{cfg} rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("cfg,bits,group,dtype,m,sym", XW_CASES)
+@pytest.mark.parametrize("prepared", [False, True])
+def test_xw_matches_reference(cfg, bits, group, dtype, m, sym, prepared):
+    _check_xw(cfg, bits, group, K, dtype, m, sym, prepared)
+
+
+@pytest.mark.parametrize("m,dtype", [(64, torch.float16), (130, torch.bfloat16)])
+def test_xw_candidates_match_reference(m, dtype):
+    """Every xw config the tuner would time (W4 g128 and W8 per-channel) gives the right product."""
+    for bits, group in ((4, 128), (8, -1)):
+        qweight, scales, zeros, _ = make_weight(N, K, bits, group, dtype)
+        cfgs = xw_configs(m, prepare_weight(qweight, scales, zeros, bits, group, K))
+        assert cfgs and all(c.kind == "xw" for c in cfgs)
+        for cfg in cfgs:
+            _check_xw(cfg, bits, group, K, dtype, m, False, True)
+
+
 # gemv2, the CUDA-core decode kernel over int32 words: K a whole number of 256-code chunks or not
 # (576 with g=128 ends in a 64-code group; 200 ends mid-chunk), groups of 32 / 64 / 128 and
 # per-channel, with and without prefetch, split-K, symmetric (zeros = 2^(b-1)) and asymmetric.
@@ -145,12 +202,14 @@ def test_batched_input_and_default_dispatch():
     assert rel_err(y, ref) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 16, 64, 1024])
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 31, 32, 64, 1024])
 def test_candidates_are_valid(m):
     qweight, scales, zeros, _ = make_weight(64, 256, 4, 128, torch.float16, "cpu")
     w = prepare_weight(qweight, scales, zeros, 4, 128, 256)
     cands = candidates(m, w, torch.float16)
-    assert cands and all(c.kind in ("mma", "gemv", "gemv2", "dequant") for c in cands)
+    assert cands and all(c.kind in ("mma", "xw", "gemv", "gemv2", "dequant") for c in cands)
+    assert cands[0].kind != "xw"  # the untimed default stays the swapped kernel (or gemv2)
+    assert (m >= XW_MIN_M) == any(c.kind == "xw" for c in cands)
     assert (m <= 4) == any(c.kind == "gemv" for c in cands)
     assert (m <= 2) == (cands[0].kind == "gemv2")  # the untimed default for one or two tokens
     assert (m <= 2) == any(c.kind == "gemv2" for c in cands)
