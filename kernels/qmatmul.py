@@ -197,6 +197,22 @@ def _store_out(acc, out_ptr, bias_ptr, offs_n, offs_m, N, M, stride_om, HAS_BIAS
 
 
 @triton.jit
+def _split_range(n_iters, pid_k, SPLIT_K: tl.constexpr):
+    """[it0, it1): the loop trips split pid_k of SPLIT_K runs (the last split may get fewer)."""
+    per_split = tl.cdiv(n_iters, SPLIT_K)
+    it0 = pid_k * per_split
+    return it0, tl.minimum(it0 + per_split, n_iters)
+
+
+@triton.jit
+def _scale_zero(s_ptr, z_ptr, offs_n, n_ok, stride_sn, col):
+    """fp32 scale and zero point of rows offs_n at column offset `col` (g * stride_sg) of the group axis."""
+    s = tl.load(s_ptr + offs_n * stride_sn + col, mask=n_ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs_n * stride_sn + col, mask=n_ok, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
 def _finish(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, tile, pid_k, offs_n, offs_m, N, M, stride_om,
             HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """Write the tile; with split-K, park the partial and let the last split to arrive sum them."""
@@ -250,14 +266,11 @@ def _qmm_kernel(
     offs_j = tl.arange(0, BLOCK_KB)
 
     n_iters = tl.cdiv(KB, BLOCK_KB * STEP_BLOCKS)
-    per_split = tl.cdiv(n_iters, SPLIT_K)
-    it0 = pid_k * per_split
-    it1 = tl.minimum(it0 + per_split, n_iters)
+    it0, it1 = _split_range(n_iters, pid_k, SPLIT_K)
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     xsum = tl.zeros((BLOCK_M,), tl.float32)
-    s = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
+    s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_ok, stride_sn, 0)
     for step in range(it0, it1):
         for sub in tl.static_range(STEP_BLOCKS):  # unrolled: STEP_BLOCKS K-blocks' loads in flight
             it = step * STEP_BLOCKS + sub
@@ -267,8 +280,7 @@ def _qmm_kernel(
             if GROUP_MODE == 1:  # the whole K-block lies in group g
                 # an unrolled trip may run past the last group: clamp (its codes and x are masked)
                 g = tl.minimum((it * BLOCK_KB * CPB) // GROUP, tl.cdiv(K, GROUP) - 1)
-                s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
+                s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_ok, stride_sn, g * stride_sg)
             part = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
             if X_SPLIT:  # 4-bit: one contiguous x load, split into the even / odd columns in registers
                 kk = it * BLOCK_KB * 2 + tl.arange(0, 2 * BLOCK_KB)
@@ -375,14 +387,11 @@ def _qmm_xw_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     n_iters = tl.cdiv(KB, BLOCK_KB)
-    per_split = tl.cdiv(n_iters, SPLIT_K)
-    it0 = pid_k * per_split
-    it1 = tl.minimum(it0 + per_split, n_iters)
+    it0, it1 = _split_range(n_iters, pid_k, SPLIT_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     xsum = tl.zeros((BLOCK_M,), tl.float32)
-    s = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
+    s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_ok, stride_sn, 0)
     for it in range(it0, it1):
         kb = it * BLOCK_KB + offs_j
         wb = tl.load(qw_ptr + offs_n[:, None] * stride_qn + kb[None, :],
@@ -393,8 +402,7 @@ def _qmm_xw_kernel(
         code = _unpack_tile(wb, BITS, BLOCK_N, BLOCK_KB)  # [BLOCK_N, BLOCK_K]; padding codes are 0
         if GROUP_MODE == 1:  # the whole K-block lies in group g
             g = (it * BLOCK_K) // GROUP
-            s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
+            s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_ok, stride_sn, g * stride_sg)
         if POST_ZERO:
             w = _codes_to_float(code, DQ).to(dt)  # OFFSET + q, exact
             if GROUP_MODE == 1:
@@ -445,14 +453,11 @@ def _gemv_kernel(
     n_ok, m_ok = offs_n < N, offs_m < M
     offs_j = tl.arange(0, BLOCK_KB)
     n_iters = tl.cdiv(KB, BLOCK_KB)
-    per_split = tl.cdiv(n_iters, SPLIT_K)
-    it0 = pid_k * per_split
-    it1 = tl.minimum(it0 + per_split, n_iters)
+    it0, it1 = _split_range(n_iters, pid_k, SPLIT_K)
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     xsum = tl.zeros((BLOCK_M,), tl.float32)
-    s = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
+    s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_ok, stride_sn, 0)
     for it in range(it0, it1):
         kb = it * BLOCK_KB + offs_j
         wb = tl.load(qw_ptr + offs_n[:, None] * stride_qn + kb[None, :],
@@ -468,8 +473,7 @@ def _gemv_kernel(
             xs += tl.sum(xv, axis=1)
         if GROUP_MODE == 1:
             g = (it * BLOCK_KB * CPB) // GROUP
-            s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
+            s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_ok, stride_sn, g * stride_sg)
             acc += s[:, None] * (part - z[:, None] * xs[None, :])
         else:
             acc += part
@@ -542,9 +546,7 @@ def _gemv2_kernel(
     rows = tl.minimum(offs_n, N - 1)
     offs_t = tl.arange(0, 32)
     n_trips = tl.cdiv(R, STEP)
-    per_split = tl.cdiv(n_trips, SPLIT_K)
-    it0 = pid_k * per_split
-    it1 = tl.minimum(it0 + per_split, n_trips)
+    it0, it1 = _split_range(n_trips, pid_k, SPLIT_K)
     w_ptrs = qw_ptr + rows[:, None] * stride_qn + offs_t[None, :]
     s_ptrs = s_ptr + rows * stride_sn
 
