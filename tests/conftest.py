@@ -55,6 +55,17 @@ def model():
     return tiny_llama()
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny-model ops take microseconds, and on a busy 2-core machine each
+    thread hand-off costs milliseconds (100x slower, measured). Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A Hugging Face folder with a tiny random Llama and the byte tokenizer (recipes load it by path)."""

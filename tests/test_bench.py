@@ -15,13 +15,7 @@ from effopt.cli import app
 from effopt.generation.measure import RUN_FIELDS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: thread hand-offs would dominate on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _check_fields(result: dict, kv: bool, spec: bool) -> None:

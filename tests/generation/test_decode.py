@@ -11,14 +11,7 @@ from gen_models import lively_llama, prompt
 from effopt.generation import Decoder, Sampling, generate, unsupported_reason
 from effopt.generation.fusion import fuse_linears
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny-model ops take microseconds; on a busy 2-core machine each thread hand-off costs
-    milliseconds (100x slower, measured), so these tests run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 

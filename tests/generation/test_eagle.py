@@ -12,12 +12,7 @@ from effopt.generation.eagle import eagle_generate
 from effopt.methods.distill.eagle import EagleHead, EagleTask, eagle_loss, load_eagle, save_eagle, target_features
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _scrambled_head(target, seed: int = 0) -> EagleHead:

@@ -13,14 +13,7 @@ from effopt.nn import kv_cache
 from effopt.nn.kv_cache import (StaticKVCache, Step, dequantize_kv, fake_quantize_kv, kv_config, quantize_kv,
                                 runtime_of, use_runtime)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny-model ops take microseconds; on a busy 2-core machine each thread hand-off costs
-    milliseconds (100x slower, measured), so these tests run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 

@@ -10,14 +10,7 @@ from gen_models import lively_llama, noisy_copy, prompt
 from effopt.generation import Sampling, generate
 from effopt.generation.speculative import accept_greedy, accept_sampled, speculative_generate
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny-model ops take microseconds; on a busy 2-core machine each thread hand-off costs
-    milliseconds (100x slower, measured), so these tests run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 

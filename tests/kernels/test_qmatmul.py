@@ -113,13 +113,19 @@ XW_CASES = [  # (cfg, bits, group, dtype, M, sym)
 ]
 
 
-def _check_xw(cfg, bits, group, k, dtype, m, sym, prepared):
+def _biased_problem(bits, group, k, dtype, m, sym):
+    """A random [N, k] weight (zero points 2^(b-1) when sym), m tokens, a bias and the fp32 reference."""
     qweight, scales, zeros, _ = make_weight(N, k, bits, group, dtype)
     if sym:
         zeros.fill_(2 ** (bits - 1))
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     bias = torch.randn(N, device=DEVICE, dtype=dtype)
     ref = x.float() @ dequantize(qweight, scales, zeros, bits, group, k, dtype=torch.float32).t() + bias.float()
+    return qweight, scales, zeros, x, bias, ref
+
+
+def _check_xw(cfg, bits, group, k, dtype, m, sym, prepared):
+    qweight, scales, zeros, x, bias, ref = _biased_problem(bits, group, k, dtype, m, sym)
     out = torch.full((m, N), float("nan"), device=DEVICE, dtype=dtype)
     w = prepare_weight(qweight, scales, zeros, bits, group, k) if prepared else qweight
     args = () if prepared else (scales, zeros, bits, group, k)
@@ -162,12 +168,7 @@ GEMV2_CASES = [  # (cfg, bits, group, K, dtype, M, sym)
 
 @pytest.mark.parametrize("cfg,bits,group,k,dtype,m,sym", GEMV2_CASES)
 def test_gemv2_matches_reference(cfg, bits, group, k, dtype, m, sym):
-    qweight, scales, zeros, _ = make_weight(N, k, bits, group, dtype)
-    if sym:
-        zeros.fill_(2 ** (bits - 1))
-    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
-    bias = torch.randn(N, device=DEVICE, dtype=dtype)
-    ref = x.float() @ dequantize(qweight, scales, zeros, bits, group, k, dtype=torch.float32).t() + bias.float()
+    qweight, scales, zeros, x, bias, ref = _biased_problem(bits, group, k, dtype, m, sym)
     w = prepare_weight(qweight, scales, zeros, bits, group, k)
     assert w.qwords is not None
     out = torch.full((m, N), float("nan"), device=DEVICE, dtype=dtype)
