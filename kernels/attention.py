@@ -249,11 +249,34 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Sq, Skv, H, GR
              mask=row_ok[:, None] & d_ok[None, :])
 
 
+# int8 -> fp16 for four codes in one 32-bit register: the byte x + 128 under an 0x64 high byte reads,
+# as fp16, 1152 + x (exact); the paired subtraction leaves x. Selector 0x5140 puts bytes 0 and 1 under
+# 0x64 (codes 0, 1 in the low/high half), 0x7362 bytes 2 and 3.
+_I8X4_TO_F16_PTX = tl.constexpr("""{
+    .reg .b32 b, bias;
+    xor.b32 b, $2, 0x80808080;
+    prmt.b32 $0, b, 0x64646464, 0x5140;
+    prmt.b32 $1, b, 0x64646464, 0x7362;
+    mov.b32 bias, 0x64806480;
+    sub.f16x2 $0, $0, bias;
+    sub.f16x2 $1, $1, bias;
+}""")
+
+
 @triton.jit
-def _i8_to_f16(x):
-    """int8 -> fp16 without a convert: (x + 128) | 0x6400 read as fp16 is 1024 + x + 128."""
-    u = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int16)
-    return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+def _i8_to_f16(x, MODE: tl.constexpr):
+    """int8 -> fp16 without an int-to-float convert.
+
+    MODE 0 (and always under the interpreter, which runs no PTX): element-wise integer ops.
+    MODE 1 / 2: _I8X4_TO_F16_PTX, four codes a register, 1.25 instructions a code; 2 marks it
+    impure so the compiler converts the tile as loaded (16 contiguous bytes a thread) and copies
+    fp16 to the MMA operand, instead of reading a tile that is not contiguous along the MMA's K
+    dimension (V) from shared memory a byte at a time. Which is fastest is measured per Triton
+    version (scripts/sweep_decode.py, results/kernels.md): INT8_CONVERT picks it."""
+    if MODE == 0:
+        u = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int16)
+        return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+    return tl.inline_asm_elementwise(_I8X4_TO_F16_PTX, "=r,=r,r", [x], dtype=tl.float16, is_pure=MODE == 1, pack=4)
 
 
 @triton.jit
@@ -261,7 +284,7 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                   stride_sb, stride_sh, stride_ob, stride_oh, stride_ot,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                  QUANT: tl.constexpr, UPCAST: tl.constexpr, FUSED_MERGE: tl.constexpr):
+                  QUANT: tl.constexpr, UPCAST: tl.constexpr, FUSED_MERGE: tl.constexpr, CVT: tl.constexpr):
     """Attention of the T query tokens of the GROUP query heads of KV head hk over one slice of the cache.
 
     Row r of the MMA is query token t = r % T of head g = r // T. The T tokens are the last T of
@@ -303,7 +326,7 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
         if QUANT:
             ks = tl.load(KS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
             vs = tl.load(VS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
-            qk = _dot(q, _i8_to_f16(kt), tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) * (ks * qk_scale)[None, :]
+            qk = _dot(q, _i8_to_f16(kt, CVT), tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) * (ks * qk_scale)[None, :]
         else:
             qk = _dot(q, kt, tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) * qk_scale
         qk = tl.where(c_ok[None, :] & (cols[None, :] < limit[:, None]), qk, float("-inf"))
@@ -313,7 +336,7 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if QUANT:
-            acc = _dot((p * vs[None, :]).to(tl.float16), _i8_to_f16(v), acc * alpha[:, None], UPCAST)
+            acc = _dot((p * vs[None, :]).to(tl.float16), _i8_to_f16(v, CVT), acc * alpha[:, None], UPCAST)
         else:
             acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
         m_i = m_new
@@ -520,9 +543,10 @@ def quantize_kv(x):
 
 
 DEBUG_POISON = False  # tests: fill the per-slice partial results with NaN before the launch
+INT8_CONVERT = 1  # _i8_to_f16's MODE on a GPU: 1 measured fastest with Triton 3.6 on the H200
 
 
-def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_splits, out, fused_merge=None):
+def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_splits, out, fused_merge=None, cfg=None):
     squeeze = q.dim() == 3  # [B, H, D]: one token, returned as [B, H, D]
     if squeeze:
         q = q[:, :, None]
@@ -573,15 +597,16 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
             v.stride(0), v.stride(1), v.stride(2), ks.stride(0) if quant else 0, ks.stride(1) if quant else 0,
             out4.stride(0), out4.stride(1), out4.stride(2),
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=rows, BLOCK_N=bn,
-            QUANT=quant, UPCAST=not q.is_cuda, FUSED_MERGE=fused, num_warps=warps, num_stages=stages)
+            QUANT=quant, UPCAST=not q.is_cuda, FUSED_MERGE=fused, CVT=INT8_CONVERT if q.is_cuda else 0,
+            num_warps=warps, num_stages=stages)
         if not fused:
             _decode_merge[(B * H * T,)](o_part, lse_part, out4, splits, out4.stride(0), out4.stride(1),
                                         out4.stride(2), H, T, HEAD_DIM=D, BLOCK_D=bd,
                                         BLOCK_S=max(2, triton.next_power_of_2(splits)))
 
-    if block_n is not None:  # forced tiles: ~2 programs per SM unless num_splits is given
+    if cfg is None and block_n is not None:  # forced tiles: ~2 programs per SM unless num_splits is given
         cfg = (block_n, 2, 4, 3 if q.is_cuda else 1, bool(fused_merge))
-    else:
+    elif cfg is None:
         cands = _decode_cfgs() if fused_merge is None else [c for c in _decode_cfgs() if c[4] == fused_merge]
         cfg = choose(_decode_key(q, k, quant, fused_merge), cands, run)
     run(cfg)
@@ -624,7 +649,7 @@ def _decode_cfgs():
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, block_n=None, num_splits=None,
-                     out=None, fused_merge=None):
+                     out=None, fused_merge=None, cfg=None):
     """A few query tokens per sequence against a KV cache, split along the cache length.
 
     Args:
@@ -637,15 +662,17 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, 
         out: optional result tensor, shaped like q.
         fused_merge: merge the slices in the last program of each KV head (True) or in a second
             launch (False); default: timed once per shape with the tiles.
+        cfg: a whole config (BLOCK_N, programs per SM, warps, stages, fused merge), untimed.
     Returns q's shape ([B, H, D] or [B, H, T, D]) in q.dtype.
     """
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"q and the caches must share one of fp16/bf16, got {q.dtype}, {k_cache.dtype}")
-    return _decode(q, k_cache, v_cache, None, None, cache_seqlens, sm_scale, block_n, num_splits, out, fused_merge)
+    return _decode(q, k_cache, v_cache, None, None, cache_seqlens, sm_scale, block_n, num_splits, out, fused_merge,
+                   cfg)
 
 
 def decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens=None, sm_scale=None, *,
-                          block_n=None, num_splits=None, out=None, fused_merge=None):
+                          block_n=None, num_splits=None, out=None, fused_merge=None, cfg=None):
     """decode_attention over an int8 cache (see quantize_kv): K = k_cache * k_scale[..., None].
 
     Args:
@@ -657,7 +684,7 @@ def decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens=N
     if k_scale.shape != k_cache.shape[:3] or v_scale.shape != v_cache.shape[:3]:
         raise ValueError(f"scales must be [B, Hkv, S] = {tuple(k_cache.shape[:3])}")
     return _decode(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_splits, out,
-                   fused_merge)
+                   fused_merge, cfg)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,6 +25,11 @@ def codes(*shape, lo=-127, hi=127):
     return torch.randint(lo, hi + 1, shape, device=DEVICE, dtype=torch.int8)
 
 
+def exact_product(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """xq @ w^T in int64, on the CPU (CUDA has no int64 matmul), back on xq's device."""
+    return (xq.cpu().long() @ w.cpu().long().t()).to(xq.device)
+
+
 def assert_rounded(y: torch.Tensor, ref: torch.Tensor):
     """y is the float32 result `ref` cast to y.dtype. Bit for bit under the interpreter, which runs
     the torch path's operations in its order; except bf16 there, as the interpreter truncates fp32 to
@@ -93,7 +98,7 @@ def test_int32_sums_are_exact(m, n, k, cfg):
     """Unit scales, no bias, fp32 out: the output is the exact integer product, converted to fp32
     once (as the reference: int64 product -> fp32). int8 and uint8-with-zero-128 weights alike."""
     xq, w = codes(m, k), codes(n, k)
-    ref = (xq.long() @ w.long().t()).float()
+    ref = exact_product(xq, w).float()
     ones_m, ones_n = torch.ones(m, 1, device=DEVICE), torch.ones(n, device=DEVICE)
     for wt in (w, as_u8(w)):
         out = torch.full((m, n), float("nan"), device=DEVICE)
@@ -107,7 +112,7 @@ def test_int32_sums_past_fp32_precision(cfg):
     m, n, k = 3, 16, 2080
     xq, w = codes(m, k, lo=90), codes(n, k, lo=90)
     w[0] = -w[0]  # large negative sums too
-    exact = xq.long() @ w.long().t()
+    exact = exact_product(xq, w)
     assert exact.abs().min() > 2**24
     y = I.int8_matmul_scaled(xq, torch.ones(m, 1, device=DEVICE), as_u8(w), torch.ones(n, device=DEVICE),
                              None, torch.float32, cfg=cfg)

@@ -1,0 +1,102 @@
+"""Sweep decode-attention configs (bf16 and int8 caches) on the bench's shapes; CUDA only.
+
+Every config (BLOCK_N, programs per SM, warps, stages, fused merge) is timed the way
+bench_kernels.py times the decode table (CUDA-graph replays over cache copies > 3x L2), so the
+figures compare with that table. Prints, per shape and cache type, the fastest configs, the
+tuner's pick and its time.
+
+    python scripts/sweep_decode.py [--shapes 32x4096,8x4096] [--top 6] [--caches int8] [--modes 0,1,2]
+    python scripts/sweep_decode.py --once 32x4096 --quant --cfg 128,2,4,3,0   # one call (for ncu)
+"""
+import argparse
+import itertools
+import sys
+
+import torch
+
+from bench_kernels import copy_bandwidth, fmt, graph_ms, rotating, table
+
+sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
+from kernels import attention as A  # noqa: E402
+from kernels._tune import _CHOSEN  # noqa: E402
+
+BLOCKS, PER_SM, WARPS, STAGES = (32, 64, 128, 256), (1, 2, 4, 8), (4, 8), (2, 3, 4)
+
+
+def make_sets(b, s, quant):
+    nbytes = 2 * b * 8 * s * 128 * (1 if quant else 2)
+
+    def mk():
+        q = torch.randn(b, 32, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(b, 8, s, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        if not quant:
+            return q, k, v
+        (kq, ks), (vq, vs) = A.quantize_kv(k), A.quantize_kv(v)
+        return q, kq, vq, ks, vs
+    return rotating(mk, nbytes), nbytes + (2 * b * 8 * s * 4 if quant else 0)
+
+
+def call(args, quant, cfg=None):
+    fn = A.decode_attention_int8 if quant else A.decode_attention
+    return fn(*args, cfg=cfg)
+
+
+def parse_shape(text):
+    b, s = text.split("x")
+    return int(b), int(s)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="1x4096,8x4096,32x4096,8x16384,1x32768")
+    ap.add_argument("--top", type=int, default=6)
+    ap.add_argument("--caches", default="bf16,int8")
+    ap.add_argument("--modes", default=None, help="int8 conversion modes to compare (A.INT8_CONVERT), e.g. 0,1,2")
+    ap.add_argument("--once", default=None, help="BxS: run one config once per cache copy (profiling)")
+    ap.add_argument("--quant", action="store_true")
+    ap.add_argument("--cfg", default="128,2,4,3,0")
+    a = ap.parse_args()
+    if a.once:
+        cfg = tuple(int(x) for x in a.cfg.split(","))
+        cfg = cfg[:4] + (bool(cfg[4]),)
+        sets, _ = make_sets(*parse_shape(a.once), a.quant)
+        for s in sets:
+            call(s, a.quant, cfg)
+        torch.cuda.synchronize()
+        return
+    copy_tbs = copy_bandwidth()
+    print(f"copy bandwidth {copy_tbs:.2f} TB/s", flush=True)
+    cfgs = [c + (f,) for c in itertools.product(BLOCKS, PER_SM, WARPS, STAGES) for f in (False, True)]
+    rows = []
+    for shape in a.shapes.split(","):
+        b, s = parse_shape(shape)
+        runs = [(c == "int8", m) for c in a.caches.split(",")
+                for m in (a.modes.split(",") if c == "int8" and a.modes else [A.INT8_CONVERT])]
+        for quant, mode in runs:
+            A.INT8_CONVERT = int(mode)
+            _CHOSEN.clear()  # the tuner's pick per mode
+            sets, nbytes = make_sets(b, s, quant)
+            timed = []
+            for cfg in cfgs:
+                try:
+                    t, _ = graph_ms([lambda x=x: call(x, quant, cfg) for x in sets])
+                except Exception as e:  # noqa: BLE001 - a config that does not fit: report, go on
+                    print(f"{shape} {cfg}: {type(e).__name__}", flush=True)
+                    continue
+                timed.append((t, cfg))
+            timed.sort()
+            t_pick, _ = graph_ms([lambda x=x: call(x, quant) for x in sets])
+            pick = A.decode_choice(sets[0][0], sets[0][1], quant=quant)
+            cache = f"int8 cvt {mode}" if quant else "bf16"
+            for rank, (t, cfg) in enumerate(timed[:a.top]):
+                rows.append([shape, cache, rank + 1, cfg, fmt(t * 1e3),
+                             fmt(100 * nbytes / (t * 1e-3) / 1e12 / copy_tbs, 0)])
+            rows.append([shape, cache, "tuner", pick, fmt(t_pick * 1e3),
+                         fmt(100 * nbytes / (t_pick * 1e-3) / 1e12 / copy_tbs, 0)])
+            print(rows[-1], flush=True)
+    table("decode config sweep (graph replays, cache copies > 3x L2)",
+          ["B x S", "cache", "rank", "config (BLOCK_N, per SM, warps, stages, fused)", "µs", "% of copy BW"], rows)
+
+
+if __name__ == "__main__":
+    main()
