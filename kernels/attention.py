@@ -284,7 +284,8 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                   stride_sb, stride_sh, stride_ob, stride_oh, stride_ot,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                  QUANT: tl.constexpr, UPCAST: tl.constexpr, FUSED_MERGE: tl.constexpr, CVT: tl.constexpr):
+                  QUANT: tl.constexpr, UPCAST: tl.constexpr, FUSED_MERGE: tl.constexpr, CVT: tl.constexpr,
+                  QK_INT8: tl.constexpr):
     """Attention of the T query tokens of the GROUP query heads of KV head hk over one slice of the cache.
 
     Row r of the MMA is query token t = r % T of head g = r // T. The T tokens are the last T of
@@ -292,6 +293,9 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
     Writes the slice's normalised output O_PART[b, h, t, split, :] (fp32) and its log2-sum-exp.
     QUANT: K and V are int8 with one scale per (batch, head, token) in KS / VS (strides
     stride_sb, stride_sh, 1): q.k = (q.k_int) * ks and p.v = (p * vs).v_int, in fp16.
+    QK_INT8 (with QUANT): q is quantized per row to int8 as well (scale max|q| / 127, rounded half
+    up) and q.k runs on int8 tensor cores, exact in int32, so K needs no conversion at all; an
+    approximation beyond the cache's own (SageAttention quantizes Q the same way).
     FUSED_MERGE: the last program of a (batch, KV head) to finish merges every split into OUT (an
     arrival counter per (batch, KV head) in LOCK, re-armed after), saving the merge launch, which is
     a visible share of a small cache's decode.
@@ -313,6 +317,11 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     if QUANT:
         q = q.to(tl.float16)
+    if QK_INT8:
+        q_abs_max = tl.maximum(tl.max(tl.abs(q.to(tl.float32)), 1), 1e-30)
+        q_i8 = tl.floor(q.to(tl.float32) * (127.0 / q_abs_max)[:, None] + 0.5)
+        q_i8 = tl.minimum(tl.maximum(q_i8, -127.0), 127.0).to(tl.int8)
+        row_scale = q_abs_max * (qk_scale / 127.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
@@ -326,7 +335,12 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
         if QUANT:
             ks = tl.load(KS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
             vs = tl.load(VS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
-            qk = _dot(q, _i8_to_f16(kt, CVT), tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) * (ks * qk_scale)[None, :]
+            if QK_INT8:
+                qk = tl.dot(q_i8, kt, tl.zeros((BLOCK_R, BLOCK_N), tl.int32)).to(tl.float32) * row_scale[:, None] \
+                    * ks[None, :]
+            else:
+                qk = _dot(q, _i8_to_f16(kt, CVT), tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) \
+                    * (ks * qk_scale)[None, :]
         else:
             qk = _dot(q, kt, tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) * qk_scale
         qk = tl.where(c_ok[None, :] & (cols[None, :] < limit[:, None]), qk, float("-inf"))
@@ -546,7 +560,8 @@ DEBUG_POISON = False  # tests: fill the per-slice partial results with NaN befor
 INT8_CONVERT = 1  # _i8_to_f16's MODE on a GPU: 1 measured fastest with Triton 3.6 on the H200
 
 
-def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_splits, out, fused_merge=None, cfg=None):
+def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_splits, out, fused_merge=None, cfg=None,
+            qk_int8=False):
     squeeze = q.dim() == 3  # [B, H, D]: one token, returned as [B, H, D]
     if squeeze:
         q = q[:, :, None]
@@ -598,7 +613,7 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
             out4.stride(0), out4.stride(1), out4.stride(2),
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=rows, BLOCK_N=bn,
             QUANT=quant, UPCAST=not q.is_cuda, FUSED_MERGE=fused, CVT=INT8_CONVERT if q.is_cuda else 0,
-            num_warps=warps, num_stages=stages)
+            QK_INT8=qk_int8, num_warps=warps, num_stages=stages)
         if not fused:
             _decode_merge[(B * H * T,)](o_part, lse_part, out4, splits, out4.stride(0), out4.stride(1),
                                         out4.stride(2), H, T, HEAD_DIM=D, BLOCK_D=bd,
@@ -608,12 +623,12 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
         cfg = (block_n, 2, 4, 3 if q.is_cuda else 1, bool(fused_merge))
     elif cfg is None:
         cands = _decode_cfgs() if fused_merge is None else [c for c in _decode_cfgs() if c[4] == fused_merge]
-        cfg = choose(_decode_key(q, k, quant, fused_merge), cands, run)
+        cfg = choose(_decode_key(q, k, "int8 q.k" if qk_int8 else quant, fused_merge), cands, run)
     run(cfg)
     return out
 
 
-def _decode_key(q4, k, quant: bool, fused_merge) -> tuple:
+def _decode_key(q4, k, quant, fused_merge) -> tuple:
     """The tuner's key of a decode call: q4 [B, H, T, D], k [B, Hkv, S, D]."""
     B, H, T, D = q4.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -621,11 +636,11 @@ def _decode_key(q4, k, quant: bool, fused_merge) -> tuple:
             triton.next_power_of_2(S), fused_merge)
 
 
-def decode_choice(q, k_cache, quant: bool = False):
+def decode_choice(q, k_cache, quant: bool = False, qk_int8: bool = False):
     """(BLOCK_N, programs per SM, warps, stages, fused merge) the tuner picked for this shape, or None."""
     from kernels._tune import chosen
 
-    return chosen(_decode_key(q if q.dim() == 4 else q[:, :, None], k_cache, quant, None))
+    return chosen(_decode_key(q if q.dim() == 4 else q[:, :, None], k_cache, "int8 q.k" if qk_int8 else quant, None))
 
 
 _COUNTERS: dict = {}
@@ -672,19 +687,21 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, 
 
 
 def decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens=None, sm_scale=None, *,
-                          block_n=None, num_splits=None, out=None, fused_merge=None, cfg=None):
+                          block_n=None, num_splits=None, out=None, fused_merge=None, cfg=None, qk_int8=False):
     """decode_attention over an int8 cache (see quantize_kv): K = k_cache * k_scale[..., None].
 
     Args:
         k_cache, v_cache: int8 [B, Hkv, S, D]; k_scale, v_scale: [B, Hkv, S] (per head, per token).
-    The products run in fp16 (int8 values are exact there); returns q's shape in q.dtype.
+        qk_int8: also quantize q per (head, token) to int8 (max|q| / 127, rounded half up) and take
+            q.k on int8 tensor cores: no K conversion, one more rounding than the cache's own.
+    The products run in fp16 (int8 values are exact there) unless qk_int8; returns q's shape in q.dtype.
     """
     if k_cache.dtype != torch.int8 or v_cache.dtype != torch.int8:
         raise ValueError("k_cache and v_cache must be int8")
     if k_scale.shape != k_cache.shape[:3] or v_scale.shape != v_cache.shape[:3]:
         raise ValueError(f"scales must be [B, Hkv, S] = {tuple(k_cache.shape[:3])}")
     return _decode(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_splits, out,
-                   fused_merge, cfg)
+                   fused_merge, cfg, qk_int8)
 
 
 # ----------------------------------------------------------------------------------------------

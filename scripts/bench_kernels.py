@@ -16,7 +16,8 @@ Tables:
   * flash_attention forward / backward, causal and full, d=128, 32 heads (MHA and GQA with 8 KV
     heads), 1k / 4k / 16k tokens vs SDPA's flash and cuDNN backends;
   * decode_attention (bf16) and decode_attention_int8 at KV 4k-16k vs SDPA decode, with the bytes
-    moved per second next to the device-to-device copy bandwidth measured in the same run.
+    moved per second next to the device-to-device copy bandwidth measured in the same run; the
+    "int8 q.k" columns add q rounded to int8 (qk_int8=True), with its error against bf16 SDPA.
   * --gemv: W4A16 g128 at M = 1, 4, 16 on the decode shapes (incl. Llama-3-8B fused qkv 6144x4096
     and gate-up 28672x4096): cuBLAS fp16, the tuner's pick, the best tensor-core (mma) config
     and each gemv2 config of `gemv2_configs` forced, one row each.
@@ -410,22 +411,27 @@ def bench_decode(quick, copy_tbs):
                       torch.randn(b, 8, s, 128, device="cuda", dtype=torch.bfloat16))
         sets = rotating(mk, nbytes)
         q, k, v = sets[0]
-        sets8 = [(qq, kq, vq, ks, vs) for qq, kq, ks, vq, vs in (
-            (qq,) + A.quantize_kv(kk) + A.quantize_kv(vv) for qq, kk, vv in rotating(mk, nbytes // 2))]
+        sets8 = [(qq, kq, vq, ks, vs) for qq, kq, ks, vq, vs in (  # the first one quantizes sets[0] (errors)
+            (qq,) + A.quantize_kv(kk) + A.quantize_kv(vv) for qq, kk, vv in [sets[0]] + rotating(mk, nbytes // 2)[1:])]
         ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
         err = ((A.decode_attention(q, k, v).float() - ref.float()).norm() / ref.float().norm()).item()
         t, _ = graph_ms([lambda a=a: A.decode_attention(*a) for a in sets])
         t8, _ = graph_ms([lambda a=a: A.decode_attention_int8(*a) for a in sets8])
+        t8q, _ = graph_ms([lambda a=a: A.decode_attention_int8(*a, qk_int8=True) for a in sets8])
+        err8, err8q = (((A.decode_attention_int8(*sets8[0], qk_int8=x).float() - ref.float()).norm()
+                        / ref.float().norm()).item() for x in (False, True))
         t_sdpa, _ = graph_ms([lambda a=a: _sdpa_decode(*a) for a in sets])
         b8 = nbytes // 2 + 2 * b * 8 * s * 4
         rows.append([b, s, fmt(t * 1e3), fmt(nbytes / (t * 1e-3) / 1e12, 2), fmt(100 * nbytes / (t * 1e-3) / 1e12 / copy_tbs, 0),
                      fmt(t8 * 1e3), fmt(b8 / (t8 * 1e-3) / 1e12, 2), fmt(t_sdpa * 1e3), fmt(t_sdpa / t, 2),
-                     fmt(t_sdpa / t8, 2), f"{err:.1e}", _decode_cfg(A.decode_choice(q, k)),
+                     fmt(t_sdpa / t8, 2), fmt(t8q * 1e3), fmt(t_sdpa / t8q, 2), f"{err:.1e}", f"{err8:.1e}", f"{err8q:.1e}",
+                     _decode_cfg(A.decode_choice(q, k)),
                      _decode_cfg(A.decode_choice(q, sets8[0][1], quant=True))])
     table(f"decode attention, 32 query heads / 8 KV heads, d=128 (copy bandwidth {copy_tbs:.2f} TB/s "
           "read+write)",
           ["batch", "KV len", "bf16 µs", "bf16 TB/s", "% of copy BW", "int8 µs", "int8 TB/s", "SDPA bf16 µs",
-           "bf16 vs SDPA", "int8 vs SDPA", "rel err", "bf16 config", "int8 config"], rows)
+           "bf16 vs SDPA", "int8 vs SDPA", "int8 q.k µs", "int8 q.k vs SDPA", "rel err", "rel err int8", "rel err int8 q.k",
+           "bf16 config", "int8 config"], rows)
 
 
 def _decode_cfg(cfg) -> str:

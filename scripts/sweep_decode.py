@@ -6,6 +6,7 @@ figures compare with that table. Prints, per shape and cache type, the fastest c
 tuner's pick and its time.
 
     python scripts/sweep_decode.py [--shapes 32x4096,8x4096] [--top 6] [--caches int8] [--modes 0,1,2]
+        [--qk-int8] [--blocks 64,128 --per-sm 1,2,4 --warps 4 --stages 2,3]
     python scripts/sweep_decode.py --once 32x4096 --quant --cfg 128,2,4,3,0   # one call (for ncu)
 """
 import argparse
@@ -20,7 +21,6 @@ sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 from kernels import attention as A  # noqa: E402
 from kernels._tune import _CHOSEN  # noqa: E402
 
-BLOCKS, PER_SM, WARPS, STAGES = (32, 64, 128, 256), (1, 2, 4, 8), (4, 8), (2, 3, 4)
 
 
 def make_sets(b, s, quant):
@@ -36,9 +36,10 @@ def make_sets(b, s, quant):
     return rotating(mk, nbytes), nbytes + (2 * b * 8 * s * 4 if quant else 0)
 
 
-def call(args, quant, cfg=None):
-    fn = A.decode_attention_int8 if quant else A.decode_attention
-    return fn(*args, cfg=cfg)
+def call(args, quant, cfg=None, qk_int8=False):
+    if quant:
+        return A.decode_attention_int8(*args, cfg=cfg, qk_int8=qk_int8)
+    return A.decode_attention(*args, cfg=cfg)
 
 
 def parse_shape(text):
@@ -52,6 +53,11 @@ def main():
     ap.add_argument("--top", type=int, default=6)
     ap.add_argument("--caches", default="bf16,int8")
     ap.add_argument("--modes", default=None, help="int8 conversion modes to compare (A.INT8_CONVERT), e.g. 0,1,2")
+    ap.add_argument("--qk-int8", action="store_true", help="int8 caches: also q rounded to int8 (qk_int8=True)")
+    ap.add_argument("--blocks", default="32,64,128,256", help="BLOCK_N values to try")
+    ap.add_argument("--per-sm", default="1,2,4,8", help="programs per SM to try")
+    ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--once", default=None, help="BxS: run one config once per cache copy (profiling)")
     ap.add_argument("--quant", action="store_true")
     ap.add_argument("--cfg", default="128,2,4,3,0")
@@ -66,34 +72,38 @@ def main():
         return
     copy_tbs = copy_bandwidth()
     print(f"copy bandwidth {copy_tbs:.2f} TB/s", flush=True)
-    cfgs = [c + (f,) for c in itertools.product(BLOCKS, PER_SM, WARPS, STAGES) for f in (False, True)]
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    grid = itertools.product(ints(a.blocks), ints(a.per_sm), ints(a.warps), ints(a.stages))
+    cfgs = [c + (f,) for c in grid for f in (False, True)]
     rows = []
     for shape in a.shapes.split(","):
         b, s = parse_shape(shape)
-        runs = [(c == "int8", m) for c in a.caches.split(",")
+        runs = [(c == "int8", m, False) for c in a.caches.split(",")
                 for m in (a.modes.split(",") if c == "int8" and a.modes else [A.INT8_CONVERT])]
-        for quant, mode in runs:
+        runs += [(True, A.INT8_CONVERT, True)] if a.qk_int8 else []
+        for quant, mode, qk_int8 in runs:
             A.INT8_CONVERT = int(mode)
             _CHOSEN.clear()  # the tuner's pick per mode
             sets, nbytes = make_sets(b, s, quant)
             timed = []
             for cfg in cfgs:
                 try:
-                    t, _ = graph_ms([lambda x=x: call(x, quant, cfg) for x in sets])
+                    t, _ = graph_ms([lambda x=x: call(x, quant, cfg, qk_int8) for x in sets])
                 except Exception as e:  # noqa: BLE001 - a config that does not fit: report, go on
                     print(f"{shape} {cfg}: {type(e).__name__}", flush=True)
                     continue
                 timed.append((t, cfg))
             timed.sort()
-            t_pick, _ = graph_ms([lambda x=x: call(x, quant) for x in sets])
-            pick = A.decode_choice(sets[0][0], sets[0][1], quant=quant)
-            cache = f"int8 cvt {mode}" if quant else "bf16"
+            t_pick, _ = graph_ms([lambda x=x: call(x, quant, None, qk_int8) for x in sets])
+            pick = A.decode_choice(sets[0][0], sets[0][1], quant=quant, qk_int8=qk_int8)
+            cache = ("int8 q.k" if qk_int8 else f"int8 cvt {mode}") if quant else "bf16"
             for rank, (t, cfg) in enumerate(timed[:a.top]):
                 rows.append([shape, cache, rank + 1, cfg, fmt(t * 1e3),
                              fmt(100 * nbytes / (t * 1e-3) / 1e12 / copy_tbs, 0)])
             rows.append([shape, cache, "tuner", pick, fmt(t_pick * 1e3),
                          fmt(100 * nbytes / (t_pick * 1e-3) / 1e12 / copy_tbs, 0)])
-            print(rows[-1], flush=True)
+            for r in rows[-min(a.top, len(timed)) - 1:]:  # as it goes: a run cut by a time limit keeps them
+                print("partial | " + " | ".join(str(c) for c in r), flush=True)
     table("decode config sweep (graph replays, cache copies > 3x L2)",
           ["B x S", "cache", "rank", "config (BLOCK_N, per SM, warps, stages, fused)", "µs", "% of copy BW"], rows)
 

@@ -122,6 +122,30 @@ def test_decode_matches_reference(b, h, hkv, s, d, dtype, lens, int8, fused):
         assert rel_err(out[i], ref[0, :, 0]) < TOL[dtype]
 
 
+@pytest.mark.parametrize("t,lens", [(1, [300, 77]), (4, [193, 97])])
+def test_decode_int8_qk_matches_its_own_rounding(t, lens):
+    """qk_int8: q.k on int8 tensor cores with q rounded per (head, token) to int8. Against a reference
+    that rounds q the same way the result is as close as the fp16 path is to its reference; against the
+    unrounded q it stays within the error the int8 cache itself already has (TOL of bf16)."""
+    b, h, hkv, s, d = 2, 8, 2, 300, 64
+    if ON_GPU:
+        s, lens = s * 16 + 3, [n * 16 for n in lens]
+    q = torch.randn(b, h, t, d, device=DEVICE, dtype=torch.float16)
+    (kq, ks), (vq, vs) = A.quantize_kv(torch.randn(b, hkv, s, d, device=DEVICE)), \
+        A.quantize_kv(torch.randn(b, hkv, s, d, device=DEVICE))
+    k, v = kq.float() * ks[..., None], vq.float() * vs[..., None]
+    seqlens = torch.tensor(lens, device=DEVICE)
+    out = torch.full((b, h, t, d), float("nan"), device=DEVICE, dtype=torch.float16)
+    A.decode_attention_int8(q, kq, vq, ks, vs, cache_seqlens=seqlens, block_n=32, out=out, qk_int8=True)
+    q_max = q.float().abs().amax(-1, keepdim=True)
+    q_rounded = torch.floor(q.float() * (127.0 / q_max) + 0.5).clamp(-127, 127) * (q_max / 127.0)
+    for i, n in enumerate(lens):
+        ref = reference(q_rounded[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], True, d**-0.5)
+        assert rel_err(out[i], ref[0]) < TOL[torch.float16]
+        exact_q = reference(q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], True, d**-0.5)
+        assert rel_err(out[i], exact_q[0]) < TOL[torch.bfloat16]
+
+
 # (B, H, Hkv, S, D, dtype, T, lens, int8): T query tokens per row (a speculative verify step), the last
 # T of its len valid slots. With block_n 32 the interpreter cuts S=300 into slices of 96 slots, so
 # len 193 and 97 leave slices and blocks where some rows see no slot at all (the safe-max path).
