@@ -336,7 +336,7 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
             ks = tl.load(KS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
             vs = tl.load(VS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
             if QK_INT8:
-                qk = tl.dot(q_i8, kt, tl.zeros((BLOCK_R, BLOCK_N), tl.int32)).to(tl.float32) * row_scale[:, None] \
+                qk = tl.dot(q_i8, kt, out_dtype=tl.int32).to(tl.float32) * row_scale[:, None] \
                     * ks[None, :]
             else:
                 qk = _dot(q, _i8_to_f16(kt, CVT), tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) \

@@ -26,6 +26,7 @@ bitwise op before the MMA.
 """
 import dataclasses
 import math
+import os
 
 import torch
 import triton
@@ -34,6 +35,9 @@ import triton.language as tl
 from kernels._tune import choose, interpreting
 
 KERNEL_BITS = (2, 4, 8)  # 3-bit codes straddle bytes: served by dequantize + matmul
+# Tensor-core configs with the PTX code conversion (`_plane_to_half`) join the tuner's candidates
+# only when EFFOPT_QMM_PTX=1, until a GPU run has timed them and checked them against the reference.
+PTX_CANDIDATES = os.environ.get("EFFOPT_QMM_PTX", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,6 +182,39 @@ def _codes_to_float(code, DQ: tl.constexpr):
         return (code.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
+def _bytes_to_half_ptx(select: str, fill: int) -> tl.constexpr:
+    """PTX taking four uint8 elements in one register to four 16-bit floats OFFSET + code: `select`
+    leaves the codes of the plane in the low bits of each byte (in t), then one byte permute per two
+    codes sets `fill` as each one's high byte (0x64: fp16 1024 + q; 0x43: bf16 128 + q, q < 128).
+    Selector 0x5140 takes bytes 0, 1 (elements 0, 1: low / high half of $0), 0x7362 bytes 2, 3."""
+    return tl.constexpr("{\n.reg .b32 t;\n" + select + f"prmt.b32 $0, t, {fill:#x}, 0x5140;\n"
+                        f"prmt.b32 $1, t, {fill:#x}, 0x7362;\n}}")
+
+
+_LOW_NIBBLES = "and.b32 t, $2, 0x0f0f0f0f;\n"
+_HIGH_NIBBLES = "shr.b32 t, $2, 4;\nand.b32 t, t, 0x0f0f0f0f;\n"
+_WHOLE_BYTES = "mov.b32 t, $2;\n"
+_PTX_F16_LO4 = _bytes_to_half_ptx(_LOW_NIBBLES, 0x64646464)
+_PTX_F16_HI4 = _bytes_to_half_ptx(_HIGH_NIBBLES, 0x64646464)
+_PTX_BF16_LO4 = _bytes_to_half_ptx(_LOW_NIBBLES, 0x43434343)
+_PTX_BF16_HI4 = _bytes_to_half_ptx(_HIGH_NIBBLES, 0x43434343)
+_PTX_F16_B8 = _bytes_to_half_ptx(_WHOLE_BYTES, 0x64646464)
+PTX_OK = ((4, 1), (4, 2), (8, 1))  # (bits, DQ) the PTX conversion serves
+
+
+@triton.jit
+def _plane_to_half(wb, C: tl.constexpr, BITS: tl.constexpr, DQ: tl.constexpr):
+    """OFFSET + q for code plane C of the uint8 tile wb (what `_codes_to_float` gives for
+    (wb >> C*BITS) & mask), four bytes per 32-bit register in PTX: ~1 instruction a code, where the
+    element-wise form spends ~3 on shifting, widening and moving bytes. GPU only; (BITS, DQ) in
+    PTX_OK. In sm_90 SASS (Triton 3.6, M = 16 tile, 2 K-blocks a trip) the loop went from 775 to
+    709 instructions and 124 to 94 registers; not yet timed."""
+    asm: tl.constexpr = _PTX_F16_B8 if BITS == 8 else (
+        (_PTX_F16_LO4 if C == 0 else _PTX_F16_HI4) if DQ == 1 else (_PTX_BF16_LO4 if C == 0 else _PTX_BF16_HI4))
+    return tl.inline_asm_elementwise(asm, "=r,=r,r", [wb], dtype=tl.float16 if DQ == 1 else tl.bfloat16,
+                                     is_pure=True, pack=4)
+
+
 @triton.jit
 def _mma(a, b, acc, UPCAST: tl.constexpr):
     # The CPU interpreter of triton 3.9 mis-computes bf16 dots (and bf16 arithmetic): UPCAST is
@@ -245,6 +282,7 @@ def _qmm_kernel(
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SPLIT_K: tl.constexpr,
     STEP_BLOCKS: tl.constexpr,  # K-blocks per loop trip (unrolled), e.g. two 128-code groups
+    PTX: tl.constexpr = False,  # codes to OFFSET + q with `_plane_to_half` (GPU, (BITS, DQ) in PTX_OK)
 ):
     """out[M, N] = x[M, K] @ W[N, K]^T computed as acc[BLOCK_N, BLOCK_M] += W_tile @ x_tile^T.
 
@@ -295,8 +333,12 @@ def _qmm_kernel(
                 else:  # column k_idx = j * CPB + c of x: a stride-CPB slice
                     xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + k_idx[:, None],
                                  mask=(k_idx < K)[:, None] & m_ok[None, :], other=0.0)
+                if PTX:
+                    offset_q = _plane_to_half(wb, c, BITS, DQ)
+                else:
+                    offset_q = _codes_to_float(code, DQ)
                 if POST_ZERO:
-                    w = _codes_to_float(code, DQ).to(dt)  # OFFSET + q, exact
+                    w = offset_q.to(dt)  # OFFSET + q, exact
                     xsum += tl.sum(xt.to(tl.float32), axis=0)
                     if GROUP_MODE == 1:
                         part = _mma(w, xt, part, UPCAST)
@@ -312,9 +354,9 @@ def _qmm_kernel(
                     elif DQ == 0:
                         w = ((_codes_to_float(code, 0) - z[:, None]) * s[:, None]).to(dt)
                     elif UPCAST:  # the interpreter's bf16 arithmetic is broken; fp32 rounds the same
-                        w = ((_codes_to_float(code, DQ).to(tl.float32) - (z + OFFSET)[:, None]) * s[:, None]).to(dt)
+                        w = ((offset_q.to(tl.float32) - (z + OFFSET)[:, None]) * s[:, None]).to(dt)
                     else:  # (OFFSET + q) - (OFFSET + z) is exact in 16 bits; one rounding for * s
-                        w = (_codes_to_float(code, DQ) - (z + OFFSET).to(dt)[:, None]) * s.to(dt)[:, None]
+                        w = (offset_q - (z + OFFSET).to(dt)[:, None]) * s.to(dt)[:, None]
                     acc = _mma(w, xt, acc, UPCAST)
             if POST_ZERO and GROUP_MODE == 1:
                 acc += s[:, None] * (part - (z + OFFSET)[:, None] * xsum[None, :])
@@ -724,6 +766,7 @@ class Cfg:
     x_split: bool = False
     warps: int = 4
     stages: int = 3
+    ptx: bool = False  # mma only: PTX code conversion (`_plane_to_half`)
 
 
 _SCRATCH: dict = {}
@@ -800,7 +843,11 @@ def _launch(cfg: Cfg, x2, w: QuantWeight, bias, out):
                              BLOCK_KB=cfg.block_kb, SPLIT_K=cfg.split_k,
                              num_warps=cfg.warps, num_stages=cfg.stages)
         return out
-    _qmm_kernel[grid](*common, BITS=w.bits, GROUP_MODE=mode, DQ=_dq_mode(x2.dtype, w.bits),
+    dq = _dq_mode(x2.dtype, w.bits)
+    if cfg.ptx and (not x2.is_cuda or (w.bits, dq) not in PTX_OK):
+        raise ValueError(f"ptx configs run on CUDA for (bits, code mode) in {PTX_OK}, not {(w.bits, dq)} on "
+                         f"{x2.device.type}")
+    _qmm_kernel[grid](*common, BITS=w.bits, GROUP_MODE=mode, DQ=dq, PTX=cfg.ptx,
                       POST_ZERO=cfg.post_zero and mode != 0, X_SPLIT=cfg.x_split and w.bits == 4,
                       HAS_BIAS=has_bias,
                       UPCAST=not x2.is_cuda, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -952,13 +999,22 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
             cands.append(Cfg("dequant"))
         if M <= GEMV2_MAX_M:  # CUDA-core gemv2 first: the untimed default for 1-2 tokens
             cands = gemv2_configs(M, w)[:2] + cands
-        return cands + xw_configs(M, w)  # none below XW_MIN_M
+        return cands + xw_configs(M, w) + _ptx_copies(cands, w, dtype)  # no xw below XW_MIN_M
     kb = min(64, (_uniform_kbs(w, 128) or [32])[-1])  # x tile of 128 x 2*kb fp16 per stage
-    return [Cfg("mma", 128, 128, kb, 1, post_zero=False, x_split=True, warps=8, stages=3),
-            Cfg("mma", 128, 128, max(16, kb // 2), 1, post_zero=False, x_split=True, warps=8, stages=4),
-            Cfg("mma", 64, 128, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
-            Cfg("mma", 128, 64, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
-            Cfg("dequant")] + xw_configs(M, w)
+    cands = [Cfg("mma", 128, 128, kb, 1, post_zero=False, x_split=True, warps=8, stages=3),
+             Cfg("mma", 128, 128, max(16, kb // 2), 1, post_zero=False, x_split=True, warps=8, stages=4),
+             Cfg("mma", 64, 128, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
+             Cfg("mma", 128, 64, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
+             Cfg("dequant")]
+    return cands + xw_configs(M, w) + _ptx_copies(cands, w, dtype)
+
+
+def _ptx_copies(cands: list, w: QuantWeight, dtype) -> list:
+    """The mma candidates again with the PTX code conversion, appended (so never the default) when
+    PTX_CANDIDATES is set, the weight is on CUDA and (bits, code mode) is one PTX_OK serves."""
+    if not PTX_CANDIDATES or w.qweight.device.type != "cuda" or (w.bits, _dq_mode(dtype, w.bits)) not in PTX_OK:
+        return []
+    return [dataclasses.replace(c, ptx=True) for c in cands if c.kind == "mma"]
 
 
 def _as_weight(qweight, scales, zeros, bits, group_size, in_features) -> QuantWeight:

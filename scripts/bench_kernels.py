@@ -424,13 +424,15 @@ def bench_decode(quick, copy_tbs):
         b8 = nbytes // 2 + 2 * b * 8 * s * 4
         rows.append([b, s, fmt(t * 1e3), fmt(nbytes / (t * 1e-3) / 1e12, 2), fmt(100 * nbytes / (t * 1e-3) / 1e12 / copy_tbs, 0),
                      fmt(t8 * 1e3), fmt(b8 / (t8 * 1e-3) / 1e12, 2), fmt(t_sdpa * 1e3), fmt(t_sdpa / t, 2),
-                     fmt(t_sdpa / t8, 2), fmt(t8q * 1e3), fmt(t_sdpa / t8q, 2), f"{err:.1e}", f"{err8:.1e}", f"{err8q:.1e}",
+                     fmt(t_sdpa / t8, 2), fmt(t8q * 1e3), fmt(t_sdpa / t8q, 2),
+                     f"{err:.1e}", f"{err8:.1e}", f"{err8q:.1e}",
                      _decode_cfg(A.decode_choice(q, k)),
                      _decode_cfg(A.decode_choice(q, sets8[0][1], quant=True))])
     table(f"decode attention, 32 query heads / 8 KV heads, d=128 (copy bandwidth {copy_tbs:.2f} TB/s "
           "read+write)",
           ["batch", "KV len", "bf16 µs", "bf16 TB/s", "% of copy BW", "int8 µs", "int8 TB/s", "SDPA bf16 µs",
-           "bf16 vs SDPA", "int8 vs SDPA", "int8 q.k µs", "int8 q.k vs SDPA", "rel err", "rel err int8", "rel err int8 q.k",
+           "bf16 vs SDPA", "int8 vs SDPA", "int8 q.k µs", "int8 q.k vs SDPA", "rel err", "rel err int8",
+           "rel err int8 q.k",
            "bf16 config", "int8 config"], rows)
 
 

@@ -56,9 +56,9 @@ def w8a8_kernel(x: torch.Tensor):
     """kernels.int8_matmul.w8a8_linear when it can run this call, else None (the torch path below).
 
     It can (unless USE_W8A8_KERNEL is off) on CUDA, for fp16 / bf16 / fp32 inputs that need no
-    gradient (the kernels have no backward), when Triton is importable. It computes what the torch path does: the same codes,
-    the same exact int32 sums, the same float epilogue (up to float rounding: the GPU may fuse
-    a multiply-add)."""
+    gradient (the kernels have no backward), when Triton is importable. It computes what the torch
+    path does: the same codes, the same exact int32 sums, the same float epilogue (up to float
+    rounding: the GPU may fuse a multiply-add)."""
     if not USE_W8A8_KERNEL or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16, torch.float32) \
             or (torch.is_grad_enabled() and x.requires_grad):
         return None

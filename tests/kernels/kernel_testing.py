@@ -36,3 +36,16 @@ def poison_scratch(monkeypatch):
     monkeypatch.setattr(qmatmul, "DEBUG_POISON", True)
     monkeypatch.setattr(attention, "DEBUG_POISON", True)
     torch.manual_seed(0)
+
+
+def prmt(a: int, b: int, selector: int) -> int:
+    """PTX prmt.b32 (default mode): byte i of the result is byte (selector >> 4i) & 7 of {b, a}."""
+    pool = (b << 32 | a).to_bytes(8, "little")
+    return int.from_bytes(bytes(pool[(selector >> 4 * i) & 7] for i in range(4)), "little")
+
+
+def halves(word: int, dtype: torch.dtype) -> list:
+    """The two 16-bit floats (low half first) of a 32-bit word."""
+    raw = torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16)
+    return raw.view(dtype).float().tolist()
+

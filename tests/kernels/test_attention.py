@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernel_testing import DEVICE, ON_GPU, poison_scratch, rel_err  # noqa: F401 (autouse fixture)
+from kernel_testing import DEVICE, ON_GPU, halves, poison_scratch, prmt, rel_err  # noqa: F401 (autouse fixture)
 from kernels import attention as A
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative L2 error vs float32
@@ -209,12 +209,6 @@ def test_int8_cache_round_trip():
     assert rel_err(xq.float() * scale[..., None], x) < 1e-2
 
 
-def _prmt(a: int, b: int, selector: int) -> int:
-    """PTX prmt.b32 (default mode): byte i of the result is byte (selector >> 4i) & 7 of {b, a}."""
-    pool = (b << 32 | a).to_bytes(8, "little")
-    return int.from_bytes(bytes(pool[(selector >> 4 * i) & 7] for i in range(4)), "little")
-
-
 def test_packed_int8_to_fp16_ptx_gives_every_code_exactly():
     """The GPU's packed conversion (_I8X4_TO_F16_PTX, not runnable under the interpreter) emulated
     bit for bit: codes 0-3 of a register land in the low/high halves of the two outputs, and
@@ -232,15 +226,11 @@ def test_packed_int8_to_fp16_ptx_gives_every_code_exactly():
     sel1 = constant(r"prmt.b32 \$1, b, 0x[0-9a-f]+, (0x[0-9a-f]+);")
     bias = constant(r"mov.b32 bias, (0x[0-9a-f]+);")
 
-    def halves(word: int) -> list[float]:
-        raw = torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16)
-        return raw.view(torch.float16).float().tolist()
-
-    bias_f = halves(bias)
+    bias_f = halves(bias, torch.float16)
     codes = torch.arange(-128, 128, dtype=torch.int8)
     for quad in codes.view(-1, 4):
         word = int.from_bytes(quad.numpy().tobytes(), "little") ^ xor_mask
-        out = halves(_prmt(word, pool, sel0)) + halves(_prmt(word, pool, sel1))
+        out = halves(prmt(word, pool, sel0), torch.float16) + halves(prmt(word, pool, sel1), torch.float16)
         got = [o - bias_f[i % 2] for i, o in enumerate(out)]
         assert got == quad.float().tolist()
 

@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from kernel_testing import DEVICE, ON_GPU, poison_scratch, rel_err  # noqa: F401 (autouse fixture)
+from kernel_testing import DEVICE, ON_GPU, halves, poison_scratch, prmt, rel_err  # noqa: F401 (autouse fixture)
+from kernels import qmatmul as Q
 from kernels.qmatmul import (XW_MIN_M, Cfg, candidates, dequantize, pack_words, prepare_weight, quant_matmul,
                              unpack_codes, xw_configs)
 
@@ -222,6 +223,69 @@ def test_wrong_input_raises():
         quant_matmul(torch.randn(2, 63, device=DEVICE, dtype=torch.float16), qweight, scales, zeros, 4, 32, 64)
     with pytest.raises(ValueError):
         quant_matmul(torch.randn(2, 64, device=DEVICE, dtype=torch.float16), qweight)
+
+
+def run_ptx(ptx: str, word: int) -> tuple:
+    """Run one of qmatmul's byte-to-half PTX snippets on a 32-bit input: the handful of b32 ops they use."""
+    import re
+
+    regs = {"$2": word}
+    value = lambda tok: regs[tok] if tok in regs else int(tok, 0)  # noqa: E731
+    for op, dst, *args in re.findall(r"(\w+)\.b32 (\$?\w+), ([^,;]+)(?:, ([^,;]+))?(?:, ([^,;]+))?;", ptx):
+        a = [value(x.strip()) for x in args if x]
+        regs[dst] = {"mov": lambda: a[0], "and": lambda: a[0] & a[1], "shr": lambda: a[0] >> a[1],
+                     "prmt": lambda: prmt(a[0], a[1], a[2])}[op]()
+    return regs["$0"], regs["$1"]
+
+
+@pytest.mark.parametrize("name,bits,plane,dtype,offset", [
+    ("_PTX_F16_LO4", 4, 0, torch.float16, 1024), ("_PTX_F16_HI4", 4, 1, torch.float16, 1024),
+    ("_PTX_BF16_LO4", 4, 0, torch.bfloat16, 128), ("_PTX_BF16_HI4", 4, 1, torch.bfloat16, 128),
+    ("_PTX_F16_B8", 8, 0, torch.float16, 1024)])
+def test_ptx_code_conversion_gives_offset_plus_code(name, bits, plane, dtype, offset):
+    """The GPU-only PTX conversions (`_plane_to_half`), emulated bit for bit on every byte value:
+    element i of four packed bytes becomes OFFSET + code of plane `plane` of byte i, exactly as
+    `_codes_to_float` on (byte >> plane * bits) & mask."""
+    ptx = getattr(Q, name).value
+    data = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    for quad in data.view(-1, 4).tolist():
+        lo, hi = run_ptx(ptx, int.from_bytes(bytes(quad), "little"))
+        got = halves(lo, dtype) + halves(hi, dtype)
+        assert got == [offset + ((byte >> plane * bits) & (2**bits - 1)) for byte in quad]
+
+
+def test_ptx_configs_are_opt_in_and_need_cuda(monkeypatch):
+    qweight, scales, zeros, _ = make_weight(64, 256, 4, 128, torch.float16, "cpu")
+    w = prepare_weight(qweight, scales, zeros, 4, 128, 256)
+    assert not any(c.ptx for m in (1, 16, 64, 256) for c in candidates(m, w, torch.float16))
+    monkeypatch.setattr(Q, "PTX_CANDIDATES", True)
+    assert not any(c.ptx for c in candidates(16, w, torch.float16))  # the weight is not on CUDA
+    if not ON_GPU:  # the interpreter runs no PTX: a forced ptx config is refused, by name
+        x = torch.randn(3, 256, dtype=torch.float16)
+        with pytest.raises(ValueError, match="ptx"):
+            quant_matmul(x, w, cfg=Cfg("mma", 16, 32, 32, 1, x_split=True, ptx=True))
+
+
+# PTX conversion on the GPU (the interpreter runs no PTX): 4-bit fp16 / bf16 and 8-bit fp16, scale and
+# zero after the MMA and folded into the tile, split-K, several K-blocks a trip, x split or strided.
+PTX_CASES = [
+    (Cfg("mma", 16, 64, 64, 4, step_blocks=2, x_split=True, ptx=True), 4, 128, torch.float16, 1),
+    (Cfg("mma", 16, 64, 64, 2, x_split=True, ptx=True), 4, 128, torch.bfloat16, 16),
+    (Cfg("mma", 64, 64, 32, 2, ptx=True), 4, 32, torch.float16, 64),
+    (Cfg("mma", 128, 128, 64, 1, post_zero=False, x_split=True, warps=8, ptx=True), 4, 128, torch.float16, 300),
+    (Cfg("mma", 128, 64, 32, 1, post_zero=False, ptx=True), 4, -1, torch.bfloat16, 130),
+    (Cfg("mma", 16, 64, 128, 2, ptx=True), 8, -1, torch.float16, 3),
+    (Cfg("mma", 64, 64, 64, 1, post_zero=False, ptx=True), 8, 64, torch.float16, 64),
+]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="PTX runs on a GPU only (its bit-level logic is tested above)")
+@pytest.mark.parametrize("cfg,bits,group,dtype,m", PTX_CASES)
+def test_ptx_configs_match_reference(cfg, bits, group, dtype, m):
+    qweight, scales, zeros, x, bias, ref = _biased_problem(bits, group, K, dtype, m, sym=False)
+    out = torch.full((m, N), float("nan"), device=DEVICE, dtype=dtype)
+    y = quant_matmul(x, qweight, scales, zeros, bits, group, K, bias=bias, cfg=cfg, out=out)
+    assert rel_err(y, ref) < TOL[dtype], cfg
 
 
 def test_scratch_buffers_are_poisoned_in_tests():
