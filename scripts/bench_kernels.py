@@ -219,9 +219,11 @@ def bench_gemv(copy_tbs):
             Q.quant_matmul(xs[0], w0, out=out)  # the tuner times its candidates once for this shape
             key = next(kk for kk in TIMINGS if kk[1:5] == (m if m <= 4 else triton.next_power_of_2(m), n, k, 4))
             row(f"tuned: {_cfg_str(chosen(key))}", chosen(key))
-            mma = min((c for c in TIMINGS[key] if c[0].kind == "mma"), key=lambda c: c[1], default=None)
-            if mma:
-                row(f"best mma: {_cfg_str(mma[0])}", mma[0])
+            for ptx in (False, True):  # the PTX code conversion only with EFFOPT_QMM_PTX=1
+                mma = min((c for c in TIMINGS[key] if c[0].kind == "mma" and c[0].ptx == ptx), key=lambda c: c[1],
+                          default=None)
+                if mma:
+                    row(f"best mma: {_cfg_str(mma[0])}", mma[0])
             for cfg in Q.gemv2_configs(m, w0):
                 row(_cfg_str(cfg), cfg)
         ws = w16 = None
@@ -232,7 +234,8 @@ def bench_gemv(copy_tbs):
 def _cfg_str(cfg):
     """'mma 16x64x64B sk4 x2': kind ('mma' = out^T = W x^T, 'xw' = out = x W^T, gemv, gemv2),
     block_m x block_n x bytes of a row per K-step, split-K, K-steps per trip; 'pre' = scale and zero
-    folded into the weight tile (else applied after the MMA); xw: also warps and stages."""
+    folded into the weight tile (else applied after the MMA); xw: also warps and stages; 'ptx' = the
+    PTX code conversion (`_plane_to_half`)."""
     if cfg is None:
         return "?"
     if cfg.kind == "dequant":
@@ -244,7 +247,7 @@ def _cfg_str(cfg):
         return tag + f" w{cfg.warps}" + (" prefetch" if cfg.stages > 1 else "")
     if cfg.kind == "xw":
         tag += f" w{cfg.warps}s{cfg.stages}"
-    return tag + ("" if cfg.post_zero else " pre")
+    return tag + ("" if cfg.post_zero else " pre") + (" ptx" if cfg.ptx else "")
 
 
 # ------------------------------------------------------------------------------------------------
