@@ -40,27 +40,38 @@ def choose(key, candidates, run):
 
 
 _FLUSH: dict = {}
+# How the L2 is emptied between timed calls: "zero" writes a 128 MB buffer, which leaves the L2 full
+# of dirty lines that drain while the candidate runs; "read" sums it, leaving clean lines, closer to
+# a decode step that follows other reads. A sweep (results/kernels.md) found the "zero" tuner's
+# decode picks 0-15% slower than the best config; which flush ranks them better is not yet measured.
+FLUSH_MODE = os.environ.get("EFFOPT_TUNE_FLUSH", "zero")
 
 
 def gpu_ms(fn, n: int = 8, reps: int = 3) -> float:
     """GPU milliseconds of fn() with a cold L2, without Python launch overhead.
 
-    n calls, each after zeroing a 128 MB buffer (twice the H200's L2), are captured in one CUDA
-    graph and replayed; the result is the median replay time over n (it includes the flush, the
-    same for every candidate, so the ranking is unaffected). Eager launches of Triton kernels
-    cost tens of microseconds of CPU each, more than a small kernel runs, so eager timing would
-    rank launch overhead rather than kernels.
+    n calls, each after a flush of a 128 MB buffer (twice the H200's L2, see FLUSH_MODE), are
+    captured in one CUDA graph and replayed; the result is the median replay time over n (it
+    includes the flush, the same for every candidate, so the ranking is unaffected). Eager launches
+    of Triton kernels cost tens of microseconds of CPU each, more than a small kernel runs, so
+    eager timing would rank launch overhead rather than kernels.
     """
+    if FLUSH_MODE not in ("zero", "read"):
+        raise ValueError(f"EFFOPT_TUNE_FLUSH must be 'zero' or 'read', got {FLUSH_MODE!r}")
     dev = torch.cuda.current_device()
     if dev not in _FLUSH:
-        _FLUSH[dev] = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
-    flush = _FLUSH[dev]
+        _FLUSH[dev] = (torch.zeros(128 << 18, dtype=torch.int32, device=dev),  # 128 MB
+                       torch.empty((), dtype=torch.int64, device=dev))
+    flush, total = _FLUSH[dev]
     fn()  # compile and allocate outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(n):
-            flush.zero_()
+            if FLUSH_MODE == "zero":
+                flush.zero_()
+            else:
+                torch.sum(flush, out=total)
             fn()
     graph.replay()
     times = []

@@ -271,8 +271,9 @@ def _i8_to_f16(x, MODE: tl.constexpr):
     MODE 1 / 2: _I8X4_TO_F16_PTX, four codes a register, 1.25 instructions a code; 2 marks it
     impure so the compiler converts the tile as loaded (16 contiguous bytes a thread) and copies
     fp16 to the MMA operand, instead of reading a tile that is not contiguous along the MMA's K
-    dimension (V) from shared memory a byte at a time. Which is fastest is measured per Triton
-    version (scripts/sweep_decode.py, results/kernels.md): INT8_CONVERT picks it."""
+    dimension (V) from shared memory a byte at a time. INT8_CONVERT 3 (not a MODE here) gives K mode
+    1 and V mode 2. Which is fastest is measured per Triton version (scripts/sweep_decode.py
+    --modes, results/kernels.md): INT8_CONVERT picks it."""
     if MODE == 0:
         u = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int16)
         return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
@@ -339,8 +340,8 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
                 qk = tl.dot(q_i8, kt, out_dtype=tl.int32).to(tl.float32) * row_scale[:, None] \
                     * ks[None, :]
             else:
-                qk = _dot(q, _i8_to_f16(kt, CVT), tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) \
-                    * (ks * qk_scale)[None, :]
+                k16 = _i8_to_f16(kt, 1 if CVT == 3 else CVT)
+                qk = _dot(q, k16, tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) * (ks * qk_scale)[None, :]
         else:
             qk = _dot(q, kt, tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) * qk_scale
         qk = tl.where(c_ok[None, :] & (cols[None, :] < limit[:, None]), qk, float("-inf"))
@@ -350,7 +351,8 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if QUANT:
-            acc = _dot((p * vs[None, :]).to(tl.float16), _i8_to_f16(v, CVT), acc * alpha[:, None], UPCAST)
+            v16 = _i8_to_f16(v, 2 if CVT == 3 else CVT)
+            acc = _dot((p * vs[None, :]).to(tl.float16), v16, acc * alpha[:, None], UPCAST)
         else:
             acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
         m_i = m_new
@@ -557,7 +559,7 @@ def quantize_kv(x):
 
 
 DEBUG_POISON = False  # tests: fill the per-slice partial results with NaN before the launch
-INT8_CONVERT = 1  # _i8_to_f16's MODE on a GPU: 1 measured fastest with Triton 3.6 on the H200
+INT8_CONVERT = 1  # _i8_to_f16's MODE on a GPU (3: K 1, V 2): 1 measured fastest of 0-2 with Triton 3.6 on the H200
 
 
 def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_splits, out, fused_merge=None, cfg=None,

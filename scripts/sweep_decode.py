@@ -2,11 +2,11 @@
 
 Every config (BLOCK_N, programs per SM, warps, stages, fused merge) is timed the way
 bench_kernels.py times the decode table (CUDA-graph replays over cache copies > 3x L2), so the
-figures compare with that table. Prints, per shape and cache type, the fastest configs, the
-tuner's pick and its time.
+figures compare with that table. Prints, per shape and cache type, the fastest configs and the
+tuner's pick and its time (per L2 flush of the tuner, --flush).
 
     python scripts/sweep_decode.py [--shapes 32x4096,8x4096] [--top 6] [--caches int8] [--modes 0,1,2]
-        [--qk-int8] [--blocks 64,128 --per-sm 1,2,4 --warps 4 --stages 2,3]
+        [--qk-int8] [--blocks 64,128 --per-sm 1,2,4 --warps 4 --stages 2,3] [--flush zero,read]
     python scripts/sweep_decode.py --once 32x4096 --quant --cfg 128,2,4,3,0   # one call (for ncu)
 """
 import argparse
@@ -19,6 +19,7 @@ from bench_kernels import copy_bandwidth, fmt, graph_ms, rotating, table
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 from kernels import attention as A  # noqa: E402
+from kernels import _tune  # noqa: E402
 from kernels._tune import _CHOSEN  # noqa: E402
 
 
@@ -58,6 +59,7 @@ def main():
     ap.add_argument("--per-sm", default="1,2,4,8", help="programs per SM to try")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3,4")
+    ap.add_argument("--flush", default=_tune.FLUSH_MODE, help="tuner L2 flushes to compare, e.g. zero,read")
     ap.add_argument("--once", default=None, help="BxS: run one config once per cache copy (profiling)")
     ap.add_argument("--quant", action="store_true")
     ap.add_argument("--cfg", default="128,2,4,3,0")
@@ -94,15 +96,19 @@ def main():
                     continue
                 timed.append((t, cfg))
             timed.sort()
-            t_pick, _ = graph_ms([lambda x=x: call(x, quant, None, qk_int8) for x in sets])
-            pick = A.decode_choice(sets[0][0], sets[0][1], quant=quant, qk_int8=qk_int8)
             cache = ("int8 q.k" if qk_int8 else f"int8 cvt {mode}") if quant else "bf16"
             for rank, (t, cfg) in enumerate(timed[:a.top]):
                 rows.append([shape, cache, rank + 1, cfg, fmt(t * 1e3),
                              fmt(100 * nbytes / (t * 1e-3) / 1e12 / copy_tbs, 0)])
-            rows.append([shape, cache, "tuner", pick, fmt(t_pick * 1e3),
-                         fmt(100 * nbytes / (t_pick * 1e-3) / 1e12 / copy_tbs, 0)])
-            for r in rows[-min(a.top, len(timed)) - 1:]:  # as it goes: a run cut by a time limit keeps them
+            flushes = a.flush.split(",")
+            for flush in flushes:  # the tuner's pick under each L2 flush, timed like the rest
+                _tune.FLUSH_MODE = flush
+                _CHOSEN.clear()
+                t_pick, _ = graph_ms([lambda x=x: call(x, quant, None, qk_int8) for x in sets])
+                pick = A.decode_choice(sets[0][0], sets[0][1], quant=quant, qk_int8=qk_int8)
+                rows.append([shape, cache, f"tuner ({flush} flush)", pick, fmt(t_pick * 1e3),
+                             fmt(100 * nbytes / (t_pick * 1e-3) / 1e12 / copy_tbs, 0)])
+            for r in rows[-min(a.top, len(timed)) - len(flushes):]:  # as it goes: a run cut short keeps them
                 print("partial | " + " | ".join(str(c) for c in r), flush=True)
     table("decode config sweep (graph replays, cache copies > 3x L2)",
           ["B x S", "cache", "rank", "config (BLOCK_N, per SM, warps, stages, fused)", "µs", "% of copy BW"], rows)
