@@ -283,12 +283,17 @@ def _qmm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SPLIT_K: tl.constexpr,
     STEP_BLOCKS: tl.constexpr,  # K-blocks per loop trip (unrolled), e.g. two 128-code groups
     PTX: tl.constexpr = False,  # codes to OFFSET + q with `_plane_to_half` (GPU, (BITS, DQ) in PTX_OK)
+    ZERO_IN_TILE: tl.constexpr = False,  # with POST_ZERO: subtract the zero point in the tile, exactly
 ):
     """out[M, N] = x[M, K] @ W[N, K]^T computed as acc[BLOCK_N, BLOCK_M] += W_tile @ x_tile^T.
 
     One program owns BLOCK_N output features x BLOCK_M tokens and the K-blocks of split pid_k.
     Per K-block it reads BLOCK_KB bytes of every row (CPB = 8 // BITS codes per byte); code c of
     byte j is k = j * CPB + c, so for each c the matching x columns are a stride-CPB slice.
+    POST_ZERO applies the scale after the MMA and, by default, the zero point too, through the
+    per-group sums of x that every program computes; ZERO_IN_TILE instead subtracts OFFSET + z from
+    the tile's OFFSET + q (q - z, exact in 16 bits), which drops those sums (the SASS of the M = 16
+    tile spent ~140 of 775 instructions a trip on them).
     """
     CPB: tl.constexpr = 8 // BITS
     CODE_MASK: tl.constexpr = (1 << BITS) - 1
@@ -338,8 +343,13 @@ def _qmm_kernel(
                 else:
                     offset_q = _codes_to_float(code, DQ)
                 if POST_ZERO:
-                    w = offset_q.to(dt)  # OFFSET + q, exact
-                    xsum += tl.sum(xt.to(tl.float32), axis=0)
+                    if not ZERO_IN_TILE:
+                        w = offset_q.to(dt)  # OFFSET + q, exact
+                        xsum += tl.sum(xt.to(tl.float32), axis=0)
+                    elif DQ == 0 or UPCAST:  # q - z, exact in fp32 and in dt
+                        w = (offset_q.to(tl.float32) - (z + OFFSET)[:, None]).to(dt)
+                    else:  # (OFFSET + q) - (OFFSET + z) = q - z, exact in 16 bits
+                        w = offset_q - (z + OFFSET).to(dt)[:, None]
                     if GROUP_MODE == 1:
                         part = _mma(w, xt, part, UPCAST)
                     else:
@@ -359,10 +369,16 @@ def _qmm_kernel(
                         w = (offset_q - (z + OFFSET).to(dt)[:, None]) * s.to(dt)[:, None]
                     acc = _mma(w, xt, acc, UPCAST)
             if POST_ZERO and GROUP_MODE == 1:
-                acc += s[:, None] * (part - (z + OFFSET)[:, None] * xsum[None, :])
-                xsum = tl.zeros((BLOCK_M,), tl.float32)
+                if ZERO_IN_TILE:
+                    acc += s[:, None] * part
+                else:
+                    acc += s[:, None] * (part - (z + OFFSET)[:, None] * xsum[None, :])
+                    xsum = tl.zeros((BLOCK_M,), tl.float32)
     if POST_ZERO and GROUP_MODE == 2:
-        acc = s[:, None] * (acc - (z + OFFSET)[:, None] * xsum[None, :])
+        if ZERO_IN_TILE:
+            acc = s[:, None] * acc
+        else:
+            acc = s[:, None] * (acc - (z + OFFSET)[:, None] * xsum[None, :])
     _finish(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, offs_n, offs_m, N, M, stride_om,
             HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M)
 
@@ -753,7 +769,8 @@ class Cfg:
     """One way to run the product: kind 'mma' | 'xw' | 'gemv' | 'gemv2' | 'dequant' and its tile sizes.
 
     'mma' is `_qmm_kernel` (out^T = W x^T, weight tile as the MMA's A operand); 'xw' is
-    `_qmm_xw_kernel` (out = x W^T, weight tile as the B operand; step_blocks and x_split unused).
+    `_qmm_xw_kernel` (out = x W^T, weight tile as the B operand; step_blocks, x_split, ptx and
+    zero_in_tile unused).
     """
 
     kind: str
@@ -767,6 +784,7 @@ class Cfg:
     warps: int = 4
     stages: int = 3
     ptx: bool = False  # mma only: PTX code conversion (`_plane_to_half`)
+    zero_in_tile: bool = False  # mma with post_zero: the zero point subtracted in the tile
 
 
 _SCRATCH: dict = {}
@@ -847,7 +865,7 @@ def _launch(cfg: Cfg, x2, w: QuantWeight, bias, out):
     if cfg.ptx and (not x2.is_cuda or (w.bits, dq) not in PTX_OK):
         raise ValueError(f"ptx configs run on CUDA for (bits, code mode) in {PTX_OK}, not {(w.bits, dq)} on "
                          f"{x2.device.type}")
-    _qmm_kernel[grid](*common, BITS=w.bits, GROUP_MODE=mode, DQ=dq, PTX=cfg.ptx,
+    _qmm_kernel[grid](*common, BITS=w.bits, GROUP_MODE=mode, DQ=dq, PTX=cfg.ptx, ZERO_IN_TILE=cfg.zero_in_tile,
                       POST_ZERO=cfg.post_zero and mode != 0, X_SPLIT=cfg.x_split and w.bits == 4,
                       HAS_BIAS=has_bias,
                       UPCAST=not x2.is_cuda, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -999,22 +1017,25 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
             cands.append(Cfg("dequant"))
         if M <= GEMV2_MAX_M:  # CUDA-core gemv2 first: the untimed default for 1-2 tokens
             cands = gemv2_configs(M, w)[:2] + cands
-        return cands + xw_configs(M, w) + _ptx_copies(cands, w, dtype)  # no xw below XW_MIN_M
+        return cands + xw_configs(M, w) + _variants(cands, w, dtype)  # no xw below XW_MIN_M
     kb = min(64, (_uniform_kbs(w, 128) or [32])[-1])  # x tile of 128 x 2*kb fp16 per stage
     cands = [Cfg("mma", 128, 128, kb, 1, post_zero=False, x_split=True, warps=8, stages=3),
              Cfg("mma", 128, 128, max(16, kb // 2), 1, post_zero=False, x_split=True, warps=8, stages=4),
              Cfg("mma", 64, 128, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
              Cfg("mma", 128, 64, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
              Cfg("dequant")]
-    return cands + xw_configs(M, w) + _ptx_copies(cands, w, dtype)
+    return cands + xw_configs(M, w) + _variants(cands, w, dtype)
 
 
-def _ptx_copies(cands: list, w: QuantWeight, dtype) -> list:
-    """The mma candidates again with the PTX code conversion, appended (so never the default) when
-    PTX_CANDIDATES is set, the weight is on CUDA and (bits, code mode) is one PTX_OK serves."""
+def _variants(cands: list, w: QuantWeight, dtype) -> list:
+    """Copies of the mma candidates not yet timed on a GPU, appended so the default never changes:
+    the zero point subtracted in the tile (of post_zero configs), and, when PTX_CANDIDATES is set,
+    the weight is on CUDA and (bits, code mode) is one PTX_OK serves, each with the PTX conversion."""
+    mma = [c for c in cands if c.kind == "mma"]
+    zero_in_tile = [dataclasses.replace(c, zero_in_tile=True) for c in mma if c.post_zero]
     if not PTX_CANDIDATES or w.qweight.device.type != "cuda" or (w.bits, _dq_mode(dtype, w.bits)) not in PTX_OK:
-        return []
-    return [dataclasses.replace(c, ptx=True) for c in cands if c.kind == "mma"]
+        return zero_in_tile
+    return zero_in_tile + [dataclasses.replace(c, ptx=True) for c in mma + zero_in_tile]
 
 
 def _as_weight(qweight, scales, zeros, bits, group_size, in_features) -> QuantWeight:

@@ -234,8 +234,8 @@ def bench_gemv(copy_tbs):
 def _cfg_str(cfg):
     """'mma 16x64x64B sk4 x2': kind ('mma' = out^T = W x^T, 'xw' = out = x W^T, gemv, gemv2),
     block_m x block_n x bytes of a row per K-step, split-K, K-steps per trip; 'pre' = scale and zero
-    folded into the weight tile (else applied after the MMA); xw: also warps and stages; 'ptx' = the
-    PTX code conversion (`_plane_to_half`)."""
+    folded into the weight tile (else applied after the MMA); 'zit' = the zero point subtracted in the
+    tile, the scale after; xw: also warps and stages; 'ptx' = the PTX code conversion."""
     if cfg is None:
         return "?"
     if cfg.kind == "dequant":
@@ -247,7 +247,7 @@ def _cfg_str(cfg):
         return tag + f" w{cfg.warps}" + (" prefetch" if cfg.stages > 1 else "")
     if cfg.kind == "xw":
         tag += f" w{cfg.warps}s{cfg.stages}"
-    return tag + ("" if cfg.post_zero else " pre") + (" ptx" if cfg.ptx else "")
+    return tag + ("" if cfg.post_zero else " pre") + (" zit" if cfg.zero_in_tile else "") + (" ptx" if cfg.ptx else "")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -67,6 +67,12 @@ CASES = [
     (Cfg("mma", 16, 32, 32, 1), 8, 32, torch.float16, 17),
     (Cfg("mma", 16, 32, 16, 2), 2, 32, torch.float16, 17),  # 64 codes per K-block > g: per element
     (Cfg("mma", 16, 32, 32, 1), 2, -1, torch.bfloat16, 1),
+    (Cfg("mma", 16, 32, 32, 2, x_split=True, zero_in_tile=True), 4, 64, torch.float16, 3),  # q - z in the tile
+    (Cfg("mma", 32, 32, 16, 1, step_blocks=2, zero_in_tile=True), 4, 32, torch.bfloat16, 17),
+    (Cfg("mma", 16, 32, 32, 2, x_split=True, zero_in_tile=True), 4, -1, torch.bfloat16, 1),  # per row
+    (Cfg("mma", 16, 32, 32, 1, zero_in_tile=True), 8, 64, torch.bfloat16, 17),  # fp32 codes (bf16 W8)
+    (Cfg("mma", 16, 32, 32, 2, zero_in_tile=True), 8, -1, torch.float16, 3),
+    (Cfg("mma", 16, 32, 16, 1, zero_in_tile=True), 2, 64, torch.float16, 17),
     (Cfg("dequant"), 3, 32, torch.float16, 3),
     (Cfg("dequant"), 4, 64, torch.bfloat16, 17),
 ]
@@ -215,6 +221,8 @@ def test_candidates_are_valid(m):
     assert (m <= 4) == any(c.kind == "gemv" for c in cands)
     assert (m <= 2) == (cands[0].kind == "gemv2")  # the untimed default for one or two tokens
     assert (m <= 2) == any(c.kind == "gemv2" for c in cands)
+    assert not cands[0].zero_in_tile and (m <= 64) == any(c.zero_in_tile for c in cands)
+    assert len(set(cands)) == len(cands)
 
 
 def test_wrong_input_raises():
@@ -276,6 +284,8 @@ PTX_CASES = [
     (Cfg("mma", 128, 64, 32, 1, post_zero=False, ptx=True), 4, -1, torch.bfloat16, 130),
     (Cfg("mma", 16, 64, 128, 2, ptx=True), 8, -1, torch.float16, 3),
     (Cfg("mma", 64, 64, 64, 1, post_zero=False, ptx=True), 8, 64, torch.float16, 64),
+    (Cfg("mma", 16, 64, 64, 4, step_blocks=2, x_split=True, ptx=True, zero_in_tile=True), 4, 128, torch.float16, 16),
+    (Cfg("mma", 16, 64, 64, 2, x_split=True, ptx=True, zero_in_tile=True), 4, -1, torch.bfloat16, 3),
 ]
 
 
