@@ -88,3 +88,9 @@ def gpu_ms(fn, n: int = 8, reps: int = 3) -> float:
 def chosen(key):
     """The config picked for `key`, or None."""
     return _CHOSEN.get(key)
+
+
+def forget():
+    """Drop every pick, so the next call of each shape is timed again (sweeps that change a setting)."""
+    _CHOSEN.clear()
+    TIMINGS.clear()

@@ -22,7 +22,9 @@ Codes become floats through an exponent-bit trick instead of int->float converts
 `0x6400 | q` read as fp16 is 1024 + q (bf16: `0x4300 | q` is 128 + q), exact for small q. The offset
 is removed after the MMA together with the zero point: sum_k s (q_k - z) x_k =
 s * (sum_k (1024 + q_k) x_k - (1024 + z) * sum_k x_k), so each weight element costs a shift and a
-bitwise op before the MMA.
+bitwise op before the MMA. The `zero_in_tile` configs subtract 1024 + z in the tile instead (q - z,
+exact in 16 bits), trading the sums of x for one subtraction per code; `ptx` configs convert four
+bytes of codes per register with PTX (`_plane_to_half`).
 """
 import dataclasses
 import math

@@ -20,8 +20,6 @@ from bench_kernels import copy_bandwidth, fmt, graph_ms, rotating, table
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 from kernels import attention as A  # noqa: E402
 from kernels import _tune  # noqa: E402
-from kernels._tune import _CHOSEN  # noqa: E402
-
 
 
 def make_sets(b, s, quant):
@@ -85,7 +83,7 @@ def main():
         runs += [(True, A.INT8_CONVERT, True)] if a.qk_int8 else []
         for quant, mode, qk_int8 in runs:
             A.INT8_CONVERT = int(mode)
-            _CHOSEN.clear()  # the tuner's pick per mode
+            _tune.forget()  # the tuner's pick per mode
             sets, nbytes = make_sets(b, s, quant)
             timed = []
             for cfg in cfgs:
@@ -103,7 +101,7 @@ def main():
             flushes = a.flush.split(",")
             for flush in flushes:  # the tuner's pick under each L2 flush, timed like the rest
                 _tune.FLUSH_MODE = flush
-                _CHOSEN.clear()
+                _tune.forget()
                 t_pick, _ = graph_ms([lambda x=x: call(x, quant, None, qk_int8) for x in sets])
                 pick = A.decode_choice(sets[0][0], sets[0][1], quant=quant, qk_int8=qk_int8)
                 rows.append([shape, cache, f"tuner ({flush} flush)", pick, fmt(t_pick * 1e3),
