@@ -247,7 +247,8 @@ def _cfg_str(cfg):
         return tag + f" w{cfg.warps}" + (" prefetch" if cfg.stages > 1 else "")
     if cfg.kind == "xw":
         tag += f" w{cfg.warps}s{cfg.stages}"
-    return tag + ("" if cfg.post_zero else " pre") + (" zit" if cfg.zero_in_tile else "") + (" ptx" if cfg.ptx else "")
+    tag += "" if cfg.post_zero else " pre"
+    return tag + (" zit" if cfg.zero_in_tile else "") + (" ptx" if cfg.ptx else "")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -414,8 +415,9 @@ def bench_decode(quick, copy_tbs):
                       torch.randn(b, 8, s, 128, device="cuda", dtype=torch.bfloat16))
         sets = rotating(mk, nbytes)
         q, k, v = sets[0]
-        sets8 = [(qq, kq, vq, ks, vs) for qq, kq, ks, vq, vs in (  # the first one quantizes sets[0] (errors)
-            (qq,) + A.quantize_kv(kk) + A.quantize_kv(vv) for qq, kk, vv in [sets[0]] + rotating(mk, nbytes // 2)[1:])]
+        floats8 = [sets[0]] + rotating(mk, nbytes // 2)[1:]  # the first quantizes sets[0], for the errors
+        sets8 = [(qq, kq, vq, ks, vs) for qq, kq, ks, vq, vs in (
+            (qq,) + A.quantize_kv(kk) + A.quantize_kv(vv) for qq, kk, vv in floats8)]
         ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
         err = ((A.decode_attention(q, k, v).float() - ref.float()).norm() / ref.float().norm()).item()
         t, _ = graph_ms([lambda a=a: A.decode_attention(*a) for a in sets])

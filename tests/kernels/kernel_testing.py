@@ -7,6 +7,7 @@ is set here, at collection, and kernel modules imported earlier (e.g. by effopt)
 second conftest module would shadow it.)"""
 import importlib
 import os
+import re
 import sys
 
 import pytest
@@ -44,8 +45,29 @@ def prmt(a: int, b: int, selector: int) -> int:
     return int.from_bytes(bytes(pool[(selector >> 4 * i) & 7] for i in range(4)), "little")
 
 
+def _half_pair(word: int, dtype: torch.dtype) -> torch.Tensor:
+    """The two 16-bit floats (low half first) of a 32-bit word, as a tensor."""
+    return torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16).view(dtype)
+
+
 def halves(word: int, dtype: torch.dtype) -> list:
     """The two 16-bit floats (low half first) of a 32-bit word."""
-    raw = torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16)
-    return raw.view(dtype).float().tolist()
+    return _half_pair(word, dtype).float().tolist()
 
+
+def _sub_f16x2(a: int, b: int) -> int:
+    raw = (_half_pair(a, torch.float16) - _half_pair(b, torch.float16)).view(torch.int16).to(torch.int32) & 0xFFFF
+    return int(raw[0]) | int(raw[1]) << 16
+
+
+def run_ptx(ptx: str, word: int) -> tuple:
+    """Run one of the kernels' inline-PTX conversions on the 32-bit input $2 -> ($0, $1): the few
+    instructions they use (mov / and / shr / xor / prmt on b32, sub.f16x2), in program order."""
+    ops = {"mov.b32": lambda a: a[0], "and.b32": lambda a: a[0] & a[1], "shr.b32": lambda a: a[0] >> a[1],
+           "xor.b32": lambda a: a[0] ^ a[1], "prmt.b32": lambda a: prmt(*a), "sub.f16x2": lambda a: _sub_f16x2(*a)}
+    regs = {"$2": word}
+    for op, dst, args in re.findall(r"^\s*([a-z0-9.]+) (\$?\w+), ([^;]+);", ptx, re.M):
+        if op not in ops:
+            raise ValueError(f"run_ptx does not know {op}")
+        regs[dst] = ops[op]([regs[x] if x in regs else int(x, 0) for x in (t.strip() for t in args.split(","))])
+    return regs["$0"], regs["$1"]

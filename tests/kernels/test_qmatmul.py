@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from kernel_testing import DEVICE, ON_GPU, halves, poison_scratch, prmt, rel_err  # noqa: F401 (autouse fixture)
+from kernel_testing import DEVICE, ON_GPU, halves, poison_scratch, rel_err, run_ptx  # noqa: F401 (autouse fixture)
 from kernels import qmatmul as Q
 from kernels.qmatmul import (XW_MIN_M, Cfg, candidates, dequantize, pack_words, prepare_weight, quant_matmul,
                              unpack_codes, xw_configs)
@@ -231,19 +231,6 @@ def test_wrong_input_raises():
         quant_matmul(torch.randn(2, 63, device=DEVICE, dtype=torch.float16), qweight, scales, zeros, 4, 32, 64)
     with pytest.raises(ValueError):
         quant_matmul(torch.randn(2, 64, device=DEVICE, dtype=torch.float16), qweight)
-
-
-def run_ptx(ptx: str, word: int) -> tuple:
-    """Run one of qmatmul's byte-to-half PTX snippets on a 32-bit input: the handful of b32 ops they use."""
-    import re
-
-    regs = {"$2": word}
-    value = lambda tok: regs[tok] if tok in regs else int(tok, 0)  # noqa: E731
-    for op, dst, *args in re.findall(r"(\w+)\.b32 (\$?\w+), ([^,;]+)(?:, ([^,;]+))?(?:, ([^,;]+))?;", ptx):
-        a = [value(x.strip()) for x in args if x]
-        regs[dst] = {"mov": lambda: a[0], "and": lambda: a[0] & a[1], "shr": lambda: a[0] >> a[1],
-                     "prmt": lambda: prmt(a[0], a[1], a[2])}[op]()
-    return regs["$0"], regs["$1"]
 
 
 @pytest.mark.parametrize("name,bits,plane,dtype,offset", [

@@ -1,0 +1,161 @@
+"""Compile one effopt kernel config for sm_90 offline (no GPU) and count the SASS of its main loop.
+
+Uses whichever Triton is importable (the device has 3.6; `pip install --target DIR triton==3.6.0`
+and PYTHONPATH=DIR gives the same compiler on a CPU machine) and the ptxas / nvdisasm it ships.
+Pointer, stride and size arguments get the divisibility-by-16 hint a launch on the benchmark's
+shapes gives them, so loads vectorize as they do on the device. Prints registers, shared memory and, for the longest
+loop (the backward branch spanning the most instructions), its instruction count and the most
+frequent opcodes. Counts are not timings (results/kernels.md has a case where they disagree).
+
+    python scripts/sass_count.py decode --quant --cvt 1 [--qk-int8] [--block-n 128 --warps 4 --stages 3]
+    python scripts/sass_count.py qmatmul --bits 4 --block-m 16 --block-n 64 --block-kb 64 --split-k 4 \\
+        --step 2 --x-split [--ptx] [--zero-in-tile] [--bf16]
+    python scripts/sass_count.py candidates   # compile every mma config the tuner may try (~15 min)
+"""
+import argparse
+import collections
+import dataclasses
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels import attention as A  # noqa: E402
+from kernels import qmatmul as Q  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_sm90(fn, const: dict, ptrs: dict, floats=(), multiples=(), warps=4, stages=3):
+    """triton.compile for sm_90a: constexprs `const`, pointer types `ptrs`, other args i32 (or fp32
+    for `floats`); pointers, strides and the integer args in `multiples` are hinted divisible by 16,
+    as a launch with such values specializes them."""
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {n: "constexpr" if n in const else ptrs.get(n, "fp32" if n in floats else "i32") for n in names}
+    hints = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n in ptrs or n.startswith("stride") or n in multiples}
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=hints)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def loop_histogram(sass: str):
+    """(instructions, Counter of opcodes) of the longest backward-branch loop in nvdisasm output."""
+    lines = sass.splitlines()
+    labels = {ln.rstrip(":"): i for i, ln in enumerate(lines) if re.match(r"^\.L_x_\d+:", ln)}
+    loops = [(i - labels[m.group(1)], labels[m.group(1)], i) for i, ln in enumerate(lines)
+             if (m := re.search(r"BRA `\((\.L_x_\d+)\)", ln)) and labels.get(m.group(1), i) < i]
+    if not loops:
+        return 0, collections.Counter()
+    _, start, end = max(loops)
+    ops = collections.Counter(m.group(1) for ln in lines[start:end + 1]
+                              if (m := re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+ )?([A-Z0-9_.]+)", ln)))
+    return sum(ops.values()), ops
+
+
+def report(kernel, top: int):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                               text=True).stdout
+        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    count, ops = loop_histogram(sass)
+    print(f"triton {triton.__version__} | registers {regs.group(1) if regs else '?'} | "
+          f"shared {kernel.metadata.shared} B | main loop {count} instructions")
+    print("  " + "  ".join(f"{op} {n}" for op, n in ops.most_common(top)))
+
+
+def compile_candidates():
+    """Compile every `_qmm_kernel` config `candidates()` offers (PTX copies included) for the bench's
+    weight kinds, M = 1-1024 and fp16 / bf16; print the count and any failure. A config that fails to
+    compile on the device's Triton would break the tuner there, which catches only OutOfResources."""
+    seen, failed = set(), []
+    for bits, group in ((4, 128), (8, -1), (4, 32), (2, 64)):
+        for dtype, act in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16")):
+            k = 4096
+            groups = k // (k if group < 0 else group)
+            w = Q.prepare_weight(torch.zeros(64, k * bits // 8, dtype=torch.uint8), torch.ones(64, groups, dtype=dtype),
+                                 torch.zeros(64, groups, dtype=dtype), bits, group, k)
+            dq = Q._dq_mode(dtype, bits)
+            for m in (1, 16, 64, 128, 1024):
+                cfgs = [c for c in Q.candidates(m, w, dtype) if c.kind == "mma"]
+                cfgs += [dataclasses.replace(c, ptx=True) for c in cfgs] if (bits, dq) in Q.PTX_OK else []
+                for c in cfgs:
+                    mode = Q._group_mode(w, c.block_kb)
+                    const = dict(BITS=bits, GROUP_MODE=mode, DQ=dq, POST_ZERO=c.post_zero and mode != 0,
+                                 X_SPLIT=c.x_split and bits == 4, HAS_BIAS=False, UPCAST=False, BLOCK_M=c.block_m,
+                                 BLOCK_N=c.block_n, BLOCK_KB=c.block_kb, SPLIT_K=c.split_k,
+                                 STEP_BLOCKS=c.step_blocks, PTX=c.ptx, ZERO_IN_TILE=c.zero_in_tile)
+                    key = (tuple(sorted(const.items())), c.warps, c.stages, act)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    ptrs = dict(x_ptr=act, qw_ptr="*u8", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act,
+                                ws_ptr="*fp32", lock_ptr="*i32")
+                    try:
+                        compile_sm90(Q._qmm_kernel, const, ptrs, (), ("N", "K", "KB", "GROUP"), c.warps, c.stages)
+                    except Exception as e:  # noqa: BLE001 - report every failing config
+                        failed.append((bits, group, dtype, m, c, str(e).splitlines()[-1][:160]))
+    print(f"triton {triton.__version__}: {len(seen) - len(failed)} of {len(seen)} mma configs compile for sm_90")
+    for f in failed:
+        print("  FAILED", *f)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("kernel", choices=["decode", "qmatmul", "candidates"])
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--block-n", type=int, default=None)
+    # decode
+    ap.add_argument("--quant", action="store_true", help="decode: int8 cache")
+    ap.add_argument("--cvt", type=int, default=A.INT8_CONVERT, help="decode: int8 conversion mode")
+    ap.add_argument("--qk-int8", action="store_true")
+    ap.add_argument("--group-rows", type=int, default=16, help="decode: MMA rows (GQA group x tokens, >= 16)")
+    # qmatmul
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-mode", type=int, default=1)
+    ap.add_argument("--block-m", type=int, default=16)
+    ap.add_argument("--block-kb", type=int, default=64)
+    ap.add_argument("--split-k", type=int, default=1)
+    ap.add_argument("--step", type=int, default=1)
+    ap.add_argument("--x-split", action="store_true")
+    ap.add_argument("--pre", action="store_true", help="qmatmul: scale and zero in the tile (post_zero off)")
+    ap.add_argument("--ptx", action="store_true")
+    ap.add_argument("--zero-in-tile", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="activations in bf16 (default fp16)")
+    a = ap.parse_args()
+    if a.kernel == "candidates":
+        return compile_candidates()
+    if a.kernel == "decode":
+        cache = "*i8" if a.quant else "*bf16"
+        const = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=a.group_rows, BLOCK_N=a.block_n or 128, QUANT=a.quant,
+                     UPCAST=False, FUSED_MERGE=False, CVT=a.cvt, QK_INT8=a.qk_int8)
+        ptrs = dict(Q="*bf16", K=cache, V=cache, KS="*fp32", VS="*fp32", O_PART="*fp32", LSE_PART="*fp32",
+                    LENS="*i32", OUT="*bf16", LOCK="*i32")
+        kernel = compile_sm90(A._decode_split, const, ptrs, ("qk_scale",), ("SPLIT_LEN",), a.warps, a.stages)
+    else:
+        act = "*bf16" if a.bf16 else "*fp16"
+        dq = Q._dq_mode(torch.bfloat16 if a.bf16 else torch.float16, a.bits)
+        const = dict(BITS=a.bits, GROUP_MODE=a.group_mode, DQ=dq, POST_ZERO=not a.pre, X_SPLIT=a.x_split,
+                     HAS_BIAS=False, UPCAST=False, BLOCK_M=a.block_m, BLOCK_N=a.block_n or 64,
+                     BLOCK_KB=a.block_kb, SPLIT_K=a.split_k, STEP_BLOCKS=a.step, PTX=a.ptx,
+                     ZERO_IN_TILE=a.zero_in_tile)
+        ptrs = dict(x_ptr=act, qw_ptr="*u8", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act, ws_ptr="*fp32",
+                    lock_ptr="*i32")
+        kernel = compile_sm90(Q._qmm_kernel, const, ptrs, (), ("N", "K", "KB", "GROUP"), a.warps, a.stages)
+    report(kernel, a.top)
+
+
+if __name__ == "__main__":
+    main()
