@@ -218,6 +218,28 @@ def _plane_to_half(wb, C: tl.constexpr, BITS: tl.constexpr, DQ: tl.constexpr):
 
 
 @triton.jit
+def _scaled_codes(code, offset_q, k_idx, s, z, x_ptr, s_ptr, z_ptr, offs_n, n_ok, stride_sn, stride_sg, K, GROUP,
+                  GROUP_MODE: tl.constexpr, DQ: tl.constexpr, UPCAST: tl.constexpr):
+    """(q - z) * s of a code tile [BLOCK_N, BLOCK_K] in x's dtype: the weight tile with scale and zero
+    point folded in. code: int codes; offset_q: `_codes_to_float(code, DQ)` (or `_plane_to_half`);
+    k_idx: the tile's K index per column; s, z: per-row scale / zero of the tile's group."""
+    OFFSET: tl.constexpr = 1024.0 if DQ == 1 else (128.0 if DQ == 2 else 0.0)
+    dt = x_ptr.dtype.element_ty
+    if GROUP_MODE == 0:  # groups smaller than the K-block: gather per element
+        gi = (k_idx // GROUP)[None, :]
+        ok = n_ok[:, None] & (k_idx < K)[None, :]
+        se = tl.load(s_ptr + offs_n[:, None] * stride_sn + gi * stride_sg, mask=ok, other=0.0)
+        ze = tl.load(z_ptr + offs_n[:, None] * stride_sn + gi * stride_sg, mask=ok, other=0.0)
+        return ((_codes_to_float(code, 0) - ze.to(tl.float32)) * se.to(tl.float32)).to(dt)
+    elif DQ == 0:
+        return ((_codes_to_float(code, 0) - z[:, None]) * s[:, None]).to(dt)
+    elif UPCAST:  # the interpreter's bf16 arithmetic is broken; fp32 rounds the same
+        return ((offset_q.to(tl.float32) - (z + OFFSET)[:, None]) * s[:, None]).to(dt)
+    else:  # (OFFSET + q) - (OFFSET + z) is exact in 16 bits; one rounding for * s
+        return (offset_q - (z + OFFSET).to(dt)[:, None]) * s.to(dt)[:, None]
+
+
+@triton.jit
 def _mma(a, b, acc, UPCAST: tl.constexpr):
     # The CPU interpreter of triton 3.9 mis-computes bf16 dots (and bf16 arithmetic): UPCAST is
     # set there and the operands go in as fp32.
@@ -357,18 +379,8 @@ def _qmm_kernel(
                     else:
                         acc = _mma(w, xt, acc, UPCAST)
                 else:
-                    if GROUP_MODE == 0:  # groups smaller than the K-block: gather per element
-                        gi = (k_idx // GROUP)[None, :]
-                        ok = n_ok[:, None] & (k_idx < K)[None, :]
-                        se = tl.load(s_ptr + offs_n[:, None] * stride_sn + gi * stride_sg, mask=ok, other=0.0)
-                        ze = tl.load(z_ptr + offs_n[:, None] * stride_sn + gi * stride_sg, mask=ok, other=0.0)
-                        w = ((_codes_to_float(code, 0) - ze.to(tl.float32)) * se.to(tl.float32)).to(dt)
-                    elif DQ == 0:
-                        w = ((_codes_to_float(code, 0) - z[:, None]) * s[:, None]).to(dt)
-                    elif UPCAST:  # the interpreter's bf16 arithmetic is broken; fp32 rounds the same
-                        w = ((offset_q.to(tl.float32) - (z + OFFSET)[:, None]) * s[:, None]).to(dt)
-                    else:  # (OFFSET + q) - (OFFSET + z) is exact in 16 bits; one rounding for * s
-                        w = (offset_q - (z + OFFSET).to(dt)[:, None]) * s.to(dt)[:, None]
+                    w = _scaled_codes(code, offset_q, k_idx, s, z, x_ptr, s_ptr, z_ptr, offs_n, n_ok, stride_sn,
+                                      stride_sg, K, GROUP, GROUP_MODE, DQ, UPCAST)
                     acc = _mma(w, xt, acc, UPCAST)
             if POST_ZERO and GROUP_MODE == 1:
                 if ZERO_IN_TILE:
@@ -473,18 +485,8 @@ def _qmm_xw_kernel(
                 xsum += tl.sum(xt.to(tl.float32), axis=1)
                 acc = _mma(xt, tl.trans(w), acc, UPCAST)
         else:
-            if GROUP_MODE == 0:  # groups smaller than the K-block: gather per element
-                gi = (kk // GROUP)[None, :]
-                ok = n_ok[:, None] & (kk < K)[None, :]
-                se = tl.load(s_ptr + offs_n[:, None] * stride_sn + gi * stride_sg, mask=ok, other=0.0)
-                ze = tl.load(z_ptr + offs_n[:, None] * stride_sn + gi * stride_sg, mask=ok, other=0.0)
-                w = ((_codes_to_float(code, 0) - ze.to(tl.float32)) * se.to(tl.float32)).to(dt)
-            elif DQ == 0:
-                w = ((_codes_to_float(code, 0) - z[:, None]) * s[:, None]).to(dt)
-            elif UPCAST:  # the interpreter's bf16 arithmetic is broken; fp32 rounds the same
-                w = ((_codes_to_float(code, DQ).to(tl.float32) - (z + OFFSET)[:, None]) * s[:, None]).to(dt)
-            else:  # (OFFSET + q) - (OFFSET + z) is exact in 16 bits; one rounding for * s
-                w = (_codes_to_float(code, DQ) - (z + OFFSET).to(dt)[:, None]) * s.to(dt)[:, None]
+            w = _scaled_codes(code, _codes_to_float(code, DQ), kk, s, z, x_ptr, s_ptr, z_ptr, offs_n, n_ok,
+                              stride_sn, stride_sg, K, GROUP, GROUP_MODE, DQ, UPCAST)
             acc = _mma(xt, tl.trans(w), acc, UPCAST)
     if POST_ZERO and GROUP_MODE == 2:
         acc = s[None, :] * (acc - (z + OFFSET)[None, :] * xsum[:, None])
