@@ -625,16 +625,16 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
         cfg = (block_n, 2, 4, 3 if q.is_cuda else 1, bool(fused_merge))
     elif cfg is None:
         cands = _decode_cfgs() if fused_merge is None else [c for c in _decode_cfgs() if c[4] == fused_merge]
-        cfg = choose(_decode_key(q, k, "int8 q.k" if qk_int8 else quant, fused_merge), cands, run)
+        cfg = choose(_decode_key(q, k, quant, qk_int8, fused_merge), cands, run)
     run(cfg)
     return out
 
 
-def _decode_key(q4, k, quant, fused_merge) -> tuple:
+def _decode_key(q4, k, quant: bool, qk_int8: bool, fused_merge) -> tuple:
     """The tuner's key of a decode call: q4 [B, H, T, D], k [B, Hkv, S, D]."""
     B, H, T, D = q4.shape
     Hkv, S = k.shape[1], k.shape[2]
-    return ("decode", q4.device, D, q4.dtype, quant, H // Hkv, T, triton.next_power_of_2(B * Hkv),
+    return ("decode", q4.device, D, q4.dtype, quant, qk_int8, H // Hkv, T, triton.next_power_of_2(B * Hkv),
             triton.next_power_of_2(S), fused_merge)
 
 
@@ -642,7 +642,7 @@ def decode_choice(q, k_cache, quant: bool = False, qk_int8: bool = False):
     """(BLOCK_N, programs per SM, warps, stages, fused merge) the tuner picked for this shape, or None."""
     from kernels._tune import chosen
 
-    return chosen(_decode_key(q if q.dim() == 4 else q[:, :, None], k_cache, "int8 q.k" if qk_int8 else quant, None))
+    return chosen(_decode_key(q if q.dim() == 4 else q[:, :, None], k_cache, quant, qk_int8, None))
 
 
 _COUNTERS: dict = {}

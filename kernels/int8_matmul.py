@@ -189,7 +189,7 @@ def candidates(M: int, N: int, K: int) -> list:
     Few tokens: the weight stream is the cost, so the tiles are narrow in N to give every SM
     programs to run (N = 4096 with 32 features a tile is 128 programs for an H200's 132 SMs) and
     long in K (256 bytes a row per step). Many tokens: the usual compute-bound square tiles.
-    None of these are measured yet (no GPU when this was written): `choose` decides.
+    `choose` times them per shape; results/kernels.md's W8A8 table names the pick (H200).
     """
     if interpreting():  # the CPU interpreter: one small tile, either orientation
         return [Cfg(16, 32, 32, swap=M <= SMALL_M, stages=1)]
