@@ -71,7 +71,7 @@ def gpu_ms(fn, n: int = 8, reps: int = 3) -> float:
             if FLUSH_MODE == "zero":
                 flush.zero_()
             else:
-                torch.sum(flush, out=total)
+                torch.sum(flush, dim=0, out=total)
             fn()
     graph.replay()
     times = []

@@ -661,7 +661,9 @@ def _decode_cfgs():
     """(BLOCK_N, programs per SM, warps, stages, fused merge); the first is the default."""
     if interpreting():
         return [(64, 2, 4, 1, False), (64, 2, 4, 1, True)]
-    tiles = [(64, 2, 4, 3), (64, 4, 4, 3), (128, 2, 4, 3), (32, 4, 4, 4), (64, 8, 4, 2), (128, 4, 8, 3)]
+    tiles = [(64, 2, 4, 3), (64, 4, 4, 3), (128, 2, 4, 3), (32, 4, 4, 4), (64, 8, 4, 2), (128, 4, 8, 3),
+             # the sweep of 2026-11-30 (results/kernels.md): best for int8 at B = 8, 16k and bf16 at B = 32, 4k
+             (128, 4, 4, 3), (64, 2, 4, 2), (64, 4, 4, 2)]
     return [t + (fused,) for fused in (False, True) for t in tiles]
 
 

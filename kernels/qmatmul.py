@@ -22,7 +22,8 @@ Codes become floats through an exponent-bit trick instead of int->float converts
 `0x6400 | q` read as fp16 is 1024 + q (bf16: `0x4300 | q` is 128 + q), exact for small q. The offset
 is removed after the MMA together with the zero point: sum_k s (q_k - z) x_k =
 s * (sum_k (1024 + q_k) x_k - (1024 + z) * sum_k x_k), so each weight element costs a shift and a
-bitwise op before the MMA. The `zero_in_tile` configs subtract 1024 + z in the tile instead (q - z,
+bitwise op before the MMA; the subtraction is made per K-block, as the offset summed over all of K
+would cost fp32 precision. The `zero_in_tile` configs subtract 1024 + z in the tile instead (q - z,
 exact in 16 bits), trading the sums of x for one subtraction per code; `ptx` configs convert four
 bytes of codes per register with PTX (`_plane_to_half`).
 """
@@ -37,9 +38,9 @@ import triton.language as tl
 from kernels._tune import choose, interpreting
 
 KERNEL_BITS = (2, 4, 8)  # 3-bit codes straddle bytes: served by dequantize + matmul
-# Tensor-core configs with the PTX code conversion (`_plane_to_half`) join the tuner's candidates
-# only when EFFOPT_QMM_PTX=1, until a GPU run has timed them and checked them against the reference.
-PTX_CANDIDATES = os.environ.get("EFFOPT_QMM_PTX", "0") == "1"
+# Tensor-core configs with the PTX code conversion (`_plane_to_half`) join the tuner's candidates on
+# CUDA (timed and checked on an H200, results/kernels.md); EFFOPT_QMM_PTX=0 leaves them out.
+PTX_CANDIDATES = os.environ.get("EFFOPT_QMM_PTX", "1") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,7 +375,7 @@ def _qmm_kernel(
                         w = (offset_q.to(tl.float32) - (z + OFFSET)[:, None]).to(dt)
                     else:  # (OFFSET + q) - (OFFSET + z) = q - z, exact in 16 bits
                         w = offset_q - (z + OFFSET).to(dt)[:, None]
-                    if GROUP_MODE == 1:
+                    if GROUP_MODE == 1 or not ZERO_IN_TILE:
                         part = _mma(w, xt, part, UPCAST)
                     else:
                         acc = _mma(w, xt, acc, UPCAST)
@@ -382,17 +383,19 @@ def _qmm_kernel(
                     w = _scaled_codes(code, offset_q, k_idx, s, z, x_ptr, s_ptr, z_ptr, offs_n, n_ok, stride_sn,
                                       stride_sg, K, GROUP, GROUP_MODE, DQ, UPCAST)
                     acc = _mma(w, xt, acc, UPCAST)
-            if POST_ZERO and GROUP_MODE == 1:
-                if ZERO_IN_TILE:
+            if POST_ZERO and not ZERO_IN_TILE:
+                # the offset leaves each K-block's fp32 partial: summed over all of K it would cost
+                # OFFSET * K * eps, several times q - z at 2 bits (per-channel, K = 4096: 3e-3 rel. err)
+                part -= (z + OFFSET)[:, None] * xsum[None, :]
+                xsum = tl.zeros((BLOCK_M,), tl.float32)
+                if GROUP_MODE == 1:
                     acc += s[:, None] * part
-                else:
-                    acc += s[:, None] * (part - (z + OFFSET)[:, None] * xsum[None, :])
-                    xsum = tl.zeros((BLOCK_M,), tl.float32)
+                else:  # one group: s at the end
+                    acc += part
+            elif POST_ZERO and GROUP_MODE == 1:
+                acc += s[:, None] * part
     if POST_ZERO and GROUP_MODE == 2:
-        if ZERO_IN_TILE:
-            acc = s[:, None] * acc
-        else:
-            acc = s[:, None] * (acc - (z + OFFSET)[:, None] * xsum[None, :])
+        acc = s[:, None] * acc
     _finish(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, offs_n, offs_m, N, M, stride_om,
             HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M)
 
@@ -439,8 +442,8 @@ def _qmm_xw_kernel(
     register layout as in `_qmm_kernel` (in the sm_90 TTGIR of triton 3.9 the tile is one
     local_alloc and the transpose a view of it, feeding one warp_group_dot). One MMA of depth
     BLOCK_K per K-step. Scale / zero point as in `_qmm_kernel`: POST_ZERO keeps OFFSET + q in the
-    tile and applies s (part - (OFFSET + z) sum_k x) to the fp32 partial of each group (GROUP_MODE
-    1) or once at the end (2); otherwise (q - z) * s is folded into the 16-bit tile.
+    tile, subtracts (OFFSET + z) sum_k x from each K-block's fp32 partial and applies s per group
+    (GROUP_MODE 1) or once at the end (2); otherwise (q - z) * s is folded into the 16-bit tile.
     Programs walk the M tiles of one N tile consecutively (pid_m fastest), so the weight tile is
     read from HBM about once and from L2 by the other M tiles.
     """
@@ -462,7 +465,6 @@ def _qmm_xw_kernel(
     it0, it1 = _split_range(n_iters, pid_k, SPLIT_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    xsum = tl.zeros((BLOCK_M,), tl.float32)
     s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_ok, stride_sn, 0)
     for it in range(it0, it1):
         kb = it * BLOCK_KB + offs_j
@@ -477,19 +479,18 @@ def _qmm_xw_kernel(
             s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_ok, stride_sn, g * stride_sg)
         if POST_ZERO:
             w = _codes_to_float(code, DQ).to(dt)  # OFFSET + q, exact
+            part = _mma(xt, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST)
+            part -= (z + OFFSET)[None, :] * tl.sum(xt.to(tl.float32), axis=1)[:, None]  # per K-block: see _qmm_kernel
             if GROUP_MODE == 1:
-                part = _mma(xt, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST)
-                xs = tl.sum(xt.to(tl.float32), axis=1)
-                acc += s[None, :] * (part - (z + OFFSET)[None, :] * xs[:, None])
+                acc += s[None, :] * part
             else:
-                xsum += tl.sum(xt.to(tl.float32), axis=1)
-                acc = _mma(xt, tl.trans(w), acc, UPCAST)
+                acc += part
         else:
             w = _scaled_codes(code, _codes_to_float(code, DQ), kk, s, z, x_ptr, s_ptr, z_ptr, offs_n, n_ok,
                               stride_sn, stride_sg, K, GROUP, GROUP_MODE, DQ, UPCAST)
             acc = _mma(xt, tl.trans(w), acc, UPCAST)
     if POST_ZERO and GROUP_MODE == 2:
-        acc = s[None, :] * (acc - (z + OFFSET)[None, :] * xsum[:, None])
+        acc = s[None, :] * acc
     _finish(tl.trans(acc), out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, offs_n, offs_m, N, M, stride_om,
             HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M)
 
@@ -1032,8 +1033,8 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
 
 
 def _variants(cands: list, w: QuantWeight, dtype) -> list:
-    """Copies of the mma candidates not yet timed on a GPU, appended so the default never changes:
-    the zero point subtracted in the tile (of post_zero configs), and, when PTX_CANDIDATES is set,
+    """Copies of the mma candidates, appended so the untimed default never changes: the zero point
+    subtracted in the tile (of post_zero configs), and, when PTX_CANDIDATES is set,
     the weight is on CUDA and (bits, code mode) is one PTX_OK serves, each with the PTX conversion."""
     mma = [c for c in cands if c.kind == "mma"]
     zero_in_tile = [dataclasses.replace(c, zero_in_tile=True) for c in mma if c.post_zero]

@@ -135,12 +135,13 @@ def bnb_nf4(w_fp16):
     return (lambda x: bnb.matmul_4bit(x, wq.t(), quant_state=state)), f"bitsandbytes {bnb.__version__}"
 
 
-def bench_qmatmul(quick):
+def bench_qmatmul(quick, ms_only=None, shapes_only=None):
     shapes = [(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)]
     ms_list = [1, 16, 64, 128, 1024]
     variants = [("W4A16 g128", 4, 128)] + ([] if quick else [("W8A16 per-channel", 8, -1)])
     if quick:
         shapes, ms_list = [(8192, 8192), (4096, 14336)], [1, 16, 64, 1024]
+    shapes, ms_list = shapes_only or shapes, ms_only or ms_list
     for name, bits, group in variants:
         rows = []
         note = ""
@@ -181,6 +182,7 @@ def bench_qmatmul(quick):
                              (fmt(t_b * 1e3) + ("" if how == "graph" else " (eager)")) if t_b else "n/a",
                              fmt(t_b / t_q, 2) if t_b else "n/a", fmt(t_e * 1e3),
                              _cfg_str(chosen(key) if key else None), best["mma"], best["xw"], f"{err:.1e}"])
+                print("  row:", " | ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
             ws = w16 = None  # free this shape's copies before the next
         table(f"quant_matmul {name} (fp16 activations; bnb: {note}; path: the tuner's pick, 'mma' = W x^T "
               f"(swap AB), 'xw' = x W^T; best mma / xw: the fastest config of each orientation the tuner timed)",
@@ -219,7 +221,7 @@ def bench_gemv(copy_tbs):
             Q.quant_matmul(xs[0], w0, out=out)  # the tuner times its candidates once for this shape
             key = next(kk for kk in TIMINGS if kk[1:5] == (m if m <= 4 else triton.next_power_of_2(m), n, k, 4))
             row(f"tuned: {_cfg_str(chosen(key))}", chosen(key))
-            for ptx in (False, True):  # the PTX code conversion only with EFFOPT_QMM_PTX=1
+            for ptx in (False, True):  # with and without the PTX code conversion (none with EFFOPT_QMM_PTX=0)
                 mma = min((c for c in TIMINGS[key] if c[0].kind == "mma" and c[0].ptx == ptx), key=lambda c: c[1],
                           default=None)
                 if mma:
@@ -461,6 +463,8 @@ def main():
     ap.add_argument("--only", default="qmatmul,attn,decode")
     ap.add_argument("--gemv", action="store_true", help="only the decode GEMV table (gemv2 configs vs the rest)")
     ap.add_argument("--w8a8", action="store_true", help="only the W8A8 (SmoothQuant int8 x int8) table")
+    ap.add_argument("--ms", default=None, help="qmatmul: only these token counts, e.g. 16,64")
+    ap.add_argument("--shapes", default=None, help="qmatmul: only these NxK weights, e.g. 8192x8192,4096x14336")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
@@ -471,7 +475,9 @@ def main():
          f"`{' '.join(sys.argv)}`")
     copy_tbs = copy_bandwidth()
     emit(f"\ndevice-to-device copy: {copy_tbs:.2f} TB/s (read + write)")
-    sections = {"qmatmul": lambda: bench_qmatmul(args.quick), "attn": lambda: bench_attention(args.quick),
+    ms_only = [int(m) for m in args.ms.split(",")] if args.ms else None
+    shapes_only = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
+    sections = {"qmatmul": lambda: bench_qmatmul(args.quick, ms_only, shapes_only), "attn": lambda: bench_attention(args.quick),
                 "decode": lambda: bench_decode(args.quick, copy_tbs), "gemv": lambda: bench_gemv(copy_tbs),
                 "w8a8": lambda: bench_w8a8(args.quick)}
     only = [name for name, flag in (("gemv", args.gemv), ("w8a8", args.w8a8)) if flag]

@@ -249,12 +249,16 @@ def test_ptx_code_conversion_gives_offset_plus_code(name, bits, plane, dtype, of
         assert got == [offset + ((byte >> plane * bits) & (2**bits - 1)) for byte in quad]
 
 
-def test_ptx_configs_are_opt_in_and_need_cuda(monkeypatch):
+def test_ptx_configs_need_cuda_and_can_be_turned_off(monkeypatch):
     qweight, scales, zeros, _ = make_weight(64, 256, 4, 128, torch.float16, "cpu")
     w = prepare_weight(qweight, scales, zeros, 4, 128, 256)
-    assert not any(c.ptx for m in (1, 16, 64, 256) for c in candidates(m, w, torch.float16))
     monkeypatch.setattr(Q, "PTX_CANDIDATES", True)
-    assert not any(c.ptx for c in candidates(16, w, torch.float16))  # the weight is not on CUDA
+    assert not any(c.ptx for m in (1, 16, 64, 256) for c in candidates(m, w, torch.float16))  # not on CUDA
+    if ON_GPU:
+        wg = prepare_weight(*(t.cuda() for t in (qweight, scales, zeros)), 4, 128, 256)
+        assert any(c.ptx for c in candidates(16, wg, torch.float16))
+        monkeypatch.setattr(Q, "PTX_CANDIDATES", False)  # EFFOPT_QMM_PTX=0
+        assert not any(c.ptx for m in (1, 16, 64, 256) for c in candidates(m, wg, torch.float16))
     if not ON_GPU:  # the interpreter runs no PTX: a forced ptx config is refused, by name
         x = torch.randn(3, 256, dtype=torch.float16)
         with pytest.raises(ValueError, match="ptx"):
