@@ -93,7 +93,7 @@ def _kv_section(model, tokenizer, prompts, kind: str, ppl_tokens: int, float_run
     """Bytes, logit error of the last prompt position and perplexity cost of the quantized cache."""
     from effopt.generation.decode import prefill
     from effopt.generation.decoder import Decoder
-    from effopt.nn.kv_cache import use_runtime
+    from effopt.nn.runtime import use_runtime
 
     dec = Decoder(model)
     n = len(prompts[0])
@@ -198,7 +198,7 @@ def run_bench(source: str, baseline: str | None = None, prompt_len: int = 128, g
     """
     from effopt.generation.decode import default_cache_kind
     from effopt.generation.decoder import unsupported_reason
-    from effopt.nn.kv_cache import use_runtime
+    from effopt.nn.runtime import use_runtime
 
     torch.manual_seed(seed)
     models = dict(models or {})
@@ -247,7 +247,7 @@ def bench_metrics(model, tokenizer, prompt_len: int = 128, gen_len: int = 64, ba
     transformers `generate` on the same model and prompts (the eval stage's `bench` metric set)."""
     from effopt.generation.decode import default_cache_kind
     from effopt.generation.decoder import unsupported_reason
-    from effopt.nn.kv_cache import use_runtime
+    from effopt.nn.runtime import use_runtime
 
     pad = (getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None) or 0
     prompts = make_prompts(tokenizer, model.config.vocab_size, batch, prompt_len, seed)

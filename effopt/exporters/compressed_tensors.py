@@ -112,16 +112,11 @@ def sparsity_metadata(weights: dict[str, torch.Tensor], pruned: bool) -> dict | 
     Written when the weights are 2:4 or when a prune stage ran (`pruned`); None otherwise (RTN alone
     creates exact zeros that are not sparsity anyone should exploit).
     """
-    zeros = total = 0
-    two_four = bool(weights)
-    for w in weights.values():
-        zeros += int((w == 0).sum())
-        total += w.numel()
-        k = w.shape[1]
-        if k % 4:
-            two_four = False
-        elif two_four:
-            two_four = bool(((w.reshape(w.shape[0], k // 4, 4) == 0).sum(-1) >= 2).all())
+    from effopt.nn.semi_structured import is_two_four
+
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    total = sum(w.numel() for w in weights.values())
+    two_four = bool(weights) and all(is_two_four(w) for w in weights.values())
     if not (two_four or pruned) or not total:
         return None
     return {"format": "dense", "global_sparsity": zeros / total,

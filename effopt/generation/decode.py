@@ -94,7 +94,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int | list[int], s
 
     Args:
         max_new_tokens: per prompt (a list) or for all.
-        cache: bf16/float, int8, int4 or sink; default from the model's runtime (`use_runtime`).
+        cache: bf16/float, int8, int4 or sink; default from the model's runtime (`effopt.nn.runtime.use_runtime`).
         graph: replay the decode step from a CUDA graph (default: on CUDA, except for a sink cache).
         decoder: a prepared Decoder (e.g. with fused projections) to reuse.
         compile_step: torch.compile the step before capturing it (CUDA).

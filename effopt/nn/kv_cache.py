@@ -14,7 +14,7 @@
 Each cache implements `attend(layer, q, k, v, step)`: store this step's K/V and return attention
 of the queries over everything the cache holds (`Step`: positions and RoPE of one forward pass).
 
-`use_runtime(model, runtime)` applies `runtime["kv_cache"]` ({"bits": 8|4, "granularity":
+`use_kv_runtime(model, runtime)` (through `effopt.nn.runtime.use_runtime`) applies `runtime["kv_cache"]` ({"bits": 8|4, "granularity":
 "head_token"}) to a Hugging Face model's plain forward passes: K/V are quantized and dequantized as
 the cache would store them, so perplexity measured inside the context is the KV-quantization cost.
 """
@@ -362,8 +362,8 @@ def _register(base_name: str, bits: int) -> str:
 
 
 @contextlib.contextmanager
-def use_runtime(model, runtime: dict | None) -> Iterator[None]:
-    """Apply the runtime options `runtime` to `model` inside the block.
+def use_kv_runtime(model, runtime: dict | None) -> Iterator[None]:
+    """Apply the KV-cache runtime option of `runtime` to `model` inside the block.
 
     With `runtime["kv_cache"] = {"bits": 8|4, "granularity": "head_token"}` every attention call
     sees K (after RoPE) and V quantized-dequantized per head and token, exactly as
@@ -395,5 +395,5 @@ def _configs(model) -> list:
 
 
 def runtime_of(model) -> dict:
-    """The runtime options active on `model` (set by `use_runtime`), {} when none."""
+    """The runtime options active on `model` (set by `use_kv_runtime`), {} when none."""
     return dict(getattr(model, "_effopt_runtime", None) or {})

@@ -34,10 +34,13 @@ class EvalConfig(StageConfig):
 def apply_eval(cfg: EvalConfig, ctx) -> dict:
     """Run the requested measurements."""
     from effopt import metrics
-    from effopt.nn.kv_cache import use_runtime
+    from effopt.nn.runtime import use_runtime
 
     out: dict = {}
-    with use_runtime(ctx.model, ctx.runtime):  # e.g. a quantized KV cache: its cost shows in perplexity
+    if "size" in cfg.metrics:  # of the model as saved (not of a runtime form, e.g. compressed 2:4 copies)
+        out.update(metrics.size_metrics(ctx.model))
+    # runtime options, e.g. a quantized KV cache: its cost shows in perplexity
+    with use_runtime(ctx.model, ctx.runtime):
         if "perplexity" in cfg.metrics:
             windows = ctx.data.windows(cfg.data)
             out.update(metrics.perplexity(ctx.model, windows, ctx.tokenizer, f"perplexity on {cfg.data}"))
@@ -45,8 +48,6 @@ def apply_eval(cfg: EvalConfig, ctx) -> dict:
             out["eval_source"] = src.source
             out["eval_seq_len"] = src.seq_len
             out["eval_bos"] = ctx.data.bos(cfg.data)
-        if "size" in cfg.metrics:
-            out.update(metrics.size_metrics(ctx.model))
         if "speed" in cfg.metrics:
             out.update(metrics.decode_speed(ctx.model, ctx.tokenizer, cfg.speed_prompt_tokens, cfg.speed_new_tokens,
                                             ctx.recipe.seed))

@@ -25,6 +25,9 @@ class PruneBase(TargetedStageConfig):
                                                                  "(0 <= s < 1); or give `pattern`.")
     pattern: str | None = Field(None, pattern=r"^\d+:\d+$", description="N:M pattern: keep N of every M "
                                                                         "consecutive input weights, e.g. 2:4, 4:8.")
+    semi_structured: bool = Field(False, description="With pattern 2:4: at inference on a CUDA GPU (sm_80+, fp16/"
+                                                     "bf16), run the pruned layers on sparse tensor cores through "
+                                                     "torch's semi-structured sparse tensors (a runtime option).")
 
     @model_validator(mode="after")
     def _one_target(self):
@@ -34,6 +37,9 @@ class PruneBase(TargetedStageConfig):
             raise ValueError("give exactly one of sparsity (e.g. 0.5) or pattern (e.g. '2:4')")
         if self.pattern is not None:
             parse_nm(self.pattern)
+        if self.semi_structured and self.pattern != "2:4":
+            raise ValueError(f"semi_structured: true needs pattern: '2:4' (sparse tensor cores take 2:4 only), "
+                             f"got pattern {self.pattern!r}")
         return self
 
     def nm(self) -> tuple[int, int] | None:
@@ -155,6 +161,8 @@ def _finish(cfg, ctx, masks: dict[str, torch.Tensor], t0: float, **extra) -> dic
     pattern = cfg.pattern or "unstructured"
     for name, keep in masks.items():
         apply_mask(ctx.model, name, keep, pattern)
+    if cfg.semi_structured:
+        ctx.runtime["semi_structured"] = True  # saved with checkpoints and exports; see effopt/nn/semi_structured.py
     return {"pruned_layers": len(masks), "pattern": pattern, "target_sparsity": cfg.sparsity if cfg.pattern is None
             else 1 - cfg.nm()[0] / cfg.nm()[1], "achieved_sparsity": mask_sparsity(masks),
             "prune_seconds": time.perf_counter() - t0, **extra}

@@ -11,7 +11,8 @@ from effopt.generation import Decoder, generate
 from effopt.generation.decode import prefill
 from effopt.nn import kv_cache
 from effopt.nn.kv_cache import (StaticKVCache, Step, dequantize_kv, fake_quantize_kv, kv_config, quantize_kv,
-                                runtime_of, use_runtime)
+                                runtime_of)
+from effopt.nn.runtime import use_runtime
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 

@@ -64,6 +64,8 @@ def run(tmp_path: Path, model_dir: Path, prune: dict, after: list | None = None)
     ({"method": "structured", "structure": "heads", "amount": 0.2, "sparsity": 0.5}, "unknown key"),
     ({"method": "pruney", "sparsity": 0.5}, "method"),
     ({"method": "wanda", "sparsity": 0.5, "blocksize": 64}, "unknown key"),
+    ({"method": "magnitude", "pattern": "4:8", "semi_structured": True}, "semi_structured: true needs pattern"),
+    ({"method": "wanda", "sparsity": 0.5, "semi_structured": True}, "semi_structured: true needs pattern"),
 ])
 def test_invalid_prune_options_are_refused(prune, message, tmp_path, tiny_model_dir):
     with pytest.raises(RecipeError, match=message):
@@ -143,3 +145,17 @@ def test_structured_with_taylor_criterion_runs_and_shrinks(tmp_path, tiny_model_
                                             "criterion": "taylor", "norm": "l1", "batch_size": 2})
     assert record["stages"][1]["metrics"]["channels_after"] == 96
     assert record["stages"][2]["metrics"]["perplexity"] > 1
+
+
+def test_semi_structured_is_a_runtime_option_saved_with_the_checkpoint(tmp_path, tiny_model_dir):
+    """On this CPU the 2:4 layers stay dense (the kernels are CUDA-only); the option travels with the model."""
+    from effopt.models import read_manifest
+
+    record = run(tmp_path, tiny_model_dir, {"method": "magnitude", "pattern": "2:4", "semi_structured": True})
+    assert record["status"] == "completed"
+    checkpoint = tmp_path / "run" / record["stages"][1]["checkpoint"]
+    assert read_manifest(checkpoint)["runtime"] == {"semi_structured": True}
+    (tmp_path / "plain").mkdir()
+    plain = run(tmp_path / "plain", tiny_model_dir, {"method": "magnitude", "pattern": "2:4"})
+    assert read_manifest(tmp_path / "plain" / "run" / plain["stages"][1]["checkpoint"])["runtime"] == {}
+    assert record["stages"][2]["metrics"]["perplexity"] == plain["stages"][2]["metrics"]["perplexity"]
