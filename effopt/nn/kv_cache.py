@@ -14,9 +14,10 @@
 Each cache implements `attend(layer, q, k, v, step)`: store this step's K/V and return attention
 of the queries over everything the cache holds (`Step`: positions and RoPE of one forward pass).
 
-`use_kv_runtime(model, runtime)` (through `effopt.nn.runtime.use_runtime`) applies `runtime["kv_cache"]` ({"bits": 8|4, "granularity":
-"head_token"}) to a Hugging Face model's plain forward passes: K/V are quantized and dequantized as
-the cache would store them, so perplexity measured inside the context is the KV-quantization cost.
+`use_kv_runtime(model, runtime)` (called by `effopt.nn.runtime.use_runtime`) applies
+`runtime["kv_cache"]` ({"bits": 8|4, "granularity": "head_token"}) to a Hugging Face model's plain
+forward passes: K/V are quantized and dequantized as the cache would store them, so perplexity
+measured inside the context is the KV-quantization cost.
 """
 
 from __future__ import annotations
