@@ -47,11 +47,13 @@ def _keep(rows_pos, cols, Skv, WINDOW, CAUSAL: tl.constexpr, HAS_WINDOW: tl.cons
 def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos, offs_n, offs_d, d_ok,
                 lo, hi, Skv, qk_scale, WINDOW,
                 MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """Online-softmax update over key blocks [lo, hi); MASK=False for blocks known to be full."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if MASK:
+        if TMA:  # k_base / v_base are tensor descriptors [Skv, HEAD_DIM]; rows past Skv read as 0
+            kt = tl.trans(k_base.load([start_n, 0]))
+        elif MASK:
             kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None],
                          mask=d_ok[:, None] & (cols < Skv)[None, :], other=0.0)
         else:
@@ -64,7 +66,9 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos, off
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASK:
+        if TMA:
+            v = v_base.load([start_n, 0])
+        elif MASK:
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :],
                         mask=(cols < Skv)[:, None] & d_ok[None, :], other=0.0)
         else:
@@ -79,8 +83,14 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, Sq, Skv, H, GROUP, WINDOW,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr):
-    """O = softmax(Q K^T * scale + mask) V for BLOCK_M queries of one (batch, head); LSE in log2 units."""
+              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+              TMA: tl.constexpr = False):
+    """O = softmax(Q K^T * scale + mask) V for BLOCK_M queries of one (batch, head); LSE in log2 units.
+
+    TMA: K / V tiles through device-side tensor descriptors (Hopper's bulk copies; HEAD_DIM == BLOCK_D,
+    16-byte aligned rows): in sm_90 SASS (Triton 3.6, 128x64 tiles, 8 warps) 146 registers against
+    181 with pointer loads. Not yet timed on a GPU.
+    """
     pid_m = tl.program_id(0)
     if CAUSAL:  # the longest rows first, so the last wave is short
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -97,6 +107,9 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, Sq, Skv, H, GROUP, WINDOW,
                 mask=(offs_m < Sq)[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    if TMA:
+        k_base = tl.make_tensor_descriptor(k_base, [Skv, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_base = tl.make_tensor_descriptor(v_base, [Skv, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
 
     # key range [lo, hi) and its mask-free middle [full_lo, full_hi), all multiples of BLOCK_N
     first, last = pid_m * BLOCK_M + off, pid_m * BLOCK_M + BLOCK_M - 1 + off  # positions of the rows
@@ -118,13 +131,13 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, Sq, Skv, H, GROUP, WINDOW,
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos, offs_n, offs_d,
                                 d_ok, full_lo, full_hi, Skv, qk_scale, WINDOW, False, CAUSAL, HAS_WINDOW,
-                                BLOCK_N, UPCAST)
+                                BLOCK_N, UPCAST, TMA)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos, offs_n, offs_d,
                                 d_ok, lo, full_lo, Skv, qk_scale, WINDOW, True, CAUSAL, HAS_WINDOW,
-                                BLOCK_N, UPCAST)
+                                BLOCK_N, UPCAST, TMA)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos, offs_n, offs_d,
                                 d_ok, full_hi, hi, Skv, qk_scale, WINDOW, True, CAUSAL, HAS_WINDOW,
-                                BLOCK_N, UPCAST)
+                                BLOCK_N, UPCAST, TMA)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key outputs 0
     row_ok = offs_m < Sq
     tl.store(LSE + bh * Sq + offs_m, m_i + tl.math.log2(l_safe), mask=row_ok)
@@ -432,13 +445,28 @@ def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _fwd_cfgs(D):
-    """(BLOCK_M, BLOCK_N, warps, stages) to time; the first is the default (it does not spill on sm_90)."""
+def _set_tma_allocator():
+    """Device-side tensor descriptors (TMA) need global scratch from the launcher: torch provides it."""
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
+def _fwd_cfgs(D, tma: bool):
+    """(BLOCK_M, BLOCK_N, warps, stages, TMA) to time; the first is the default (it does not spill on
+    sm_90). The TMA copies come last, offered when `tma` (see `_tma_ok`)."""
     if interpreting():
-        return [(32, 32, 4, 1)]
-    if D <= 64:
-        return [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
-    return [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+        return [(32, 32, 4, 1, False)]
+    tiles = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)] if D <= 64 else \
+        [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+    return [t + (False,) for t in tiles] + ([t + (True,) for t in tiles] if tma else [])
+
+
+def _tma_ok(*tensors) -> bool:
+    """Tensor descriptors can read these [B, H, S, D] CUDA tensors: D of 64 or 128 (the whole tile),
+    unit last stride, 16-byte aligned data and row strides (bulk-copy rules)."""
+    t0 = tensors[0]  # the CPU interpreter runs descriptors too (tests)
+    return (t0.is_cuda or interpreting()) and t0.shape[-1] in (64, 128) and all(
+        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+        for t in tensors)
 
 
 def _attn_forward(q, k, v, causal, sm_scale, window, cfg=None, o=None, lse=None):
@@ -450,18 +478,23 @@ def _attn_forward(q, k, v, causal, sm_scale, window, cfg=None, o=None, lse=None)
         lse = torch.empty(B * H, Sq, device=q.device, dtype=torch.float32)
     bd = max(16, triton.next_power_of_2(D))
 
+    tma_ok = _tma_ok(k, v)
+
     def run(c):
-        bm, bn, warps, stages = c
+        bm, bn, warps, stages, tma = (*c, False)[:5]
+        tma = tma and tma_ok  # the tuner's pick is per shape; a misaligned view of one falls back
+        if tma and q.is_cuda:
+            _set_tma_allocator()
         _attn_fwd[(triton.cdiv(Sq, bm), B * H)](
             q, k, v, o, lse, sm_scale * LOG2E, Sq, Skv, H, H // Hkv, window or 0,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_WINDOW=bool(window),
-            UPCAST=not q.is_cuda, num_warps=warps, num_stages=stages)
+            UPCAST=not q.is_cuda, TMA=tma, num_warps=warps, num_stages=stages)
 
     if cfg is None:
         key = ("fwd", q.device, D, q.dtype, causal, bool(window), triton.next_power_of_2(Sq), triton.next_power_of_2(Skv))
-        cfg = choose(key, _fwd_cfgs(D), run)
+        cfg = choose(key, _fwd_cfgs(D, tma_ok), run)
     run(cfg)
     return o, lse
 

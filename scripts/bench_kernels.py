@@ -373,7 +373,11 @@ def bench_attention(quick):
                 err = ((o.float() - ref.float()).norm() / ref.float().norm()).item() if ref is not None else None
                 t, _ = graph_ms([lambda: A.flash_attention(q, k, v, causal=causal)], total=4 if s > 4096 else 16)
                 base = {b: try_time(lambda b=b: sdpa(b)(q, k, v, causal), s) for b in ("flash", "cudnn")}
-                fwd_rows.append(_attn_row(s, hkv, causal, t, base, flops, err))
+                key = next((kk for kk in TIMINGS if kk[0] == "fwd" and kk[4] == causal and kk[6] == s), None)
+                pick = chosen(key) if key else None  # (BLOCK_M, BLOCK_N, warps, stages, TMA)
+                fwd_rows.append(_attn_row(s, hkv, causal, t, base, flops, err)
+                                + [f"{pick[0]}x{pick[1]} w{pick[2]} s{pick[3]}{' TMA' if pick[4] else ''}" if pick
+                                   else "?"])
                 if causal and (not quick or s == 4096):
                     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
                     do = torch.randn_like(q)
@@ -389,7 +393,8 @@ def bench_attention(quick):
                     bwd_rows.append(_attn_row(s, hkv, True, tb, bb, 2.5 * flops, None))
     hdr = ["tokens", "KV heads", "causal", "effopt ms", "TFLOP/s", "SDPA flash ms", "SDPA cuDNN ms",
            "vs flash", "vs cuDNN", "rel err vs flash"]
-    table("flash_attention forward, bf16, B=1, 32 heads, d=128", hdr, fwd_rows)
+    table("flash_attention forward, bf16, B=1, 32 heads, d=128 (config: the tuner's pick)", hdr + ["config"],
+          fwd_rows)
     table("flash_attention backward (dq, dk, dv), bf16, B=1, 32 heads, d=128, causal "
           "(TFLOP/s counts 2.5x the forward FLOPs)", hdr[:-1], [r[:-1] for r in bwd_rows])
 

@@ -62,6 +62,32 @@ def test_forward_matches_reference(case):
     assert torch.isfinite(lse).all()
 
 
+@pytest.mark.parametrize("case", [c for c in FWD if c[5] in (64, 128) and c[3] < 1000])
+@pytest.mark.parametrize("tile", [(32, 32, 4, 1), (64, 32, 4, 3)])
+def test_forward_through_tensor_descriptors_matches_reference(case, tile):
+    """The TMA configs (K / V tiles through tensor descriptors; rows past the cache read as zeros)."""
+    b, h, hkv, sq, skv, d, causal, window, dtype = _scale_case(case)
+    q, k, v = qkv(b, h, hkv, sq, skv, d, dtype)
+    assert A._tma_ok(k, v)
+    o = torch.full((b, h, sq, d), float("nan"), device=DEVICE, dtype=dtype)
+    lse = torch.full((b * h, sq), float("nan"), device=DEVICE)
+    A._attn_forward(q, k, v, causal, 1 / math.sqrt(d), window, tile + (True,), o=o, lse=lse)
+    assert rel_err(o, reference(q, k, v, causal, 1 / math.sqrt(d), window)) < TOL[dtype]
+
+
+def test_tensor_descriptors_only_for_aligned_whole_rows():
+    k = torch.randn(1, 2, 40, 64, device=DEVICE, dtype=torch.float16)
+    assert A._tma_ok(k, k)
+    assert not A._tma_ok(k[..., :32], k[..., :32])  # D = 32: not a whole 64/128 tile
+    assert A._tma_ok(k[:, :, 1:], k)  # one row in: 128 bytes, still aligned
+    shifted = torch.randn(2 * 40 * 64 + 4, device=DEVICE, dtype=torch.float16)[4:].view(1, 2, 40, 64)
+    assert not A._tma_ok(shifted, k)  # data 8 bytes off
+    odd = torch.randn(1, 2, 40, 68, device=DEVICE, dtype=torch.float16)[..., :64]  # rows 136 bytes apart
+    assert not A._tma_ok(odd, odd)
+    kt = torch.randn(1, 2, 64, 40, device=DEVICE, dtype=torch.float16).transpose(2, 3)  # D not contiguous
+    assert not A._tma_ok(kt, k)
+
+
 @pytest.mark.parametrize("case", [c for c in FWD if c[3] < 1000])
 def test_backward_matches_reference(case):
     b, h, hkv, sq, skv, d, causal, window, dtype = _scale_case(case)
