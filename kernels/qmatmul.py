@@ -211,7 +211,7 @@ def _plane_to_half(wb, C: tl.constexpr, BITS: tl.constexpr, DQ: tl.constexpr):
     (wb >> C*BITS) & mask), four bytes per 32-bit register in PTX: ~1 instruction a code, where the
     element-wise form spends ~3 on shifting, widening and moving bytes. GPU only; (BITS, DQ) in
     PTX_OK. In sm_90 SASS (Triton 3.6, M = 16 tile, 2 K-blocks a trip) the loop went from 775 to
-    709 instructions and 124 to 94 registers; not yet timed."""
+    709 instructions and 124 to 94 registers; the tuner picks it at M = 16 on an H200 (results/kernels.md)."""
     asm: tl.constexpr = _PTX_F16_B8 if BITS == 8 else (
         (_PTX_F16_LO4 if C == 0 else _PTX_F16_HI4) if DQ == 1 else (_PTX_BF16_LO4 if C == 0 else _PTX_BF16_HI4))
     return tl.inline_asm_elementwise(asm, "=r,=r,r", [wb], dtype=tl.float16 if DQ == 1 else tl.bfloat16,
@@ -383,17 +383,16 @@ def _qmm_kernel(
                     w = _scaled_codes(code, offset_q, k_idx, s, z, x_ptr, s_ptr, z_ptr, offs_n, n_ok, stride_sn,
                                       stride_sg, K, GROUP, GROUP_MODE, DQ, UPCAST)
                     acc = _mma(w, xt, acc, UPCAST)
-            if POST_ZERO and not ZERO_IN_TILE:
-                # the offset leaves each K-block's fp32 partial: summed over all of K it would cost
-                # OFFSET * K * eps, several times q - z at 2 bits (per-channel, K = 4096: 3e-3 rel. err)
-                part -= (z + OFFSET)[:, None] * xsum[None, :]
-                xsum = tl.zeros((BLOCK_M,), tl.float32)
+            if POST_ZERO:
+                if not ZERO_IN_TILE:
+                    # the offset leaves each K-block's fp32 partial: summed over all of K it would cost
+                    # OFFSET * K * eps, several times q - z at 2 bits (per-channel, K = 4096: 3e-3 rel. err)
+                    part -= (z + OFFSET)[:, None] * xsum[None, :]
+                    xsum = tl.zeros((BLOCK_M,), tl.float32)
                 if GROUP_MODE == 1:
                     acc += s[:, None] * part
-                else:  # one group: s at the end
+                elif not ZERO_IN_TILE:  # one group: s at the end
                     acc += part
-            elif POST_ZERO and GROUP_MODE == 1:
-                acc += s[:, None] * part
     if POST_ZERO and GROUP_MODE == 2:
         acc = s[:, None] * acc
     _finish(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, offs_n, offs_m, N, M, stride_om,

@@ -482,7 +482,8 @@ def main():
     emit(f"\ndevice-to-device copy: {copy_tbs:.2f} TB/s (read + write)")
     ms_only = [int(m) for m in args.ms.split(",")] if args.ms else None
     shapes_only = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
-    sections = {"qmatmul": lambda: bench_qmatmul(args.quick, ms_only, shapes_only), "attn": lambda: bench_attention(args.quick),
+    sections = {"qmatmul": lambda: bench_qmatmul(args.quick, ms_only, shapes_only),
+                "attn": lambda: bench_attention(args.quick),
                 "decode": lambda: bench_decode(args.quick, copy_tbs), "gemv": lambda: bench_gemv(copy_tbs),
                 "w8a8": lambda: bench_w8a8(args.quick)}
     only = [name for name, flag in (("gemv", args.gemv), ("w8a8", args.w8a8)) if flag]

@@ -16,6 +16,7 @@ import torch
 from bench_kernels import LINES, copy_bandwidth, emit, fmt, graph_ms, rotating, table
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
+from effopt.methods.pruning.masks import nm_mask  # noqa: E402
 from effopt.nn import semi_structured as S  # noqa: E402
 
 SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)]
@@ -23,9 +24,7 @@ SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)]
 
 def two_four(n, k, dtype):
     w = torch.randn(n, k, device="cuda", dtype=dtype)
-    keep = w.abs().view(n, k // 4, 4).topk(2, dim=-1).indices
-    mask = torch.zeros(n, k // 4, 4, device="cuda", dtype=torch.bool).scatter_(-1, keep, True).view(n, k)
-    return w * mask
+    return w * nm_mask(w.abs(), 2, 4)  # magnitude 2:4, as the prune stage makes it
 
 
 def sparse_layers(weights, cutlass):

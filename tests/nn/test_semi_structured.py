@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from effopt.methods.pruning.masks import masks_from_scores
+from effopt.methods.pruning.masks import masks_from_scores, nm_mask
 from effopt.nn import semi_structured as S
 from effopt.nn.masked_linear import MaskedLinear, apply_mask
 from effopt.nn.runtime import use_runtime
@@ -18,9 +18,7 @@ ON_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8,
 
 def two_four_weight(rows=64, cols=128, dtype=torch.float32, device="cpu", seed=0):
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    keep = w.abs().float().view(rows, cols // 4, 4).topk(2, dim=-1).indices
-    mask = torch.zeros(rows, cols // 4, 4, dtype=torch.bool).scatter_(-1, keep, True).view(rows, cols)
-    return (w * mask).to(device)
+    return (w * nm_mask(w.abs().float(), 2, 4)).to(device)
 
 
 def pruned_llama(pattern="2:4"):
