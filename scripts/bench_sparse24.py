@@ -55,8 +55,10 @@ def main():
         backends = {}
         for name, cutlass in (("cuSPARSELt", False), ("CUTLASS", True)):
             try:
-                backends[name] = sparse_layers(dense, cutlass)
-            except Exception as e:  # noqa: BLE001 - a backend this torch build lacks: say so, go on
+                layers = sparse_layers(dense, cutlass)
+                layers[0](torch.zeros(1, k, device="cuda", dtype=dtype))  # CUTLASS builds on sm_90, runs on sm_8x
+                backends[name] = layers
+            except Exception as e:  # noqa: BLE001 - a backend this torch build or GPU lacks: say so, go on
                 emit(f"{n}x{k} {name}: {type(e).__name__}: {str(e).splitlines()[0]}")
         for m in (int(v) for v in args.ms.split(",")):
             xs = [torch.randn(m, k, device="cuda", dtype=dtype) for _ in range(4)]

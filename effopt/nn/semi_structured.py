@@ -3,10 +3,11 @@
 A 2:4 prune leaves MaskedLinear layers whose weights hold two zeros in every four consecutive
 inputs. NVIDIA GPUs from sm_80 on multiply such a matrix on sparse tensor cores from a compressed
 copy (the kept halves plus 2-bit position metadata), which torch exposes as
-`torch.sparse.to_sparse_semi_structured` (cuSPARSELt, or CUTLASS). `use_semi_structured` swaps
-those layers for `SemiStructuredLinear` while inference runs on CUDA and puts the originals back
-afterwards, so checkpoints, exports and training never see the compressed form. It runs when the
-runtime option `semi_structured` is set (the prune stage's `semi_structured: true`).
+`torch.sparse.to_sparse_semi_structured` (cuSPARSELt by default; its CUTLASS kernels run on sm_8x
+only). `use_semi_structured` swaps those layers for `SemiStructuredLinear` while inference runs on
+CUDA and puts the originals back afterwards, so checkpoints, exports and training never see the
+compressed form. It runs when the runtime option `semi_structured` is set (the prune stage's
+`semi_structured: true`).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def sparsify(model: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], dict[s
     """Swap every 2:4 layer of `model` that can run semi-structured for a SemiStructuredLinear.
 
     Returns ({name: the original module}, {name: why it was left dense}). A shape torch's kernels
-    refuse (each dimension a multiple of its minimum tile) is left dense with torch's message.
+    refuse (each dimension a multiple of its minimum tile), or a backend that cannot run on this GPU
+    (torch's CUTLASS kernels are sm_8x only), is left dense with torch's message.
     """
     from effopt.nn import set_submodule
 
@@ -84,7 +86,8 @@ def sparsify(model: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], dict[s
         if reason is None:
             try:
                 sparse = SemiStructuredLinear(weight, layer.bias)
-            except RuntimeError as e:  # shapes the backend does not take
+                sparse(weight.new_zeros(1, weight.shape[1]))  # a backend may build but not run here
+            except RuntimeError as e:  # shapes or GPUs the backend does not take
                 reason = str(e).splitlines()[0]
         if reason:
             skipped[name] = reason

@@ -21,8 +21,8 @@ def two_four_weight(rows=64, cols=128, dtype=torch.float32, device="cpu", seed=0
     return (w * nm_mask(w.abs().float(), 2, 4)).to(device)
 
 
-def pruned_llama(pattern="2:4"):
-    model = tiny_llama().eval()
+def pruned_llama(pattern="2:4", **shape):
+    model = tiny_llama(**shape).eval()
     linears = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
     masks = masks_from_scores({n: w.abs() for n, w in linears.items()}, None, (2, 4) if pattern == "2:4" else (4, 8))
     for name, keep in masks.items():
@@ -94,6 +94,21 @@ def test_a_layer_the_backend_refuses_stays_dense(monkeypatch):
     assert swapped == {} and set(skipped.values()) == {"Error original_tensor.shape is not supported!"}
 
 
+
+def test_a_backend_that_builds_but_cannot_run_leaves_the_layer_dense(monkeypatch):
+    """torch's CUTLASS tensors build on sm_90 and fail at the first product: the probe catches that."""
+    monkeypatch.setattr(S, "unsupported_reason", lambda w: None)
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", lambda w: w.clone())
+
+    def cannot_run(self, x):
+        raise RuntimeError("sparse_semi_structured_mad_op : Supported only on GPUs with compute capability 8.x")
+    monkeypatch.setattr(S.SemiStructuredLinear, "forward", cannot_run)
+    model = pruned_llama()
+    before = dict(S.two_four_layers(model))
+    swapped, skipped = S.sparsify(model)
+    assert swapped == {} and len(skipped) == 14 and all("capability 8.x" in r for r in skipped.values())
+    assert all(model.get_submodule(n) is m for n, m in before.items())
+
 @pytest.mark.skipif(not ON_GPU, reason="semi-structured sparse kernels need a CUDA GPU of sm_80 or newer")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 37, 256])
@@ -106,3 +121,19 @@ def test_semi_structured_linear_matches_the_dense_product(dtype, tokens):
     assert out.shape == ref.shape and out.dtype == dtype
     err = ((out.float() - ref).norm() / ref.norm()).item()
     assert err < (2e-3 if dtype == torch.float16 else 1.2e-2), err
+
+
+@pytest.mark.skipif(not ON_GPU, reason="semi-structured sparse kernels need a CUDA GPU of sm_80 or newer")
+def test_a_pruned_model_runs_on_sparse_tensor_cores_and_matches_dense():
+    """The runtime option end to end on a GPU: every 2:4 layer (shapes of 128/256/512) swapped, logits
+    as with the dense masked weights, the MaskedLinear layers back afterwards."""
+    torch.manual_seed(0)
+    model = pruned_llama(hidden=256, intermediate=512, heads=4, kv_heads=2).half().cuda()
+    ids = torch.randint(3, 250, (2, 64), device="cuda")
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.float()
+        with use_runtime(model, {"semi_structured": True}):
+            assert sum(isinstance(m, S.SemiStructuredLinear) for m in model.modules()) == 14
+            out = model(input_ids=ids).logits.float()
+    assert len(S.two_four_layers(model)) == 14
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
