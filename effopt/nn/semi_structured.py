@@ -43,9 +43,15 @@ def unsupported_reason(weight: torch.Tensor) -> str | None:
 
 
 class SemiStructuredLinear(torch.nn.Module):
-    """Inference-only linear layer: `weight` is a compressed 2:4 SparseSemiStructuredTensor."""
+    """Inference-only linear layer: `weight` is a compressed 2:4 SparseSemiStructuredTensor.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    On the H200 cuSPARSELt wins only with many tokens (1.1-1.6x cuBLAS at 1024-4096 rows of the large
+    shapes, 0.3-0.7x at 1-128 rows; results/kernels.md), so when the dense weight is given too, each
+    (shape, power-of-two token bucket) times both once (`kernels._tune.choose`, dense first: the pick
+    inside a CUDA-graph capture) and keeps the faster: the layer is never slower than dense.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dense: torch.Tensor | None = None):
         super().__init__()
         reason = unsupported_reason(weight)
         if reason:
@@ -54,10 +60,24 @@ class SemiStructuredLinear(torch.nn.Module):
         compressed = torch.sparse.to_sparse_semi_structured(weight.detach().contiguous())
         self.weight = torch.nn.Parameter(compressed, requires_grad=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
+        self.register_buffer("dense", None if dense is None else dense.detach(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         # torch's sparse linear views x as 2-D, so it needs a contiguous input
         return F.linear(x.contiguous(), self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is None:
+            return self.sparse_forward(x)
+        from kernels._tune import choose
+
+        rows = x.numel() // self.in_features
+        key = ("2:4", x.device, x.dtype, self.out_features, self.in_features, 1 << max(rows - 1, 0).bit_length())
+        path = choose(key, ("dense", "sparse"), lambda p: self._run(p, x))
+        return self._run(path, x)
+
+    def _run(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense, self.bias) if path == "dense" else self.sparse_forward(x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, 2:4 semi-structured"
@@ -85,8 +105,10 @@ def sparsify(model: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], dict[s
         reason = unsupported_reason(weight)
         if reason is None:
             try:
-                sparse = SemiStructuredLinear(weight, layer.bias)
-                sparse(weight.new_zeros(1, weight.shape[1]))  # a backend may build but not run here
+                # the dense fallback shares the layer's weight when that is already masked (no copy)
+                dense = layer.weight if torch.equal(layer.weight, weight) else weight
+                sparse = SemiStructuredLinear(weight, layer.bias, dense)
+                sparse.sparse_forward(weight.new_zeros(1, weight.shape[1]))  # a backend may build but not run here
             except RuntimeError as e:  # shapes or GPUs the backend does not take
                 reason = str(e).splitlines()[0]
         if reason:

@@ -27,7 +27,8 @@ class PruneBase(TargetedStageConfig):
                                                                         "consecutive input weights, e.g. 2:4, 4:8.")
     semi_structured: bool = Field(False, description="With pattern 2:4: at inference on a CUDA GPU (sm_80+, fp16/"
                                                      "bf16), run the pruned layers on sparse tensor cores through "
-                                                     "torch's semi-structured sparse tensors (a runtime option).")
+                                                     "torch's semi-structured sparse tensors where that is faster "
+                                                     "than dense (timed per shape; a runtime option).")
 
     @model_validator(mode="after")
     def _one_target(self):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels._tune
+
 from effopt.methods.pruning.masks import masks_from_scores, nm_mask
 from effopt.nn import semi_structured as S
 from effopt.nn.masked_linear import MaskedLinear, apply_mask
@@ -69,6 +71,7 @@ def test_swap_in_and_back_out(monkeypatch):
     it, the very same MaskedLinear objects are back."""
     monkeypatch.setattr(S, "unsupported_reason", lambda w: None if S.is_two_four(w) else "dense")
     monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", lambda w: w.clone())
+    monkeypatch.setattr(kernels._tune, "choose", lambda key, cands, run: "sparse")  # no GPU to time on
     model = pruned_llama()
     before = dict(S.two_four_layers(model))
     ids = torch.randint(3, 250, (2, 9))
@@ -102,12 +105,35 @@ def test_a_backend_that_builds_but_cannot_run_leaves_the_layer_dense(monkeypatch
 
     def cannot_run(self, x):
         raise RuntimeError("sparse_semi_structured_mad_op : Supported only on GPUs with compute capability 8.x")
-    monkeypatch.setattr(S.SemiStructuredLinear, "forward", cannot_run)
+    monkeypatch.setattr(S.SemiStructuredLinear, "sparse_forward", cannot_run)
     model = pruned_llama()
     before = dict(S.two_four_layers(model))
     swapped, skipped = S.sparsify(model)
     assert swapped == {} and len(skipped) == 14 and all("capability 8.x" in r for r in skipped.values())
     assert all(model.get_submodule(n) is m for n, m in before.items())
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_the_layer_runs_the_path_the_tuner_picks_per_shape_and_token_bucket(monkeypatch, path):
+    """With a dense fallback the layer asks the tuner once per (shape, power-of-two tokens) and runs its
+    pick. The 'compressed' weight here is all zeros, so the two paths give different products."""
+    monkeypatch.setattr(S, "unsupported_reason", lambda w: None)
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", torch.zeros_like)
+    keys = []
+
+    def pick(key, cands, run):
+        keys.append(key)
+        assert cands[0] == "dense"  # the default, used untimed inside a CUDA-graph capture
+        return path
+    monkeypatch.setattr(kernels._tune, "choose", pick)
+    w, bias = two_four_weight(), torch.randn(64)
+    layer = S.SemiStructuredLinear(w, bias, dense=w)
+    x = torch.randn(2, 5, 128)
+    expected = torch.nn.functional.linear(x, w if path == "dense" else torch.zeros_like(w), bias)
+    torch.testing.assert_close(layer(x), expected)
+    layer(torch.randn(3, 128))
+    assert [k[3:] for k in keys] == [(64, 128, 16), (64, 128, 4)]
+    assert torch.equal(S.SemiStructuredLinear(w, bias)(x), torch.nn.functional.linear(x, 0 * w, bias))
 
 @pytest.mark.skipif(not ON_GPU, reason="semi-structured sparse kernels need a CUDA GPU of sm_80 or newer")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
