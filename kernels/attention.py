@@ -297,10 +297,10 @@ def _i8_to_f16(x, MODE: tl.constexpr):
 @triton.jit
 def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, HKV, GROUP, T, SPLIT_LEN, NUM_SPLITS,
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                  stride_sb, stride_sh, stride_ob, stride_oh, stride_ot,
+                  stride_vd, stride_sb, stride_sh, stride_ob, stride_oh, stride_ot,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                   QUANT: tl.constexpr, UPCAST: tl.constexpr, FUSED_MERGE: tl.constexpr, CVT: tl.constexpr,
-                  QK_INT8: tl.constexpr):
+                  QK_INT8: tl.constexpr, V_T: tl.constexpr):
     """Attention of the T query tokens of the GROUP query heads of KV head hk over one slice of the cache.
 
     Row r of the MMA is query token t = r % T of head g = r // T. The T tokens are the last T of
@@ -311,6 +311,11 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
     QK_INT8 (with QUANT): q is quantized per row to int8 as well (scale max|q| / 127, rounded half
     up) and q.k runs on int8 tensor cores, exact in int32, so K needs no conversion at all; an
     approximation beyond the cache's own (SageAttention quantizes Q the same way).
+    V_T (with QUANT): V is stored [D, S] per head (stride_vd between rows of one dimension, slots
+    contiguous, S a multiple of 16). p.v sums over slots, so each code pair the MMA takes is then two
+    adjacent bytes: offline sm_90 SASS (Triton 3.6, 128-slot blocks) has no byte loads from shared memory,
+    982 instructions per block against 1367 and 148 registers against 242. Slots are read in whole
+    16-slot groups (a mask that vectorises); a read past `end` meets p = 0 and finite codes.
     FUSED_MERGE: the last program of a (batch, KV head) to finish merges every split into OUT (an
     arrival counter per (batch, KV head) in LOCK, re-armed after), saving the merge launch, which is
     a visible share of a small cache's decode.
@@ -346,7 +351,13 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
         cols = start_n + offs_n
         c_ok = cols < end
         kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None] & c_ok[None, :], other=0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0)
+        if V_T:
+            c16 = cols < tl.cdiv(end, 16) * 16
+            v = tl.trans(tl.load(v_base + cols[None, :] + offs_d[:, None] * stride_vd, mask=c16[None, :] & d_ok[:, None],
+                                 other=0))
+        else:
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :],
+                        other=0)
         if QUANT:
             ks = tl.load(KS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
             vs = tl.load(VS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
@@ -608,7 +619,8 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
         raise ValueError(f"q {tuple(q.shape)} does not match caches {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.is_cuda or interpreting()):
         raise ValueError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU)")
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    v_t = k_scale is not None and v.stride(2) == 1 and v.shape[2] % 16 == 0  # int8 V stored [B, Hkv, D, S]
+    q, k, v = _unit_last(q), _unit_last(k), v if v_t else _unit_last(v)
     Hkv, S = k.shape[1], k.shape[2]
     group = H // Hkv
     if cache_seqlens is None:
@@ -645,11 +657,12 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
             q, k, v, ks, vs, o_part, lse_part, lens, out4, _arrival_counters(q.device, B * Hkv),
             sm_scale * LOG2E, Hkv, group, T, split_len, splits,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), ks.stride(0) if quant else 0, ks.stride(1) if quant else 0,
+            v.stride(0), v.stride(1), v.stride(2), v.stride(3), ks.stride(0) if quant else 0,
+            ks.stride(1) if quant else 0,
             out4.stride(0), out4.stride(1), out4.stride(2),
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=rows, BLOCK_N=bn,
             QUANT=quant, UPCAST=not q.is_cuda, FUSED_MERGE=fused, CVT=INT8_CONVERT if q.is_cuda else 0,
-            QK_INT8=qk_int8, num_warps=warps, num_stages=stages)
+            QK_INT8=qk_int8, V_T=v_t, num_warps=warps, num_stages=stages)
         if not fused:
             _decode_merge[(B * H * T,)](o_part, lse_part, out4, splits, out4.stride(0), out4.stride(1),
                                         out4.stride(2), H, T, HEAD_DIM=D, BLOCK_D=bd,
@@ -659,24 +672,24 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
         cfg = (block_n, 2, 4, 3 if q.is_cuda else 1, bool(fused_merge))
     elif cfg is None:
         cands = _decode_cfgs() if fused_merge is None else [c for c in _decode_cfgs() if c[4] == fused_merge]
-        cfg = choose(_decode_key(q, k, quant, qk_int8, fused_merge), cands, run)
+        cfg = choose(_decode_key(q, k, quant, qk_int8, fused_merge, v_t), cands, run)
     run(cfg)
     return out
 
 
-def _decode_key(q4, k, quant: bool, qk_int8: bool, fused_merge) -> tuple:
+def _decode_key(q4, k, quant: bool, qk_int8: bool, fused_merge, v_t: bool) -> tuple:
     """The tuner's key of a decode call: q4 [B, H, T, D], k [B, Hkv, S, D]."""
     B, H, T, D = q4.shape
     Hkv, S = k.shape[1], k.shape[2]
-    return ("decode", q4.device, D, q4.dtype, quant, qk_int8, H // Hkv, T, triton.next_power_of_2(B * Hkv),
+    return ("decode", q4.device, D, q4.dtype, quant, qk_int8, v_t, H // Hkv, T, triton.next_power_of_2(B * Hkv),
             triton.next_power_of_2(S), fused_merge)
 
 
-def decode_choice(q, k_cache, quant: bool = False, qk_int8: bool = False):
+def decode_choice(q, k_cache, quant: bool = False, qk_int8: bool = False, v_t: bool = False):
     """(BLOCK_N, programs per SM, warps, stages, fused merge) the tuner picked for this shape, or None."""
     from kernels._tune import chosen
 
-    return chosen(_decode_key(q if q.dim() == 4 else q[:, :, None], k_cache, quant, qk_int8, None))
+    return chosen(_decode_key(q if q.dim() == 4 else q[:, :, None], k_cache, quant, qk_int8, None, v_t))
 
 
 _COUNTERS: dict = {}
@@ -730,6 +743,9 @@ def decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens=N
 
     Args:
         k_cache, v_cache: int8 [B, Hkv, S, D]; k_scale, v_scale: [B, Hkv, S] (per head, per token).
+            Faster: v_cache as the transposed view of an int8 [B, Hkv, D, S] buffer with S a multiple
+            of 16 (`v_t.transpose(2, 3)`), so p.v reads slot pairs as adjacent bytes (see
+            `_decode_split`'s V_T); any other layout is read as [B, Hkv, S, D] (copied if need be).
         qk_int8: also quantize q per (head, token) to int8 (max|q| / 127, rounded half up) and take
             q.k on int8 tensor cores: no K conversion, one more rounding than the cache's own.
     The products run in fp16 (int8 values are exact there) unless qk_int8; returns q's shape in q.dtype.

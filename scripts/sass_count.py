@@ -7,7 +7,7 @@ shapes gives them, so loads vectorize as they do on the device. Prints registers
 loop (the backward branch spanning the most instructions), its instruction count and the most
 frequent opcodes. Counts are not timings (results/kernels.md has a case where they disagree).
 
-    python scripts/sass_count.py decode --quant --cvt 1 [--qk-int8] [--block-n 128 --warps 4 --stages 3]
+    python scripts/sass_count.py decode --quant --cvt 1 [--qk-int8] [--v-t] [--block-n 128 --warps 4 --stages 3]
     python scripts/sass_count.py qmatmul --bits 4 --block-m 16 --block-n 64 --block-kb 64 --split-k 4 \\
         --step 2 --x-split [--ptx] [--zero-in-tile] [--bf16]
     python scripts/sass_count.py candidates   # compile every mma config the tuner may try (~15 min)
@@ -119,6 +119,7 @@ def main():
     ap.add_argument("--block-n", type=int, default=None)
     # decode
     ap.add_argument("--quant", action="store_true", help="decode: int8 cache")
+    ap.add_argument("--v-t", action="store_true", help="decode: int8 V stored [D, S] per head")
     ap.add_argument("--cvt", type=int, default=A.INT8_CONVERT, help="decode: int8 conversion mode")
     ap.add_argument("--qk-int8", action="store_true")
     ap.add_argument("--group-rows", type=int, default=16, help="decode: MMA rows (GQA group x tokens, >= 16)")
@@ -140,7 +141,7 @@ def main():
     if a.kernel == "decode":
         cache = "*i8" if a.quant else "*bf16"
         const = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=a.group_rows, BLOCK_N=a.block_n or 128, QUANT=a.quant,
-                     UPCAST=False, FUSED_MERGE=False, CVT=a.cvt, QK_INT8=a.qk_int8)
+                     UPCAST=False, FUSED_MERGE=False, CVT=a.cvt, QK_INT8=a.qk_int8, V_T=a.v_t)
         ptrs = dict(Q="*bf16", K=cache, V=cache, KS="*fp32", VS="*fp32", O_PART="*fp32", LSE_PART="*fp32",
                     LENS="*i32", OUT="*bf16", LOCK="*i32")
         kernel = compile_sm90(A._decode_split, const, ptrs, ("qk_scale",), ("SPLIT_LEN",), a.warps, a.stages)

@@ -218,6 +218,44 @@ def test_decode_step_of_t_tokens_matches_causal_reference(b, h, hkv, s, d, dtype
         assert rel_err(out[i], ref[0]) < TOL[dtype]
 
 
+def v_transposed(vq, pad_to=16):
+    """vq [B, Hkv, S, D] stored as [B, Hkv, D, S'] (S' = S rounded up to pad_to; the extra slots hold
+    codes the kernel may read but must not use), returned as the [B, Hkv, S', D] view the kernel takes."""
+    b, h, s, d = vq.shape
+    padded = -(-s // pad_to) * pad_to
+    store = torch.randint(-127, 128, (b, h, d, padded), device=vq.device, dtype=torch.int8)
+    store[..., :s] = vq.transpose(2, 3)
+    return store.transpose(2, 3)
+
+
+@pytest.mark.parametrize("t,lens,pad_to", [(1, [300, 77], 16), (4, [193, 97], 16), (2, [41, 300], 1)])
+@pytest.mark.parametrize("fused", [False, True], ids=["merge-launch", "fused-merge"])
+def test_decode_int8_with_v_stored_transposed(t, lens, pad_to, fused):
+    """The V_T path (V [D, S] per head): lengths that are not multiples of 16 leave stale slots in the
+    16-slot groups the kernel reads (random codes; NaN scales past len would show any use of them).
+    pad_to=1 with S = 300: not a multiple of 16, so the launcher copies V to the usual layout."""
+    b, h, hkv, s, d = 2, 8, 2, 300, 64
+    if ON_GPU:
+        s, lens = s * 16 + 3, [n * 16 + 5 for n in lens]
+        lens = [min(n, s) for n in lens]
+    q = torch.randn(b, h, t, d, device=DEVICE, dtype=torch.float16)
+    (kq, ks), (vq, vs) = A.quantize_kv(torch.randn(b, hkv, s, d, device=DEVICE)), \
+        A.quantize_kv(torch.randn(b, hkv, s, d, device=DEVICE))
+    k, v = kq.float() * ks[..., None], vq.float() * vs[..., None]
+    vt = v_transposed(vq, pad_to)
+    s_pad = vt.shape[2]
+    kq = torch.cat([kq, torch.zeros(b, hkv, s_pad - s, d, device=DEVICE, dtype=torch.int8)], 2)
+    ks, vs = (torch.cat([x, torch.full((b, hkv, s_pad - s), float("nan"), device=DEVICE)], 2) for x in (ks, vs))
+    for i, n in enumerate(lens):
+        ks[i, :, n:], vs[i, :, n:] = float("nan"), float("nan")
+    seqlens = torch.tensor(lens, device=DEVICE)
+    out = torch.full((b, h, t, d), float("nan"), device=DEVICE, dtype=torch.float16)
+    A.decode_attention_int8(q, kq, vt, ks, vs, cache_seqlens=seqlens, block_n=32, out=out, fused_merge=fused)
+    for i, n in enumerate(lens):
+        ref = reference(q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], True, d**-0.5)
+        assert rel_err(out[i], ref[0]) < TOL[torch.float16]
+
+
 def test_decode_keeps_the_shape_of_q():
     q = torch.randn(2, 4, 64, device=DEVICE, dtype=torch.float16)
     k, v = (torch.randn(2, 2, 40, 64, device=DEVICE, dtype=torch.float16) for _ in range(2))
