@@ -353,8 +353,9 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
         kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None] & c_ok[None, :], other=0)
         if V_T:
             c16 = cols < tl.cdiv(end, 16) * 16
-            v = tl.trans(tl.load(v_base + cols[None, :] + offs_d[:, None] * stride_vd, mask=c16[None, :] & d_ok[:, None],
-                                 other=0))
+            vt = tl.load(v_base + cols[None, :] + offs_d[:, None] * stride_vd, mask=c16[None, :] & d_ok[:, None],
+                         other=0)
+            v = tl.trans(vt)
         else:
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :],
                         other=0)

@@ -5,7 +5,7 @@ bench_kernels.py times the decode table (CUDA-graph replays over cache copies > 
 figures compare with that table. Prints, per shape and cache type, the fastest configs and the
 tuner's pick and its time (per L2 flush of the tuner, --flush).
 
-    python scripts/sweep_decode.py [--shapes 32x4096,8x4096] [--top 6] [--caches int8] [--modes 0,1,2]
+    python scripts/sweep_decode.py [--shapes 32x4096,8x4096] [--top 6] [--caches int8] [--modes 0,1,2] [--v-t]
         [--qk-int8] [--blocks 64,128 --per-sm 1,2,4 --warps 4 --stages 2,3] [--flush zero,read]
     python scripts/sweep_decode.py --once 32x4096 --quant --cfg 128,2,4,3,0   # one call (for ncu)
 """
@@ -22,6 +22,9 @@ from kernels import attention as A  # noqa: E402
 from kernels import _tune  # noqa: E402
 
 
+V_T = False  # --v-t: int8 V stored [D, S] per head (effopt's cache layout), passed as the transposed view
+
+
 def make_sets(b, s, quant):
     nbytes = 2 * b * 8 * s * 128 * (1 if quant else 2)
 
@@ -31,6 +34,8 @@ def make_sets(b, s, quant):
         if not quant:
             return q, k, v
         (kq, ks), (vq, vs) = A.quantize_kv(k), A.quantize_kv(v)
+        if V_T:
+            vq = vq.transpose(2, 3).contiguous().transpose(2, 3)
         return q, kq, vq, ks, vs
     return rotating(mk, nbytes), nbytes + (2 * b * 8 * s * 4 if quant else 0)
 
@@ -60,8 +65,11 @@ def main():
     ap.add_argument("--flush", default=_tune.FLUSH_MODE, help="tuner L2 flushes to compare, e.g. zero,read")
     ap.add_argument("--once", default=None, help="BxS: run one config once per cache copy (profiling)")
     ap.add_argument("--quant", action="store_true")
+    ap.add_argument("--v-t", action="store_true", help="int8 V stored [D, S] per head")
     ap.add_argument("--cfg", default="128,2,4,3,0")
     a = ap.parse_args()
+    global V_T
+    V_T = a.v_t
     if a.once:
         cfg = tuple(int(x) for x in a.cfg.split(","))
         cfg = cfg[:4] + (bool(cfg[4]),)
@@ -103,7 +111,7 @@ def main():
                 _tune.FLUSH_MODE = flush
                 _tune.forget()
                 t_pick, _ = graph_ms([lambda x=x: call(x, quant, None, qk_int8) for x in sets])
-                pick = A.decode_choice(sets[0][0], sets[0][1], quant=quant, qk_int8=qk_int8)
+                pick = A.decode_choice(sets[0][0], sets[0][1], quant=quant, qk_int8=qk_int8, v_t=quant and V_T)
                 rows.append([shape, cache, f"tuner ({flush} flush)", pick, fmt(t_pick * 1e3),
                              fmt(100 * nbytes / (t_pick * 1e-3) / 1e12 / copy_tbs, 0)])
             for r in rows[-min(a.top, len(timed)) - len(flushes):]:  # as it goes: a run cut short keeps them
