@@ -3,9 +3,13 @@
 * `StaticKVCache`: preallocated float buffers [B, H_kv, L, D], one slot per absolute position. A
   slot past a row's current length is never attended to (the mask excludes it), so rolling back
   after rejected speculative tokens is just "write there again".
-* `QuantizedKVCache`: the same slots holding int8 or int4 codes, one asymmetric (scale, zero) pair
-  per head and per token (the vector of `head_dim` values of one head at one position). K is
-  quantized after RoPE, as it is stored. Memory: D*bits/8 bytes + 2 scale/zero values per vector.
+* `QuantizedKVCache`: the same slots holding codes per head and per token (the vector of `head_dim`
+  values of one head at one position). K is quantized after RoPE, as it is stored.
+  int8: symmetric codes with one float32 scale (max|x| / 127) per vector, the layout of
+  kernels/attention.py's int8 decode attention, which a CUDA decode step runs on (V kept [D, S] per
+  head, so its products read adjacent bytes). Memory: D bytes + 4 per vector.
+  int4: asymmetric, two codes per byte and a (scale, zero) pair in the model dtype per vector,
+  read back through dequantize + attention. Memory: D/2 bytes + 2 scale/zero values per vector.
 * `SinkKVCache`: StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models with
   Attention Sinks"): keep the first `sink` tokens and the most recent `window` tokens; positions are
   assigned within the cache (keys are stored before RoPE and rotated with their cache index), so
@@ -37,41 +41,45 @@ GRANULARITIES = ("head_token",)
 # Quantization of K/V vectors: one (scale, zero) per vector along the last dimension.
 
 
-def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric round-to-nearest of every vector along the last dim.
+def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """Round-to-nearest of every vector along the last dim.
 
     Args:
         x: [..., D] float (D even for 4 bits).
-        bits: 8 or 4.
+        bits: 8 (symmetric) or 4 (asymmetric).
 
     Returns:
-        codes uint8 [..., D] (8 bits) or [..., D/2] (4 bits, low nibble = even index),
-        scale and zero [..., 1] in x.dtype (zero is an integer code value).
+        8 bits: (codes int8 [..., D], scale float32 [..., 1] = max|x| / 127).
+        4 bits: (codes uint8 [..., D/2] (low nibble = even index), scale, zero [..., 1] in x.dtype;
+        zero is an integer code value).
     """
     if bits not in KV_BITS:
         raise ValueError(f"KV cache bits must be one of {KV_BITS}, got {bits}")
-    maxq = 2**bits - 1
     xf = x.float()
+    if bits == 8:
+        scale = xf.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127.0
+        return torch.round(xf / scale).clamp(-127, 127).to(torch.int8), scale
+    maxq = 2**bits - 1
     lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
     scale = ((hi - lo) / maxq).clamp_min(1e-8).to(x.dtype)
     zero = torch.round(-lo / scale.float()).clamp(0, maxq).to(x.dtype)
     codes = torch.clamp(torch.round(xf / scale.float()) + zero.float(), 0, maxq).to(torch.uint8)
-    if bits == 4:
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return codes, scale, zero
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), scale, zero
 
 
-def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of `quantize_kv`: (code - zero) * scale, in `dtype`."""
-    if bits == 4:
-        codes = torch.stack((codes & 0xF, codes >> 4), dim=-1).flatten(-2)
+def dequantize_kv(parts: tuple[torch.Tensor, ...], bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `quantize_kv` (parts: what it returned): code * scale (8 bits), (code - zero) * scale (4)."""
+    if bits == 8:
+        codes, scale = parts
+        return (codes.float() * scale).to(dtype)
+    codes, scale, zero = parts
+    codes = torch.stack((codes & 0xF, codes >> 4), dim=-1).flatten(-2)
     return ((codes.float() - zero.float()) * scale.float()).to(dtype)
 
 
 def fake_quantize_kv(x: torch.Tensor, bits: int) -> torch.Tensor:
     """x as a quantized cache returns it (quantize then dequantize, same rounding as the cache)."""
-    return dequantize_kv(*quantize_kv(x, bits), bits, x.dtype)
+    return dequantize_kv(quantize_kv(x, bits), bits, x.dtype)
 
 
 def kv_config(runtime: dict | None) -> dict | None:
@@ -142,19 +150,19 @@ class Step:
 
 USE_KERNELS = True  # scripts flip this to time the torch path against kernels/ on CUDA
 MAX_KERNEL_T = 16  # steps of up to this many tokens (decode, speculative verify) use the decode kernel
-_DECODE_KERNEL = None
+_ATTENTION_KERNELS = None
 
 
-def decode_kernel():
-    """kernels.attention.decode_attention when it can be imported (Triton present), else None."""
-    global _DECODE_KERNEL
-    if _DECODE_KERNEL is None:
+def attention_kernels():
+    """The kernels.attention module when it can be imported (Triton present), else None."""
+    global _ATTENTION_KERNELS
+    if _ATTENTION_KERNELS is None:
         try:
-            from kernels.attention import decode_attention
+            from kernels import attention
         except ImportError:
-            decode_attention = False
-        _DECODE_KERNEL = decode_attention
-    return _DECODE_KERNEL or None
+            attention = False
+        _ATTENTION_KERNELS = attention
+    return _ATTENTION_KERNELS or None
 
 
 class StaticKVCache:
@@ -193,14 +201,19 @@ class StaticKVCache:
         if t <= MAX_KERNEL_T and self._kernel_ok(q):  # split-KV decode kernel: no mask, no GQA copies
             # causal within the step: the kernel's token i sees slots < lens - (t - 1 - i) = start + i + 1
             lens = step.cached("seqlens", lambda: (step.start + t).to(torch.int32))
-            return decode_kernel()(q, self.k[layer], self.v[layer], cache_seqlens=lens)
+            return self._decode_kernel(layer, q, lens)
         kv_len = self.max_len if step.kv_len is None else step.kv_len
         keys, values = self._load(layer, kv_len)
         return _sdpa(q, keys, values, step.slot_mask(kv_len))
 
     def _kernel_ok(self, q: torch.Tensor) -> bool:
         return (USE_KERNELS and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-                and type(self) is StaticKVCache and decode_kernel() is not None)
+                and self.kernel_layout and attention_kernels() is not None)
+
+    kernel_layout = True  # the buffers are what kernels.attention's decode attention reads
+
+    def _decode_kernel(self, layer: int, q: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        return attention_kernels().decode_attention(q, self.k[layer], self.v[layer], cache_seqlens=lens)
 
     @staticmethod
     def _map(store: list, fn) -> list:
@@ -208,9 +221,9 @@ class StaticKVCache:
         return [tuple(fn(t) for t in e) if isinstance(e, tuple) else fn(e) for e in store]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only batch rows `rows` (finished sequences leave the batch): one copy of what stays."""
-        self.k = self._map(self.k, lambda t: t.index_select(0, rows))
-        self.v = self._map(self.v, lambda t: t.index_select(0, rows))
+        """Keep only batch rows `rows` (finished sequences leave the batch), in the same memory layout."""
+        self.k = self._map(self.k, lambda t: _select_rows(t, rows))
+        self.v = self._map(self.v, lambda t: _select_rows(t, rows))
 
     def row(self, b: int) -> "StaticKVCache":
         """A view of batch row b alone (writes go to this cache): prefill rows one prompt at a time."""
@@ -234,32 +247,56 @@ class StaticKVCache:
 
 
 class QuantizedKVCache(StaticKVCache):
-    """K/V stored as int8/int4 codes with one (scale, zero) per head and token."""
+    """K/V stored as codes per head and token: int8 (+ scale) or int4 (+ scale, zero); see the module doc.
+
+    int8 on CUDA: the slot count is rounded up to a multiple of 16 (the int8 kernel reads V in 16-slot
+    groups) and each layer's V codes live in a [B, H_kv, D, L] buffer held as its transposed view.
+    """
 
     def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device,
                  bits: int = 8):
         if bits not in KV_BITS:
             raise ValueError(f"KV cache bits must be one of {KV_BITS}, got {bits}")
         self.bits, self.dtype, self.max_len = bits, dtype, max_len
-        width = head_dim * bits // 8
-        shape = (batch, kv_heads, max_len)
+        self.kernel_layout = bits == 8
+        slots = -(-max_len // 16) * 16 if bits == 8 and torch.device(device).type == "cuda" else max_len
+        shape = (batch, kv_heads, slots)
 
-        def buffers():
-            return [(torch.zeros(*shape, width, dtype=torch.uint8, device=device),
-                     torch.ones(*shape, 1, dtype=dtype, device=device),
-                     torch.zeros(*shape, 1, dtype=dtype, device=device)) for _ in range(layers)]
+        def int8_layer(v: bool):
+            codes = (torch.zeros(batch, kv_heads, head_dim, slots, dtype=torch.int8, device=device).transpose(2, 3)
+                     if v else torch.zeros(*shape, head_dim, dtype=torch.int8, device=device))
+            return codes, torch.ones(*shape, 1, dtype=torch.float32, device=device)
 
-        self.k, self.v = buffers(), buffers()
+        def int4_layer():
+            return (torch.zeros(*shape, head_dim // 2, dtype=torch.uint8, device=device),
+                    torch.ones(*shape, 1, dtype=dtype, device=device),
+                    torch.zeros(*shape, 1, dtype=dtype, device=device))
+
+        if bits == 8:
+            self.k, self.v = [int8_layer(False) for _ in range(layers)], [int8_layer(True) for _ in range(layers)]
+        else:
+            self.k, self.v = [int4_layer() for _ in range(layers)], [int4_layer() for _ in range(layers)]
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> None:
         for store, x in ((self.k[layer], k), (self.v[layer], v)):
-            parts = quantize_kv(x, self.bits)
-            for buf, part in zip(store, parts):
+            for buf, part in zip(store, quantize_kv(x, self.bits)):
                 buf.scatter_(2, idx[..., : part.shape[-1]], part)
 
     def _load(self, layer: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(dequantize_kv(*(t[:, :, :kv_len] for t in store), self.bits, self.dtype)
+        return tuple(dequantize_kv(tuple(t[:, :, :kv_len] for t in store), self.bits, self.dtype)
                      for store in (self.k[layer], self.v[layer]))
+
+    def _decode_kernel(self, layer: int, q: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        (k, k_scale), (v, v_scale) = self.k[layer], self.v[layer]
+        return attention_kernels().decode_attention_int8(q, k, v, k_scale[..., 0], v_scale[..., 0], cache_seqlens=lens)
+
+
+def _select_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """t.index_select(0, rows) in t's own memory layout (index_select returns a contiguous tensor)."""
+    picked = t.index_select(0, rows)
+    if t.is_contiguous():
+        return picked
+    return torch.empty_like(t[: rows.numel()]).copy_(picked)  # empty_like keeps a dense view's strides
 
 
 class SinkKVCache:

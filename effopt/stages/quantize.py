@@ -152,7 +152,9 @@ class KvCacheConfig(StageConfig):
 
     stage: Literal["quantize"] = "quantize"
     method: Literal["kv_cache"] = "kv_cache"
-    bits: Literal[8, 4] = Field(8, description="Bits per cached key/value, scaled per head and token.")
+    bits: Literal[8, 4] = Field(8, description="Bits per cached key/value, scaled per head and token: 8 = "
+                                               "symmetric int8 (decoded on CUDA by the int8 attention kernel), "
+                                               "4 = asymmetric with a zero point.")
 
 
 def select_linears(model: torch.nn.Module, targets: list[str], ignore: list[str]) -> list[tuple[str, torch.nn.Linear]]:

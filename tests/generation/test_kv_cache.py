@@ -22,14 +22,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantize_kv_error_is_at_most_half_a_step(bits, dtype):
     x = (torch.randn(2, 3, 17, 64) * torch.rand(2, 3, 17, 1) * 5).to(dtype)
-    codes, scale, zero = quantize_kv(x, bits)
-    assert codes.dtype == torch.uint8 and codes.shape[-1] == 64 * bits // 8
-    assert scale.shape == zero.shape == (2, 3, 17, 1)
-    back = dequantize_kv(codes, scale, zero, bits, torch.float32)
-    step = scale.float()
-    # half a step of rounding, plus the zero point's own rounding (another half step) at most
-    slack = 1e-2 * x.float().abs().amax(-1, keepdim=True) if dtype == torch.bfloat16 else 1e-6
-    assert ((back - x.float()).abs() <= step + slack).all()
+    parts = quantize_kv(x, bits)
+    back = dequantize_kv(parts, bits, torch.float32)
+    scale = parts[1].float()
+    assert parts[0].shape[-1] == 64 * bits // 8 and scale.shape == (2, 3, 17, 1)
+    if bits == 8:  # symmetric: max|x| lands on code +-127, every error within half a step
+        codes = parts[0]
+        assert codes.dtype == torch.int8 and parts[1].dtype == torch.float32 and len(parts) == 2
+        assert (codes.abs().amax(-1) == 127).all()
+        bound = scale / 2 + 1e-6 * x.float().abs().amax(-1, keepdim=True)
+    else:  # half a step of rounding, plus the zero point's own rounding (another half step) at most
+        assert parts[0].dtype == torch.uint8 and parts[2].shape == (2, 3, 17, 1)
+        bound = scale + (1e-2 * x.float().abs().amax(-1, keepdim=True) if dtype == torch.bfloat16 else 1e-6)
+    assert ((back - x.float()).abs() <= bound).all()
     assert torch.equal(fake_quantize_kv(x, bits), back.to(dtype))
 
 
@@ -96,7 +101,7 @@ def test_quantized_cache_bytes():
     dec = Decoder(tiny_llama())  # 2 layers, 2 kv heads, head_dim 16, float32
     float_tok = dec.new_cache("bf16", 1, 8).bytes_per_token()
     assert float_tok == 2 * 2 * 2 * 16 * 4
-    assert dec.new_cache("int8", 1, 8).bytes_per_token() == 2 * 2 * 2 * (16 + 2 * 4)
+    assert dec.new_cache("int8", 1, 8).bytes_per_token() == 2 * 2 * 2 * (16 + 4)  # codes + a float32 scale
     assert dec.new_cache("int4", 1, 8).bytes_per_token() == 2 * 2 * 2 * (8 + 2 * 4)
 
 
@@ -105,7 +110,7 @@ def test_attend_stored_decode_kernel_matches_sdpa(t, monkeypatch):
     """A decode (t=1) or speculative verify (t=4) step through the split-KV kernel equals the masked SDPA path.
 
     The kernel path needs CUDA; on CPU `_kernel_ok` is forced so it runs under TRITON_INTERPRET."""
-    if kv_cache.decode_kernel() is None:
+    if kv_cache.attention_kernels() is None:
         pytest.skip("Triton not importable")
     from kernels import attention
 
@@ -127,6 +132,39 @@ def test_attend_stored_decode_kernel_matches_sdpa(t, monkeypatch):
     assert out.shape == ref.shape == (2, 6, t, 64)
     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     assert err < 1.6e-2  # bf16 vs bf16
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_int8_cache_decode_kernel_matches_its_dequantized_sdpa(t, monkeypatch):
+    """The int8 cache's kernel path (V kept [D, S]: the transposed view) equals dequantize + masked SDPA
+    over the same codes, also after keep_rows, which must keep that layout."""
+    if kv_cache.attention_kernels() is None:
+        pytest.skip("Triton not importable")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16
+    torch.manual_seed(0)
+    cache = kv_cache.QuantizedKVCache(1, 3, 2, 48, 64, dtype, device, bits=8)  # GQA 3
+    everywhere = torch.arange(48, device=device).view(1, 1, 48, 1).expand(3, 2, 48, 64)
+    cache._store(0, torch.randn(3, 2, 48, 64, device=device, dtype=dtype) * 3,
+                 torch.randn(3, 2, 48, 64, device=device, dtype=dtype), everywhere)  # stale slots included
+    assert cache.v[0][0].stride(2) == 1 and cache.v[0][0].shape == (3, 2, 48, 64)
+    q = torch.randn(3, 6, t, 64, dtype=dtype, device=device)
+    start = torch.tensor([20, 9, 33], device=device)
+    if device == "cpu":
+        monkeypatch.setattr(kv_cache.QuantizedKVCache, "_kernel_ok", lambda self, q: kv_cache.USE_KERNELS)
+
+    def both(q, start):
+        monkeypatch.setattr(kv_cache, "USE_KERNELS", False)
+        ref = cache.attend_stored(0, q, Step(start, t, rotary=None))
+        monkeypatch.setattr(kv_cache, "USE_KERNELS", True)
+        return cache.attend_stored(0, q, Step(start, t, rotary=None)), ref
+
+    out, ref = both(q, start)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 5e-3
+    cache.keep_rows(torch.tensor([2, 0], device=device))
+    assert cache.v[0][0].stride(2) == 1 and cache.k[0][0].is_contiguous()
+    kept, _ = both(q[[2, 0]], start[[2, 0]])
+    torch.testing.assert_close(kept, out[[2, 0]], atol=2e-3, rtol=0)
 
 
 @pytest.mark.parametrize("sink,window,length", [(4, 8, 30), (2, 5, 6), (0, 6, 20), (3, 10, 40)])
