@@ -17,8 +17,8 @@ Tables:
     heads), 1k / 4k / 16k tokens vs SDPA's flash and cuDNN backends;
   * decode_attention (bf16) and decode_attention_int8 at KV 4k-16k vs SDPA decode, with the bytes
     moved per second next to the device-to-device copy bandwidth measured in the same run; the
-    "int8 q.k" columns add q rounded to int8 (qk_int8=True), with its error against bf16 SDPA; the
-    "int8 Vᵀ" columns read V stored [D, S] per head (effopt's int8 KV cache layout).
+    "int8 Vᵀ" columns read V stored [D, S] per head (effopt's int8 KV cache layout), "int8 Vᵀ q.k"
+    adds q rounded to int8 (qk_int8=True), with its error against bf16 SDPA.
   * --gemv: W4A16 g128 at M = 1, 4, 16 on the decode shapes (incl. Llama-3-8B fused qkv 6144x4096
     and gate-up 28672x4096): cuBLAS fp16, the tuner's pick, the best tensor-core (mma) config
     and each gemv2 config of `gemv2_configs` forced, one row each.
@@ -430,28 +430,27 @@ def bench_decode(quick, copy_tbs):
         err = ((A.decode_attention(q, k, v).float() - ref.float()).norm() / ref.float().norm()).item()
         t, _ = graph_ms([lambda a=a: A.decode_attention(*a) for a in sets])
         t8, _ = graph_ms([lambda a=a: A.decode_attention_int8(*a) for a in sets8])
-        t8q, _ = graph_ms([lambda a=a: A.decode_attention_int8(*a, qk_int8=True) for a in sets8])
         # V stored [D, S] per head (effopt's int8 cache layout): the transposed view of that buffer
         sets8t = [(qq, kq, vq.transpose(2, 3).contiguous().transpose(2, 3), ks, vs) for qq, kq, vq, ks, vs in sets8]
         t8t, _ = graph_ms([lambda a=a: A.decode_attention_int8(*a) for a in sets8t])
-        err8t = ((A.decode_attention_int8(*sets8t[0]).float() - ref.float()).norm() / ref.float().norm()).item()
-        err8, err8q = (((A.decode_attention_int8(*sets8[0], qk_int8=x).float() - ref.float()).norm()
-                        / ref.float().norm()).item() for x in (False, True))
+        t8q, _ = graph_ms([lambda a=a: A.decode_attention_int8(*a, qk_int8=True) for a in sets8t])
+        err8, err8t, err8q = (((A.decode_attention_int8(*s8, qk_int8=x).float() - ref.float()).norm()
+                               / ref.float().norm()).item()
+                              for s8, x in ((sets8[0], False), (sets8t[0], False), (sets8t[0], True)))
         t_sdpa, _ = graph_ms([lambda a=a: _sdpa_decode(*a) for a in sets])
         b8 = nbytes // 2 + 2 * b * 8 * s * 4
         rows.append([b, s, fmt(t * 1e3), fmt(nbytes / (t * 1e-3) / 1e12, 2), fmt(100 * nbytes / (t * 1e-3) / 1e12 / copy_tbs, 0),
                      fmt(t8 * 1e3), fmt(b8 / (t8 * 1e-3) / 1e12, 2), fmt(t_sdpa * 1e3), fmt(t_sdpa / t, 2),
-                     fmt(t_sdpa / t8, 2), fmt(t8q * 1e3), fmt(t_sdpa / t8q, 2),
-                     fmt(t8t * 1e3), fmt(b8 / (t8t * 1e-3) / 1e12, 2), fmt(t_sdpa / t8t, 2),
-                     f"{err:.1e}", f"{err8:.1e}", f"{err8q:.1e}", f"{err8t:.1e}",
+                     fmt(t_sdpa / t8, 2), fmt(t8t * 1e3), fmt(b8 / (t8t * 1e-3) / 1e12, 2), fmt(t_sdpa / t8t, 2),
+                     fmt(t8q * 1e3), fmt(t_sdpa / t8q, 2), f"{err:.1e}", f"{err8:.1e}", f"{err8t:.1e}", f"{err8q:.1e}",
                      _decode_cfg(A.decode_choice(q, k)),
                      _decode_cfg(A.decode_choice(q, sets8[0][1], quant=True)),
                      _decode_cfg(A.decode_choice(q, sets8[0][1], quant=True, v_t=True))])
     table(f"decode attention, 32 query heads / 8 KV heads, d=128 (copy bandwidth {copy_tbs:.2f} TB/s "
           "read+write)",
           ["batch", "KV len", "bf16 µs", "bf16 TB/s", "% of copy BW", "int8 µs", "int8 TB/s", "SDPA bf16 µs",
-           "bf16 vs SDPA", "int8 vs SDPA", "int8 q.k µs", "int8 q.k vs SDPA", "int8 Vᵀ µs", "int8 Vᵀ TB/s",
-           "int8 Vᵀ vs SDPA", "rel err", "rel err int8", "rel err int8 q.k", "rel err int8 Vᵀ",
+           "bf16 vs SDPA", "int8 vs SDPA", "int8 Vᵀ µs", "int8 Vᵀ TB/s", "int8 Vᵀ vs SDPA", "int8 Vᵀ q.k µs",
+           "int8 Vᵀ q.k vs SDPA", "rel err", "rel err int8", "rel err int8 Vᵀ", "rel err int8 Vᵀ q.k",
            "bf16 config", "int8 config", "int8 Vᵀ config"], rows)
 
 
