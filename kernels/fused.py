@@ -107,10 +107,33 @@ def _check_rope(x, cos, sin):
 
 
 @triton.jit
-def _rope_store_kv_kernel(x_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, T, NH, NKV, L,
-                          stride_row, stride_head, D: tl.constexpr, HALF: tl.constexpr):
+def _round_half_even(y):
+    """torch.round's rounding (ties to even) of float32 y."""
+    r = tl.floor(y + 0.5)
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(((r - y) == 0.5) & odd, r - 1.0, r)
+
+
+@triton.jit
+def _store_int8(dst, scale_ptr, lo, hi, offs_d, HALF: tl.constexpr, ELEM_STRIDE):
+    """Symmetric int8 codes of the vector (lo, hi) (max|x| / 127 per vector, as kernels.attention.quantize_kv)
+    at dst + d * ELEM_STRIDE, and its float32 scale at scale_ptr."""
+    amax = tl.maximum(tl.max(tl.abs(lo), 0), tl.max(tl.abs(hi), 0))
+    scale = tl.math.div_rn(tl.maximum(amax, 1e-8), 127.0)  # IEEE division, as torch's
+    lo_codes = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(lo, scale)), -127.0), 127.0)
+    hi_codes = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(hi, scale)), -127.0), 127.0)
+    tl.store(dst + offs_d * ELEM_STRIDE, lo_codes.to(tl.int8))
+    tl.store(dst + (HALF + offs_d) * ELEM_STRIDE, hi_codes.to(tl.int8))
+    tl.store(scale_ptr, scale)
+
+
+@triton.jit
+def _rope_store_kv_kernel(x_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, T, NH, NKV, L,
+                          stride_row, stride_head, D: tl.constexpr, HALF: tl.constexpr, INT8: tl.constexpr):
     # program (b*t row, head) of qkv [B, T, NH + 2 NKV, D]: q heads are rotated into q [B, T, NH, D];
-    # k heads rotated and v heads copied into the caches [B, NKV, L, D] at slot pos[b, t]
+    # k heads rotated and v heads copied into the caches [B, NKV, L, D] at slot pos[b, t].
+    # INT8: the caches hold int8 codes with a float32 scale per (b, head, slot) in ks / vs [B, NKV, L],
+    # V stored [B, NKV, D, L] (the layout kernels.attention's int8 decode reads fastest)
     row, h = tl.program_id(0), tl.program_id(1)
     offs_d = tl.arange(0, HALF)
     src = x_ptr + row * stride_row + h * stride_head
@@ -118,42 +141,65 @@ def _rope_store_kv_kernel(x_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
         lo, hi = _rotate_half_pair(src, cos_ptr + row * D, sin_ptr + row * D, offs_d, HALF)
         if h < NH:
             dst = q_ptr + (row * NH + h) * D
+            tl.store(dst + offs_d, lo.to(dst.dtype.element_ty))
+            tl.store(dst + HALF + offs_d, hi.to(dst.dtype.element_ty))
         else:
             slot = tl.load(pos_ptr + row)
-            dst = k_ptr + (((row // T) * NKV + h - NH) * L + slot) * D
-        tl.store(dst + offs_d, lo.to(dst.dtype.element_ty))
-        tl.store(dst + HALF + offs_d, hi.to(dst.dtype.element_ty))
+            cell = ((row // T) * NKV + h - NH) * L + slot
+            if INT8:  # quantize k as the model dtype holds it, like the torch path
+                lo, hi = lo.to(x_ptr.dtype.element_ty).to(tl.float32), hi.to(x_ptr.dtype.element_ty).to(tl.float32)
+                _store_int8(k_ptr + cell * D, ks_ptr + cell, lo, hi, offs_d, HALF, 1)
+            else:
+                tl.store(k_ptr + cell * D + offs_d, lo.to(k_ptr.dtype.element_ty))
+                tl.store(k_ptr + cell * D + HALF + offs_d, hi.to(k_ptr.dtype.element_ty))
     else:
         slot = tl.load(pos_ptr + row)
-        dst = v_ptr + (((row // T) * NKV + h - NH - NKV) * L + slot) * D
-        tl.store(dst + offs_d, tl.load(src + offs_d).to(dst.dtype.element_ty))
-        tl.store(dst + HALF + offs_d, tl.load(src + HALF + offs_d).to(dst.dtype.element_ty))
+        head = (row // T) * NKV + h - NH - NKV
+        lo, hi = tl.load(src + offs_d), tl.load(src + HALF + offs_d)
+        if INT8:
+            _store_int8(v_ptr + head * D * L + slot, vs_ptr + head * L + slot, lo.to(tl.float32), hi.to(tl.float32),
+                        offs_d, HALF, L)
+        else:
+            dst = v_ptr + (head * L + slot) * D
+            tl.store(dst + offs_d, lo.to(dst.dtype.element_ty))
+            tl.store(dst + HALF + offs_d, hi.to(dst.dtype.element_ty))
 
 
 def rope_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, q_heads: int) -> torch.Tensor:
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, q_heads: int,
+                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE for q and k of a fused qkv output and the cache write of k and v, in one launch.
 
     Args:
         qkv: [B, T, NH + 2 NKV, D] (q heads, then k, then v; D contiguous).
         cos, sin: [B, T, D] (sin signed as rotate_half needs). pos: [B, T] int64 cache slots.
         k_cache, v_cache: [B, NKV, L, D] contiguous; written at [b, :, pos[b, t]].
+        k_scale, v_scale: given, the caches are int8 (symmetric codes, scale max|x| / 127 per
+            vector, as kernels.attention.quantize_kv) with float32 scales [B, NKV, L] (contiguous),
+            and v_cache is the transposed view of a contiguous [B, NKV, D, L] buffer.
     Returns:
         rotated q, contiguous [B, T, NH, D].
     """
     b, t, heads, d = qkv.shape
     nkv = (heads - q_heads) // 2
     _check_rope(qkv, cos, sin)
+    int8 = k_scale is not None
+    v_ok = v_cache.transpose(2, 3).is_contiguous() if int8 else v_cache.is_contiguous()
     if q_heads + 2 * nkv != heads or k_cache.shape != v_cache.shape or k_cache.shape[:2] != (b, nkv) \
-            or k_cache.shape[3] != d or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            or k_cache.shape[3] != d or not (k_cache.is_contiguous() and v_ok):
         raise ValueError(f"qkv {tuple(qkv.shape)} with {q_heads} query heads does not fit caches "
-                         f"{tuple(k_cache.shape)} (contiguous [B, NKV, L, D] expected)")
+                         f"{tuple(k_cache.shape)} (contiguous [B, NKV, L, D] expected; int8 V: [B, NKV, D, L])")
+    if int8 and (k_cache.dtype != torch.int8 or v_cache.dtype != torch.int8 or v_scale is None
+                 or k_scale.shape != k_cache.shape[:3] or v_scale.shape != k_cache.shape[:3]
+                 or k_scale.dtype != torch.float32 or not (k_scale.is_contiguous() and v_scale.is_contiguous())):
+        raise ValueError("int8 caches need int8 codes and contiguous float32 scales [B, NKV, L]")
     if qkv.stride(-1) != 1 or (b > 1 and qkv.stride(0) != t * qkv.stride(1)):
         qkv = qkv.contiguous()
     q = torch.empty(b, t, q_heads, d, dtype=qkv.dtype, device=qkv.device)
     _rope_store_kv_kernel[(b * t, heads)](qkv, cos.contiguous(), sin.contiguous(), pos.contiguous(), q, k_cache,
-                                          v_cache, t, q_heads, nkv, k_cache.shape[2], qkv.stride(1), qkv.stride(2),
-                                          D=d, HALF=d // 2)
+                                          v_cache, k_scale if int8 else q, v_scale if int8 else q, t, q_heads, nkv,
+                                          k_cache.shape[2], qkv.stride(1), qkv.stride(2), D=d, HALF=d // 2,
+                                          INT8=int8)
     return q
 
 

@@ -133,6 +133,10 @@ def run_llama8b(args) -> list[dict]:
     rep.section("logits check: effopt graph bf16 vs transformers forward", lambda: logits_check(model, prompts[0],
                                                                                                 cont))
     fused = Decoder(model).fuse()
+    if args.kv_only:  # the KV-cache rows alone
+        rep.section("effopt graph, bf16, kernels, fused qkv/gate-up", lambda: effopt(model, decoder=fused))
+        rep.section("effopt graph, bf16, int8 KV cache", lambda: effopt(model, cache="int8", decoder=fused))
+        return rep.rows
     if not args.skip_bf16:
         rep.section("effopt eager (no graph), bf16", lambda: effopt(model, graph=False, length=min(n, 32)))
         rep.section("effopt graph, bf16, torch attention", lambda: effopt(model, kernels=False))
@@ -309,6 +313,7 @@ def main() -> None:
     parser.add_argument("--no-spec", action="store_true", help="skip speculative / assisted generation (llama8b)")
     parser.add_argument("--profile", action="store_true", help="GPU kernel time per decode step (bf16, W4)")
     parser.add_argument("--skip-bf16", action="store_true", help="only the baseline and the W4 sections")
+    parser.add_argument("--kv-only", action="store_true", help="llama8b: only the bf16 and int8 KV-cache rows")
     parser.add_argument("--no-graph-w4", action="store_true", help="W4 and speculative runs without CUDA graphs")
     parser.add_argument("--budget-s", type=float, default=330.0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -208,7 +208,7 @@ class Decoder:
         """The LM head's input, with each residual add folded into the next RMSNorm (kernels.fused.add_rms_norm)."""
         b, t, _ = x.shape
         norm = self.kernels.add_rms_norm
-        store_inside = (rotate and type(cache) is StaticKVCache and self.fused is not None
+        store_inside = (rotate and cache.stores_inside() and self.fused is not None
                         and all(qkv is not None for qkv, _ in self.fused))
         pending = None  # the last sublayer's output, added to x by the next norm
         for i, layer in enumerate(self.layers):
@@ -216,8 +216,8 @@ class Decoder:
             x, h = norm(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, pending)
             if store_inside:  # RoPE and the K/V cache write in one launch
                 qkv = self.fused[i][0](h).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
-                q = self.kernels.rope_store_kv(qkv, *step.rope_tables(), step.pos,
-                                               cache.k[i], cache.v[i], self.heads)
+                q = self.kernels.rope_store_kv(qkv, *step.rope_tables(), step.pos, q_heads=self.heads,
+                                               **cache.store_args(i))
                 out = cache.attend_stored(i, q.transpose(1, 2), step)
             else:
                 q, k, v = self._qkv(i, attn, h, step, rotate)

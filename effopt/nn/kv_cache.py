@@ -212,6 +212,14 @@ class StaticKVCache:
 
     kernel_layout = True  # the buffers are what kernels.attention's decode attention reads
 
+    def stores_inside(self) -> bool:
+        """kernels.fused.rope_store_kv can write this cache (rotation and store in one launch)."""
+        return type(self) is StaticKVCache
+
+    def store_args(self, layer: int) -> dict:
+        """rope_store_kv's cache arguments for `layer`."""
+        return {"k_cache": self.k[layer], "v_cache": self.v[layer]}
+
     def _decode_kernel(self, layer: int, q: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         return attention_kernels().decode_attention(q, self.k[layer], self.v[layer], cache_seqlens=lens)
 
@@ -286,6 +294,13 @@ class QuantizedKVCache(StaticKVCache):
         return tuple(dequantize_kv(tuple(t[:, :, :kv_len] for t in store), self.bits, self.dtype)
                      for store in (self.k[layer], self.v[layer]))
 
+    def stores_inside(self) -> bool:
+        return self.bits == 8
+
+    def store_args(self, layer: int) -> dict:
+        (k, k_scale), (v, v_scale) = self.k[layer], self.v[layer]
+        return {"k_cache": k, "v_cache": v, "k_scale": k_scale[..., 0], "v_scale": v_scale[..., 0]}
+
     def _decode_kernel(self, layer: int, q: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         (k, k_scale), (v, v_scale) = self.k[layer], self.v[layer]
         return attention_kernels().decode_attention_int8(q, k, v, k_scale[..., 0], v_scale[..., 0], cache_seqlens=lens)
@@ -334,6 +349,9 @@ class SinkKVCache:
             store[layer] = torch.cat((t[:, :, : self.sink], t[:, :, self.sink + drop:]), dim=2)
 
     rotates_inside = True  # keys arrive unrotated; positions are indices inside the cache
+
+    def stores_inside(self) -> bool:
+        return False
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
         """Evict beyond sink + window, append K/V, attend with positions inside the cache.

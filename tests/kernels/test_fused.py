@@ -93,9 +93,11 @@ def test_decoder_step_with_fused_kernels_matches_torch_path(fuse):
     assert (logits[True].argmax(-1) == logits[False].argmax(-1)).float().mean() > 0.8
 
 
-def test_decoder_fused_kernels_batch_rows_at_different_positions():
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_decoder_fused_kernels_batch_rows_at_different_positions(kind):
     """Two rows prefilled one at a time into a batch-2 cache (row views), then one decode step for both
-    at different positions: the fused path writes each row's K/V at its own slot."""
+    at different positions: the fused path writes each row's K/V at its own slot (int8: the codes and
+    scales the torch path's quantize_kv would store)."""
     from effopt.generation.decode import prefill
     from effopt.generation.decoder import Decoder
 
@@ -105,12 +107,46 @@ def test_decoder_fused_kernels_batch_rows_at_different_positions():
     for use in (False, True):
         dec = Decoder(model).fuse()
         dec.kernels = fused if use else None
-        cache = dec.new_cache("bf16", 2, 16)
+        cache = dec.new_cache(kind, 2, 16)
         for row, p in enumerate(prompts):
             prefill(dec, cache, p, row)
         start = torch.tensor([len(p) for p in prompts], device=DEVICE)
         logits[use] = dec.forward(torch.tensor([[4], [1]], device=DEVICE), start, cache)[:, 0].float()
     assert rel_err(logits[True], logits[False]) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,t", [(1, 1), (2, 3)])
+def test_rope_store_kv_int8_writes_the_codes_quantize_kv_gives(b, t, dtype):
+    """int8 caches: k rotated then rounded to the model dtype, v as is, each quantized exactly as
+    kernels.attention.quantize_kv does (same codes, same scales), V written [D, L]."""
+    from kernels.attention import quantize_kv
+
+    nh, nkv, d, L = 4, 2, 16, 10
+    qkv = (torch.randn(b, t, (nh + 2 * nkv) * d, device=DEVICE) * 3).to(dtype).view(b, t, nh + 2 * nkv, d)
+    ang = torch.rand(b, t, d // 2, device=DEVICE) * 6
+    cos = torch.cat((ang.cos(), ang.cos()), -1).to(dtype)
+    sin = torch.cat((-ang.sin(), ang.sin()), -1).to(dtype)
+    pos = torch.tensor([[5, 2, 7][:t], [0, 9, 1][:t]][:b], device=DEVICE)
+    kc = torch.full((b, nkv, L, d), 99, device=DEVICE, dtype=torch.int8)
+    vc = torch.full((b, nkv, d, L), 99, device=DEVICE, dtype=torch.int8).transpose(2, 3)
+    ks, vs = (torch.full((b, nkv, L), float("nan"), device=DEVICE) for _ in range(2))
+    q = fused.rope_store_kv(qkv, cos, sin, pos, kc, vc, nh, ks, vs)
+    plain = torch.full((b, nkv, L, d), float("nan"), device=DEVICE, dtype=dtype)
+    k_plain, v_plain = plain.clone(), plain.clone()
+    q_plain = fused.rope_store_kv(qkv, cos, sin, pos, k_plain, v_plain, nh)  # the float path: same rotation
+    assert torch.equal(q, q_plain)
+    for bi in range(b):
+        for ti in range(t):
+            slot = int(pos[bi, ti])
+            for codes, scale, ref in ((kc, ks, k_plain), (vc, vs, v_plain)):
+                want_codes, want_scale = quantize_kv(ref[bi, :, slot])
+                assert torch.equal(codes[bi, :, slot], want_codes)
+                torch.testing.assert_close(scale[bi, :, slot], want_scale, rtol=0, atol=0)
+    for bi in range(b):  # every other slot untouched
+        others = [s for s in range(L) if s not in pos[bi].tolist()]
+        assert (kc[bi, :, others] == 99).all() and (vc[bi, :, others] == 99).all()
+        assert ks[bi, :, others].isnan().all() and vs[bi, :, others].isnan().all()
 
 
 @pytest.mark.parametrize("b,t", [(1, 1), (2, 3)])
