@@ -147,22 +147,22 @@ def _rope_store_kv_kernel(x_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
             slot = tl.load(pos_ptr + row)
             cell = ((row // T) * NKV + h - NH) * L + slot
             if INT8:  # quantize k as the model dtype holds it, like the torch path
-                lo, hi = lo.to(x_ptr.dtype.element_ty).to(tl.float32), hi.to(x_ptr.dtype.element_ty).to(tl.float32)
-                _store_int8(k_ptr + cell * D, ks_ptr + cell, lo, hi, offs_d, HALF, 1)
+                _store_int8(k_ptr + cell * D, ks_ptr + cell, lo.to(x_ptr.dtype.element_ty).to(tl.float32),
+                            hi.to(x_ptr.dtype.element_ty).to(tl.float32), offs_d, HALF, 1)
             else:
                 tl.store(k_ptr + cell * D + offs_d, lo.to(k_ptr.dtype.element_ty))
                 tl.store(k_ptr + cell * D + HALF + offs_d, hi.to(k_ptr.dtype.element_ty))
     else:
         slot = tl.load(pos_ptr + row)
         head = (row // T) * NKV + h - NH - NKV
-        lo, hi = tl.load(src + offs_d), tl.load(src + HALF + offs_d)
+        v_lo, v_hi = tl.load(src + offs_d), tl.load(src + HALF + offs_d)
         if INT8:
-            _store_int8(v_ptr + head * D * L + slot, vs_ptr + head * L + slot, lo.to(tl.float32), hi.to(tl.float32),
-                        offs_d, HALF, L)
+            _store_int8(v_ptr + head * D * L + slot, vs_ptr + head * L + slot, v_lo.to(tl.float32),
+                        v_hi.to(tl.float32), offs_d, HALF, L)
         else:
             dst = v_ptr + (head * L + slot) * D
-            tl.store(dst + offs_d, lo.to(dst.dtype.element_ty))
-            tl.store(dst + HALF + offs_d, hi.to(dst.dtype.element_ty))
+            tl.store(dst + offs_d, v_lo.to(dst.dtype.element_ty))
+            tl.store(dst + HALF + offs_d, v_hi.to(dst.dtype.element_ty))
 
 
 def rope_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from typing import Callable, Iterator
 
 import torch
@@ -149,6 +150,9 @@ class Step:
 
 
 USE_KERNELS = True  # scripts flip this to time the torch path against kernels/ on CUDA
+# int8 caches written by kernels.fused.rope_store_kv (RoPE + quantize + store in one launch): compiled for
+# sm_90 and tested under the interpreter, not yet run on a GPU, so opt-in until it is timed
+FUSED_INT8_STORE = os.environ.get("EFFOPT_FUSED_INT8_STORE", "0") == "1"
 MAX_KERNEL_T = 16  # steps of up to this many tokens (decode, speculative verify) use the decode kernel
 _ATTENTION_KERNELS = None
 
@@ -295,7 +299,7 @@ class QuantizedKVCache(StaticKVCache):
                      for store in (self.k[layer], self.v[layer]))
 
     def stores_inside(self) -> bool:
-        return self.bits == 8
+        return self.bits == 8 and FUSED_INT8_STORE
 
     def store_args(self, layer: int) -> dict:
         (k, k_scale), (v, v_scale) = self.k[layer], self.v[layer]

@@ -94,13 +94,18 @@ def test_decoder_step_with_fused_kernels_matches_torch_path(fuse):
 
 
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
-def test_decoder_fused_kernels_batch_rows_at_different_positions(kind):
+def test_decoder_fused_kernels_batch_rows_at_different_positions(kind, monkeypatch):
     """Two rows prefilled one at a time into a batch-2 cache (row views), then one decode step for both
     at different positions: the fused path writes each row's K/V at its own slot (int8: the codes and
     scales the torch path's quantize_kv would store)."""
     from effopt.generation.decode import prefill
     from effopt.generation.decoder import Decoder
+    from effopt.nn import kv_cache
 
+    monkeypatch.setattr(kv_cache, "FUSED_INT8_STORE", True)  # opt-in on a GPU until timed there
+    stores = []  # the caches each fused store wrote: the fused path must be the one taken
+    store = fused.rope_store_kv
+    monkeypatch.setattr(fused, "rope_store_kv", lambda *a, **kw: stores.append(kw["k_cache"].dtype) or store(*a, **kw))
     model = tiny_llama().to(DEVICE).half()
     prompts = [[5, 9, 11, 3, 7], [8, 2, 6]]
     logits = {}
@@ -113,6 +118,7 @@ def test_decoder_fused_kernels_batch_rows_at_different_positions(kind):
         start = torch.tensor([len(p) for p in prompts], device=DEVICE)
         logits[use] = dec.forward(torch.tensor([[4], [1]], device=DEVICE), start, cache)[:, 0].float()
     assert rel_err(logits[True], logits[False]) < 1e-2
+    assert len(stores) == 3 * 2 and set(stores) == {torch.int8 if kind == "int8" else torch.float16}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
