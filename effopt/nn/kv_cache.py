@@ -39,7 +39,7 @@ GRANULARITIES = ("head_token",)
 
 
 # ----------------------------------------------------------------------------------------------
-# Quantization of K/V vectors: one (scale, zero) per vector along the last dimension.
+# Quantization of K/V vectors: a scale (int8) or a (scale, zero) pair (int4) per vector along the last dimension.
 
 
 def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
@@ -218,7 +218,7 @@ class StaticKVCache:
 
     def stores_inside(self) -> bool:
         """kernels.fused.rope_store_kv can write this cache (rotation and store in one launch)."""
-        return type(self) is StaticKVCache
+        return True
 
     def store_args(self, layer: int) -> dict:
         """rope_store_kv's cache arguments for `layer`."""
