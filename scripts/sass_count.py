@@ -11,6 +11,7 @@ frequent opcodes. Counts are not timings (results/kernels.md has a case where th
     python scripts/sass_count.py qmatmul --bits 4 --block-m 16 --block-n 64 --block-kb 64 --split-k 4 \\
         --step 2 --x-split [--ptx] [--zero-in-tile] [--bf16]
     python scripts/sass_count.py candidates   # compile every mma config the tuner may try (~15 min)
+    python scripts/sass_count.py rope-store [--quant] [--bf16]   # the fused RoPE + KV-cache write
 """
 import argparse
 import collections
@@ -29,6 +30,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import attention as A  # noqa: E402
+from kernels import fused as F  # noqa: E402
 from kernels import qmatmul as Q  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -112,13 +114,13 @@ def compile_candidates():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("kernel", choices=["decode", "qmatmul", "candidates"])
+    ap.add_argument("kernel", choices=["decode", "qmatmul", "candidates", "rope-store"])
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--block-n", type=int, default=None)
     # decode
-    ap.add_argument("--quant", action="store_true", help="decode: int8 cache")
+    ap.add_argument("--quant", action="store_true", help="decode, rope-store: int8 cache")
     ap.add_argument("--v-t", action="store_true", help="decode: int8 V stored [D, S] per head")
     ap.add_argument("--cvt", type=int, default=A.INT8_CONVERT, help="decode: int8 conversion mode")
     ap.add_argument("--qk-int8", action="store_true")
@@ -138,6 +140,13 @@ def main():
     a = ap.parse_args()
     if a.kernel == "candidates":
         return compile_candidates()
+    if a.kernel == "rope-store":  # kernels.fused.rope_store_kv, float or int8 caches (--quant), head dim 128
+        act = "*bf16" if a.bf16 else "*fp16"
+        cache, scales = ("*i8", "*fp32") if a.quant else (act, act)
+        ptrs = dict(x_ptr=act, cos_ptr=act, sin_ptr=act, pos_ptr="*i64", q_ptr=act, k_ptr=cache, v_ptr=cache,
+                    ks_ptr=scales, vs_ptr=scales)
+        return report(compile_sm90(F._rope_store_kv_kernel, dict(D=128, HALF=64, INT8=a.quant), ptrs, (), (),
+                                   a.warps, a.stages), a.top)
     if a.kernel == "decode":
         cache = "*i8" if a.quant else "*bf16"
         const = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=a.group_rows, BLOCK_N=a.block_n or 128, QUANT=a.quant,
