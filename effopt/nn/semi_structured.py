@@ -48,7 +48,8 @@ class SemiStructuredLinear(torch.nn.Module):
     On the H200 cuSPARSELt wins only with many tokens (1.1-1.6x cuBLAS at 1024-4096 rows of the large
     shapes, 0.3-0.7x at 1-128 rows; results/kernels.md), so when the dense weight is given too, each
     (shape, power-of-two token bucket) times both once (`kernels._tune.choose`, dense first: the pick
-    inside a CUDA-graph capture) and keeps the faster: the layer is never slower than dense.
+    inside a CUDA-graph capture) and keeps the one it timed faster (the H200 table has one cell where
+    that pick was 10% slower than dense in the bench's own timing).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dense: torch.Tensor | None = None):
