@@ -12,6 +12,7 @@ frequent opcodes. Counts are not timings (results/kernels.md has a case where th
         --step 2 --x-split [--ptx] [--zero-in-tile] [--bf16]
     python scripts/sass_count.py candidates   # compile every mma config the tuner may try (~15 min)
     python scripts/sass_count.py rope-store [--quant] [--bf16]   # the fused RoPE + KV-cache write
+    python scripts/sass_count.py smoke   # one config of every kernel variant compiles (CI runs it)
 """
 import argparse
 import collections
@@ -112,9 +113,52 @@ def compile_candidates():
         print("  FAILED", *f)
 
 
+def compile_smoke():
+    """Compile one config of each kernel variant the GPU path launches (sm_90); exit 1 on any failure.
+
+    The interpreter runs kernels without Triton's type checks, so a kernel can pass every CPU test and
+    still fail to compile (a name bound to two dtypes in two branches did, 2026-11-30):
+    tests/kernels/test_compile_sm90.py runs this on CI, with whatever Triton is installed."""
+    dec = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=16, BLOCK_N=128, UPCAST=False, FUSED_MERGE=True, CVT=1,
+               QK_INT8=False)
+    dec_ptrs = dict(Q="*bf16", KS="*fp32", VS="*fp32", O_PART="*fp32", LSE_PART="*fp32", LENS="*i32", OUT="*bf16",
+                    LOCK="*i32")
+    attn = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=128, BLOCK_N=128, CAUSAL=True, HAS_WINDOW=False, UPCAST=False)
+    attn_ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", LSE="*fp32")
+    rope_ptrs = dict(x_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16", pos_ptr="*i64", q_ptr="*bf16")
+    qmm_ptrs = dict(x_ptr="*fp16", qw_ptr="*u8", s_ptr="*fp16", z_ptr="*fp16", bias_ptr="*fp16", out_ptr="*fp16",
+                    ws_ptr="*fp32", lock_ptr="*i32")
+    cases = {
+        "decode bf16": (A._decode_split, dict(dec, QUANT=False, V_T=False), dict(dec_ptrs, K="*bf16", V="*bf16")),
+        "decode int8": (A._decode_split, dict(dec, QUANT=True, V_T=False), dict(dec_ptrs, K="*i8", V="*i8")),
+        "decode int8, V [D, S]": (A._decode_split, dict(dec, QUANT=True, V_T=True), dict(dec_ptrs, K="*i8", V="*i8")),
+        "attention forward": (A._attn_fwd, dict(attn, TMA=False), attn_ptrs),
+        "attention forward, TMA": (A._attn_fwd, dict(attn, TMA=True), attn_ptrs),
+        "rope + KV store": (F._rope_store_kv_kernel, dict(D=128, HALF=64, INT8=False),
+                            dict(rope_ptrs, k_ptr="*bf16", v_ptr="*bf16", ks_ptr="*bf16", vs_ptr="*bf16")),
+        "rope + KV store, int8": (F._rope_store_kv_kernel, dict(D=128, HALF=64, INT8=True),
+                                  dict(rope_ptrs, k_ptr="*i8", v_ptr="*i8", ks_ptr="*fp32", vs_ptr="*fp32")),
+        "W4 matmul, M=16 pick": (Q._qmm_kernel, dict(BITS=4, GROUP_MODE=1, DQ=1, POST_ZERO=True, X_SPLIT=True,
+                                                     HAS_BIAS=False, UPCAST=False, BLOCK_M=16, BLOCK_N=64,
+                                                     BLOCK_KB=64, SPLIT_K=4, STEP_BLOCKS=2, PTX=True,
+                                                     ZERO_IN_TILE=True), qmm_ptrs),
+    }
+    failed = 0
+    for name, (fn, const, ptrs) in cases.items():
+        try:
+            compile_sm90(fn, const, ptrs, ("qk_scale",), ("SPLIT_LEN", "N", "K", "KB", "GROUP"),
+                         8 if fn is A._attn_fwd else 4, 3)
+            print(f"ok      {name}")
+        except Exception as e:  # noqa: BLE001 - report every failing kernel
+            failed += 1
+            print(f"FAILED  {name}: {str(e).splitlines()[-1][:300]}")
+    print(f"triton {triton.__version__}: {len(cases) - failed} of {len(cases)} kernels compile for sm_90")
+    sys.exit(1 if failed else 0)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("kernel", choices=["decode", "qmatmul", "candidates", "rope-store"])
+    ap.add_argument("kernel", choices=["decode", "qmatmul", "candidates", "rope-store", "smoke"])
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--top", type=int, default=14)
@@ -140,6 +184,8 @@ def main():
     a = ap.parse_args()
     if a.kernel == "candidates":
         return compile_candidates()
+    if a.kernel == "smoke":
+        return compile_smoke()
     if a.kernel == "rope-store":  # kernels.fused.rope_store_kv, float or int8 caches (--quant), head dim 128
         act = "*bf16" if a.bf16 else "*fp16"
         cache, scales = ("*i8", "*fp32") if a.quant else (act, act)
