@@ -32,6 +32,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import attention as A  # noqa: E402
 from kernels import fused as F  # noqa: E402
+from kernels import int8_matmul as I  # noqa: E402
 from kernels import qmatmul as Q  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -44,7 +45,7 @@ def compile_sm90(fn, const: dict, ptrs: dict, floats=(), multiples=(), warps=4, 
     names = list(inspect.signature(fn.fn).parameters)
     sig = {n: "constexpr" if n in const else ptrs.get(n, "fp32" if n in floats else "i32") for n in names}
     hints = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n in ptrs or n.startswith("stride") or n in multiples}
+             if n not in const and (n in ptrs or n.startswith("stride") or n in multiples)}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=hints)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
@@ -142,12 +143,24 @@ def compile_smoke():
                                                      HAS_BIAS=False, UPCAST=False, BLOCK_M=16, BLOCK_N=64,
                                                      BLOCK_KB=64, SPLIT_K=4, STEP_BLOCKS=2, PTX=True,
                                                      ZERO_IN_TILE=True), qmm_ptrs),
+        "W4 matmul, xw M=128 pick": (Q._qmm_xw_kernel, dict(BITS=4, GROUP_MODE=1, DQ=1, POST_ZERO=False,
+                                                            HAS_BIAS=False, UPCAST=False, BLOCK_M=128,
+                                                            BLOCK_N=128, BLOCK_KB=64, SPLIT_K=2), qmm_ptrs),
+        "W4 gemv2, M=1": (Q._gemv2_kernel, dict(GROUP=128, BITS=4, GROUP_MODE=1, FLUSH=4, GPOW=128, MASK_K=False,
+                                                HAS_BIAS=False, BLOCK_M=1, BLOCK_N=64, STEP=2, SPLIT_K=4, STAGES=1),
+                          dict(qmm_ptrs, qw_ptr="*i32")),
+        "W8A8 matmul": (I._w8a8_kernel, dict(W_U8=False, SWAP=False, EVEN_K=True, HAS_BIAS=False, BLOCK_M=128,
+                                             BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
+                        dict(x_ptr="*i8", xs_ptr="*fp32", w_ptr="*i8", ws_ptr="*fp32", bias_ptr="*fp16",
+                             out_ptr="*fp16")),
+        "attention backward dQ": (A._attn_bwd_dq, dict(attn, BLOCK_M=64, BLOCK_N=64),
+                                  dict(attn_ptrs, DO="*bf16", DELTA="*fp32", DQ="*bf16")),
     }
     failed = 0
     for name, (fn, const, ptrs) in cases.items():
         try:
-            compile_sm90(fn, const, ptrs, ("qk_scale",), ("SPLIT_LEN", "N", "K", "KB", "GROUP"),
-                         8 if fn is A._attn_fwd else 4, 3)
+            compile_sm90(fn, const, ptrs, ("qk_scale", "sm_scale"), ("SPLIT_LEN", "N", "K", "KB", "GROUP"),
+                         8 if const.get("BLOCK_M", 0) >= 128 else 4, 3)
             print(f"ok      {name}")
         except Exception as e:  # noqa: BLE001 - report every failing kernel
             failed += 1
