@@ -217,7 +217,7 @@ class Decoder:
             if store_inside:  # RoPE and the K/V cache write in one launch
                 qkv = self.fused[i][0](h).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
                 q = self.kernels.rope_store_kv(qkv, *step.rope_tables(), step.pos, q_heads=self.heads,
-                                               **cache.store_args(i))
+                                               **cache.kernel_args(i))
                 out = cache.attend_stored(i, q.transpose(1, 2), step)
             else:
                 q, k, v = self._qkv(i, attn, h, step, rotate)

@@ -220,12 +220,12 @@ class StaticKVCache:
         """kernels.fused.rope_store_kv can write this cache (rotation and store in one launch)."""
         return True
 
-    def store_args(self, layer: int) -> dict:
-        """rope_store_kv's cache arguments for `layer`."""
+    def kernel_args(self, layer: int) -> dict:
+        """`layer`'s buffers under the names kernels/ gives them (rope_store_kv, the decode attentions)."""
         return {"k_cache": self.k[layer], "v_cache": self.v[layer]}
 
     def _decode_kernel(self, layer: int, q: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        return attention_kernels().decode_attention(q, self.k[layer], self.v[layer], cache_seqlens=lens)
+        return attention_kernels().decode_attention(q, **self.kernel_args(layer), cache_seqlens=lens)
 
     @staticmethod
     def _map(store: list, fn) -> list:
@@ -301,13 +301,12 @@ class QuantizedKVCache(StaticKVCache):
     def stores_inside(self) -> bool:
         return self.bits == 8 and FUSED_INT8_STORE
 
-    def store_args(self, layer: int) -> dict:
-        (k, k_scale), (v, v_scale) = self.k[layer], self.v[layer]
+    def kernel_args(self, layer: int) -> dict:
+        (k, k_scale), (v, v_scale) = self.k[layer], self.v[layer]  # int8 layers (see kernel_layout)
         return {"k_cache": k, "v_cache": v, "k_scale": k_scale[..., 0], "v_scale": v_scale[..., 0]}
 
     def _decode_kernel(self, layer: int, q: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        (k, k_scale), (v, v_scale) = self.k[layer], self.v[layer]
-        return attention_kernels().decode_attention_int8(q, k, v, k_scale[..., 0], v_scale[..., 0], cache_seqlens=lens)
+        return attention_kernels().decode_attention_int8(q, **self.kernel_args(layer), cache_seqlens=lens)
 
 
 def _select_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
