@@ -116,10 +116,10 @@ def _round_half_even(y):
 
 @triton.jit
 def _store_int8(dst, scale_ptr, lo, hi, offs_d, HALF: tl.constexpr, ELEM_STRIDE):
-    """Symmetric int8 codes of the vector (lo, hi) (max|x| / 127 per vector, as kernels.attention.quantize_kv)
+    """Symmetric int8 codes of the vector (lo, hi) (max|x| * fp32(1/127) per vector, as kernels.attention.quantize_kv)
     at dst + d * ELEM_STRIDE, and its float32 scale at scale_ptr."""
     amax = tl.maximum(tl.max(tl.abs(lo), 0), tl.max(tl.abs(hi), 0))
-    scale = tl.math.div_rn(tl.maximum(amax, 1e-8), 127.0)  # IEEE division, as torch's
+    scale = tl.maximum(amax, 1e-8) * (1.0 / 127.0)  # times fp32(1/127), as quantize_kv (torch's CUDA division)
     lo_codes = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(lo, scale)), -127.0), 127.0)
     hi_codes = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(hi, scale)), -127.0), 127.0)
     tl.store(dst + offs_d * ELEM_STRIDE, lo_codes.to(tl.int8))
@@ -174,7 +174,7 @@ def rope_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: 
         qkv: [B, T, NH + 2 NKV, D] (q heads, then k, then v; D contiguous).
         cos, sin: [B, T, D] (sin signed as rotate_half needs). pos: [B, T] int64 cache slots.
         k_cache, v_cache: [B, NKV, L, D] contiguous; written at [b, :, pos[b, t]].
-        k_scale, v_scale: given, the caches are int8 (symmetric codes, scale max|x| / 127 per
+        k_scale, v_scale: given, the caches are int8 (symmetric codes, scale max|x| * fp32(1/127) per
             vector, as kernels.attention.quantize_kv) with float32 scales [B, NKV, L] (contiguous),
             and v_cache is the transposed view of a contiguous [B, NKV, D, L] buffer.
     Returns:

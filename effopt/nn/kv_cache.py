@@ -5,7 +5,7 @@
   after rejected speculative tokens is just "write there again".
 * `QuantizedKVCache`: the same slots holding codes per head and per token (the vector of `head_dim`
   values of one head at one position). K is quantized after RoPE, as it is stored.
-  int8: symmetric codes with one float32 scale (max|x| / 127) per vector, the layout of
+  int8: symmetric codes with one float32 scale (max|x| * fp32(1/127)) per vector, the layout of
   kernels/attention.py's int8 decode attention, which a CUDA decode step runs on (V kept [D, S] per
   head, so its products read adjacent bytes). Memory: D bytes + 4 per vector.
   int4: asymmetric, two codes per byte and a (scale, zero) pair in the model dtype per vector,
@@ -50,7 +50,7 @@ def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
         bits: 8 (symmetric) or 4 (asymmetric).
 
     Returns:
-        8 bits: (codes int8 [..., D], scale float32 [..., 1] = max|x| / 127).
+        8 bits: (codes int8 [..., D], scale float32 [..., 1] = max|x| * fp32(1/127)).
         4 bits: (codes uint8 [..., D/2] (low nibble = even index), scale, zero [..., 1] in x.dtype;
         zero is an integer code value).
     """
@@ -58,7 +58,9 @@ def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
         raise ValueError(f"KV cache bits must be one of {KV_BITS}, got {bits}")
     xf = x.float()
     if bits == 8:
-        scale = xf.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127.0
+        # times fp32(1/127), not / 127: torch divides by a Python scalar through its reciprocal on CUDA
+        # only, and the codes must not depend on the device (kernels.fused writes the same ones)
+        scale = xf.abs().amax(-1, keepdim=True).clamp_min(1e-8) * (1.0 / 127.0)
         return torch.round(xf / scale).clamp(-127, 127).to(torch.int8), scale
     maxq = 2**bits - 1
     lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
