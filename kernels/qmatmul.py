@@ -594,11 +594,11 @@ def _gemv2_kernel(
         MASK_K off the loop has no masks at all.
     Per code: ~1 AND and M FFMA, plus M FFMA per group and column (scale) and 2 M per x element
     (SASS at M=1, 64 rows, 2 chunks a trip: 862 instructions per 256 codes a thread, 128 registers).
-    Measured on an H200 (W4 g128, M=1): 17 us at 8192x8192 (2.1 TB/s, half the copy bandwidth).
-    Most likely latency-bound rather than bandwidth-bound (inferred from config sweeps, not
-    profiled): a warp loads a trip, then computes it, and the 4 programs of an SM run in step.
-    Prefetching a trip ahead (STAGES 2) should overlap the two but needs ~240 registers (2
-    programs per SM) and was slower; so were 8 rows a thread and 1 chunk a trip.
+    Measured on an H200 (W4 g128, M=1): 15.8 us at 8192x8192 with 4 chunks a trip (2.3 TB/s, 53%
+    of the copy bandwidth). Most likely latency-bound rather than bandwidth-bound (inferred from
+    config sweeps, not profiled): the more loads a thread has in flight, the faster (1, 2, 4 chunks
+    a trip: 25.5, 17.1, 15.8 us). Prefetching a trip ahead (STAGES 2) needs ~240 registers (2
+    programs per SM) and was slower; so were 8 rows a thread and staging through shared memory.
     At M = 4 the FFMAs dominate (2x slower than the MMA kernel).
     """
     CPW: tl.constexpr = 32 // BITS  # codes per word = segments per chunk
@@ -939,23 +939,26 @@ def gemv2_configs(M: int, w: QuantWeight) -> list:
     programs of 4 warps fit an SM and the grid is one wave; split-K brings the programs near
     `per_sm` per SM, keeping >= 2 trips per split. Prefetching a trip ahead (stages 2) doubles the
     operand registers and was slower everywhere measured; it stays as a candidate for the benchmark.
+    More chunks a trip (more loads in flight a thread) helped most: 1 -> 2 -> 4 chunks took 8192x8192
+    from 25.5 to 17.1 to 15.8 us (4 chunks: 128 registers); 3 chunks, 128 rows, 3 or 5 programs per SM
+    and staging the words through shared memory (Triton's pipeliner, cp.async or bulk copies) did not.
     """
     if w.qwords is None or M > 16:
         return []
-    chunks = w.qwords.shape[1] // 32
-    sms = _sms(w.qweight.device)
     if M <= 2:  # (block_n, step, stages, programs per SM), 4 warps each
-        shapes = [(64, 2, 1, 4), (32, 2, 1, 4), (64, 2, 2, 2), (64, 1, 1, 4)]
+        shapes = [(64, 4, 1, 4), (64, 2, 1, 4), (32, 2, 1, 4), (64, 2, 2, 2), (64, 1, 1, 4)]
     elif M <= 4:
         shapes = [(32, 1, 1, 4), (32, 2, 1, 4), (16, 1, 1, 8)]
     else:  # correct, but FFMA-bound: the MMA kernel wins from here on
         shapes = [(16, 1, 1, 4)]
-    cfgs = []
-    for bn, step, stages, per_sm in shapes:
-        tiles, trips = triton.cdiv(w.out_features, bn), triton.cdiv(chunks, step)
-        sk = max(1, min(round(per_sm * sms / tiles), trips // 2, 32))
-        cfgs.append(Cfg("gemv2", triton.next_power_of_2(M), bn, 128, sk, step, warps=4, stages=stages))
-    return cfgs
+    return [gemv2_cfg(M, w, bn, step, stages, per_sm) for bn, step, stages, per_sm in shapes]
+
+
+def gemv2_cfg(M: int, w: QuantWeight, block_n: int, step: int, stages: int, per_sm: int, warps: int = 4) -> Cfg:
+    """A gemv2 config whose split-K brings the programs near `per_sm` per SM (>= 2 trips per split)."""
+    tiles, trips = triton.cdiv(w.out_features, block_n), triton.cdiv(w.qwords.shape[1] // 32, step)
+    sk = max(1, min(round(per_sm * _sms(w.qweight.device) / tiles), trips // 2, 32))
+    return Cfg("gemv2", triton.next_power_of_2(M), block_n, 128, sk, step, warps=warps, stages=stages)
 
 
 XW_MIN_M = 32  # candidates() offers the x @ W^T kernel (`_qmm_xw_kernel`) from here on

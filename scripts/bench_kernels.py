@@ -192,9 +192,15 @@ def bench_qmatmul(quick, ms_only=None, shapes_only=None):
                "rel err"], rows)
 
 
-def bench_gemv(copy_tbs):
-    """Decode-size W4A16 g128 products: every gemv2 config next to cuBLAS, the tuner and the best mma."""
-    shapes = [(8192, 8192), (14336, 4096), (4096, 14336), (4096, 4096), (6144, 4096), (28672, 4096)]
+# (block_n, step, warps, programs per SM) of `--gemv-sweep`, each with prefetch off
+GEMV2_SWEEP = [(bn, step, warps, per_sm) for bn, warps in ((64, 4), (128, 8), (128, 4)) for step in (2, 3, 4)
+               for per_sm in (3, 4, 5)]
+
+
+def bench_gemv(copy_tbs, ms_only=None, shapes_only=None, sweep=False):
+    """Decode-size W4A16 g128 products: every gemv2 config next to cuBLAS, the tuner and the best mma.
+    sweep: also each gemv2 config of GEMV2_SWEEP."""
+    shapes = shapes_only or [(8192, 8192), (14336, 4096), (4096, 14336), (4096, 4096), (6144, 4096), (28672, 4096)]
     rows = []
     for n, k in shapes:
         w0 = make_quant(n, k, 4, 128)
@@ -202,7 +208,7 @@ def bench_gemv(copy_tbs):
         ws = [w0] + rotating(lambda: make_quant(n, k, 4, 128), wbytes)[1:]
         w16 = [Q.dequantize(w.qweight, w.scales, w.zeros, 4, 128, k, dtype=torch.float16)
                for w in ws[: max(1, math.ceil(3 * L2_BYTES / (n * k * 2)))]]
-        for m in (1, 4, 16):
+        for m in ms_only or (1, 4, 16):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(4)]
             out = torch.empty(m, n, device="cuda", dtype=torch.float16)
             ref = xs[1].float() @ w16[0].float().t()
@@ -229,6 +235,12 @@ def bench_gemv(copy_tbs):
                     row(f"best mma: {_cfg_str(mma[0])}", mma[0])
             for cfg in Q.gemv2_configs(m, w0):
                 row(_cfg_str(cfg), cfg)
+            for bn, step, warps, per_sm in GEMV2_SWEEP if sweep else []:
+                cfg = Q.gemv2_cfg(m, w0, bn, step, 1, per_sm, warps)
+                try:
+                    row(f"sweep {per_sm}/SM: {_cfg_str(cfg)}", cfg)
+                except triton.runtime.errors.OutOfResources as e:
+                    print(f"{_cfg_str(cfg)}: {e}")
         ws = w16 = None
     table(f"decode GEMV, W4A16 g128, fp16 x (copy bandwidth {copy_tbs:.2f} TB/s read + write)",
           ["N x K", "M", "kernel", "µs", "TB/s", "% of copy BW", "speedup vs cuBLAS fp16", "rel err"], rows)
@@ -473,9 +485,10 @@ def main():
     ap.add_argument("--out", default=None, help="also write the tables (markdown) here")
     ap.add_argument("--only", default="qmatmul,attn,decode")
     ap.add_argument("--gemv", action="store_true", help="only the decode GEMV table (gemv2 configs vs the rest)")
+    ap.add_argument("--gemv-sweep", action="store_true", help="with --gemv: also a grid of gemv2 configs")
     ap.add_argument("--w8a8", action="store_true", help="only the W8A8 (SmoothQuant int8 x int8) table")
-    ap.add_argument("--ms", default=None, help="qmatmul: only these token counts, e.g. 16,64")
-    ap.add_argument("--shapes", default=None, help="qmatmul: only these NxK weights, e.g. 8192x8192,4096x14336")
+    ap.add_argument("--ms", default=None, help="qmatmul, gemv: only these token counts, e.g. 16,64")
+    ap.add_argument("--shapes", default=None, help="qmatmul, gemv: only these NxK weights, e.g. 8192x8192,4096x14336")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
@@ -490,7 +503,7 @@ def main():
     shapes_only = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
     sections = {"qmatmul": lambda: bench_qmatmul(args.quick, ms_only, shapes_only),
                 "attn": lambda: bench_attention(args.quick),
-                "decode": lambda: bench_decode(args.quick, copy_tbs), "gemv": lambda: bench_gemv(copy_tbs),
+                "decode": lambda: bench_decode(args.quick, copy_tbs), "gemv": lambda: bench_gemv(copy_tbs, ms_only, shapes_only, args.gemv_sweep),
                 "w8a8": lambda: bench_w8a8(args.quick)}
     only = [name for name, flag in (("gemv", args.gemv), ("w8a8", args.w8a8)) if flag]
     for name in only or args.only.split(","):

@@ -170,6 +170,7 @@ GEMV2_CASES = [  # (cfg, bits, group, K, dtype, M, sym)
     (Cfg("gemv2", 1, 32, 128, 2, 1), 4, 128, 512, torch.float16, 1, True),  # no masks in the loop
     (Cfg("gemv2", 2, 16, 128, 2, 1), 8, 64, 200, torch.bfloat16, 2, False),
     (Cfg("gemv2", 1, 16, 128, 3, 1, stages=2), 2, 128, 600, torch.float16, 1, False),
+    (Cfg("gemv2", 1, 16, 128, 2, 4), 4, 128, 1100, torch.float16, 1, False),  # 4 chunks a trip (the default)
 ]
 
 
