@@ -599,7 +599,7 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float = None, window
 
 def quantize_kv(x):
     """Symmetric int8 per (batch, head, token): x [B, Hkv, S, D] -> (int8 [B, Hkv, S, D], fp32 scale [B, Hkv, S])."""
-    scale = x.float().abs().amax(-1).clamp_min(1e-8) * (1.0 / 127.0)  # x fp32(1/127): the same codes on every device
+    scale = x.float().abs().amax(-1).clamp_min(1e-8) * (1.0 / 127.0)  # not / 127: the same codes on every device
     q = torch.round(x.float() / scale[..., None]).clamp(-127, 127).to(torch.int8)
     return q, scale
 

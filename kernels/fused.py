@@ -116,7 +116,7 @@ def _round_half_even(y):
 
 @triton.jit
 def _store_int8(dst, scale_ptr, lo, hi, offs_d, HALF: tl.constexpr, ELEM_STRIDE):
-    """Symmetric int8 codes of the vector (lo, hi) (max|x| * fp32(1/127) per vector, as kernels.attention.quantize_kv)
+    """Symmetric int8 codes of the vector (lo, hi) (scale max|x| * fp32(1/127), as kernels.attention.quantize_kv)
     at dst + d * ELEM_STRIDE, and its float32 scale at scale_ptr."""
     amax = tl.maximum(tl.max(tl.abs(lo), 0), tl.max(tl.abs(hi), 0))
     scale = tl.maximum(amax, 1e-8) * (1.0 / 127.0)  # times fp32(1/127), as quantize_kv (torch's CUDA division)

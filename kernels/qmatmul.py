@@ -593,11 +593,11 @@ def _gemv2_kernel(
         rows and tokens past N / M are clamped to valid ones (dropped at the store), so with
         MASK_K off the loop has no masks at all.
     Per code: ~1 AND and M FFMA, plus M FFMA per group and column (scale) and 2 M per x element
-    (SASS at M=1, 64 rows, 2 chunks a trip: 862 instructions per 256 codes a thread, 128 registers).
+    (SASS at M=1, 64 rows, 4 chunks a trip: 1749 instructions per 512 codes a thread, 128 registers).
     Measured on an H200 (W4 g128, M=1): 15.8 us at 8192x8192 with 4 chunks a trip (2.3 TB/s, 53%
-    of the copy bandwidth). Most likely latency-bound rather than bandwidth-bound (inferred from
-    config sweeps, not profiled): the more loads a thread has in flight, the faster (1, 2, 4 chunks
-    a trip: 25.5, 17.1, 15.8 us). Prefetching a trip ahead (STAGES 2) needs ~240 registers (2
+    of the copy bandwidth). ncu: 46% of DRAM bandwidth with a warp eligible in 60% of the cycles,
+    so latency- and issue-bound together; the more loads a thread has in flight, the faster (1, 2, 4
+    chunks a trip: 25.5, 17.1, 15.8 us). Prefetching a trip ahead (STAGES 2) needs ~240 registers (2
     programs per SM) and was slower; so were 8 rows a thread and staging through shared memory.
     At M = 4 the FFMAs dominate (2x slower than the MMA kernel).
     """

@@ -503,7 +503,8 @@ def main():
     shapes_only = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
     sections = {"qmatmul": lambda: bench_qmatmul(args.quick, ms_only, shapes_only),
                 "attn": lambda: bench_attention(args.quick),
-                "decode": lambda: bench_decode(args.quick, copy_tbs), "gemv": lambda: bench_gemv(copy_tbs, ms_only, shapes_only, args.gemv_sweep),
+                "decode": lambda: bench_decode(args.quick, copy_tbs),
+                "gemv": lambda: bench_gemv(copy_tbs, ms_only, shapes_only, args.gemv_sweep),
                 "w8a8": lambda: bench_w8a8(args.quick)}
     only = [name for name, flag in (("gemv", args.gemv), ("w8a8", args.w8a8)) if flag]
     for name in only or args.only.split(","):

@@ -4,8 +4,9 @@
         python3 scripts/once_qmatmul.py --shape 8192x8192 --m 1 --cfg gemv2,1,64,128,4,4,0,4,1
 
 --cfg is Cfg's fields in order: kind, block_m, block_n, block_kb, split_k, step_blocks, x_split, warps,
-stages, ptx, zero_in_tile (flags as 0/1; gemv2 wants stages 1, its prefetch off, as the tuner's picks). The call runs three times (compile,
-then two launches), so `-s 2 -c 1` profiles a warm launch.
+stages, ptx, zero_in_tile (flags as 0/1; gemv2 wants stages 1, its prefetch off, as the tuner's picks).
+The call runs three times (compile, then two launches), so `-s 2 -c 1` profiles a warm launch.
+results/kernels.md ("Session of 2026-11-30, late") has the full ncu command and what it showed.
 """
 import argparse
 import os

@@ -153,7 +153,7 @@ class Step:
 
 USE_KERNELS = True  # scripts flip this to time the torch path against kernels/ on CUDA
 # int8 caches written by kernels.fused.rope_store_kv (RoPE + quantize + store in one launch) rather than
-# ~10 torch launches a layer: H200, Llama-3-8B shapes, 164 -> 208 tok/s (results/inference.md, section 00)
+# ~10 torch launches a layer: H200, Llama-3-8B shapes, 164 -> 208 tok/s (results/inference.md, section 000)
 FUSED_INT8_STORE = os.environ.get("EFFOPT_FUSED_INT8_STORE", "1") == "1"
 MAX_KERNEL_T = 16  # steps of up to this many tokens (decode, speculative verify) use the decode kernel
 _ATTENTION_KERNELS = None
