@@ -645,7 +645,7 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
     rows = max(16, triton.next_power_of_2(T * group))  # every (token, head) pair of a KV group: one MMA
 
     def run(c):
-        bn, per_sm, warps, stages, fused = c
+        bn, per_sm, warps, stages, fused, *cap = c  # cap: an optional register cap (ptxas maxnreg)
         splits = num_splits or max(1, min(triton.cdiv(per_sm * sms, B * Hkv), triton.cdiv(S, 2 * bn)))
         split_len = triton.cdiv(triton.cdiv(S, splits), bn) * bn
         splits = triton.cdiv(S, split_len)
@@ -663,7 +663,7 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
             out4.stride(0), out4.stride(1), out4.stride(2),
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=rows, BLOCK_N=bn,
             QUANT=quant, UPCAST=not q.is_cuda, FUSED_MERGE=fused, CVT=INT8_CONVERT if q.is_cuda else 0,
-            QK_INT8=qk_int8, V_T=v_t, num_warps=warps, num_stages=stages)
+            QK_INT8=qk_int8, V_T=v_t, num_warps=warps, num_stages=stages, **({"maxnreg": cap[0]} if cap else {}))
         if not fused:
             _decode_merge[(B * H * T,)](o_part, lse_part, out4, splits, out4.stride(0), out4.stride(1),
                                         out4.stride(2), H, T, HEAD_DIM=D, BLOCK_D=bd,
@@ -706,13 +706,16 @@ def _arrival_counters(device, n: int) -> torch.Tensor:
 
 
 def _decode_cfgs():
-    """(BLOCK_N, programs per SM, warps, stages, fused merge); the first is the default."""
+    """(BLOCK_N, programs per SM, warps, stages, fused merge[, register cap]); the first is the default."""
     if interpreting():
         return [(64, 2, 4, 1, False), (64, 2, 4, 1, True)]
     tiles = [(64, 2, 4, 3), (64, 4, 4, 3), (128, 2, 4, 3), (32, 4, 4, 4), (64, 8, 4, 2), (128, 4, 8, 3),
              # the sweep of 2026-11-30 (results/kernels.md): best for int8 at B = 8, 16k and bf16 at B = 32, 4k
              (128, 4, 4, 3), (64, 2, 4, 2), (64, 4, 4, 2)]
-    return [t + (fused,) for fused in (False, True) for t in tiles]
+    # capped at 128 registers (int8: 148-162 uncapped), so that 4 programs of 4 warps fit an SM: int8 Vᵀ at
+    # B = 32, 4k 79.5 -> 76.0 us on an H200 (results/kernels.md, 2026-11-30 late)
+    capped = [(128, 2, 4, 2, fused, 128) for fused in (False, True)]
+    return [t + (fused,) for fused in (False, True) for t in tiles] + capped
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, block_n=None, num_splits=None,
@@ -729,7 +732,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, 
         out: optional result tensor, shaped like q.
         fused_merge: merge the slices in the last program of each KV head (True) or in a second
             launch (False); default: timed once per shape with the tiles.
-        cfg: a whole config (BLOCK_N, programs per SM, warps, stages, fused merge), untimed.
+        cfg: a whole config (BLOCK_N, programs per SM, warps, stages, fused merge[, maxnreg]), untimed.
     Returns q's shape ([B, H, D] or [B, H, T, D]) in q.dtype.
     """
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):

@@ -470,8 +470,9 @@ def _decode_cfg(cfg) -> str:
     """BLOCK_N / programs per SM / warps / stages, and where the slices are merged."""
     if cfg is None:
         return "n/a"
-    bn, per_sm, warps, stages, fused = cfg
-    return f"{bn}x{per_sm}/SM w{warps} s{stages} " + ("fused merge" if fused else "merge launch")
+    bn, per_sm, warps, stages, fused, *cap = cfg
+    return f"{bn}x{per_sm}/SM w{warps} s{stages} " + ("fused merge" if fused else "merge launch") + \
+        (f" maxnreg {cap[0]}" if cap else "")
 
 
 def _sdpa_decode(q, k, v):

@@ -62,6 +62,7 @@ def main():
     ap.add_argument("--per-sm", default="1,2,4,8", help="programs per SM to try")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3,4")
+    ap.add_argument("--maxnreg", default="0", help="register caps to try (0: none), e.g. 0,128")
     ap.add_argument("--flush", default=_tune.FLUSH_MODE, help="tuner L2 flushes to compare, e.g. zero,read")
     ap.add_argument("--once", default=None, help="BxS: run one config once per cache copy (profiling)")
     ap.add_argument("--quant", action="store_true")
@@ -82,7 +83,7 @@ def main():
     print(f"copy bandwidth {copy_tbs:.2f} TB/s", flush=True)
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     grid = itertools.product(ints(a.blocks), ints(a.per_sm), ints(a.warps), ints(a.stages))
-    cfgs = [c + (f,) for c in grid for f in (False, True)]
+    cfgs = [c + (f,) + ((cap,) if cap else ()) for c in grid for f in (False, True) for cap in ints(a.maxnreg)]
     rows = []
     for shape in a.shapes.split(","):
         b, s = parse_shape(shape)
