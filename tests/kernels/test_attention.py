@@ -256,6 +256,22 @@ def test_decode_int8_with_v_stored_transposed(t, lens, pad_to, fused):
         assert rel_err(out[i], ref[0]) < TOL[torch.float16]
 
 
+def test_decode_int8_config_with_a_register_cap():
+    """A config's optional sixth field caps registers (ptxas maxnreg; a tuner candidate since 2026-11-30):
+    the result must not change (on a GPU, the capped build spills some registers)."""
+    b, h, hkv, s, d = 2, 8, 2, 160, 64
+    q = torch.randn(b, h, d, device=DEVICE, dtype=torch.float16)
+    (kq, ks), (vq, vs) = A.quantize_kv(torch.randn(b, hkv, s, d, device=DEVICE)), \
+        A.quantize_kv(torch.randn(b, hkv, s, d, device=DEVICE))
+    vt = v_transposed(vq)
+    stages = 2 if ON_GPU else 1
+    capped = A.decode_attention_int8(q, kq, vt, ks, vs, cfg=(32, 2, 4, stages, False, 128))
+    plain = A.decode_attention_int8(q, kq, vt, ks, vs, cfg=(32, 2, 4, stages, False))
+    ref = reference(q[:, :, None], kq.float() * ks[..., None], vq.float() * vs[..., None], True, d**-0.5)[:, :, 0]
+    assert rel_err(capped, ref) < TOL[torch.float16]
+    assert torch.equal(capped, plain)
+
+
 def test_decode_keeps_the_shape_of_q():
     q = torch.randn(2, 4, 64, device=DEVICE, dtype=torch.float16)
     k, v = (torch.randn(2, 2, 40, 64, device=DEVICE, dtype=torch.float16) for _ in range(2))
