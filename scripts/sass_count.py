@@ -64,13 +64,17 @@ def loop_histogram(sass: str):
     return sum(ops.values()), ops
 
 
-def report(kernel, top: int):
+def disassemble(kernel, tool: str = "nvdisasm") -> str:
+    """The compiled kernel's SASS (nvdisasm) or resource usage (tool "cuobjdump")."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True,
-                               text=True).stdout
-        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), f.name], capture_output=True, text=True).stdout
+        args = ["-res-usage"] if tool == "cuobjdump" else []
+        return subprocess.run([os.path.join(BIN, tool), *args, f.name], capture_output=True, text=True).stdout
+
+
+def report(kernel, top: int):
+    usage, sass = disassemble(kernel, "cuobjdump"), disassemble(kernel)
     regs = re.search(r"REG:(\d+)", usage)
     count, ops = loop_histogram(sass)
     print(f"triton {triton.__version__} | registers {regs.group(1) if regs else '?'} | "
