@@ -17,6 +17,9 @@ Triton kernels (and dequantize + cuBLAS), picked per shape by timing them once (
   * `_gemv2_kernel` CUDA-core kernel for decode (M <= 16; offered for M <= 2) over a re-packed
                     int32 copy of the codes: on an H200 at M = 1 it takes 15.8 us for W4 g128
                     8192x8192, against 30 us for `_qmm_kernel` and 38 us for cuBLAS fp16.
+  * `_qmm_swz_kernel` `_qmm_kernel`'s product for 4-bit codes over a third copy of them in the MMA
+                    operand's own order (`shuffle_w4`): one LOP3 per code pair, no shared-memory
+                    round trip. Opt-in (EFFOPT_QMM_SWZ=1) until timed on a GPU.
   * `_dequant_kernel` + torch.matmul (cuBLAS) for large M where that wins.
 Codes become floats through an exponent-bit trick instead of int->float converts:
 `0x6400 | q` read as fp16 is 1024 + q (bf16: `0x4300 | q` is 128 + q), exact for small q. The offset
@@ -41,6 +44,9 @@ KERNEL_BITS = (2, 4, 8)  # 3-bit codes straddle bytes: served by dequantize + ma
 # Tensor-core configs with the PTX code conversion (`_plane_to_half`) join the tuner's candidates on
 # CUDA (timed and checked on an H200, results/kernels.md); EFFOPT_QMM_PTX=0 leaves them out.
 PTX_CANDIDATES = os.environ.get("EFFOPT_QMM_PTX", "1") == "1"
+# `_qmm_swz_kernel` over a third copy of 4-bit codes in an MMA-ready order (`shuffle_w4`): interpreter-tested
+# and compiled for sm_90, not yet timed on a GPU, so opt-in (EFFOPT_QMM_SWZ=1 builds the copy, the tuner times it)
+SWZ_CODES = os.environ.get("EFFOPT_QMM_SWZ", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,6 +108,7 @@ class QuantWeight:
     group_size: int  # normalised: K for per-channel
     in_features: int
     qwords: torch.Tensor = None  # int32 [N, 32 * chunks] for `_gemv2_kernel` (see pack_words), or None
+    qswz: torch.Tensor = None  # int32 [N, K / 8] for `_qmm_swz_kernel` (see shuffle_w4), or None
 
     @property
     def out_features(self) -> int:
@@ -122,6 +129,7 @@ def prepare_weight(qweight, scales, zeros, bits: int, group_size: int, in_featur
     _check_layout(qweight, scales, zeros, bits, group_size, in_features)
     g = _norm_group(group_size, in_features)
     words = pack_words(qweight, bits, in_features) if _gemv2_fits(bits, g, in_features) else None
+    swz = shuffle_w4(qweight, in_features) if SWZ_CODES and swz_fits(bits, g, in_features) else None
     return QuantWeight(
         qweight.contiguous(),
         scales.t().contiguous().t(),
@@ -130,7 +138,32 @@ def prepare_weight(qweight, scales, zeros, bits: int, group_size: int, in_featur
         g,
         in_features,
         words,
+        swz,
     )
+
+
+def swz_fits(bits: int, group: int, in_features: int) -> bool:
+    """`_qmm_swz_kernel` takes 4-bit codes, K a multiple of 64 and groups of whole 64-code blocks."""
+    return bits == 4 and in_features % 64 == 0 and group % 64 == 0
+
+
+def shuffle_w4(qweight: torch.Tensor, in_features: int, rows: int = 2048) -> torch.Tensor:
+    """4-bit codes in the order the MMA's A operand takes them: int32 [N, K / 8].
+
+    Per row, each 64-code block is 8 words; word (c, wd) holds in its nibble 4a + 16b the code of
+    k = 32 wd + 8 a + 2 c + b. A thread of the MMA owns k pairs 2c, 2c + 1 (+ 8, + 16, ...), so its
+    codes are two adjacent words, and one LOP3 of a word shifted by 4a gives a half2 of a code pair
+    (`_swz_pair`); the kernel restores the k order with one transpose (scripts/preshuffle_probe.py).
+    """
+    n = qweight.shape[0]
+    out = torch.empty(n, in_features // 8, dtype=torch.int32, device=qweight.device)
+    shifts = ((4 * torch.arange(4))[:, None] + (16 * torch.arange(2))[None, :]).to(qweight.device)
+    for r0 in range(0, n, rows):  # bounded temporaries for large layers
+        codes = unpack_codes(qweight[r0:r0 + rows], 4, in_features).to(torch.int64)
+        c = codes.view(-1, in_features // 64, 2, 4, 4, 2).permute(0, 1, 4, 2, 3, 5)  # [n, kb, c, wd, a, b]
+        words = (c << shifts).sum((-1, -2))  # < 2^32
+        out[r0:r0 + rows] = (words - ((words >> 31) << 32)).reshape(-1, in_features // 8).to(torch.int32)
+    return out
 
 
 def _gemv2_fits(bits: int, group: int, in_features: int) -> bool:
@@ -394,6 +427,95 @@ def _qmm_kernel(
                 elif not ZERO_IN_TILE:  # one group: s at the end
                     acc += part
     if POST_ZERO and GROUP_MODE == 2:
+        acc = s[:, None] * acc
+    _finish(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, offs_n, offs_m, N, M, stride_om,
+            HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M)
+
+
+def _swz_ptx(fill: int) -> tl.constexpr:
+    """(w & 0x000f000f) | fill (LOP3 table 0xea = a & b | c), split into its two 16-bit halves."""
+    return tl.constexpr(f"{{\n.reg .b32 r;\nlop3.b32 r, $2, 0x000f000f, {fill:#010x}, 0xea;\n"
+                        "mov.b32 {$0, $1}, r;\n}")
+
+
+_SWZ_F16 = _swz_ptx(0x64006400)  # fp16 1024 + q
+_SWZ_BF16 = _swz_ptx(0x43004300)  # bf16 128 + q
+
+
+@triton.jit
+def _swz_pair(w, DQ: tl.constexpr, PTX: tl.constexpr):
+    """(OFFSET + bits [0, 4), OFFSET + bits [16, 20)) of int32 w as two fp16 (DQ 1) / bf16 (DQ 2): one LOP3."""
+    if not PTX:
+        lo, hi = _codes_to_float(w & 0xF, DQ), _codes_to_float((w >> 16) & 0xF, DQ)
+    elif DQ == 1:
+        lo, hi = tl.inline_asm_elementwise(_SWZ_F16, "=h,=h,r", [w], dtype=(tl.float16, tl.float16), is_pure=True,
+                                           pack=1)
+    else:
+        lo, hi = tl.inline_asm_elementwise(_SWZ_BF16, "=h,=h,r", [w], dtype=(tl.bfloat16, tl.bfloat16),
+                                           is_pure=True, pack=1)
+    return lo, hi
+
+
+@triton.jit
+def _qmm_swz_kernel(
+    x_ptr, qs_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+    M, N, K,
+    stride_xm, stride_qn, stride_sn, stride_sg, stride_om,
+    GROUP: tl.constexpr,  # codes per group (a constexpr: the group of a block is a shift, not a division)
+    GROUP_MODE: tl.constexpr,  # 1: groups of whole 64-code blocks, 2: one group per row
+    DQ: tl.constexpr,  # 1: fp16 x, 2: bf16 x
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PTX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    STEP: tl.constexpr,  # 64-code blocks per loop trip (unrolled)
+):
+    """out = x @ W^T like `_qmm_kernel` (acc[BLOCK_N, BLOCK_M] += W_tile @ x_tile^T) over `shuffle_w4` codes.
+
+    Per 64-code block a thread loads its two words of each of its rows (the MMA operand's own
+    order, no shared-memory round trip and no byte permutes in sm_90 SASS), turns each shifted word
+    into half2 code pairs with one LOP3, subtracts OFFSET + z (q - z, exact in 16 bits) and runs the
+    MMA; the scale is applied to each block's fp32 partial (GROUP_MODE 1) or at the end (2).
+    """
+    OFFSET: tl.constexpr = 1024.0 if DQ == 1 else 128.0
+    dt = x_ptr.dtype.element_ty
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = pid // num_n, pid % num_n
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok, m_ok = offs_n < N, offs_m < M
+    rows = tl.minimum(offs_n, N - 1)  # rows past N read a valid row; dropped at the store
+    word_ptrs = (qs_ptr + rows[:, None, None] * stride_qn + tl.arange(0, 4)[None, :, None] * 2
+                 + tl.arange(0, 2)[None, None, :])  # [BLOCK_N, c, wd] of block 0
+    shifts = 4 * tl.arange(0, 4)
+    offs_k = tl.arange(0, 64)
+    n_blocks = K // 64
+    it0, it1 = _split_range(tl.cdiv(n_blocks, STEP), pid_k, SPLIT_K)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_ok, stride_sn, 0)
+    for step in range(it0, it1):
+        for sub in tl.static_range(STEP):
+            blk = step * STEP + sub
+            kk = blk * 64 + offs_k  # past K (an unrolled trip's tail) x reads as 0
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None], mask=(kk < K)[:, None] & m_ok[None, :],
+                         other=0.0)
+            blk = tl.minimum(blk, n_blocks - 1)
+            words = tl.load(word_ptrs + blk * 8)
+            if GROUP_MODE == 1:
+                s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_ok, stride_sn, ((blk * 64) // GROUP) * stride_sg)
+            lo, hi = _swz_pair(words[:, :, :, None] >> shifts[None, None, None, :], DQ, PTX)  # [BLOCK_N, c, wd, a]
+            lo = tl.trans(lo.reshape(BLOCK_N, 4, 8), 0, 2, 1)  # [BLOCK_N, (wd, a), c]
+            hi = tl.trans(hi.reshape(BLOCK_N, 4, 8), 0, 2, 1)
+            w = tl.join(lo, hi).reshape(BLOCK_N, 64)  # OFFSET + q in k order: k = 8 (wd, a) + 2 c + b
+            if UPCAST:  # the interpreter's bf16 arithmetic is broken; fp32 is exact here too
+                w = w.to(tl.float32) - (z + OFFSET)[:, None]
+            else:
+                w = w - (z + OFFSET).to(dt)[:, None]
+            if GROUP_MODE == 1:
+                acc += s[:, None] * _mma(w, xt, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), UPCAST)
+            else:
+                acc = _mma(w, xt, acc, UPCAST)
+    if GROUP_MODE == 2:
         acc = s[:, None] * acc
     _finish(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, offs_n, offs_m, N, M, stride_om,
             HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M)
@@ -770,11 +892,12 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KB, GROUP,
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Cfg:
-    """One way to run the product: kind 'mma' | 'xw' | 'gemv' | 'gemv2' | 'dequant' and its tile sizes.
+    """One way to run the product: kind 'mma' | 'xw' | 'gemv' | 'gemv2' | 'swz' | 'dequant' and its tile sizes.
 
     'mma' is `_qmm_kernel` (out^T = W x^T, weight tile as the MMA's A operand); 'xw' is
     `_qmm_xw_kernel` (out = x W^T, weight tile as the B operand; step_blocks, x_split, ptx and
-    zero_in_tile unused).
+    zero_in_tile unused); 'swz' is `_qmm_swz_kernel` (as 'mma', over `shuffle_w4` codes; block_n 64,
+    step_blocks = 64-code blocks a trip, ptx = the one-LOP3 conversion).
     """
 
     kind: str
@@ -839,6 +962,8 @@ def _launch(cfg: Cfg, x2, w: QuantWeight, bias, out):
         return out
     if cfg.kind == "gemv2":
         return _launch_gemv2(cfg, x2, w, bias, out)
+    if cfg.kind == "swz":
+        return _launch_swz(cfg, x2, w, bias, out)
     mode = _group_mode(w, cfg.block_kb)
     block_m = triton.next_power_of_2(M) if cfg.kind == "gemv" else cfg.block_m
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, cfg.block_n)
@@ -875,6 +1000,26 @@ def _launch(cfg: Cfg, x2, w: QuantWeight, bias, out):
                       UPCAST=not x2.is_cuda, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                       BLOCK_KB=cfg.block_kb, SPLIT_K=cfg.split_k, STEP_BLOCKS=cfg.step_blocks,
                       num_warps=cfg.warps, num_stages=cfg.stages)
+    return out
+
+
+def _launch_swz(cfg: Cfg, x2, w: QuantWeight, bias, out):
+    M, K = x2.shape
+    N = w.out_features
+    if w.qswz is None or x2.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError("swz configs need a prepare_weight() result with shuffled codes (EFFOPT_QMM_SWZ=1: "
+                         "4-bit, K and the group a multiple of 64) and fp16/bf16 x")
+    if cfg.ptx and not x2.is_cuda:
+        raise ValueError("ptx configs run on CUDA")
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    ws, lock = _scratch(x2.device, tiles * cfg.split_k * cfg.block_m * cfg.block_n, tiles)
+    _qmm_swz_kernel[(tiles, cfg.split_k)](
+        x2, w.qswz, w.scales, w.zeros, bias if bias is not None else out, out, ws, lock, M, N, K,
+        x2.stride(0), w.qswz.stride(0), w.scales.stride(0), w.scales.stride(1), out.stride(0),
+        GROUP=w.group_size if w.group_size < K else 1, GROUP_MODE=2 if w.group_size >= K else 1,
+        DQ=_dq_mode(x2.dtype, 4), HAS_BIAS=bias is not None,
+        UPCAST=not x2.is_cuda, PTX=cfg.ptx, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
+        STEP=cfg.step_blocks, num_warps=cfg.warps, num_stages=cfg.stages)
     return out
 
 
@@ -1024,7 +1169,7 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
             cands.append(Cfg("dequant"))
         if M <= GEMV2_MAX_M:  # CUDA-core gemv2 first: the untimed default for 1-2 tokens
             cands = gemv2_configs(M, w)[:2] + cands
-        return cands + xw_configs(M, w) + _variants(cands, w, dtype)  # no xw below XW_MIN_M
+        return cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w)  # no xw below XW_MIN_M
     kb = min(64, (_uniform_kbs(w, 128) or [32])[-1])  # x tile of 128 x 2*kb fp16 per stage
     cands = [Cfg("mma", 128, 128, kb, 1, post_zero=False, x_split=True, warps=8, stages=3),
              Cfg("mma", 128, 128, max(16, kb // 2), 1, post_zero=False, x_split=True, warps=8, stages=4),
@@ -1032,6 +1177,21 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
              Cfg("mma", 128, 64, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
              Cfg("dequant")]
     return cands + xw_configs(M, w) + _variants(cands, w, dtype)
+
+
+def swz_configs(M: int, w: QuantWeight) -> list:
+    """`_qmm_swz_kernel` configs for 3-64 tokens (appended: never the untimed default), when the weight
+    has shuffled codes: 64 rows (one MMA M), 2-4 blocks of 64 codes a trip (sm_90 SASS at M = 16, 4 blocks:
+    473 loop instructions per 128 codes a thread against 615 for the mma pick), split-K near 3 programs
+    per SM; on CUDA with the one-LOP3 conversion."""
+    if w.qswz is None or not 2 < M <= 64:
+        return []
+    bm = max(16, triton.next_power_of_2(M))
+    tiles, blocks = triton.cdiv(M, bm) * triton.cdiv(w.out_features, 64), w.in_features // 64
+    ptx = w.qswz.device.type == "cuda"
+    return [Cfg("swz", bm, 64, 32, sk, step, warps=4, stages=3, ptx=ptx)
+            for step in ((2, 4) if bm <= 32 else (1, 2))
+            for sk in _splits(tiles, triton.cdiv(blocks, step), 3 * _sms(w.qweight.device))]
 
 
 def _variants(cands: list, w: QuantWeight, dtype) -> list:

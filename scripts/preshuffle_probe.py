@@ -3,10 +3,11 @@
 A 64-row tile of 4-bit weights is the A operand of the MMA (as in `_qmm_kernel`, out^T = W x^T). In that
 operand a thread holds rows g and g + 8 and the k pairs 2c, 2c + 1, 2c + 8, 2c + 9 of every 16-wide k
 tile, which are not adjacent in a row-major tile: today's kernel reads them from shared memory two bytes at
-a time and re-packs them with PRMTs. Here each 64-k block of a row is stored as 8 int32 words, word
-(c, wd) holding in its nibble 4a + 16b the code of k = 8 (2 wd + a) + 2c + b: a thread's 32 codes are two
-8-byte runs, one LOP3 turns a shifted word into a half2 of two codes in MMA order, and a `trans` + `join`
-(a chain Triton 3.6 carries the operand layout back through) restores the k order, so x is read as is.
+a time and re-packs them with PRMTs. Here the codes are in `kernels.qmatmul.shuffle_w4`'s order (each
+64-k block of a row 8 int32 words, word (c, wd) holding in its nibble 4a + 16b the code of
+k = 8 (2 wd + a) + 2c + b): a thread's 32 codes are two 8-byte runs, one LOP3 turns a shifted word into a
+half2 of two codes in MMA order, and a `trans` + `join` (a chain Triton 3.6 carries the operand layout
+back through) restores the k order, so x is read as is. `_qmm_swz_kernel` is built on it.
 
     python scripts/preshuffle_probe.py             # sm_90 SASS of the probe's loop, per variant (no GPU)
     TRITON_INTERPRET=1 python scripts/preshuffle_probe.py   # exactness of the layout (CPU)
@@ -21,28 +22,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-
-def shuffle_w4(codes: torch.Tensor) -> torch.Tensor:
-    """codes [N, K] (0..15, K a multiple of 64) -> int32 [N, K / 8] in the probe's layout."""
-    n, k = codes.shape
-    c = codes.view(n, k // 64, 2, 4, 4, 2).to(torch.int64)  # k = 32 wd + 8 a + 2 c + b: [n, kb, wd, a, c, b]
-    c = c.permute(0, 1, 4, 2, 3, 5)  # [n, kb, c, wd, a, b]: word (c, wd), nibble (a, b)
-    shifts = (4 * torch.arange(4))[:, None] + (16 * torch.arange(2))[None, :]
-    words = (c << shifts).sum((-1, -2))
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).reshape(n, k // 8).contiguous()
-
-
-@triton.jit
-def _half_pair(w, PTX: tl.constexpr):
-    """(1024 + bits [0, 4), 1024 + bits [16, 20)) of w as two fp16: one LOP3 with PTX."""
-    if PTX:
-        return tl.inline_asm_elementwise(
-            "{ .reg .b32 r; lop3.b32 r, $2, 0x000f000f, 0x64006400, 0xea; mov.b32 {$0, $1}, r; }",
-            "=h,=h,r", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-    lo = ((w & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-    hi = (((w >> 16) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-    return lo, hi
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels.qmatmul import _swz_pair, shuffle_w4  # noqa: E402 (the layout _qmm_swz_kernel reads)
 
 
 @triton.jit
@@ -56,7 +37,7 @@ def _probe(w_ptr, x_ptr, o_ptr, K, stride_xm, BLOCK_M: tl.constexpr, SHUFFLED: t
         if SHUFFLED:
             cc, ww, sh = tl.arange(0, 4), tl.arange(0, 2), 4 * tl.arange(0, 4)
             words = tl.load(w_ptr + rows[:, None, None] * (K // 8) + kb * 8 + cc[None, :, None] * 2 + ww[None, None, :])
-            lo, hi = _half_pair(words[:, :, :, None] >> sh[None, None, None, :], PTX)  # [64, c, wd, a] each
+            lo, hi = _swz_pair(words[:, :, :, None] >> sh[None, None, None, :], 1, PTX)  # [64, c, wd, a] each
             lo = tl.trans(lo.reshape(64, 4, 8), 0, 2, 1)  # [64, (wd, a), c]
             hi = tl.trans(hi.reshape(64, 4, 8), 0, 2, 1)
             w = tl.join(lo, hi).reshape(64, 64)  # k = 8 (wd, a) + 2 c + b
@@ -77,7 +58,7 @@ def check_on_cpu():
     x = torch.randn(m, k).half()
     ref = codes.float() @ x.float().t()
     plain = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
-    for shuffled, w in ((True, shuffle_w4(codes)), (False, plain)):
+    for shuffled, w in ((True, shuffle_w4(plain, k)), (False, plain)):
         out = torch.full((n, m), float("nan"))
         _probe[(1,)](w, x, out, k, x.stride(0), BLOCK_M=m, SHUFFLED=shuffled, PTX=False)
         err = (out - ref).abs().max().item()

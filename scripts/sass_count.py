@@ -10,6 +10,7 @@ frequent opcodes. Counts are not timings (results/kernels.md has a case where th
     python scripts/sass_count.py decode --quant --cvt 1 [--qk-int8] [--v-t] [--block-n 128 --warps 4 --stages 3]
     python scripts/sass_count.py qmatmul --bits 4 --block-m 16 --block-n 64 --block-kb 64 --split-k 4 \\
         --step 2 --x-split [--ptx] [--zero-in-tile] [--bf16]
+    python scripts/sass_count.py swz --block-m 16 --split-k 4 --step 4 --ptx   # W4 over shuffle_w4 codes
     python scripts/sass_count.py candidates   # compile every mma config the tuner may try (~15 min)
     python scripts/sass_count.py rope-store [--quant] [--bf16]   # the fused RoPE + KV-cache write
     python scripts/sass_count.py smoke   # one config of every kernel variant compiles (CI runs it)
@@ -153,6 +154,9 @@ def compile_smoke():
         "W4 gemv2, M=1": (Q._gemv2_kernel, dict(GROUP=128, BITS=4, GROUP_MODE=1, FLUSH=4, GPOW=128, MASK_K=False,
                                                 HAS_BIAS=False, BLOCK_M=1, BLOCK_N=64, STEP=2, SPLIT_K=4, STAGES=1),
                           dict(qmm_ptrs, qw_ptr="*i32")),
+        "W4 matmul, shuffled codes": (Q._qmm_swz_kernel, dict(GROUP=128, GROUP_MODE=1, DQ=1, HAS_BIAS=False,
+                                                              UPCAST=False, PTX=True, BLOCK_M=16, BLOCK_N=64, SPLIT_K=4,
+                                                              STEP=2), dict(qmm_ptrs, qs_ptr="*i32")),
         "W8A8 matmul": (I._w8a8_kernel, dict(W_U8=False, SWAP=False, EVEN_K=True, HAS_BIAS=False, BLOCK_M=128,
                                              BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
                         dict(x_ptr="*i8", xs_ptr="*fp32", w_ptr="*i8", ws_ptr="*fp32", bias_ptr="*fp16",
@@ -175,7 +179,7 @@ def compile_smoke():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("kernel", choices=["decode", "qmatmul", "candidates", "rope-store", "smoke"])
+    ap.add_argument("kernel", choices=["decode", "qmatmul", "swz", "candidates", "rope-store", "smoke"])
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--top", type=int, default=14)
@@ -217,6 +221,14 @@ def main():
         ptrs = dict(Q="*bf16", K=cache, V=cache, KS="*fp32", VS="*fp32", O_PART="*fp32", LSE_PART="*fp32",
                     LENS="*i32", OUT="*bf16", LOCK="*i32")
         kernel = compile_sm90(A._decode_split, const, ptrs, ("qk_scale",), ("SPLIT_LEN",), a.warps, a.stages)
+    elif a.kernel == "swz":  # W4 over shuffled codes, groups of 128 (--group-mode 2: per channel)
+        act = "*bf16" if a.bf16 else "*fp16"
+        const = dict(GROUP=128 if a.group_mode == 1 else 1, GROUP_MODE=a.group_mode, DQ=2 if a.bf16 else 1,
+                     HAS_BIAS=False, UPCAST=False, PTX=a.ptx, BLOCK_M=a.block_m, BLOCK_N=64, SPLIT_K=a.split_k,
+                     STEP=a.step)
+        ptrs = dict(x_ptr=act, qs_ptr="*i32", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act, ws_ptr="*fp32",
+                    lock_ptr="*i32")
+        kernel = compile_sm90(Q._qmm_swz_kernel, const, ptrs, (), ("N", "K"), a.warps, a.stages)
     else:
         act = "*bf16" if a.bf16 else "*fp16"
         dq = Q._dq_mode(torch.bfloat16 if a.bf16 else torch.float16, a.bits)

@@ -64,10 +64,21 @@ def run_ptx(ptx: str, word: int) -> tuple:
     """Run one of the kernels' inline-PTX conversions on the 32-bit input $2 -> ($0, $1): the few
     instructions they use (mov / and / shr / xor / prmt on b32, sub.f16x2), in program order."""
     ops = {"mov.b32": lambda a: a[0], "and.b32": lambda a: a[0] & a[1], "shr.b32": lambda a: a[0] >> a[1],
-           "xor.b32": lambda a: a[0] ^ a[1], "prmt.b32": lambda a: prmt(*a), "sub.f16x2": lambda a: _sub_f16x2(*a)}
+           "xor.b32": lambda a: a[0] ^ a[1], "prmt.b32": lambda a: prmt(*a), "sub.f16x2": lambda a: _sub_f16x2(*a),
+           "lop3.b32": lambda a: lop3(*a)}
     regs = {"$2": word}
-    for op, dst, args in re.findall(r"^\s*([a-z0-9.]+) (\$?\w+), ([^;]+);", ptx, re.M):
+    for op, dst, args in re.findall(r"^\s*([a-z0-9.]+) (\{[^}]*\}|\$?\w+), ([^;]+);", ptx, re.M):
         if op not in ops:
             raise ValueError(f"run_ptx does not know {op}")
-        regs[dst] = ops[op]([regs[x] if x in regs else int(x, 0) for x in (t.strip() for t in args.split(","))])
+        value = ops[op]([regs[x] if x in regs else int(x, 0) for x in (t.strip() for t in args.split(","))])
+        if dst.startswith("{"):  # mov.b32 {lo, hi}, r: the two 16-bit halves
+            lo, hi = (t.strip() for t in dst.strip("{}").split(","))
+            regs[lo], regs[hi] = value & 0xFFFF, value >> 16
+        else:
+            regs[dst] = value
     return regs["$0"], regs["$1"]
+
+
+def lop3(a: int, b: int, c: int, lut: int) -> int:
+    """PTX lop3.b32: bit i of the result is bit (a_i << 2 | b_i << 1 | c_i) of the 8-bit table."""
+    return sum(((lut >> (((a >> i) & 1) << 2 | ((b >> i) & 1) << 1 | ((c >> i) & 1))) & 1) << i for i in range(32))

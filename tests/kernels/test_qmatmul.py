@@ -294,3 +294,64 @@ def test_scratch_buffers_are_poisoned_in_tests():
     from kernels import attention, qmatmul
 
     assert qmatmul.DEBUG_POISON and attention.DEBUG_POISON  # the autouse fixture is active
+
+
+# `_qmm_swz_kernel` over `shuffle_w4` codes (opt-in: EFFOPT_QMM_SWZ=1 builds them): K a multiple of 64,
+# groups of 64 / 128 / per-channel, split-K (3 splits of 5 or 9 blocks: uneven), 1 or 2 blocks a trip
+# (2 with an odd block count runs past K), symmetric and asymmetric; PTX conversion on a GPU only.
+SWZ_CASES = [  # (cfg, group, K, dtype, M, sym)
+    (Cfg("swz", 16, 64, 32, 1, 1), 128, 256, torch.float16, 3, False),
+    (Cfg("swz", 32, 64, 32, 3, 2), 64, 576, torch.bfloat16, 17, False),
+    (Cfg("swz", 16, 64, 32, 2, 2), -1, 320, torch.float16, 16, True),
+    (Cfg("swz", 64, 64, 32, 3, 1), 64, 320, torch.bfloat16, 64, True),
+]
+
+
+@pytest.mark.parametrize("ptx", [False, True] if ON_GPU else [False])
+@pytest.mark.parametrize("cfg,group,k,dtype,m,sym", SWZ_CASES)
+def test_swz_matches_reference(cfg, group, k, dtype, m, sym, ptx, monkeypatch):
+    monkeypatch.setattr(Q, "SWZ_CODES", True)
+    if ON_GPU:
+        k *= 8
+    qweight, scales, zeros, x, bias, ref = _biased_problem(4, group, k, dtype, m, sym)
+    w = prepare_weight(qweight, scales, zeros, 4, group, k)
+    assert w.qswz is not None and w.qswz.shape == (N, k // 8)
+    out = torch.full((m, N), float("nan"), device=DEVICE, dtype=dtype)
+    y = quant_matmul(x, w, bias=bias, cfg=dataclasses.replace(cfg, ptx=ptx), out=out)
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+def test_shuffle_w4_layout():
+    """Nibble 4a + 16b of word (kb, c, wd) of a row holds the code of k = 64 kb + 32 wd + 8 a + 2 c + b."""
+    k = 192
+    codes = torch.randint(0, 16, (3, k))
+    words = Q.shuffle_w4(pack_codes(codes, 4), k)
+    assert words.shape == (3, k // 8) and words.dtype == torch.int32
+    kk = torch.arange(k)
+    kb, wd, a, c, b = kk // 64, (kk % 64) // 32, (kk % 32) // 8, (kk % 8) // 2, kk % 2
+    got = (words[:, kb * 8 + c * 2 + wd].long() >> (4 * a + 16 * b)) & 0xF
+    assert torch.equal(got, codes)
+
+
+@pytest.mark.parametrize("name,dtype,offset", [("_SWZ_F16", torch.float16, 1024), ("_SWZ_BF16", torch.bfloat16, 128)])
+def test_swz_ptx_gives_a_code_pair(name, dtype, offset):
+    """The one-LOP3 conversion: (OFFSET + bits [0, 4), OFFSET + bits [16, 20)) of the word, as 16-bit floats."""
+    ptx = getattr(Q, name).value
+    for word in torch.randint(0, 2**32, (64,), generator=torch.Generator().manual_seed(0), dtype=torch.int64).tolist():
+        lo, hi = run_ptx(ptx, word)
+        assert halves(lo | hi << 16, dtype) == [offset + (word & 0xF), offset + ((word >> 16) & 0xF)]
+
+
+def test_swz_configs_are_opt_in_and_never_the_default(monkeypatch):
+    qweight, scales, zeros, _ = make_weight(64, 256, 4, 128, torch.float16, DEVICE)
+    assert prepare_weight(qweight, scales, zeros, 4, 128, 256).qswz is None  # off by default
+    monkeypatch.setattr(Q, "SWZ_CODES", True)
+    w = prepare_weight(qweight, scales, zeros, 4, 128, 256)
+    for m in (1, 2, 3, 16, 64, 128):
+        cands = candidates(m, w, torch.float16)
+        assert any(c.kind == "swz" for c in cands) == (2 < m <= 64)
+        assert cands[0].kind != "swz"
+    g32 = prepare_weight(*make_weight(64, 256, 4, 32, torch.float16, DEVICE)[:3], 4, 32, 256)
+    assert g32.qswz is None  # groups smaller than a 64-code block
+    with pytest.raises(ValueError, match="shuffled codes"):
+        quant_matmul(torch.randn(3, 256, device=DEVICE, dtype=torch.float16), g32, cfg=Cfg("swz", 16, 64, 32))
