@@ -467,13 +467,16 @@ def _qmm_swz_kernel(
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PTX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     STEP: tl.constexpr,  # 64-code blocks per loop trip (unrolled)
+    SCALE_IN_TILE: tl.constexpr = False,  # (q - z) * s in x's dtype, one MMA chain: for many tokens
 ):
     """out = x @ W^T like `_qmm_kernel` (acc[BLOCK_N, BLOCK_M] += W_tile @ x_tile^T) over `shuffle_w4` codes.
 
     Per 64-code block a thread loads its two words of each of its rows (the MMA operand's own
     order, no shared-memory round trip and no byte permutes in sm_90 SASS), turns each shifted word
     into half2 code pairs with one LOP3, subtracts OFFSET + z (q - z, exact in 16 bits) and runs the
-    MMA; the scale is applied to each block's fp32 partial (GROUP_MODE 1) or at the end (2).
+    MMA; the scale is applied to each block's fp32 partial (GROUP_MODE 1) or at the end (2), or, with
+    SCALE_IN_TILE, to the tile (one rounding to x's dtype; cheaper once BLOCK_M x BLOCK_N FMAs a block
+    outnumber the tile's code pairs).
     """
     OFFSET: tl.constexpr = 1024.0 if DQ == 1 else 128.0
     dt = x_ptr.dtype.element_ty
@@ -507,15 +510,19 @@ def _qmm_swz_kernel(
             lo = tl.trans(lo.reshape(BLOCK_N, 4, 8), 0, 2, 1)  # [BLOCK_N, (wd, a), c]
             hi = tl.trans(hi.reshape(BLOCK_N, 4, 8), 0, 2, 1)
             w = tl.join(lo, hi).reshape(BLOCK_N, 64)  # OFFSET + q in k order: k = 8 (wd, a) + 2 c + b
-            if UPCAST:  # the interpreter's bf16 arithmetic is broken; fp32 is exact here too
+            if UPCAST:  # the interpreter's bf16 arithmetic is broken; fp32 rounds the same
                 w = w.to(tl.float32) - (z + OFFSET)[:, None]
+                if SCALE_IN_TILE:
+                    w = (w * s[:, None]).to(dt)
             else:
                 w = w - (z + OFFSET).to(dt)[:, None]
-            if GROUP_MODE == 1:
+                if SCALE_IN_TILE:
+                    w = w * s.to(dt)[:, None]
+            if GROUP_MODE == 1 and not SCALE_IN_TILE:
                 acc += s[:, None] * _mma(w, xt, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), UPCAST)
             else:
                 acc = _mma(w, xt, acc, UPCAST)
-    if GROUP_MODE == 2:
+    if GROUP_MODE == 2 and not SCALE_IN_TILE:
         acc = s[:, None] * acc
     _finish(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, offs_n, offs_m, N, M, stride_om,
             HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M)
@@ -1019,7 +1026,7 @@ def _launch_swz(cfg: Cfg, x2, w: QuantWeight, bias, out):
         GROUP=w.group_size if w.group_size < K else 1, GROUP_MODE=2 if w.group_size >= K else 1,
         DQ=_dq_mode(x2.dtype, 4), HAS_BIAS=bias is not None,
         UPCAST=not x2.is_cuda, PTX=cfg.ptx, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
-        STEP=cfg.step_blocks, num_warps=cfg.warps, num_stages=cfg.stages)
+        STEP=cfg.step_blocks, SCALE_IN_TILE=not cfg.post_zero, num_warps=cfg.warps, num_stages=cfg.stages)
     return out
 
 
@@ -1176,21 +1183,25 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
              Cfg("mma", 64, 128, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
              Cfg("mma", 128, 64, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
              Cfg("dequant")]
-    return cands + xw_configs(M, w) + _variants(cands, w, dtype)
+    return cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w)
 
 
 def swz_configs(M: int, w: QuantWeight) -> list:
-    """`_qmm_swz_kernel` configs for 3-64 tokens (appended: never the untimed default), when the weight
-    has shuffled codes: 64 rows (one MMA M), 2-4 blocks of 64 codes a trip (sm_90 SASS at M = 16, 4 blocks:
-    473 loop instructions per 128 codes a thread against 615 for the mma pick), split-K near 3 programs
-    per SM; on CUDA with the one-LOP3 conversion."""
-    if w.qswz is None or not 2 < M <= 64:
+    """`_qmm_swz_kernel` configs for 3-256 tokens (appended: never the untimed default), when the weight
+    has shuffled codes: 64 rows, up to 128 tokens a program, 1-4 blocks of 64 codes a trip (sm_90 SASS at
+    M = 16, 4 blocks: 473 loop instructions per 128 codes a thread against 615 for the mma pick), split-K
+    near 3 programs per SM, the scale after the MMA up to 64 tokens and in the tile beyond; on CUDA with
+    the one-LOP3 conversion."""
+    if w.qswz is None or not 2 < M <= 256:
         return []
-    bm = max(16, triton.next_power_of_2(M))
+    bm = min(128, max(16, triton.next_power_of_2(M)))
     tiles, blocks = triton.cdiv(M, bm) * triton.cdiv(w.out_features, 64), w.in_features // 64
     ptx = w.qswz.device.type == "cuda"
-    return [Cfg("swz", bm, 64, 32, sk, step, warps=4, stages=3, ptx=ptx)
-            for step in ((2, 4) if bm <= 32 else (1, 2))
+    # (blocks a trip, warps); 128 tokens, 8 warps, 2 blocks a trip: sm_90 SASS converts the tile through
+    # shared memory (both warpgroups need it), so one block a trip there
+    shapes = [(2, 4), (4, 4)] if bm <= 32 else ([(1, 4), (2, 4)] if bm == 64 else [(1, 8), (1, 4)])
+    return [Cfg("swz", bm, 64, 32, sk, step, post_zero=bm <= 64, warps=warps, stages=3, ptx=ptx)
+            for step, warps in shapes
             for sk in _splits(tiles, triton.cdiv(blocks, step), 3 * _sms(w.qweight.device))]
 
 

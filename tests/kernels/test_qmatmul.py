@@ -304,6 +304,9 @@ SWZ_CASES = [  # (cfg, group, K, dtype, M, sym)
     (Cfg("swz", 32, 64, 32, 3, 2), 64, 576, torch.bfloat16, 17, False),
     (Cfg("swz", 16, 64, 32, 2, 2), -1, 320, torch.float16, 16, True),
     (Cfg("swz", 64, 64, 32, 3, 1), 64, 320, torch.bfloat16, 64, True),
+    (Cfg("swz", 32, 64, 32, 2, 2, post_zero=False), 128, 576, torch.float16, 40, False),  # scale in the tile
+    (Cfg("swz", 16, 64, 32, 1, 1, post_zero=False), -1, 256, torch.bfloat16, 5, True),
+    (Cfg("swz", 128, 64, 32, 2, 1, post_zero=False, warps=8), 128, 256, torch.float16, 130, False),  # 2 M tiles
 ]
 
 
@@ -347,9 +350,9 @@ def test_swz_configs_are_opt_in_and_never_the_default(monkeypatch):
     assert prepare_weight(qweight, scales, zeros, 4, 128, 256).qswz is None  # off by default
     monkeypatch.setattr(Q, "SWZ_CODES", True)
     w = prepare_weight(qweight, scales, zeros, 4, 128, 256)
-    for m in (1, 2, 3, 16, 64, 128):
+    for m in (1, 2, 3, 16, 64, 128, 256, 512):
         cands = candidates(m, w, torch.float16)
-        assert any(c.kind == "swz" for c in cands) == (2 < m <= 64)
+        assert any(c.kind == "swz" for c in cands) == (2 < m <= 256)
         assert cands[0].kind != "swz"
     g32 = prepare_weight(*make_weight(64, 256, 4, 32, torch.float16, DEVICE)[:3], 4, 32, 256)
     assert g32.qswz is None  # groups smaller than a 64-code block
