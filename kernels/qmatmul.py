@@ -1262,7 +1262,7 @@ def quant_matmul(x, qweight, scales=None, zeros=None, bits=None, group_size=None
     if M > 0:
         if cfg is None:
             key = (x.device, M if M <= 4 else triton.next_power_of_2(M), N, K, w.bits, w.group_size,
-                   x.dtype, w.scales.stride(), bias is not None)
+                   x.dtype, w.scales.stride(), bias is not None, w.qswz is not None)  # swz: a candidate or not
             cfg = choose(key, candidates(M, w, x.dtype), lambda c: _launch(c, x2, w, bias, out2))
         _launch(cfg, x2, w, bias, out2)
     return out2.view(*x.shape[:-1], N)

@@ -354,6 +354,14 @@ def test_swz_configs_are_opt_in_and_never_the_default(monkeypatch):
         cands = candidates(m, w, torch.float16)
         assert any(c.kind == "swz" for c in cands) == (2 < m <= 256)
         assert cands[0].kind != "swz"
+    if ON_GPU:  # (on CPU an untuned call takes the torch path) a pick made for shuffled codes is never
+        # applied to the same shape without them: the tuner's key says whether the weight has them
+        keys = []
+        monkeypatch.setattr(Q, "choose", lambda key, cands, run: keys.append(key) or cands[-1])
+        x = torch.randn(16, 256, device=DEVICE, dtype=torch.float16)
+        quant_matmul(x, w)
+        quant_matmul(x, qweight, scales, zeros, 4, 128, 256)
+        assert keys[0][:-1] == keys[1][:-1] and keys[0][-1] != keys[1][-1]
     g32 = prepare_weight(*make_weight(64, 256, 4, 32, torch.float16, DEVICE)[:3], 4, 32, 256)
     assert g32.qswz is None  # groups smaller than a 64-code block
     with pytest.raises(ValueError, match="shuffled codes"):
