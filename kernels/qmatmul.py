@@ -292,6 +292,15 @@ def _store_out(acc, out_ptr, bias_ptr, offs_n, offs_m, N, M, stride_om, HAS_BIAS
 
 
 @triton.jit
+def _swapped_tile(pid, N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Output features and tokens of program pid's tile of out^T (features fastest), with their masks."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    offs_n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return offs_n, offs_m, offs_n < N, offs_m < M
+
+
+@triton.jit
 def _split_range(n_iters, pid_k, SPLIT_K: tl.constexpr):
     """[it0, it1): the loop trips split pid_k of SPLIT_K runs (the last split may get fewer)."""
     per_split = tl.cdiv(n_iters, SPLIT_K)
@@ -359,11 +368,7 @@ def _qmm_kernel(
     dt = x_ptr.dtype.element_ty
 
     pid, pid_k = tl.program_id(0), tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = pid // num_n, pid % num_n
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_ok, m_ok = offs_n < N, offs_m < M
+    offs_n, offs_m, n_ok, m_ok = _swapped_tile(pid, N, M, BLOCK_N, BLOCK_M)
     offs_j = tl.arange(0, BLOCK_KB)
 
     n_iters = tl.cdiv(KB, BLOCK_KB * STEP_BLOCKS)
@@ -481,11 +486,7 @@ def _qmm_swz_kernel(
     OFFSET: tl.constexpr = 1024.0 if DQ == 1 else 128.0
     dt = x_ptr.dtype.element_ty
     pid, pid_k = tl.program_id(0), tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = pid // num_n, pid % num_n
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_ok, m_ok = offs_n < N, offs_m < M
+    offs_n, offs_m, n_ok, m_ok = _swapped_tile(pid, N, M, BLOCK_N, BLOCK_M)
     rows = tl.minimum(offs_n, N - 1)  # rows past N read a valid row; dropped at the store
     word_ptrs = (qs_ptr + rows[:, None, None] * stride_qn + tl.arange(0, 4)[None, :, None] * 2
                  + tl.arange(0, 2)[None, None, :])  # [BLOCK_N, c, wd] of block 0
