@@ -8,10 +8,13 @@ second conftest module would shadow it.)"""
 import importlib
 import os
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
@@ -21,6 +24,21 @@ if not ON_GPU:
             importlib.reload(sys.modules[name])
 
 DEVICE = "cuda" if ON_GPU else "cpu"
+ROOT = Path(__file__).resolve().parents[2]
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"  # compiles for sm_90 offline
+
+
+def run_script(name: str, *args: str, interpret: bool = False) -> str:
+    """stdout of scripts/<name> in a fresh process, under the interpreter only when `interpret` (an
+    offline sm_90 compile needs it off); a non-zero exit fails the test with the script's output."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns when unset; 1 is what the kernels were built with
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    return done.stdout
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
