@@ -19,7 +19,11 @@ Triton kernels (and dequantize + cuBLAS), picked per shape by timing them once (
                     8192x8192, against 30 us for `_qmm_kernel` and 38 us for cuBLAS fp16.
   * `_qmm_swz_kernel` `_qmm_kernel`'s product for 4-bit codes over a third copy of them in the MMA
                     operand's own order (`shuffle_w4`): one LOP3 per code pair, no shared-memory
-                    round trip. Opt-in (EFFOPT_QMM_SWZ=1) until timed on a GPU.
+                    round trip. Opt-in (EFFOPT_QMM_SWZ=1): fastest at M = 64-128 on an H200, but
+                    a third copy of the codes.
+  * `kernels.qmatmul_wgmma` (Gluon, Hopper) asynchronous wgmma over the plain codes, the dequantized
+                    tile of step k + 1 made while the MMA of step k runs. Opt-in (EFFOPT_QMM_WG=1):
+                    slower than the kernels above at M = 16-128 on an H200 (results/kernels.md).
   * `_dequant_kernel` + torch.matmul (cuBLAS) for large M where that wins.
 Codes become floats through an exponent-bit trick instead of int->float converts:
 `0x6400 | q` read as fp16 is 1024 + q (bf16: `0x4300 | q` is 128 + q), exact for small q. The offset
@@ -44,8 +48,10 @@ KERNEL_BITS = (2, 4, 8)  # 3-bit codes straddle bytes: served by dequantize + ma
 # Tensor-core configs with the PTX code conversion (`_plane_to_half`) join the tuner's candidates on
 # CUDA (timed and checked on an H200, results/kernels.md); EFFOPT_QMM_PTX=0 leaves them out.
 PTX_CANDIDATES = os.environ.get("EFFOPT_QMM_PTX", "1") == "1"
-# `_qmm_swz_kernel` over a third copy of 4-bit codes in an MMA-ready order (`shuffle_w4`): interpreter-tested
-# and compiled for sm_90, not yet timed on a GPU, so opt-in (EFFOPT_QMM_SWZ=1 builds the copy, the tuner times it)
+# `_qmm_swz_kernel` over a third copy of 4-bit codes in an MMA-ready order (`shuffle_w4`). Timed on an H200
+# (2026-11-30 night): the tuner's pick at M = 64 (41.9-42.4 us against 47.7 for the mma kernel, 8192^2) and
+# M = 128 on some runs, slower at M = 16; it costs a third copy of the codes, so it stays opt-in
+# (EFFOPT_QMM_SWZ=1 builds the copy, the tuner times it)
 SWZ_CODES = os.environ.get("EFFOPT_QMM_SWZ", "0") == "1"
 
 
@@ -132,14 +138,26 @@ def prepare_weight(qweight, scales, zeros, bits: int, group_size: int, in_featur
     swz = shuffle_w4(qweight, in_features) if SWZ_CODES and swz_fits(bits, g, in_features) else None
     return QuantWeight(
         qweight.contiguous(),
-        scales.t().contiguous().t(),
-        zeros.t().contiguous().t(),
+        _group_major(scales),
+        _group_major(zeros),
         bits,
         g,
         in_features,
         words,
         swz,
     )
+
+
+GROUP_MAJOR_PAD = 256  # rows of zeros after the last one: a 256-row tile reads its scales without a mask
+
+
+def _group_major(t: torch.Tensor) -> torch.Tensor:
+    """[N, G] with the rows of a group contiguous (strides (1, N_pad)), stored over zero padding to a
+    multiple of GROUP_MAJOR_PAD rows so that `kernels.qmatmul_wgmma` can copy a tile's scales in 16-byte runs."""
+    n, g = t.shape
+    buf = t.new_zeros(g, -(-n // GROUP_MAJOR_PAD) * GROUP_MAJOR_PAD)
+    buf[:, :n] = t.t()
+    return buf[:, :n].t()
 
 
 def swz_fits(bits: int, group: int, in_features: int) -> bool:
@@ -900,12 +918,13 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KB, GROUP,
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Cfg:
-    """One way to run the product: kind 'mma' | 'xw' | 'gemv' | 'gemv2' | 'swz' | 'dequant' and its tile sizes.
+    """One way to run the product: kind 'mma' | 'xw' | 'gemv' | 'gemv2' | 'swz' | 'wg' | 'dequant' and its tile sizes.
 
     'mma' is `_qmm_kernel` (out^T = W x^T, weight tile as the MMA's A operand); 'xw' is
     `_qmm_xw_kernel` (out = x W^T, weight tile as the B operand; step_blocks, x_split, ptx and
     zero_in_tile unused); 'swz' is `_qmm_swz_kernel` (as 'mma', over `shuffle_w4` codes; block_n 64,
-    step_blocks = 64-code blocks a trip, ptx = the one-LOP3 conversion).
+    step_blocks = 64-code blocks a trip, ptx = the one-LOP3 conversion); 'wg' is the Gluon kernel of
+    `kernels.qmatmul_wgmma` (block_n weight rows, block_m tokens, stages = slots of its copy ring).
     """
 
     kind: str
@@ -972,6 +991,8 @@ def _launch(cfg: Cfg, x2, w: QuantWeight, bias, out):
         return _launch_gemv2(cfg, x2, w, bias, out)
     if cfg.kind == "swz":
         return _launch_swz(cfg, x2, w, bias, out)
+    if cfg.kind == "wg":
+        return _launch_wg(cfg, x2, w, bias, out)
     mode = _group_mode(w, cfg.block_kb)
     block_m = triton.next_power_of_2(M) if cfg.kind == "gemv" else cfg.block_m
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, cfg.block_n)
@@ -1029,6 +1050,21 @@ def _launch_swz(cfg: Cfg, x2, w: QuantWeight, bias, out):
         UPCAST=not x2.is_cuda, PTX=cfg.ptx, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
         STEP=cfg.step_blocks, SCALE_IN_TILE=not cfg.post_zero, num_warps=cfg.warps, num_stages=cfg.stages)
     return out
+
+
+def _launch_wg(cfg: Cfg, x2, w: QuantWeight, bias, out):
+    from kernels import qmatmul_wgmma
+
+    M, K = x2.shape
+    if not qmatmul_wgmma.fits(w.bits, w.group_size, K) or x2.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError("wg configs take 4-bit codes, K and the group a multiple of 64, and fp16/bf16 x")
+    if not qmatmul_wgmma.available(x2.device):
+        raise ValueError("wg configs run on a Hopper GPU with Triton's Gluon")
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(w.out_features, cfg.block_n)
+    ws, lock = _scratch(x2.device, tiles * cfg.split_k * cfg.block_m * cfg.block_n, tiles)
+    return qmatmul_wgmma.launch(x2, w.qweight, w.scales, w.zeros, w.group_size, bias, out, ws, lock,
+                                block_n=cfg.block_n, block_m=cfg.block_m, split_k=cfg.split_k, warps=cfg.warps,
+                                stages=cfg.stages)
 
 
 def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):
@@ -1177,14 +1213,15 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
             cands.append(Cfg("dequant"))
         if M <= GEMV2_MAX_M:  # CUDA-core gemv2 first: the untimed default for 1-2 tokens
             cands = gemv2_configs(M, w)[:2] + cands
-        return cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w)  # no xw below XW_MIN_M
+        return (cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w)  # no xw below XW_MIN_M
+                + wg_configs(M, w))
     kb = min(64, (_uniform_kbs(w, 128) or [32])[-1])  # x tile of 128 x 2*kb fp16 per stage
     cands = [Cfg("mma", 128, 128, kb, 1, post_zero=False, x_split=True, warps=8, stages=3),
              Cfg("mma", 128, 128, max(16, kb // 2), 1, post_zero=False, x_split=True, warps=8, stages=4),
              Cfg("mma", 64, 128, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
              Cfg("mma", 128, 64, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
              Cfg("dequant")]
-    return cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w)
+    return cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w) + wg_configs(M, w)
 
 
 def swz_configs(M: int, w: QuantWeight) -> list:
@@ -1204,6 +1241,35 @@ def swz_configs(M: int, w: QuantWeight) -> list:
     return [Cfg("swz", bm, 64, 32, sk, step, post_zero=bm <= 64, warps=warps, stages=3, ptx=ptx)
             for step, warps in shapes
             for sk in _splits(tiles, triton.cdiv(blocks, step), 3 * _sms(w.qweight.device))]
+
+
+# The Gluon wgmma kernel is correct on an H200 but slower than the Triton kernels at every M timed
+# (results/kernels.md, 2026-11-30 night), so its configs are offered only with EFFOPT_QMM_WG=1
+WG_CANDIDATES = os.environ.get("EFFOPT_QMM_WG", "0") == "1"
+
+
+def wg_configs(M: int, w: QuantWeight) -> list:
+    """`kernels.qmatmul_wgmma` configs for M >= 16 on a Hopper GPU (appended: never the untimed default):
+    up to 128 tokens a program; 64 weight rows a warpgroup, or 128 / 256 rows over two warpgroups,
+    since each program reads its x tile once per K-step whatever its rows (at M = 128 and 64 rows
+    x is read from L2 N / 64 times, 8x the codes' bytes); split-K near one or two programs per SM."""
+    from kernels import qmatmul_wgmma
+
+    if (not WG_CANDIDATES or M < 16 or not qmatmul_wgmma.available(w.qweight.device)
+            or not qmatmul_wgmma.fits(w.bits, w.group_size, w.in_features)
+            or not (qmatmul_wgmma.scales_fit(w.scales, 256) and qmatmul_wgmma.scales_fit(w.zeros, 256))):
+        return []
+    bm = min(128, triton.next_power_of_2(M))
+    steps = w.in_features // qmatmul_wgmma.BLOCK_K
+    sms = _sms(w.qweight.device)
+    cfgs = []
+    for bn, warps in ((64, 4), (128, 8), (256, 8)):
+        tile_m = min(bm, 64) if bn == 256 else bm  # 256 x 128 would hold 128 accumulator registers a thread
+        tiles = triton.cdiv(M, tile_m) * triton.cdiv(w.out_features, bn)
+        for sk in _splits(tiles, steps, 2 * sms):
+            for stages in (4, 6):  # steps loaded 2 / 4 ahead
+                cfgs.append(Cfg("wg", tile_m, bn, 32, sk, warps=warps, stages=stages))
+    return cfgs
 
 
 def _variants(cands: list, w: QuantWeight, dtype) -> list:

@@ -11,6 +11,7 @@ frequent opcodes. Counts are not timings (results/kernels.md has a case where th
     python scripts/sass_count.py qmatmul --bits 4 --block-m 16 --block-n 64 --block-kb 64 --split-k 4 \\
         --step 2 --x-split [--ptx] [--zero-in-tile] [--bf16]
     python scripts/sass_count.py swz --block-m 16 --split-k 4 --step 4 --ptx   # W4 over shuffle_w4 codes
+    python scripts/sass_count.py wg --block-n 64 --block-m 128 --stages 6   # the Gluon wgmma W4 kernel
     python scripts/sass_count.py candidates   # compile every mma config the tuner may try (~15 min)
     python scripts/sass_count.py rope-store [--quant] [--bf16]   # the fused RoPE + KV-cache write
     python scripts/sass_count.py smoke   # one config of every kernel variant compiles (CI runs it)
@@ -35,6 +36,7 @@ from kernels import attention as A  # noqa: E402
 from kernels import fused as F  # noqa: E402
 from kernels import int8_matmul as I  # noqa: E402
 from kernels import qmatmul as Q  # noqa: E402
+from kernels import qmatmul_wgmma as WG  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -42,13 +44,29 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 def compile_sm90(fn, const: dict, ptrs: dict, floats=(), multiples=(), warps=4, stages=3):
     """triton.compile for sm_90a: constexprs `const`, pointer types `ptrs`, other args i32 (or fp32
     for `floats`); pointers, strides and the integer args in `multiples` are hinted divisible by 16,
-    as a launch with such values specializes them."""
+    as a launch with such values specializes them. Gluon kernels compile through their own source
+    class (num_stages means nothing to them)."""
     names = list(inspect.signature(fn.fn).parameters)
     sig = {n: "constexpr" if n in const else ptrs.get(n, "fp32" if n in floats else "i32") for n in names}
     hints = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if n not in const and (n in ptrs or n.startswith("stride") or n in multiples)}
-    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=hints)
+    source = ASTSource
+    if getattr(fn, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    src = source(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=hints)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def compile_wgmma(block_n=64, block_m=128, warps=4, stages=6, split_k=1, bf16=False):
+    """`kernels.qmatmul_wgmma._w4_wgmma_kernel` for sm_90 (W4 g128), as `launch` specializes it."""
+    act = "*bf16" if bf16 else "*fp16"
+    const = dict(GROUP=128, OFFSET=128.0 if bf16 else 1024.0,
+                 LO_ASM=(Q._PTX_BF16_LO4 if bf16 else Q._PTX_F16_LO4).value,
+                 HI_ASM=(Q._PTX_BF16_HI4 if bf16 else Q._PTX_F16_HI4).value, HAS_BIAS=False, BLOCK_N=block_n,
+                 BLOCK_M=block_m, SPLIT_K=split_k, STAGES=stages, **WG.layouts(block_n, block_m, warps))
+    ptrs = dict(x_ptr=act, qw_ptr="*u8", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act, ws_ptr="*fp32",
+                lock_ptr="*i32")
+    return compile_sm90(WG._w4_wgmma_kernel, const, ptrs, (), ("N", "K"), warps, stages)
 
 
 def loop_histogram(sass: str):
@@ -165,9 +183,16 @@ def compile_smoke():
         "attention backward dQ": (A._attn_bwd_dq, dict(attn, BLOCK_M=64, BLOCK_N=64),
                                   dict(attn_ptrs, DO="*bf16", DELTA="*fp32", DQ="*bf16")),
     }
+    if WG.HAVE_GLUON:
+        cases["W4 matmul, Gluon wgmma"] = None
     failed = 0
-    for name, (fn, const, ptrs) in cases.items():
+    for name, case in cases.items():
         try:
+            if case is None:
+                compile_wgmma(split_k=2)
+                print(f"ok      {name}")
+                continue
+            fn, const, ptrs = case
             compile_sm90(fn, const, ptrs, ("qk_scale", "sm_scale"), ("SPLIT_LEN", "N", "K", "KB", "GROUP"),
                          8 if const.get("BLOCK_M", 0) >= 128 else 4, 3)
             print(f"ok      {name}")
@@ -180,7 +205,7 @@ def compile_smoke():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("kernel", choices=["decode", "qmatmul", "swz", "candidates", "rope-store", "smoke"])
+    ap.add_argument("kernel", choices=["decode", "qmatmul", "swz", "wg", "candidates", "rope-store", "smoke"])
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--top", type=int, default=14)
@@ -208,6 +233,8 @@ def main():
         return compile_candidates()
     if a.kernel == "smoke":
         return compile_smoke()
+    if a.kernel == "wg":  # the Gluon wgmma kernel: --block-n rows, --block-m tokens
+        return report(compile_wgmma(a.block_n or 64, a.block_m, a.warps, a.stages, a.split_k, a.bf16), a.top)
     if a.kernel == "rope-store":  # kernels.fused.rope_store_kv, float or int8 caches (--quant), head dim 128
         act = "*bf16" if a.bf16 else "*fp16"
         cache, scales = ("*i8", "*fp32") if a.quant else (act, act)

@@ -347,7 +347,8 @@ def test_swz_ptx_gives_a_code_pair(name, dtype, offset):
 
 def test_swz_configs_are_opt_in_and_never_the_default(monkeypatch):
     qweight, scales, zeros, _ = make_weight(64, 256, 4, 128, torch.float16, DEVICE)
-    assert prepare_weight(qweight, scales, zeros, 4, 128, 256).qswz is None  # off by default
+    monkeypatch.setattr(Q, "SWZ_CODES", False)  # the default, whatever EFFOPT_QMM_SWZ says here
+    assert prepare_weight(qweight, scales, zeros, 4, 128, 256).qswz is None
     monkeypatch.setattr(Q, "SWZ_CODES", True)
     w = prepare_weight(qweight, scales, zeros, 4, 128, 256)
     for m in (1, 2, 3, 16, 64, 128, 256, 512):
@@ -360,7 +361,8 @@ def test_swz_configs_are_opt_in_and_never_the_default(monkeypatch):
         monkeypatch.setattr(Q, "choose", lambda key, cands, run: keys.append(key) or cands[-1])
         x = torch.randn(16, 256, device=DEVICE, dtype=torch.float16)
         quant_matmul(x, w)
-        quant_matmul(x, qweight, scales, zeros, 4, 128, 256)
+        monkeypatch.setattr(Q, "SWZ_CODES", False)
+        quant_matmul(x, prepare_weight(qweight, scales, zeros, 4, 128, 256))  # same scale strides, no shuffle
         assert keys[0][:-1] == keys[1][:-1] and keys[0][-1] != keys[1][-1]
     g32 = prepare_weight(*make_weight(64, 256, 4, 32, torch.float16, DEVICE)[:3], 4, 32, 256)
     assert g32.qswz is None  # groups smaller than a 64-code block

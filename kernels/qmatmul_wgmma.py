@@ -1,0 +1,214 @@
+"""W4A16 matmul on Hopper tensor cores with asynchronous wgmma, written in Gluon (Triton's explicit-layout
+dialect): out = x @ dequant(W)^T over effopt's plain packed codes (kernels/LAYOUT.md), no extra copy.
+
+Why Gluon: on sm_90 Triton 3.6 gives `_qmm_kernel` / `_qmm_swz_kernel` a wgmma with the weight tile as
+its register operand, and waits for every wgmma before the next tile is dequantized (SASS: each HGMMA is
+followed by `WARPGROUP.DEPBAR.LE gsb0, 0x0`), so the tensor cores and the dequantization take turns; the
+xw kernel waits at a barrier instead (results/kernels.md, ncu: tensor cores ~27% busy at M = 128). Here
+the program says what Triton's pipeliner does not:
+
+  * per 64-code K-step, the warps load the step's codes (prefetched one step ahead into registers),
+    turn them into (q - z) * s in x's dtype and store the tile to one of three shared-memory buffers;
+  * the x tile arrives through cp.async, STAGES - 2 steps ahead;
+  * one barrier, then the wgmma of this step is issued asynchronously and the wait leaves it in flight
+    (`warpgroup_mma_wait(1)`), so the tensor cores multiply step k while the warps dequantize step k + 1.
+
+Three weight buffers and the x ring refilled only after the next barrier make the buffer reuse safe
+for any number of warpgroups: a buffer is rewritten two steps after the barrier that follows its
+wgmma's wait in every warpgroup. The split-K finish is `_qmm_kernel`'s (the last split to arrive
+sums the fp32 partials). GPU only: the Triton interpreter does not run Gluon, so the tests run it on a
+GPU against the torch reference and compile it for sm_90 offline (tests/kernels/test_qmatmul_wgmma.py).
+"""
+import torch
+import triton
+
+try:  # Gluon ships with Triton >= 3.5; without it the tuner never offers these configs
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+    # the cp.async copy is `async_load` from Triton 3.7 on (the old name raises there)
+    _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # renamed in Triton 3.7
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+BLOCK_K = 64  # codes per K-step: one 128-byte row of x per token, 32 bytes of codes per weight row
+W_BUFFERS = 3
+
+
+def fits(bits: int, group: int, in_features: int) -> bool:
+    """4-bit codes, K a multiple of 64 and groups of whole K-steps (or one group per row)."""
+    return bits == 4 and in_features % BLOCK_K == 0 and group % BLOCK_K == 0
+
+
+def scales_fit(t: torch.Tensor, block_n: int) -> bool:
+    """[N, G] scales / zeros the kernel can read: each group's rows contiguous and stored on past N to a
+    multiple of block_n (`prepare_weight` pads them to 256 rows), so a tile copies them unmasked."""
+    end = t.storage_offset() + (t.shape[1] - 1) * t.stride(1) + triton.cdiv(t.shape[0], block_n) * block_n
+    return t.stride(0) == 1 and end * t.element_size() <= t.untyped_storage().nbytes()
+
+
+def available(device) -> bool:
+    """Gluon present and a Hopper GPU (wgmma is sm_90 only)."""
+    return HAVE_GLUON and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _w4_wgmma_kernel(
+        x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+        M, N, K,
+        stride_xm, stride_qn, stride_sn, stride_sg, stride_om,
+        GROUP: gl.constexpr,  # codes per group (K for per-channel)
+        OFFSET: gl.constexpr,  # 1024 (fp16 x) or 128 (bf16 x): what the PTX conversion adds to a code
+        LO_ASM: gl.constexpr, HI_ASM: gl.constexpr,  # PTX: 4 bytes -> 4 x (OFFSET + low / high nibble)
+        HAS_BIAS: gl.constexpr,
+        BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
+        CODE_L: gl.constexpr, X_L: gl.constexpr, ACC_L: gl.constexpr, OUT_L: gl.constexpr,
+        W_SL: gl.constexpr, X_SL: gl.constexpr, V_L: gl.constexpr, Q_SL: gl.constexpr, V_SL: gl.constexpr,
+    ):
+        BK: gl.constexpr = 64
+        pid = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        num_n = gl.cdiv(N, BLOCK_N)
+        n0 = (pid % num_n) * BLOCK_N
+        m0 = (pid // num_n) * BLOCK_M
+
+        rows = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, CODE_L)), N - 1)
+        q_ptrs = qw_ptr + rows[:, None] * stride_qn + gl.arange(0, BK // 2, layout=gl.SliceLayout(0, CODE_L))[None, :]
+        v_rows = n0 + gl.arange(0, BLOCK_N, layout=V_L)  # past N: the zero padding of `qmatmul._group_major`
+        s_ptrs = s_ptr + v_rows
+        z_ptrs = z_ptr + v_rows
+        xm = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_L))
+        x_ptrs = x_ptr + xm[:, None] * stride_xm + gl.arange(0, BK, layout=gl.SliceLayout(0, X_L))[None, :]
+        x_ok = (xm < M)[:, None]
+
+        n_steps = K // BK
+        per_split = gl.cdiv(n_steps, SPLIT_K)
+        it0 = pid_k * per_split
+        n_it = gl.minimum(it0 + per_split, n_steps) - it0
+
+        dt = x_ptr.dtype.element_ty
+        x_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_M, BK], X_SL)
+        q_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BK // 2], Q_SL)
+        s_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_N], V_SL)
+        z_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_N], V_SL)
+        w_smem = gl.allocate_shared_memory(dt, [3, BLOCK_N, BK], W_SL)
+        for i in gl.static_range(STAGES - 2):  # the first steps in flight
+            _load_step(x_smem, q_smem, s_smem, z_smem, i, it0 + i, i < n_it, x_ptrs, x_ok, q_ptrs, s_ptrs, z_ptrs,
+                       n_steps, stride_sg, GROUP, BK)
+        async_copy.wait_group(STAGES - 3)
+        _barrier()  # step 0 visible to every thread
+
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, ACC_L)
+        for i in range(n_it):
+            stage = i % STAGES
+            codes = q_smem.index(stage).load(CODE_L)
+            s = s_smem.index(stage).load(gl.SliceLayout(1, CODE_L))
+            zo = z_smem.index(stage).load(gl.SliceLayout(1, CODE_L)) + OFFSET  # exact: small integers in 16 bits
+            lo = gl.inline_asm_elementwise(LO_ASM, "=r,=r,r", [codes], dtype=dt, is_pure=True, pack=4)
+            hi = gl.inline_asm_elementwise(HI_ASM, "=r,=r,r", [codes], dtype=dt, is_pure=True, pack=4)
+            lo = (lo - zo[:, None]) * s[:, None]  # (q - z) exact, one rounding for * s
+            hi = (hi - zo[:, None]) * s[:, None]
+            w = gl.join(lo, hi).reshape([BLOCK_N, BK])  # byte j holds codes 2j (low nibble), 2j + 1
+            w_buf = w_smem.index(i % 3)
+            w_buf.store(w)
+            async_copy.wait_group(STAGES - 4)  # this thread's copies of steps <= i + 1 have landed
+            fence_async_shared()  # the generic-proxy writes, visible to the wgmma's async proxy
+            _barrier()  # all of that visible to every thread; every warpgroup past wgmma i - 2
+            acc = warpgroup_mma(w_buf, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+            j = i + STAGES - 2  # into the stage that step i - 2 used
+            _load_step(x_smem, q_smem, s_smem, z_smem, j % STAGES, it0 + j, j < n_it, x_ptrs, x_ok, q_ptrs, s_ptrs,
+                       z_ptrs, n_steps, stride_sg, GROUP, BK)
+            acc = warpgroup_mma_wait(1, deps=[acc])  # wgmma i stays in flight while step i + 1 dequantizes
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        async_copy.wait_group(0)
+
+        acc = gl.convert_layout(acc, OUT_L)
+        offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OUT_L))
+        offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, OUT_L))
+        if SPLIT_K == 1:
+            _store_out(acc, out_ptr, bias_ptr, offs_n, offs_m, N, M, stride_om, HAS_BIAS)
+        else:
+            offs = (gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OUT_L))[:, None] * BLOCK_M
+                    + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, OUT_L))[None, :])
+            ws_tile = ws_ptr + pid * (SPLIT_K * BLOCK_N * BLOCK_M)
+            gl.store(ws_tile + pid_k * (BLOCK_N * BLOCK_M) + offs, acc)
+            _barrier()  # every thread's partial is written before the arrival is counted
+            arrived = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, OUT_L)
+                for sk in gl.static_range(SPLIT_K):  # .cg: read from L2, never a stale L1 line
+                    total += gl.load(ws_tile + sk * (BLOCK_N * BLOCK_M) + offs, cache_modifier=".cg")
+                _store_out(total, out_ptr, bias_ptr, offs_n, offs_m, N, M, stride_om, HAS_BIAS)
+                gl.atomic_xchg(lock_ptr + pid, 0)  # re-arm the counter for the next launch
+
+    @gluon.jit
+    def _load_step(x_smem, q_smem, s_smem, z_smem, stage, step, valid, x_ptrs, x_ok, q_ptrs, s_ptrs, z_ptrs, n_steps,
+                   stride_sg, GROUP: gl.constexpr, BK: gl.constexpr):
+        """cp.async of K-step `step`'s x tile, codes, scales and zeros into ring slot `stage` (nothing
+        when not `valid`: past this split's steps), as one commit group."""
+        st = gl.minimum(step, n_steps - 1)
+        g = (st * BK) // GROUP
+        _async_load(x_smem.index(stage), x_ptrs + st * BK, mask=x_ok & valid)
+        _async_load(q_smem.index(stage), q_ptrs + st * (BK // 2), mask=valid)
+        _async_load(s_smem.index(stage), s_ptrs + g * stride_sg, mask=valid)
+        _async_load(z_smem.index(stage), z_ptrs + g * stride_sg, mask=valid)
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _store_out(acc, out_ptr, bias_ptr, offs_n, offs_m, N, M, stride_om, HAS_BIAS: gl.constexpr):
+        """acc is [BLOCK_N, BLOCK_M] (features x tokens); out is [M, N]."""
+        if HAS_BIAS:
+            acc += gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[:, None]
+        ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+        gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_m < M)[None, :])
+
+
+def layouts(block_n: int, block_m: int, warps: int) -> dict:
+    """The kernel's register and shared-memory layouts for a [block_n rows, block_m tokens] tile."""
+    return dict(
+        # codes [block_n, 32 bytes]: 16 bytes a thread (one 128-bit load), 16 rows a warp
+        CODE_L=gl.BlockedLayout([1, 16], [16, 2], [warps, 1], [1, 0]),
+        # x [block_m, 64]: 8 elements (16 bytes, one cp.async) a thread
+        X_L=gl.BlockedLayout([1, 8], [4, 8], [warps, 1], [1, 0]),
+        ACC_L=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, block_m, 16]),
+        # the output is [M, N] row-major: features fastest, two per thread
+        OUT_L=gl.BlockedLayout([2, 1], [32, 1], [1, warps], [0, 1]),
+        W_SL=gl.NVMMASharedLayout.get_default_for([block_n, BLOCK_K], gl.float16),
+        X_SL=gl.NVMMASharedLayout.get_default_for([block_m, BLOCK_K], gl.float16),
+        # scales / zeros of a step: block_n contiguous 16-bit values, 2 a thread (cp.async moves >= 4 bytes;
+        # wider runs would have more threads copy the same values)
+        V_L=gl.BlockedLayout([2], [32], [warps], [0]),
+        Q_SL=gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
+        V_SL=gl.SwizzledSharedLayout(1, 1, 1, [0]),
+    )
+
+
+def launch(x2, qweight, scales, zeros, group: int, bias, out, ws, lock, *, block_n: int, block_m: int,
+           split_k: int, warps: int, stages: int):
+    """out[M, N] = x2 @ dequant(W)^T (+ bias). ws / lock: split-K workspace and zeroed arrival counters
+    (`qmatmul._scratch`) for cdiv(M, block_m) * cdiv(N, block_n) tiles."""
+    from kernels.qmatmul import _PTX_BF16_HI4, _PTX_BF16_LO4, _PTX_F16_HI4, _PTX_F16_LO4
+
+    M, K = x2.shape
+    N = qweight.shape[0]
+    if stages < 4:
+        raise ValueError("the wgmma kernel needs stages >= 4 (steps are loaded stages - 2 ahead and read one "
+                         "barrier after they land)")
+    if not (scales_fit(scales, block_n) and scales_fit(zeros, block_n)):
+        raise ValueError("the wgmma kernel reads a group's scales and zeros as one contiguous run padded past "
+                             "the last row: pass a prepare_weight() result")
+    f16 = x2.dtype == torch.float16
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    _w4_wgmma_kernel[(tiles, split_k)](
+        x2, qweight, scales, zeros, bias if bias is not None else out, out, ws, lock, M, N, K,
+        x2.stride(0), qweight.stride(0), scales.stride(0), scales.stride(1), out.stride(0),
+        GROUP=min(group, K), OFFSET=1024.0 if f16 else 128.0,
+        LO_ASM=(_PTX_F16_LO4 if f16 else _PTX_BF16_LO4).value, HI_ASM=(_PTX_F16_HI4 if f16 else _PTX_BF16_HI4).value,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STAGES=stages,
+        **layouts(block_n, block_m, warps), num_warps=warps)
+    return out

@@ -1,0 +1,53 @@
+"""The quant_matmul candidates the tuner times for one W4A16 g128 shape: the fastest of each kind (GPU).
+
+    python3 scripts/sweep_qmatmul.py --shape 8192x8192 --ms 16,128 [--kinds wg,xw]
+
+Times are the tuner's own (`kernels._tune.gpu_ms`: CUDA-graph replays after a 128 MB L2 flush) with
+the flush alone subtracted, so they read as kernel microseconds; cuBLAS fp16 is timed the same way.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels import qmatmul as Q  # noqa: E402
+from kernels._tune import TIMINGS, gpu_ms  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import _cfg_str  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="8192x8192", help="N x K of the weight")
+    ap.add_argument("--ms", default="16,64,128")
+    ap.add_argument("--kinds", default="", help="only these kinds (comma-separated)")
+    ap.add_argument("--top", type=int, default=4, help="the fastest configs of each kind")
+    args = ap.parse_args()
+    n, k = (int(d) for d in args.shape.split("x"))
+    torch.manual_seed(0)
+    qweight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+    scales = torch.rand(n, k // 128, device="cuda", dtype=torch.float16) / 8
+    zeros = torch.full((n, k // 128), 8.0, device="cuda", dtype=torch.float16)
+    w = Q.prepare_weight(qweight, scales, zeros, 4, 128, k)
+    w16 = Q.dequantize(qweight, scales, zeros, 4, 128, k, dtype=torch.float16)
+    flush = gpu_ms(lambda: None)
+    kinds = set(filter(None, args.kinds.split(",")))
+    print(f"| N x K | M | config | µs | vs cuBLAS fp16 |\n|---|---|---|---|---|")
+    for m in (int(v) for v in args.ms.split(",")):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        t16 = (gpu_ms(lambda: torch.matmul(x, w16.t())) - flush) * 1e3
+        Q.quant_matmul(x, w)
+        key = next(kk for kk in TIMINGS if kk[1:4] == (m if m <= 4 else 1 << (m - 1).bit_length(), n, k))
+        timed = sorted((t for t in TIMINGS[key] if not kinds or t[0].kind in kinds), key=lambda t: t[1])
+        rows = [t for kind in dict.fromkeys(c.kind for c, _ in timed) for t in [u for u in timed if u[0].kind == kind][
+            : args.top]]
+        print(f"| {n}x{k} | {m} | cuBLAS fp16 | {t16:.1f} | 1.00 |")
+        for cfg, ms in sorted(rows, key=lambda t: t[1]):
+            us = (ms - flush) * 1e3
+            print(f"| {n}x{k} | {m} | {_cfg_str(cfg)} | {us:.1f} | {t16 / us:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
