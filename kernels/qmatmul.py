@@ -49,7 +49,7 @@ KERNEL_BITS = (2, 4, 8)  # 3-bit codes straddle bytes: served by dequantize + ma
 # CUDA (timed and checked on an H200, results/kernels.md); EFFOPT_QMM_PTX=0 leaves them out.
 PTX_CANDIDATES = os.environ.get("EFFOPT_QMM_PTX", "1") == "1"
 # `_qmm_swz_kernel` over a third copy of 4-bit codes in an MMA-ready order (`shuffle_w4`). Timed on an H200
-# (2026-11-30 night): the tuner's pick at M = 64 (41.9-42.4 us against 47.7 for the mma kernel, 8192^2) and
+# (2026-11-30 19:25 UTC): the tuner's pick at M = 64 (41.9-42.4 us against 47.7 for the mma kernel, 8192^2) and
 # M = 128 on some runs, slower at M = 16; it costs a third copy of the codes, so it stays opt-in
 # (EFFOPT_QMM_SWZ=1 builds the copy, the tuner times it)
 SWZ_CODES = os.environ.get("EFFOPT_QMM_SWZ", "0") == "1"
@@ -1244,7 +1244,7 @@ def swz_configs(M: int, w: QuantWeight) -> list:
 
 
 # The Gluon wgmma kernel is correct on an H200 but slower than the Triton kernels at every M timed
-# (results/kernels.md, 2026-11-30 night), so its configs are offered only with EFFOPT_QMM_WG=1
+# (results/kernels.md, session of 2026-11-30 19:25-20:10 UTC), so its configs are offered only with EFFOPT_QMM_WG=1
 WG_CANDIDATES = os.environ.get("EFFOPT_QMM_WG", "0") == "1"
 
 
