@@ -106,14 +106,8 @@ if HAVE_GLUON:
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, ACC_L)
         for i in range(n_it):
             stage = i % STAGES
-            codes = q_smem.index(stage).load(CODE_L)
-            s = s_smem.index(stage).load(gl.SliceLayout(1, CODE_L))
-            zo = z_smem.index(stage).load(gl.SliceLayout(1, CODE_L)) + OFFSET  # exact: small integers in 16 bits
-            lo = gl.inline_asm_elementwise(LO_ASM, "=r,=r,r", [codes], dtype=dt, is_pure=True, pack=4)
-            hi = gl.inline_asm_elementwise(HI_ASM, "=r,=r,r", [codes], dtype=dt, is_pure=True, pack=4)
-            lo = (lo - zo[:, None]) * s[:, None]  # (q - z) exact, one rounding for * s
-            hi = (hi - zo[:, None]) * s[:, None]
-            w = gl.join(lo, hi).reshape([BLOCK_N, BK])  # byte j holds codes 2j (low nibble), 2j + 1
+            w = _dequant(q_smem.index(stage).load(CODE_L), s_smem.index(stage).load(gl.SliceLayout(1, CODE_L)),
+                         z_smem.index(stage).load(gl.SliceLayout(1, CODE_L)), OFFSET, LO_ASM, HI_ASM, BLOCK_N, BK)
             w_buf = w_smem.index(i % 3)
             w_buf.store(w)
             async_copy.wait_group(STAGES - 4)  # this thread's copies of steps <= i + 1 have landed
@@ -127,6 +121,26 @@ if HAVE_GLUON:
         acc = warpgroup_mma_wait(0, deps=[acc])
         async_copy.wait_group(0)
 
+        _epilogue(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, n0, m0, N, M, stride_om, HAS_BIAS, BLOCK_N,
+                  BLOCK_M, SPLIT_K, OUT_L)
+
+    @gluon.jit
+    def _dequant(codes, s, z, OFFSET: gl.constexpr, LO_ASM: gl.constexpr, HI_ASM: gl.constexpr,
+                 BLOCK_N: gl.constexpr, BK: gl.constexpr):
+        """(q - z) * s of a [BLOCK_N, BK] tile from its uint8 codes [BLOCK_N, BK / 2] and per-row s, z."""
+        zo = z + OFFSET  # exact: small integers in 16 bits
+        lo = gl.inline_asm_elementwise(LO_ASM, "=r,=r,r", [codes], dtype=s.dtype, is_pure=True, pack=4)
+        hi = gl.inline_asm_elementwise(HI_ASM, "=r,=r,r", [codes], dtype=s.dtype, is_pure=True, pack=4)
+        lo = (lo - zo[:, None]) * s[:, None]  # (q - z) exact, one rounding for * s
+        hi = (hi - zo[:, None]) * s[:, None]
+        return gl.join(lo, hi).reshape([BLOCK_N, BK])  # byte j holds codes 2j (low nibble), 2j + 1
+
+    @gluon.jit
+    def _epilogue(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, n0, m0, N, M, stride_om,
+                  HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
+                  OUT_L: gl.constexpr):
+        """Write the [BLOCK_N, BLOCK_M] tile to out[M, N]; with split-K, park the partial and let the last
+        split to arrive sum them (`qmatmul._finish`)."""
         acc = gl.convert_layout(acc, OUT_L)
         offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OUT_L))
         offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, OUT_L))
@@ -204,11 +218,11 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws, lock, *, block
                              "the last row: pass a prepare_weight() result")
     f16 = x2.dtype == torch.float16
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    asm = dict(OFFSET=1024.0 if f16 else 128.0, LO_ASM=(_PTX_F16_LO4 if f16 else _PTX_BF16_LO4).value,
+               HI_ASM=(_PTX_F16_HI4 if f16 else _PTX_BF16_HI4).value)
     _w4_wgmma_kernel[(tiles, split_k)](
         x2, qweight, scales, zeros, bias if bias is not None else out, out, ws, lock, M, N, K,
         x2.stride(0), qweight.stride(0), scales.stride(0), scales.stride(1), out.stride(0),
-        GROUP=min(group, K), OFFSET=1024.0 if f16 else 128.0,
-        LO_ASM=(_PTX_F16_LO4 if f16 else _PTX_BF16_LO4).value, HI_ASM=(_PTX_F16_HI4 if f16 else _PTX_BF16_HI4).value,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STAGES=stages,
+        GROUP=min(group, K), **asm, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STAGES=stages,
         **layouts(block_n, block_m, warps), num_warps=warps)
     return out
