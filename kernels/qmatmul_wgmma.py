@@ -7,17 +7,22 @@ followed by `WARPGROUP.DEPBAR.LE gsb0, 0x0`), so the tensor cores and the dequan
 xw kernel waits at a barrier instead (results/kernels.md, ncu: tensor cores ~27% busy at M = 128). Here
 the program says what Triton's pipeliner does not:
 
-  * per 64-code K-step, the warps load the step's codes (prefetched one step ahead into registers),
-    turn them into (q - z) * s in x's dtype and store the tile to one of three shared-memory buffers;
-  * the x tile arrives through cp.async, STAGES - 2 steps ahead;
+  * each 64-code K-step's x tile, codes, scales and zeros arrive through a ring of STAGES cp.async
+    slots, STAGES - 2 steps ahead, and are read one barrier after they land;
+  * the warps turn the codes into (q - z) * s in x's dtype and store the tile to one of three
+    shared-memory buffers;
   * one barrier, then the wgmma of this step is issued asynchronously and the wait leaves it in flight
     (`warpgroup_mma_wait(1)`), so the tensor cores multiply step k while the warps dequantize step k + 1.
 
-Three weight buffers and the x ring refilled only after the next barrier make the buffer reuse safe
+Three weight buffers and ring slots refilled only after the next barrier make the buffer reuse safe
 for any number of warpgroups: a buffer is rewritten two steps after the barrier that follows its
 wgmma's wait in every warpgroup. The split-K finish is `_qmm_kernel`'s (the last split to arrive
 sums the fp32 partials). GPU only: the Triton interpreter does not run Gluon, so the tests run it on a
 GPU against the torch reference and compile it for sm_90 offline (tests/kernels/test_qmatmul_wgmma.py).
+
+Measured on an H200 (results/kernels.md, 2026-11-30): correct, but slower than the Triton kernels at
+M = 16-128 (one 4-warp program per SM cannot hide each step's chain), so the tuner offers it only with
+EFFOPT_QMM_WG=1.
 """
 import torch
 import triton
@@ -35,7 +40,6 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 BLOCK_K = 64  # codes per K-step: one 128-byte row of x per token, 32 bytes of codes per weight row
-W_BUFFERS = 3
 
 
 def fits(bits: int, group: int, in_features: int) -> bool:
@@ -61,7 +65,7 @@ if HAVE_GLUON:
     def _w4_wgmma_kernel(
         x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
         M, N, K,
-        stride_xm, stride_qn, stride_sn, stride_sg, stride_om,
+        stride_xm, stride_qn, stride_sg, stride_om,  # scales / zeros: rows contiguous (`scales_fit`)
         GROUP: gl.constexpr,  # codes per group (K for per-channel)
         OFFSET: gl.constexpr,  # 1024 (fp16 x) or 128 (bf16 x): what the PTX conversion adds to a code
         LO_ASM: gl.constexpr, HI_ASM: gl.constexpr,  # PTX: 4 bytes -> 4 x (OFFSET + low / high nibble)
@@ -213,7 +217,7 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws, lock, *, block
     if stages < 4:
         raise ValueError("the wgmma kernel needs stages >= 4 (steps are loaded stages - 2 ahead and read one "
                          "barrier after they land)")
-    if not (scales_fit(scales, block_n) and scales_fit(zeros, block_n)):
+    if not (scales_fit(scales, block_n) and scales_fit(zeros, block_n)) or zeros.stride() != scales.stride():
         raise ValueError("the wgmma kernel reads a group's scales and zeros as one contiguous run padded past "
                              "the last row: pass a prepare_weight() result")
     f16 = x2.dtype == torch.float16
@@ -222,7 +226,7 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws, lock, *, block
                HI_ASM=(_PTX_F16_HI4 if f16 else _PTX_BF16_HI4).value)
     _w4_wgmma_kernel[(tiles, split_k)](
         x2, qweight, scales, zeros, bias if bias is not None else out, out, ws, lock, M, N, K,
-        x2.stride(0), qweight.stride(0), scales.stride(0), scales.stride(1), out.stride(0),
+        x2.stride(0), qweight.stride(0), scales.stride(1), out.stride(0),
         GROUP=min(group, K), **asm, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STAGES=stages,
         **layouts(block_n, block_m, warps), num_warps=warps)
     return out
