@@ -923,8 +923,9 @@ class Cfg:
     'mma' is `_qmm_kernel` (out^T = W x^T, weight tile as the MMA's A operand); 'xw' is
     `_qmm_xw_kernel` (out = x W^T, weight tile as the B operand; step_blocks, x_split, ptx and
     zero_in_tile unused); 'swz' is `_qmm_swz_kernel` (as 'mma', over `shuffle_w4` codes; block_n 64,
-    step_blocks = 64-code blocks a trip, ptx = the one-LOP3 conversion); 'wg' is the Gluon kernel of
-    `kernels.qmatmul_wgmma` (block_n weight rows, block_m tokens, stages = slots of its copy ring).
+    step_blocks = 64-code blocks a trip, ptx = the one-LOP3 conversion); 'wg' is a Gluon kernel of
+    `kernels.qmatmul_wgmma` (block_n weight rows, block_m tokens, stages = slots of its copy ring,
+    specialized = the warp-specialized one fed by bulk copies).
     """
 
     kind: str
@@ -939,6 +940,7 @@ class Cfg:
     stages: int = 3
     ptx: bool = False  # mma only: PTX code conversion (`_plane_to_half`)
     zero_in_tile: bool = False  # mma with post_zero: the zero point subtracted in the tile
+    specialized: bool = False  # wg: the warp-specialized kernel fed by bulk (TMA) copies
 
 
 _SCRATCH: dict = {}
@@ -1064,7 +1066,7 @@ def _launch_wg(cfg: Cfg, x2, w: QuantWeight, bias, out):
     ws, lock = _scratch(x2.device, tiles * cfg.split_k * cfg.block_m * cfg.block_n, tiles)
     return qmatmul_wgmma.launch(x2, w.qweight, w.scales, w.zeros, w.group_size, bias, out, ws, lock,
                                 block_n=cfg.block_n, block_m=cfg.block_m, split_k=cfg.split_k, warps=cfg.warps,
-                                stages=cfg.stages)
+                                stages=cfg.stages, specialized=cfg.specialized)
 
 
 def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):
@@ -1267,8 +1269,9 @@ def wg_configs(M: int, w: QuantWeight) -> list:
         tile_m = min(bm, 64) if bn == 256 else bm  # 256 x 128 would hold 128 accumulator registers a thread
         tiles = triton.cdiv(M, tile_m) * triton.cdiv(w.out_features, bn)
         for sk in _splits(tiles, steps, 2 * sms):
-            for stages in (4, 6):  # steps loaded 2 / 4 ahead
+            for stages in (4, 6):  # cp.async: steps loaded 2 / 4 ahead; warp-specialized: 4 / 6 slots
                 cfgs.append(Cfg("wg", tile_m, bn, 32, sk, warps=warps, stages=stages))
+                cfgs.append(Cfg("wg", tile_m, bn, 32, sk, warps=warps, stages=stages, specialized=True))
     return cfgs
 
 

@@ -23,6 +23,12 @@ GPU against the torch reference and compile it for sm_90 offline (tests/kernels/
 Measured on an H200 (results/kernels.md, 2026-11-30): correct, but slower than the Triton kernels at
 M = 16-128 (one 4-warp program per SM cannot hide each step's chain), so the tuner offers it only with
 EFFOPT_QMM_WG=1.
+
+`_w4_wgmma_ws_kernel` is the warp-specialized form (`gl.warp_specialize`): a producer warp feeds the
+ring with bulk (TMA) copies against per-slot `ready` / `empty` mbarriers, and the kernel's warps only
+dequantize and multiply (150 SASS instructions a step in its consumer loop against 211, no cp.async
+waits, the wgmma still asynchronous). Built and compiled for sm_90 after the session's device time ran
+out: not yet run on a GPU (its tests there are in tests/kernels/test_qmatmul_wgmma.py).
 """
 import torch
 import triton
@@ -31,10 +37,12 @@ try:  # Gluon ships with Triton >= 3.5; without it the tuner never offers these 
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
     # the cp.async copy is `async_load` from Triton 3.7 on (the old name raises there)
     _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # renamed in Triton 3.7
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # likewise
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
@@ -129,6 +137,102 @@ if HAVE_GLUON:
                   BLOCK_M, SPLIT_K, OUT_L)
 
     @gluon.jit
+    def _w4_wgmma_ws_kernel(
+        x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+        M, N, K, GROUPS,
+        stride_xm, stride_qn, stride_sg, stride_om,
+        GROUP: gl.constexpr, OFFSET: gl.constexpr, LO_ASM: gl.constexpr, HI_ASM: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
+        BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
+        CODE_L: gl.constexpr, ACC_L: gl.constexpr, OUT_L: gl.constexpr,
+        W_SL: gl.constexpr, X_SL: gl.constexpr, QT_SL: gl.constexpr, VT_SL: gl.constexpr,
+    ):
+        """`_w4_wgmma_kernel` with warp specialization: one producer warp brings each K-step's x tile,
+        codes, scales and zeros in with four bulk (TMA) copies counted on the slot's `ready` barrier,
+        as soon as the consumers free the slot (`empty`); the kernel's warps only dequantize and issue
+        the wgmma. Rows past M or N read as zeros."""
+        BK: gl.constexpr = 64
+        STEP_BYTES: gl.constexpr = BLOCK_M * BK * 2 + BLOCK_N * (BK // 2) + 2 * BLOCK_N * 2
+        pid = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        num_n = gl.cdiv(N, BLOCK_N)
+        n0 = (pid % num_n) * BLOCK_N
+        m0 = (pid // num_n) * BLOCK_M
+        n_steps = K // BK
+        per_split = gl.cdiv(n_steps, SPLIT_K)
+        it0 = pid_k * per_split
+        n_it = gl.maximum(gl.minimum(it0 + per_split, n_steps) - it0, 0)
+
+        x_desc = tma.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BK], X_SL)
+        q_desc = tma.make_tensor_descriptor(qw_ptr, [N, K // 2], [stride_qn, 1], [BLOCK_N, BK // 2], QT_SL)
+        s_desc = tma.make_tensor_descriptor(s_ptr, [GROUPS, N], [stride_sg, 1], [1, BLOCK_N], VT_SL)
+        z_desc = tma.make_tensor_descriptor(z_ptr, [GROUPS, N], [stride_sg, 1], [1, BLOCK_N], VT_SL)
+        dt = x_ptr.dtype.element_ty
+        x_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_M, BK], X_SL)
+        q_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BK // 2], QT_SL)
+        s_smem = gl.allocate_shared_memory(dt, [STAGES, 1, BLOCK_N], VT_SL)
+        z_smem = gl.allocate_shared_memory(dt, [STAGES, 1, BLOCK_N], VT_SL)
+        w_smem = gl.allocate_shared_memory(dt, [3, BLOCK_N, BK], W_SL)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)  # the producer's arrive, with the copies' bytes
+            mbarrier.init(empty.index(i), count=1)  # one consumer thread, once the slot is read
+        fence_async_shared()  # the initialised barriers, visible to the copy engine
+
+        acc, = gl.warp_specialize([
+            (_ws_consume, (x_smem, q_smem, s_smem, z_smem, w_smem, ready, empty, n_it, OFFSET, LO_ASM, HI_ASM,
+                           BLOCK_N, BLOCK_M, STAGES, CODE_L, ACC_L)),
+            (_ws_produce, (x_desc, q_desc, s_desc, z_desc, x_smem, q_smem, s_smem, z_smem, ready, empty, it0, n_it,
+                           m0, n0, GROUP, STAGES, STEP_BYTES)),
+        ], [1], [24])
+        _epilogue(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, n0, m0, N, M, stride_om, HAS_BIAS, BLOCK_N,
+                  BLOCK_M, SPLIT_K, OUT_L)
+
+    @gluon.jit
+    def _ws_produce(x_desc, q_desc, s_desc, z_desc, x_smem, q_smem, s_smem, z_smem, ready, empty, it0, n_it, m0, n0,
+                    GROUP: gl.constexpr, STAGES: gl.constexpr, STEP_BYTES: gl.constexpr):
+        """The producer warp: step i's four copies into slot i % STAGES once its previous use is read."""
+        BK: gl.constexpr = 64
+        for i in range(n_it):
+            slot = i % STAGES
+            # a fresh barrier counts as having completed the phase before its first: the first pass is free
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            bar = ready.index(slot)
+            step = it0 + i
+            g = (step * BK) // GROUP
+            mbarrier.expect(bar, STEP_BYTES)
+            _tma_load(x_desc, [m0, step * BK], bar, x_smem.index(slot))
+            _tma_load(q_desc, [n0, step * (BK // 2)], bar, q_smem.index(slot))
+            _tma_load(s_desc, [g, n0], bar, s_smem.index(slot))
+            _tma_load(z_desc, [g, n0], bar, z_smem.index(slot))
+
+    @gluon.jit
+    def _ws_consume(x_smem, q_smem, s_smem, z_smem, w_smem, ready, empty, n_it, OFFSET: gl.constexpr,
+                    LO_ASM: gl.constexpr, HI_ASM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                    STAGES: gl.constexpr, CODE_L: gl.constexpr, ACC_L: gl.constexpr):
+        """The kernel's own warps: per step, dequantize into one of three weight buffers and issue the
+        wgmma, leaving it in flight. A slot is freed two steps late, after the barrier that every warp
+        reaches past its wait for the slot's wgmma: one elected thread arrives, and with two warpgroups
+        the other's wgmma must be done too. The weight buffers are three for the same reason."""
+        BK: gl.constexpr = 64
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, ACC_L)
+        for i in range(n_it):
+            slot = i % STAGES
+            mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+            s = s_smem.index(slot).reshape([BLOCK_N]).load(gl.SliceLayout(1, CODE_L))
+            z = z_smem.index(slot).reshape([BLOCK_N]).load(gl.SliceLayout(1, CODE_L))
+            w = _dequant(q_smem.index(slot).load(CODE_L), s, z, OFFSET, LO_ASM, HI_ASM, BLOCK_N, BK)
+            w_buf = w_smem.index(i % 3)
+            w_buf.store(w)
+            fence_async_shared()
+            _barrier()  # the tile stored; every warp past its wait for wgmma i - 2 (and so i - 3)
+            mbarrier.arrive(empty.index((i + STAGES - 2) % STAGES), pred=i >= 2)  # step i - 2's slot
+            acc = warpgroup_mma(w_buf, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=[acc])
+        return (warpgroup_mma_wait(0, deps=[acc]),)  # warp_specialize returns the default partition's tuple
+
+    @gluon.jit
     def _dequant(codes, s, z, OFFSET: gl.constexpr, LO_ASM: gl.constexpr, HI_ASM: gl.constexpr,
                  BLOCK_N: gl.constexpr, BK: gl.constexpr):
         """(q - z) * s of a [BLOCK_N, BK] tile from its uint8 codes [BLOCK_N, BK / 2] and per-row s, z."""
@@ -206,27 +310,48 @@ def layouts(block_n: int, block_m: int, warps: int) -> dict:
     )
 
 
-def launch(x2, qweight, scales, zeros, group: int, bias, out, ws, lock, *, block_n: int, block_m: int,
-           split_k: int, warps: int, stages: int):
-    """out[M, N] = x2 @ dequant(W)^T (+ bias). ws / lock: split-K workspace and zeroed arrival counters
-    (`qmatmul._scratch`) for cdiv(M, block_m) * cdiv(N, block_n) tiles."""
+def ws_layouts(block_n: int, block_m: int, warps: int) -> dict:
+    """The warp-specialized kernel's layouts: `layouts`' register and MMA ones, and its copies' shared layouts."""
+    lay = layouts(block_n, block_m, warps)
+    return dict(CODE_L=lay["CODE_L"], ACC_L=lay["ACC_L"], OUT_L=lay["OUT_L"], W_SL=lay["W_SL"], X_SL=lay["X_SL"],
+                QT_SL=gl.NVMMASharedLayout(0, 8), VT_SL=gl.NVMMASharedLayout(0, 16))
+
+
+def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, block_n: int, block_m: int,
+           split_k: int, warps: int, stages: int, specialized: bool = False):
+    """out[M, N] = x2 @ dequant(W)^T (+ bias). ws_buf / lock: split-K workspace and zeroed arrival counters
+    (`qmatmul._scratch`) for cdiv(M, block_m) * cdiv(N, block_n) tiles. specialized: the warp-specialized
+    kernel fed by bulk copies (`_w4_wgmma_ws_kernel`), else the cp.async one."""
     from kernels.qmatmul import _PTX_BF16_HI4, _PTX_BF16_LO4, _PTX_F16_HI4, _PTX_F16_LO4
 
     M, K = x2.shape
     N = qweight.shape[0]
-    if stages < 4:
+    if stages < (3 if specialized else 4):
         raise ValueError("the wgmma kernel needs stages >= 4 (steps are loaded stages - 2 ahead and read one "
-                         "barrier after they land)")
+                         "barrier after they land), the warp-specialized one >= 3 (a slot is freed two steps late)")
     if not (scales_fit(scales, block_n) and scales_fit(zeros, block_n)) or zeros.stride() != scales.stride():
         raise ValueError("the wgmma kernel reads a group's scales and zeros as one contiguous run padded past "
-                             "the last row: pass a prepare_weight() result")
+                         "the last row: pass a prepare_weight() result")
     f16 = x2.dtype == torch.float16
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     asm = dict(OFFSET=1024.0 if f16 else 128.0, LO_ASM=(_PTX_F16_LO4 if f16 else _PTX_BF16_LO4).value,
                HI_ASM=(_PTX_F16_HI4 if f16 else _PTX_BF16_HI4).value)
+    if specialized:
+        if x2.data_ptr() % 16 or x2.stride(0) % 8 or qweight.data_ptr() % 16 or scales.data_ptr() % 16 \
+                or zeros.data_ptr() % 16:
+            raise ValueError("the bulk copies need 16-byte aligned x rows, codes, scales and zeros")
+        from kernels.attention import _set_tma_allocator
+
+        _set_tma_allocator()  # device-side tensor descriptors take global scratch from the launcher
+        _w4_wgmma_ws_kernel[(tiles, split_k)](
+            x2, qweight, scales, zeros, bias if bias is not None else out, out, ws_buf, lock, M, N, K, scales.shape[1],
+            x2.stride(0), qweight.stride(0), scales.stride(1), out.stride(0), GROUP=min(group, K), **asm,
+            HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STAGES=stages,
+            **ws_layouts(block_n, block_m, warps), num_warps=warps)
+        return out
     _w4_wgmma_kernel[(tiles, split_k)](
-        x2, qweight, scales, zeros, bias if bias is not None else out, out, ws, lock, M, N, K,
-        x2.stride(0), qweight.stride(0), scales.stride(1), out.stride(0),
-        GROUP=min(group, K), **asm, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STAGES=stages,
+        x2, qweight, scales, zeros, bias if bias is not None else out, out, ws_buf, lock, M, N, K,
+        x2.stride(0), qweight.stride(0), scales.stride(1), out.stride(0), GROUP=min(group, K), **asm,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STAGES=stages,
         **layouts(block_n, block_m, warps), num_warps=warps)
     return out

@@ -264,7 +264,7 @@ def _cfg_str(cfg):
         return tag + f" w{cfg.warps}" + (" prefetch" if cfg.stages > 1 else "")
     if cfg.kind == "wg":
         return f"wg {cfg.block_m}x{cfg.block_n}" + (f" sk{cfg.split_k}" if cfg.split_k > 1 else "") + \
-            f" w{cfg.warps}s{cfg.stages}"
+            f" w{cfg.warps}s{cfg.stages}" + (" ws" if cfg.specialized else "")
     if cfg.kind == "xw":
         tag += f" w{cfg.warps}s{cfg.stages}"
     tag += "" if cfg.post_zero else " pre"

@@ -11,7 +11,7 @@ frequent opcodes. Counts are not timings (results/kernels.md has a case where th
     python scripts/sass_count.py qmatmul --bits 4 --block-m 16 --block-n 64 --block-kb 64 --split-k 4 \\
         --step 2 --x-split [--ptx] [--zero-in-tile] [--bf16]
     python scripts/sass_count.py swz --block-m 16 --split-k 4 --step 4 --ptx   # W4 over shuffle_w4 codes
-    python scripts/sass_count.py wg --block-n 64 --block-m 128 --stages 6   # the Gluon wgmma W4 kernel
+    python scripts/sass_count.py wg --block-n 64 --block-m 128 --stages 6 [--ws]   # the Gluon wgmma W4 kernels
     python scripts/sass_count.py candidates   # compile every mma config the tuner may try (~15 min)
     python scripts/sass_count.py rope-store [--quant] [--bf16]   # the fused RoPE + KV-cache write
     python scripts/sass_count.py smoke   # one config of every kernel variant compiles (CI runs it)
@@ -57,16 +57,18 @@ def compile_sm90(fn, const: dict, ptrs: dict, floats=(), multiples=(), warps=4, 
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
-def compile_wgmma(block_n=64, block_m=128, warps=4, stages=6, split_k=1, bf16=False):
-    """`kernels.qmatmul_wgmma._w4_wgmma_kernel` for sm_90 (W4 g128), as `launch` specializes it."""
+def compile_wgmma(block_n=64, block_m=128, warps=4, stages=6, split_k=1, bf16=False, specialized=False):
+    """`kernels.qmatmul_wgmma._w4_wgmma[_ws]_kernel` for sm_90 (W4 g128), as `launch` specializes it."""
     act = "*bf16" if bf16 else "*fp16"
     const = dict(GROUP=128, OFFSET=128.0 if bf16 else 1024.0,
                  LO_ASM=(Q._PTX_BF16_LO4 if bf16 else Q._PTX_F16_LO4).value,
                  HI_ASM=(Q._PTX_BF16_HI4 if bf16 else Q._PTX_F16_HI4).value, HAS_BIAS=False, BLOCK_N=block_n,
-                 BLOCK_M=block_m, SPLIT_K=split_k, STAGES=stages, **WG.layouts(block_n, block_m, warps))
+                 BLOCK_M=block_m, SPLIT_K=split_k, STAGES=stages,
+                 **(WG.ws_layouts if specialized else WG.layouts)(block_n, block_m, warps))
     ptrs = dict(x_ptr=act, qw_ptr="*u8", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act, ws_ptr="*fp32",
                 lock_ptr="*i32")
-    return compile_sm90(WG._w4_wgmma_kernel, const, ptrs, (), ("N", "K"), warps, stages)
+    kernel = WG._w4_wgmma_ws_kernel if specialized else WG._w4_wgmma_kernel
+    return compile_sm90(kernel, const, ptrs, (), ("N", "K"), warps, stages)
 
 
 def loop_histogram(sass: str):
@@ -184,12 +186,13 @@ def compile_smoke():
                                   dict(attn_ptrs, DO="*bf16", DELTA="*fp32", DQ="*bf16")),
     }
     if WG.HAVE_GLUON:
-        cases["W4 matmul, Gluon wgmma"] = None
+        cases["W4 matmul, Gluon wgmma"] = dict(split_k=2)
+        cases["W4 matmul, Gluon wgmma, warp-specialized"] = dict(split_k=2, specialized=True, stages=4)
     failed = 0
     for name, case in cases.items():
         try:
-            if case is None:
-                compile_wgmma(split_k=2)
+            if isinstance(case, dict):
+                compile_wgmma(**case)
                 print(f"ok      {name}")
                 continue
             fn, const, ptrs = case
@@ -228,13 +231,14 @@ def main():
     ap.add_argument("--ptx", action="store_true")
     ap.add_argument("--zero-in-tile", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="activations in bf16 (default fp16)")
+    ap.add_argument("--ws", action="store_true", help="wg: the warp-specialized kernel")
     a = ap.parse_args()
     if a.kernel == "candidates":
         return compile_candidates()
     if a.kernel == "smoke":
         return compile_smoke()
     if a.kernel == "wg":  # the Gluon wgmma kernel: --block-n rows, --block-m tokens
-        return report(compile_wgmma(a.block_n or 64, a.block_m, a.warps, a.stages, a.split_k, a.bf16), a.top)
+        return report(compile_wgmma(a.block_n or 64, a.block_m, a.warps, a.stages, a.split_k, a.bf16, a.ws), a.top)
     if a.kernel == "rope-store":  # kernels.fused.rope_store_kv, float or int8 caches (--quant), head dim 128
         act = "*bf16" if a.bf16 else "*fp16"
         cache, scales = ("*i8", "*fp32") if a.quant else (act, act)

@@ -1,4 +1,4 @@
-"""The Gluon W4 wgmma kernel (kernels/qmatmul_wgmma.py) against the float32 reference, on a Hopper GPU.
+"""The Gluon W4 wgmma kernels (kernels/qmatmul_wgmma.py) against the float32 reference, on a Hopper GPU.
 
 The Triton interpreter does not run Gluon, so on CPU these tests skip; CI compiles the kernel for sm_90
 instead (tests/kernels/test_compile_sm90.py). Tails on every side: N not a multiple of the row tile,
@@ -29,8 +29,9 @@ CASES = [  # (block_m tokens, block_n rows, split_k, warps, stages, M, N, K, gro
 
 
 @needs_hopper
+@pytest.mark.parametrize("specialized", [False, True])  # cp.async ring / producer warp with bulk copies
 @pytest.mark.parametrize("bm,bn,sk,warps,stages,m,n,k,group,dtype,bias", CASES)
-def test_wgmma_kernel_matches_reference(bm, bn, sk, warps, stages, m, n, k, group, dtype, bias):
+def test_wgmma_kernel_matches_reference(bm, bn, sk, warps, stages, m, n, k, group, dtype, bias, specialized):
     qweight, scales, zeros, _ = make_weight(n, k, 4, group, dtype)
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     b = torch.randn(n, device=DEVICE, dtype=dtype) if bias else None
@@ -38,7 +39,7 @@ def test_wgmma_kernel_matches_reference(bm, bn, sk, warps, stages, m, n, k, grou
     if b is not None:
         ref += b.float()
     w = prepare_weight(qweight, scales, zeros, 4, group, k)
-    cfg = Cfg("wg", bm, bn, 32, sk, warps=warps, stages=stages)
+    cfg = Cfg("wg", bm, bn, 32, sk, warps=warps, stages=stages, specialized=specialized)
     out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
     for _ in range(2):  # the second launch finds the split-K counters re-armed
         y = quant_matmul(x, w, bias=b, cfg=cfg, out=out)
