@@ -18,6 +18,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import qmatmul as Q  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import make_quant  # noqa: E402  (the benchmark's random W4 g128 weight)
+
 
 def parse_cfg(text: str) -> Q.Cfg:
     kind, *tokens = text.split(",")
@@ -39,10 +42,7 @@ def main():
     args = ap.parse_args()
     n, k = (int(d) for d in args.shape.split("x"))
     torch.manual_seed(0)
-    qweight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
-    scales = torch.rand(n, k // 128, device="cuda", dtype=torch.float16) / 8
-    zeros = torch.full((n, k // 128), 8.0, device="cuda", dtype=torch.float16)
-    w = Q.prepare_weight(qweight, scales, zeros, 4, 128, k)
+    w = make_quant(n, k, 4, 128)
     x = torch.randn(args.m, k, device="cuda", dtype=torch.float16)
     cfg = parse_cfg(args.cfg)
     for _ in range(3):

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import qmatmul as Q  # noqa: E402
 from kernels._tune import TIMINGS, gpu_ms  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import _cfg_str  # noqa: E402
+from bench_kernels import _cfg_str, make_quant  # noqa: E402
 
 
 def main():
@@ -27,11 +27,8 @@ def main():
     args = ap.parse_args()
     n, k = (int(d) for d in args.shape.split("x"))
     torch.manual_seed(0)
-    qweight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
-    scales = torch.rand(n, k // 128, device="cuda", dtype=torch.float16) / 8
-    zeros = torch.full((n, k // 128), 8.0, device="cuda", dtype=torch.float16)
-    w = Q.prepare_weight(qweight, scales, zeros, 4, 128, k)
-    w16 = Q.dequantize(qweight, scales, zeros, 4, 128, k, dtype=torch.float16)
+    w = make_quant(n, k, 4, 128)
+    w16 = Q.dequantize(w.qweight, w.scales, w.zeros, 4, 128, k, dtype=torch.float16)
     flush = gpu_ms(lambda: None)
     kinds = set(filter(None, args.kinds.split(",")))
     print(f"| N x K | M | config | µs | vs cuBLAS fp16 |\n|---|---|---|---|---|")
