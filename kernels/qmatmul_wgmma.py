@@ -83,11 +83,7 @@ if HAVE_GLUON:
         W_SL: gl.constexpr, X_SL: gl.constexpr, V_L: gl.constexpr, Q_SL: gl.constexpr, V_SL: gl.constexpr,
     ):
         BK: gl.constexpr = 64
-        pid = gl.program_id(0)
-        pid_k = gl.program_id(1)
-        num_n = gl.cdiv(N, BLOCK_N)
-        n0 = (pid % num_n) * BLOCK_N
-        m0 = (pid // num_n) * BLOCK_M
+        pid, pid_k, n0, m0, n_steps, it0, n_it = _tile_and_steps(M, N, K, BLOCK_N, BLOCK_M, SPLIT_K, BK)
 
         rows = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, CODE_L)), N - 1)
         q_ptrs = qw_ptr + rows[:, None] * stride_qn + gl.arange(0, BK // 2, layout=gl.SliceLayout(0, CODE_L))[None, :]
@@ -97,11 +93,6 @@ if HAVE_GLUON:
         xm = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_L))
         x_ptrs = x_ptr + xm[:, None] * stride_xm + gl.arange(0, BK, layout=gl.SliceLayout(0, X_L))[None, :]
         x_ok = (xm < M)[:, None]
-
-        n_steps = K // BK
-        per_split = gl.cdiv(n_steps, SPLIT_K)
-        it0 = pid_k * per_split
-        n_it = gl.minimum(it0 + per_split, n_steps) - it0
 
         dt = x_ptr.dtype.element_ty
         x_smem = gl.allocate_shared_memory(dt, [STAGES, BLOCK_M, BK], X_SL)
@@ -153,15 +144,7 @@ if HAVE_GLUON:
         the wgmma. Rows past M or N read as zeros."""
         BK: gl.constexpr = 64
         STEP_BYTES: gl.constexpr = BLOCK_M * BK * 2 + BLOCK_N * (BK // 2) + 2 * BLOCK_N * 2
-        pid = gl.program_id(0)
-        pid_k = gl.program_id(1)
-        num_n = gl.cdiv(N, BLOCK_N)
-        n0 = (pid % num_n) * BLOCK_N
-        m0 = (pid // num_n) * BLOCK_M
-        n_steps = K // BK
-        per_split = gl.cdiv(n_steps, SPLIT_K)
-        it0 = pid_k * per_split
-        n_it = gl.maximum(gl.minimum(it0 + per_split, n_steps) - it0, 0)
+        pid, pid_k, n0, m0, n_steps, it0, n_it = _tile_and_steps(M, N, K, BLOCK_N, BLOCK_M, SPLIT_K, BK)
 
         x_desc = tma.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BK], X_SL)
         q_desc = tma.make_tensor_descriptor(qw_ptr, [N, K // 2], [stride_qn, 1], [BLOCK_N, BK // 2], QT_SL)
@@ -231,6 +214,20 @@ if HAVE_GLUON:
             acc = warpgroup_mma(w_buf, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(1, deps=[acc])
         return (warpgroup_mma_wait(0, deps=[acc]),)  # warp_specialize returns the default partition's tuple
+
+    @gluon.jit
+    def _tile_and_steps(M, N, K, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
+                        BK: gl.constexpr):
+        """This program's tile (features fastest, as `qmatmul._swapped_tile`) and its split's K-steps
+        [it0, it0 + n_it) of n_steps (`qmatmul._split_range`; n_it may be 0 for a trailing split)."""
+        pid = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        num_n = gl.cdiv(N, BLOCK_N)
+        n_steps = K // BK
+        per_split = gl.cdiv(n_steps, SPLIT_K)
+        it0 = pid_k * per_split
+        n_it = gl.maximum(gl.minimum(it0 + per_split, n_steps) - it0, 0)
+        return pid, pid_k, (pid % num_n) * BLOCK_N, (pid // num_n) * BLOCK_M, n_steps, it0, n_it
 
     @gluon.jit
     def _dequant(codes, s, z, OFFSET: gl.constexpr, LO_ASM: gl.constexpr, HI_ASM: gl.constexpr,
