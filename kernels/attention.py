@@ -275,10 +275,19 @@ _I8X4_TO_F16_PTX = tl.constexpr("""{
     sub.f16x2 $0, $0, bias;
     sub.f16x2 $1, $1, bias;
 }""")
+# The same without the subtraction: four codes as 1152 + x (exact), three instructions; the decode kernel
+# takes the 1152 out after its MMAs (BIAS_AFTER).
+_I8X4_TO_F16_BIASED_PTX = tl.constexpr("""{
+    .reg .b32 b;
+    xor.b32 b, $2, 0x80808080;
+    prmt.b32 $0, b, 0x64646464, 0x5140;
+    prmt.b32 $1, b, 0x64646464, 0x7362;
+}""")
+I8_BIAS = tl.constexpr(1152.0)  # what the biased conversion adds to every code
 
 
 @triton.jit
-def _i8_to_f16(x, MODE: tl.constexpr):
+def _i8_to_f16(x, MODE: tl.constexpr, BIASED: tl.constexpr = False):
     """int8 -> fp16 without an int-to-float convert.
 
     MODE 0 (and always under the interpreter, which runs no PTX): element-wise integer ops.
@@ -287,10 +296,18 @@ def _i8_to_f16(x, MODE: tl.constexpr):
     fp16 to the MMA operand, instead of reading a tile that is not contiguous along the MMA's K
     dimension (V) from shared memory a byte at a time. INT8_CONVERT 3 (not a MODE here) gives K mode
     1 and V mode 2. Which is fastest is measured per Triton version (scripts/sweep_decode.py
-    --modes, results/kernels.md): INT8_CONVERT picks it."""
+    --modes, results/kernels.md): INT8_CONVERT picks it.
+    BIASED: return x + I8_BIAS (exact in fp16) and leave the subtraction to the caller, who can fold
+    it into a few per-row terms after the MMA instead of one per code pair."""
     if MODE == 0:
         u = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int16)
-        return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+        biased = (u | 0x6400).to(tl.float16, bitcast=True)
+        if BIASED:
+            return biased
+        return biased - I8_BIAS
+    if BIASED:
+        return tl.inline_asm_elementwise(_I8X4_TO_F16_BIASED_PTX, "=r,=r,r", [x], dtype=tl.float16,
+                                         is_pure=MODE == 1, pack=4)
     return tl.inline_asm_elementwise(_I8X4_TO_F16_PTX, "=r,=r,r", [x], dtype=tl.float16, is_pure=MODE == 1, pack=4)
 
 
@@ -300,7 +317,8 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
                   stride_vd, stride_sb, stride_sh, stride_ob, stride_oh, stride_ot,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                   QUANT: tl.constexpr, UPCAST: tl.constexpr, FUSED_MERGE: tl.constexpr, CVT: tl.constexpr,
-                  QK_INT8: tl.constexpr, V_T: tl.constexpr):
+                  QK_INT8: tl.constexpr, V_T: tl.constexpr, BIAS_AFTER: tl.constexpr, MERGE_R: tl.constexpr,
+                  MERGE_CHUNK: tl.constexpr):
     """Attention of the T query tokens of the GROUP query heads of KV head hk over one slice of the cache.
 
     Row r of the MMA is query token t = r % T of head g = r // T. The T tokens are the last T of
@@ -316,9 +334,15 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
     adjacent bytes: offline sm_90 SASS (Triton 3.6, 128-slot blocks) has no byte loads from shared memory,
     982 instructions per block against 1367 and 148 registers against 242. Slots are read in whole
     16-slot groups (a mask that vectorises); a read past `end` meets p = 0 and finite codes.
+    BIAS_AFTER (with QUANT, not QK_INT8): K's codes are converted as k + 1152 (`_i8_to_f16`'s BIASED, two
+    fp16 subtractions fewer per four codes) and q.(k + 1152) loses 1152 sum(q) per row after the MMA
+    (fp32 accumulation, where the fp16 products are exact). Offline sm_90 SASS (Triton 3.6, V [D, S],
+    128-slot blocks): 931 instructions a block against 982. The same for V costs more than it saves (a
+    row sum of the fp16 p * vs each block: 929 instructions, 168 registers), so V keeps its subtraction.
     FUSED_MERGE: the last program of a (batch, KV head) to finish merges every split into OUT (an
     arrival counter per (batch, KV head) in LOCK, re-armed after), saving the merge launch, which is
-    a visible share of a small cache's decode.
+    a visible share of a small cache's decode. It merges the GROUP * T rows (MERGE_R, a power of two)
+    MERGE_CHUNK splits at a time, so that the partials of a chunk are read in one round trip.
     """
     bhk, split = tl.program_id(0), tl.program_id(1)
     b, hk = bhk // HKV, bhk % HKV
@@ -337,6 +361,8 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     if QUANT:
         q = q.to(tl.float16)
+    if QUANT and BIAS_AFTER and not QK_INT8:
+        k_bias = I8_BIAS * tl.sum(q.to(tl.float32), 1)  # q.(k + 1152) - q.k, per row
     if QK_INT8:
         q_abs_max = tl.maximum(tl.max(tl.abs(q.to(tl.float32)), 1), 1e-30)
         q_i8 = tl.floor(q.to(tl.float32) * (127.0 / q_abs_max)[:, None] + 0.5)
@@ -366,8 +392,12 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
                 qk = tl.dot(q_i8, kt, out_dtype=tl.int32).to(tl.float32) * row_scale[:, None] \
                     * ks[None, :]
             else:
-                k16 = _i8_to_f16(kt, 1 if CVT == 3 else CVT)
-                qk = _dot(q, k16, tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) * (ks * qk_scale)[None, :]
+                k16 = _i8_to_f16(kt, 1 if CVT == 3 else CVT, BIAS_AFTER)
+                if BIAS_AFTER:
+                    qk = (_dot(q, k16, tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) - k_bias[:, None]) \
+                        * (ks * qk_scale)[None, :]
+                else:
+                    qk = _dot(q, k16, tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) * (ks * qk_scale)[None, :]
         else:
             qk = _dot(q, kt, tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) * qk_scale
         qk = tl.where(c_ok[None, :] & (cols[None, :] < limit[:, None]), qk, float("-inf"))
@@ -390,31 +420,40 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
     if FUSED_MERGE:
         tl.debug_barrier()  # every thread's partial is written before the arrival is counted
         if tl.atomic_add(LOCK + bhk, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-            first = ((b * HKV * GROUP + h) * T + t) * NUM_SPLITS
-            out = _merge_splits(O_PART, LSE_PART, first, NUM_SPLITS, r_ok, offs_d, d_ok, HEAD_DIM, BLOCK_R, BLOCK_D)
-            tl.store(OUT + b * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_ot + offs_d[None, :],
-                     out.to(OUT.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+            rows = tl.arange(0, MERGE_R)
+            rows_ok = rows < GROUP * T
+            t_m, h_m = rows % T, hk * GROUP + rows // T
+            first = ((b * HKV * GROUP + h_m) * T + t_m) * NUM_SPLITS
+            out = _merge_splits(O_PART, LSE_PART, first, NUM_SPLITS, rows_ok, offs_d, d_ok, HEAD_DIM, MERGE_R,
+                                BLOCK_D, MERGE_CHUNK)
+            tl.store(OUT + b * stride_ob + h_m[:, None] * stride_oh + t_m[:, None] * stride_ot + offs_d[None, :],
+                     out.to(OUT.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
             tl.atomic_xchg(LOCK + bhk, 0)  # re-arm the counter for the next launch
 
 
 @triton.jit
 def _merge_splits(O_PART, LSE_PART, first, NUM_SPLITS, r_ok, offs_d, d_ok, HEAD_DIM: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
     """sum_s w_s O_s / sum_s w_s with w_s = 2^(lse_s - max lse), for rows whose splits start at
-    `first` [BLOCK_R]; reads through L2 (.cg), as other programs wrote the partials."""
+    `first` [BLOCK_R]; reads through L2 (.cg), as other programs wrote the partials. CHUNK splits
+    a trip, rescaled as the running maximum grows (one pass, one round trip a chunk)."""
+    offs_c = tl.arange(0, CHUNK)
     m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    for s in range(NUM_SPLITS):
-        m = tl.maximum(m, tl.load(LSE_PART + first + s, mask=r_ok, other=float("-inf"), cache_modifier=".cg"))
-    m = tl.where(m == float("-inf"), 0.0, m)
     acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
     total = tl.zeros((BLOCK_R,), tl.float32)
-    for s in range(NUM_SPLITS):
-        lse = tl.load(LSE_PART + first + s, mask=r_ok, other=float("-inf"), cache_modifier=".cg")
-        w = tl.where(lse > float("-inf"), tl.math.exp2(lse - m), 0.0)
-        o = tl.load(O_PART + (first + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :],
-                    other=0.0, cache_modifier=".cg")
-        acc += o * w[:, None]
-        total += w
+    for s0 in range(0, NUM_SPLITS, CHUNK):
+        ok = r_ok[:, None] & (s0 + offs_c < NUM_SPLITS)[None, :]
+        part = first[:, None] + s0 + offs_c[None, :]  # [BLOCK_R, CHUNK]
+        lse = tl.load(LSE_PART + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(O_PART + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                    mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no finite lse yet: weights and rescale 0
+        w = tl.where(lse > float("-inf"), tl.math.exp2(lse - m_safe[:, None]), 0.0)
+        rescale = tl.math.exp2(m - m_safe)
+        acc = acc * rescale[:, None] + tl.sum(o * w[:, :, None], 1)
+        total = total * rescale + tl.sum(w, 1)
+        m = m_new
     return acc / tl.maximum(total, 1e-30)[:, None]
 
 
@@ -605,6 +644,8 @@ def quantize_kv(x):
 
 
 DEBUG_POISON = False  # tests: fill the per-slice partial results with NaN before the launch
+INT8_BIAS_AFTER = False  # _decode_split's BIAS_AFTER (int8 caches); off until timed on a GPU
+MERGE_CHUNK = 8  # splits the fused merge reads a trip (a power of two)
 INT8_CONVERT = 1  # _i8_to_f16's MODE on a GPU (3: K 1, V 2): 1 measured fastest of 0-2 with Triton 3.6 on the H200
 
 
@@ -663,7 +704,8 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
             out4.stride(0), out4.stride(1), out4.stride(2),
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=rows, BLOCK_N=bn,
             QUANT=quant, UPCAST=not q.is_cuda, FUSED_MERGE=fused, CVT=INT8_CONVERT if q.is_cuda else 0,
-            QK_INT8=qk_int8, V_T=v_t, num_warps=warps, num_stages=stages, **({"maxnreg": cap[0]} if cap else {}))
+            QK_INT8=qk_int8, V_T=v_t, BIAS_AFTER=INT8_BIAS_AFTER, MERGE_R=max(2, triton.next_power_of_2(T * group)),
+            MERGE_CHUNK=MERGE_CHUNK, num_warps=warps, num_stages=stages, **({"maxnreg": cap[0]} if cap else {}))
         if not fused:
             _decode_merge[(B * H * T,)](o_part, lse_part, out4, splits, out4.stride(0), out4.stride(1),
                                         out4.stride(2), H, T, HEAD_DIM=D, BLOCK_D=bd,

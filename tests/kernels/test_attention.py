@@ -256,6 +256,54 @@ def test_decode_int8_with_v_stored_transposed(t, lens, pad_to, fused):
         assert rel_err(out[i], ref[0]) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("t,v_layout", [(1, "transposed"), (4, "plain")])
+def test_decode_int8_with_k_bias_removed_after_the_mma(monkeypatch, t, v_layout):
+    """INT8_BIAS_AFTER: K converted as k + 1152 and 1152 sum(q) taken off each row after the MMA. q gets
+    a large mean, so the bias term dwarfs q.k (an error in the correction shows at once); the result
+    must match the reference as the plain conversion does, and the plain conversion's result closely."""
+    b, h, hkv, d = 2, 8, 2, 64
+    s, lens = (4816, [4803, 1237]) if ON_GPU else (304, [300, 77])  # S a multiple of 16 for V [D, S]
+    q = (torch.randn(b, h, t, d, device=DEVICE) + 3.0).to(torch.float16)
+    (kq, ks), (vq, vs) = A.quantize_kv(torch.randn(b, hkv, s, d, device=DEVICE)), \
+        A.quantize_kv(torch.randn(b, hkv, s, d, device=DEVICE))
+    v_arg = v_transposed(vq) if v_layout == "transposed" else vq
+    seqlens = torch.tensor(lens, device=DEVICE)
+    outs = {}
+    for bias_after in (False, True):
+        monkeypatch.setattr(A, "INT8_BIAS_AFTER", bias_after)
+        outs[bias_after] = torch.full((b, h, t, d), float("nan"), device=DEVICE, dtype=torch.float16)
+        A.decode_attention_int8(q, kq, v_arg, ks, vs, cache_seqlens=seqlens, block_n=32, out=outs[bias_after])
+    k, v = kq.float() * ks[..., None], vq.float() * vs[..., None]
+    for i, n in enumerate(lens):
+        ref = reference(q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], True, d**-0.5)
+        assert rel_err(outs[True][i], ref[0]) < TOL[torch.float16]
+    assert rel_err(outs[True], outs[False].float()) < 1e-3
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 8])
+def test_fused_merge_reads_splits_in_chunks(monkeypatch, chunk):
+    """The fused merge takes MERGE_CHUNK splits a trip with a running maximum: 1 (one at a time), 2 (a
+    partial last chunk of the 5 splits) and 8 (all at once) give the merge launch's result. The second
+    sequence is 77 slots long, so its later splits are empty (lse = -inf)."""
+    b, h, hkv, s, d = 2, 8, 2, 300, 64
+    if ON_GPU:
+        s = s * 16
+    lens = [s, 77]
+    q, k, v = (torch.randn(*shape, device=DEVICE, dtype=torch.bfloat16)
+               for shape in ((b, h, d), (b, hkv, s, d), (b, hkv, s, d)))
+    seqlens = torch.tensor(lens, device=DEVICE)
+    monkeypatch.setattr(A, "MERGE_CHUNK", chunk)
+    outs = {}
+    for fused in (False, True):
+        outs[fused] = torch.full((b, h, d), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+        A.decode_attention(q, k, v, cache_seqlens=seqlens, block_n=32, num_splits=5, out=outs[fused],
+                           fused_merge=fused)
+    assert rel_err(outs[True], outs[False].float()) < 1e-2  # one bf16 rounding apart at most
+    for i, n in enumerate(lens):
+        ref = reference(q[i : i + 1, :, None], k[i : i + 1, :, :n], v[i : i + 1, :, :n], False, d**-0.5)
+        assert rel_err(outs[True][i], ref[0, :, 0]) < TOL[torch.bfloat16]
+
+
 def test_decode_int8_config_with_a_register_cap():
     """A config's optional sixth field caps registers (ptxas maxnreg; a tuner candidate since 2026-11-30):
     the result must not change (on a GPU, the capped build spills some registers)."""
