@@ -275,19 +275,10 @@ _I8X4_TO_F16_PTX = tl.constexpr("""{
     sub.f16x2 $0, $0, bias;
     sub.f16x2 $1, $1, bias;
 }""")
-# The same without the subtraction: four codes as 1152 + x (exact), three instructions; the decode kernel
-# takes the 1152 out after its MMAs (BIAS_AFTER).
-_I8X4_TO_F16_BIASED_PTX = tl.constexpr("""{
-    .reg .b32 b;
-    xor.b32 b, $2, 0x80808080;
-    prmt.b32 $0, b, 0x64646464, 0x5140;
-    prmt.b32 $1, b, 0x64646464, 0x7362;
-}""")
-I8_BIAS = tl.constexpr(1152.0)  # what the biased conversion adds to every code
 
 
 @triton.jit
-def _i8_to_f16(x, MODE: tl.constexpr, BIASED: tl.constexpr = False):
+def _i8_to_f16(x, MODE: tl.constexpr):
     """int8 -> fp16 without an int-to-float convert.
 
     MODE 0 (and always under the interpreter, which runs no PTX): element-wise integer ops.
@@ -296,29 +287,21 @@ def _i8_to_f16(x, MODE: tl.constexpr, BIASED: tl.constexpr = False):
     fp16 to the MMA operand, instead of reading a tile that is not contiguous along the MMA's K
     dimension (V) from shared memory a byte at a time. INT8_CONVERT 3 (not a MODE here) gives K mode
     1 and V mode 2. Which is fastest is measured per Triton version (scripts/sweep_decode.py
-    --modes, results/kernels.md): INT8_CONVERT picks it.
-    BIASED: return x + I8_BIAS (exact in fp16) and leave the subtraction to the caller, who can fold
-    it into a few per-row terms after the MMA instead of one per code pair."""
+    --modes, results/kernels.md): INT8_CONVERT picks it."""
     if MODE == 0:
         u = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int16)
-        biased = (u | 0x6400).to(tl.float16, bitcast=True)
-        if BIASED:
-            return biased
-        return biased - I8_BIAS
-    if BIASED:
-        return tl.inline_asm_elementwise(_I8X4_TO_F16_BIASED_PTX, "=r,=r,r", [x], dtype=tl.float16,
-                                         is_pure=MODE == 1, pack=4)
+        return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
     return tl.inline_asm_elementwise(_I8X4_TO_F16_PTX, "=r,=r,r", [x], dtype=tl.float16, is_pure=MODE == 1, pack=4)
 
 
 @triton.jit
-def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, HKV, GROUP, T, SPLIT_LEN, NUM_SPLITS,
+def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, HKV, GROUP, T, S, SPLIT_LEN, NUM_SPLITS,
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                   stride_vd, stride_sb, stride_sh, stride_ob, stride_oh, stride_ot,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                   QUANT: tl.constexpr, UPCAST: tl.constexpr, FUSED_MERGE: tl.constexpr, CVT: tl.constexpr,
-                  QK_INT8: tl.constexpr, V_T: tl.constexpr, BIAS_AFTER: tl.constexpr, MERGE_R: tl.constexpr,
-                  MERGE_CHUNK: tl.constexpr):
+                  QK_INT8: tl.constexpr, V_T: tl.constexpr, MERGE_R: tl.constexpr,
+                  MERGE_CHUNK: tl.constexpr, TMA: tl.constexpr = False):
     """Attention of the T query tokens of the GROUP query heads of KV head hk over one slice of the cache.
 
     Row r of the MMA is query token t = r % T of head g = r // T. The T tokens are the last T of
@@ -334,15 +317,15 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
     adjacent bytes: offline sm_90 SASS (Triton 3.6, 128-slot blocks) has no byte loads from shared memory,
     982 instructions per block against 1367 and 148 registers against 242. Slots are read in whole
     16-slot groups (a mask that vectorises); a read past `end` meets p = 0 and finite codes.
-    BIAS_AFTER (with QUANT, not QK_INT8): K's codes are converted as k + 1152 (`_i8_to_f16`'s BIASED, two
-    fp16 subtractions fewer per four codes) and q.(k + 1152) loses 1152 sum(q) per row after the MMA
-    (fp32 accumulation, where the fp16 products are exact). Offline sm_90 SASS (Triton 3.6, V [D, S],
-    128-slot blocks): 931 instructions a block against 982. The same for V costs more than it saves (a
-    row sum of the fp16 p * vs each block: 929 instructions, 168 registers), so V keeps its subtraction.
     FUSED_MERGE: the last program of a (batch, KV head) to finish merges every split into OUT (an
     arrival counter per (batch, KV head) in LOCK, re-armed after), saving the merge launch, which is
     a visible share of a small cache's decode. It merges the GROUP * T rows (MERGE_R, a power of two)
     MERGE_CHUNK splits at a time, so that the partials of a chunk are read in one round trip.
+    TMA (with QUANT): K / V tiles through device-side tensor descriptors over this head's [S, D] (V_T:
+    [D, S]) codes (Hopper's bulk copies; HEAD_DIM == BLOCK_D), so no per-element address or mask is
+    computed for the tiles. Slots past S read as 0; slots in [end, S) are read as they are, which is
+    safe for codes only: their scales load as 0 and their logits are masked, and int8 is never NaN
+    (a stale bf16 slot can be, and 0 * NaN would reach acc).
     """
     bhk, split = tl.program_id(0), tl.program_id(1)
     b, hk = bhk // HKV, bhk % HKV
@@ -361,8 +344,6 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     if QUANT:
         q = q.to(tl.float16)
-    if QUANT and BIAS_AFTER and not QK_INT8:
-        k_bias = I8_BIAS * tl.sum(q.to(tl.float32), 1)  # q.(k + 1152) - q.k, per row
     if QK_INT8:
         q_abs_max = tl.maximum(tl.max(tl.abs(q.to(tl.float32)), 1), 1e-30)
         q_i8 = tl.floor(q.to(tl.float32) * (127.0 / q_abs_max)[:, None] + 0.5)
@@ -370,21 +351,35 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
         row_scale = q_abs_max * (qk_scale / 127.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    if TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, [S, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        if V_T:
+            v_desc = tl.make_tensor_descriptor(v_base, [HEAD_DIM, S], [stride_vd, 1], [BLOCK_D, BLOCK_N])
+        else:
+            v_desc = tl.make_tensor_descriptor(v_base, [S, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         c_ok = cols < end
-        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None] & c_ok[None, :], other=0)
-        if V_T:
-            c16 = cols < tl.cdiv(end, 16) * 16
-            vt = tl.load(v_base + cols[None, :] + offs_d[:, None] * stride_vd, mask=c16[None, :] & d_ok[:, None],
-                         other=0)
-            v = tl.trans(vt)
+        if TMA:
+            kt = tl.trans(k_desc.load([start_n, 0]))
+            if V_T:
+                v = tl.trans(v_desc.load([0, start_n]))
+            else:
+                v = v_desc.load([start_n, 0])
         else:
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :],
-                        other=0)
+            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None] & c_ok[None, :],
+                         other=0)
+            if V_T:
+                c16 = cols < tl.cdiv(end, 16) * 16
+                vt = tl.load(v_base + cols[None, :] + offs_d[:, None] * stride_vd, mask=c16[None, :] & d_ok[:, None],
+                             other=0)
+                v = tl.trans(vt)
+            else:
+                v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :],
+                            other=0)
         if QUANT:
             ks = tl.load(KS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
             vs = tl.load(VS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
@@ -392,12 +387,8 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
                 qk = tl.dot(q_i8, kt, out_dtype=tl.int32).to(tl.float32) * row_scale[:, None] \
                     * ks[None, :]
             else:
-                k16 = _i8_to_f16(kt, 1 if CVT == 3 else CVT, BIAS_AFTER)
-                if BIAS_AFTER:
-                    qk = (_dot(q, k16, tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) - k_bias[:, None]) \
-                        * (ks * qk_scale)[None, :]
-                else:
-                    qk = _dot(q, k16, tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) * (ks * qk_scale)[None, :]
+                k16 = _i8_to_f16(kt, 1 if CVT == 3 else CVT)
+                qk = _dot(q, k16, tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) * (ks * qk_scale)[None, :]
         else:
             qk = _dot(q, kt, tl.zeros((BLOCK_R, BLOCK_N), tl.float32), UPCAST) * qk_scale
         qk = tl.where(c_ok[None, :] & (cols[None, :] < limit[:, None]), qk, float("-inf"))
@@ -644,7 +635,6 @@ def quantize_kv(x):
 
 
 DEBUG_POISON = False  # tests: fill the per-slice partial results with NaN before the launch
-INT8_BIAS_AFTER = False  # _decode_split's BIAS_AFTER (int8 caches); off until timed on a GPU
 MERGE_CHUNK = 8  # splits the fused merge reads a trip (a power of two)
 INT8_CONVERT = 1  # _i8_to_f16's MODE on a GPU (3: K 1, V 2): 1 measured fastest of 0-2 with Triton 3.6 on the H200
 
@@ -684,9 +674,13 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
     bd = max(16, triton.next_power_of_2(D))
     rows = max(16, triton.next_power_of_2(T * group))  # every (token, head) pair of a KV group: one MMA
+    tma_ok = quant and _decode_tma_ok(k, v, v_t)
 
     def run(c):
-        bn, per_sm, warps, stages, fused, *cap = c  # cap: an optional register cap (ptxas maxnreg)
+        bn, per_sm, warps, stages, fused, cap, tma = (*c, 0, False)[:7]  # cap: ptxas maxnreg (0: none)
+        tma = tma and tma_ok  # a config is per shape; a cache view descriptors cannot read falls back
+        if tma and q.is_cuda:
+            _set_tma_allocator()
         splits = num_splits or max(1, min(triton.cdiv(per_sm * sms, B * Hkv), triton.cdiv(S, 2 * bn)))
         split_len = triton.cdiv(triton.cdiv(S, splits), bn) * bn
         splits = triton.cdiv(S, split_len)
@@ -697,15 +691,15 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
             lse_part.fill_(float("nan"))
         _decode_split[(B * Hkv, splits)](
             q, k, v, ks, vs, o_part, lse_part, lens, out4, _arrival_counters(q.device, B * Hkv),
-            sm_scale * LOG2E, Hkv, group, T, split_len, splits,
+            sm_scale * LOG2E, Hkv, group, T, S, split_len, splits,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), v.stride(3), ks.stride(0) if quant else 0,
             ks.stride(1) if quant else 0,
             out4.stride(0), out4.stride(1), out4.stride(2),
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=rows, BLOCK_N=bn,
             QUANT=quant, UPCAST=not q.is_cuda, FUSED_MERGE=fused, CVT=INT8_CONVERT if q.is_cuda else 0,
-            QK_INT8=qk_int8, V_T=v_t, BIAS_AFTER=INT8_BIAS_AFTER, MERGE_R=max(2, triton.next_power_of_2(T * group)),
-            MERGE_CHUNK=MERGE_CHUNK, num_warps=warps, num_stages=stages, **({"maxnreg": cap[0]} if cap else {}))
+            QK_INT8=qk_int8, V_T=v_t, MERGE_R=max(2, triton.next_power_of_2(T * group)),
+            MERGE_CHUNK=MERGE_CHUNK, TMA=tma, num_warps=warps, num_stages=stages, **({"maxnreg": cap} if cap else {}))
         if not fused:
             _decode_merge[(B * H * T,)](o_part, lse_part, out4, splits, out4.stride(0), out4.stride(1),
                                         out4.stride(2), H, T, HEAD_DIM=D, BLOCK_D=bd,
@@ -718,6 +712,15 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
         cfg = choose(_decode_key(q, k, quant, qk_int8, fused_merge, v_t), cands, run)
     run(cfg)
     return out
+
+
+def _decode_tma_ok(k, v, v_t: bool) -> bool:
+    """Per-head tensor descriptors can read these int8 caches: D of 64 or 128 (the whole tile), 16-byte
+    aligned data, head and row strides (V_T: V's [D, S] rows are S bytes)."""
+    v_strides = (v.stride(0), v.stride(1), v.stride(3)) if v_t else (v.stride(0), v.stride(1), v.stride(2))
+    return ((k.is_cuda or interpreting()) and k.shape[-1] in (64, 128) and k.stride(-1) == 1
+            and (v.stride(2) if v_t else v.stride(3)) == 1 and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0
+            and all(st % 16 == 0 for st in (k.stride(0), k.stride(1), k.stride(2), *v_strides)))
 
 
 def _decode_key(q4, k, quant: bool, qk_int8: bool, fused_merge, v_t: bool) -> tuple:
@@ -748,7 +751,8 @@ def _arrival_counters(device, n: int) -> torch.Tensor:
 
 
 def _decode_cfgs():
-    """(BLOCK_N, programs per SM, warps, stages, fused merge[, register cap]); the first is the default."""
+    """(BLOCK_N, programs per SM, warps, stages, fused merge[, register cap (0: none)[, TMA]]); the first is
+    the default."""
     if interpreting():
         return [(64, 2, 4, 1, False), (64, 2, 4, 1, True)]
     tiles = [(64, 2, 4, 3), (64, 4, 4, 3), (128, 2, 4, 3), (32, 4, 4, 4), (64, 8, 4, 2), (128, 4, 8, 3),
@@ -774,7 +778,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, 
         out: optional result tensor, shaped like q.
         fused_merge: merge the slices in the last program of each KV head (True) or in a second
             launch (False); default: timed once per shape with the tiles.
-        cfg: a whole config (BLOCK_N, programs per SM, warps, stages, fused merge[, maxnreg]), untimed.
+        cfg: a whole config (BLOCK_N, programs per SM, warps, stages, fused merge[, maxnreg (0: none)[, TMA:
+            int8 caches only]]), untimed.
     Returns q's shape ([B, H, D] or [B, H, T, D]) in q.dtype.
     """
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):
