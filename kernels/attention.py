@@ -295,13 +295,13 @@ def _i8_to_f16(x, MODE: tl.constexpr):
 
 
 @triton.jit
-def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, HKV, GROUP, T, S, SPLIT_LEN, NUM_SPLITS,
+def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, HKV, GROUP, T, SPLIT_LEN, NUM_SPLITS,
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                   stride_vd, stride_sb, stride_sh, stride_ob, stride_oh, stride_ot,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                   QUANT: tl.constexpr, UPCAST: tl.constexpr, FUSED_MERGE: tl.constexpr, CVT: tl.constexpr,
                   QK_INT8: tl.constexpr, V_T: tl.constexpr, MERGE_R: tl.constexpr,
-                  MERGE_CHUNK: tl.constexpr, TMA: tl.constexpr = False):
+                  MERGE_CHUNK: tl.constexpr):
     """Attention of the T query tokens of the GROUP query heads of KV head hk over one slice of the cache.
 
     Row r of the MMA is query token t = r % T of head g = r // T. The T tokens are the last T of
@@ -321,11 +321,6 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
     arrival counter per (batch, KV head) in LOCK, re-armed after), saving the merge launch, which is
     a visible share of a small cache's decode. It merges the GROUP * T rows (MERGE_R, a power of two)
     MERGE_CHUNK splits at a time, so that the partials of a chunk are read in one round trip.
-    TMA (with QUANT): K / V tiles through device-side tensor descriptors over this head's [S, D] (V_T:
-    [D, S]) codes (Hopper's bulk copies; HEAD_DIM == BLOCK_D), so no per-element address or mask is
-    computed for the tiles. Slots past S read as 0; slots in [end, S) are read as they are, which is
-    safe for codes only: their scales load as 0 and their logits are masked, and int8 is never NaN
-    (a stale bf16 slot can be, and 0 * NaN would reach acc).
     """
     bhk, split = tl.program_id(0), tl.program_id(1)
     b, hk = bhk // HKV, bhk % HKV
@@ -351,35 +346,21 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
         row_scale = q_abs_max * (qk_scale / 127.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    if TMA:
-        k_desc = tl.make_tensor_descriptor(k_base, [S, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
-        if V_T:
-            v_desc = tl.make_tensor_descriptor(v_base, [HEAD_DIM, S], [stride_vd, 1], [BLOCK_D, BLOCK_N])
-        else:
-            v_desc = tl.make_tensor_descriptor(v_base, [S, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         c_ok = cols < end
-        if TMA:
-            kt = tl.trans(k_desc.load([start_n, 0]))
-            if V_T:
-                v = tl.trans(v_desc.load([0, start_n]))
-            else:
-                v = v_desc.load([start_n, 0])
-        else:
-            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None] & c_ok[None, :],
+        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None] & c_ok[None, :], other=0)
+        if V_T:
+            c16 = cols < tl.cdiv(end, 16) * 16
+            vt = tl.load(v_base + cols[None, :] + offs_d[:, None] * stride_vd, mask=c16[None, :] & d_ok[:, None],
                          other=0)
-            if V_T:
-                c16 = cols < tl.cdiv(end, 16) * 16
-                vt = tl.load(v_base + cols[None, :] + offs_d[:, None] * stride_vd, mask=c16[None, :] & d_ok[:, None],
-                             other=0)
-                v = tl.trans(vt)
-            else:
-                v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :],
-                            other=0)
+            v = tl.trans(vt)
+        else:
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :],
+                        other=0)
         if QUANT:
             ks = tl.load(KS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
             vs = tl.load(VS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
@@ -674,13 +655,9 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
     bd = max(16, triton.next_power_of_2(D))
     rows = max(16, triton.next_power_of_2(T * group))  # every (token, head) pair of a KV group: one MMA
-    tma_ok = quant and _decode_tma_ok(k, v, v_t)
 
     def run(c):
-        bn, per_sm, warps, stages, fused, cap, tma = (*c, 0, False)[:7]  # cap: ptxas maxnreg (0: none)
-        tma = tma and tma_ok  # a config is per shape; a cache view descriptors cannot read falls back
-        if tma and q.is_cuda:
-            _set_tma_allocator()
+        bn, per_sm, warps, stages, fused, *cap = c  # cap: an optional register cap (ptxas maxnreg)
         splits = num_splits or max(1, min(triton.cdiv(per_sm * sms, B * Hkv), triton.cdiv(S, 2 * bn)))
         split_len = triton.cdiv(triton.cdiv(S, splits), bn) * bn
         splits = triton.cdiv(S, split_len)
@@ -691,7 +668,7 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
             lse_part.fill_(float("nan"))
         _decode_split[(B * Hkv, splits)](
             q, k, v, ks, vs, o_part, lse_part, lens, out4, _arrival_counters(q.device, B * Hkv),
-            sm_scale * LOG2E, Hkv, group, T, S, split_len, splits,
+            sm_scale * LOG2E, Hkv, group, T, split_len, splits,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), v.stride(3), ks.stride(0) if quant else 0,
             ks.stride(1) if quant else 0,
@@ -699,7 +676,7 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=rows, BLOCK_N=bn,
             QUANT=quant, UPCAST=not q.is_cuda, FUSED_MERGE=fused, CVT=INT8_CONVERT if q.is_cuda else 0,
             QK_INT8=qk_int8, V_T=v_t, MERGE_R=max(2, triton.next_power_of_2(T * group)),
-            MERGE_CHUNK=MERGE_CHUNK, TMA=tma, num_warps=warps, num_stages=stages, **({"maxnreg": cap} if cap else {}))
+            MERGE_CHUNK=MERGE_CHUNK, num_warps=warps, num_stages=stages, **({"maxnreg": cap[0]} if cap else {}))
         if not fused:
             _decode_merge[(B * H * T,)](o_part, lse_part, out4, splits, out4.stride(0), out4.stride(1),
                                         out4.stride(2), H, T, HEAD_DIM=D, BLOCK_D=bd,
@@ -712,15 +689,6 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
         cfg = choose(_decode_key(q, k, quant, qk_int8, fused_merge, v_t), cands, run)
     run(cfg)
     return out
-
-
-def _decode_tma_ok(k, v, v_t: bool) -> bool:
-    """Per-head tensor descriptors can read these int8 caches: D of 64 or 128 (the whole tile), 16-byte
-    aligned data, head and row strides (V_T: V's [D, S] rows are S bytes)."""
-    v_strides = (v.stride(0), v.stride(1), v.stride(3)) if v_t else (v.stride(0), v.stride(1), v.stride(2))
-    return ((k.is_cuda or interpreting()) and k.shape[-1] in (64, 128) and k.stride(-1) == 1
-            and (v.stride(2) if v_t else v.stride(3)) == 1 and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0
-            and all(st % 16 == 0 for st in (k.stride(0), k.stride(1), k.stride(2), *v_strides)))
 
 
 def _decode_key(q4, k, quant: bool, qk_int8: bool, fused_merge, v_t: bool) -> tuple:
@@ -751,8 +719,7 @@ def _arrival_counters(device, n: int) -> torch.Tensor:
 
 
 def _decode_cfgs():
-    """(BLOCK_N, programs per SM, warps, stages, fused merge[, register cap (0: none)[, TMA]]); the first is
-    the default."""
+    """(BLOCK_N, programs per SM, warps, stages, fused merge[, register cap]); the first is the default."""
     if interpreting():
         return [(64, 2, 4, 1, False), (64, 2, 4, 1, True)]
     tiles = [(64, 2, 4, 3), (64, 4, 4, 3), (128, 2, 4, 3), (32, 4, 4, 4), (64, 8, 4, 2), (128, 4, 8, 3),
@@ -778,8 +745,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, 
         out: optional result tensor, shaped like q.
         fused_merge: merge the slices in the last program of each KV head (True) or in a second
             launch (False); default: timed once per shape with the tiles.
-        cfg: a whole config (BLOCK_N, programs per SM, warps, stages, fused merge[, maxnreg (0: none)[, TMA:
-            int8 caches only]]), untimed.
+        cfg: a whole config (BLOCK_N, programs per SM, warps, stages, fused merge[, maxnreg]), untimed.
     Returns q's shape ([B, H, D] or [B, H, T, D]) in q.dtype.
     """
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):

@@ -18,7 +18,8 @@ Tables:
   * decode_attention (bf16) and decode_attention_int8 at KV 4k-16k vs SDPA decode, with the bytes
     moved per second next to the device-to-device copy bandwidth measured in the same run; the
     "int8 Vᵀ" columns read V stored [D, S] per head (effopt's int8 KV cache layout), "int8 Vᵀ q.k"
-    adds q rounded to int8 (qk_int8=True), with its error against bf16 SDPA.
+    adds q rounded to int8 (qk_int8=True), with its error against bf16 SDPA; "read" times a kernel
+    that only streams the bf16 K and V (`_read_kernel`), the ceiling of a decode step at that size.
   * --gemv: W4A16 g128 at M = 1, 4, 16 on the decode shapes (incl. Llama-3-8B fused qkv 6144x4096
     and gate-up 28672x4096): cuBLAS fp16, the tuner's pick, the best tensor-core (mma) config
     and each gemv2 config of `gemv2_configs` forced, one row each.
@@ -38,6 +39,7 @@ import traceback
 
 import torch
 import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kernels import attention as A  # noqa: E402
@@ -115,6 +117,26 @@ def copy_bandwidth():
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src), rep=100)
     return 2 * src.numel() * 2 / (ms * 1e-3) / 1e12
+
+
+@triton.jit
+def _read_kernel(a_ptr, b_ptr, n_blocks, out_ptr, BLOCK: tl.constexpr):
+    """Read two buffers of n_blocks x BLOCK elements each (grid-stride), keep one sum per program: what
+    a kernel that only streams those bytes achieves, the ceiling a decode step at that size can reach."""
+    pid, grid = tl.program_id(0), tl.num_programs(0)
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for blk in range(pid, 2 * n_blocks, grid):
+        if blk < n_blocks:
+            acc += tl.load(a_ptr + blk * BLOCK + offs).to(tl.float32)
+        else:
+            acc += tl.load(b_ptr + (blk - n_blocks) * BLOCK + offs).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(acc, 0))
+
+
+def read_both(a, b, out, block=4096):
+    """_read_kernel over a and b (same size, contiguous, a multiple of `block` elements)."""
+    _read_kernel[(out.numel(),)](a, b, a.numel() // block, out, BLOCK=block, num_warps=4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -455,8 +477,11 @@ def bench_decode(quick, copy_tbs):
                                / ref.float().norm()).item()
                               for s8, x in ((sets8[0], False), (sets8t[0], False), (sets8t[0], True)))
         t_sdpa, _ = graph_ms([lambda a=a: _sdpa_decode(*a) for a in sets])
+        sums = torch.empty(8 * torch.cuda.get_device_properties(0).multi_processor_count, device="cuda")
+        t_read, _ = graph_ms([lambda a=a: read_both(a[1], a[2], sums) for a in sets])
         b8 = nbytes // 2 + 2 * b * 8 * s * 4
         rows.append([b, s, fmt(t * 1e3), fmt(nbytes / (t * 1e-3) / 1e12, 2), fmt(100 * nbytes / (t * 1e-3) / 1e12 / copy_tbs, 0),
+                     fmt(t_read * 1e3), fmt(100 * nbytes / (t_read * 1e-3) / 1e12 / copy_tbs, 0), fmt(100 * t_read / t, 0),
                      fmt(t8 * 1e3), fmt(b8 / (t8 * 1e-3) / 1e12, 2), fmt(t_sdpa * 1e3), fmt(t_sdpa / t, 2),
                      fmt(t_sdpa / t8, 2), fmt(t8t * 1e3), fmt(b8 / (t8t * 1e-3) / 1e12, 2), fmt(t_sdpa / t8t, 2),
                      fmt(t8q * 1e3), fmt(t_sdpa / t8q, 2), f"{err:.1e}", f"{err8:.1e}", f"{err8t:.1e}", f"{err8q:.1e}",
@@ -465,7 +490,8 @@ def bench_decode(quick, copy_tbs):
                      _decode_cfg(A.decode_choice(q, sets8[0][1], quant=True, v_t=True))])
     table(f"decode attention, 32 query heads / 8 KV heads, d=128 (copy bandwidth {copy_tbs:.2f} TB/s "
           "read+write)",
-          ["batch", "KV len", "bf16 µs", "bf16 TB/s", "% of copy BW", "int8 µs", "int8 TB/s", "SDPA bf16 µs",
+          ["batch", "KV len", "bf16 µs", "bf16 TB/s", "% of copy BW", "read µs", "read % of copy BW",
+           "bf16 % of read", "int8 µs", "int8 TB/s", "SDPA bf16 µs",
            "bf16 vs SDPA", "int8 vs SDPA", "int8 Vᵀ µs", "int8 Vᵀ TB/s", "int8 Vᵀ vs SDPA", "int8 Vᵀ q.k µs",
            "int8 Vᵀ q.k vs SDPA", "rel err", "rel err int8", "rel err int8 Vᵀ", "rel err int8 Vᵀ q.k",
            "bf16 config", "int8 config", "int8 Vᵀ config"], rows)

@@ -146,7 +146,7 @@ def compile_smoke():
     still fail to compile (a name bound to two dtypes in two branches did, 2026-11-30):
     tests/kernels/test_compile_sm90.py runs this on CI, with whatever Triton is installed."""
     dec = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=16, BLOCK_N=128, UPCAST=False, FUSED_MERGE=True, CVT=1,
-               QK_INT8=False, MERGE_R=4, MERGE_CHUNK=A.MERGE_CHUNK, TMA=False)
+               QK_INT8=False, MERGE_R=4, MERGE_CHUNK=A.MERGE_CHUNK)
     dec_ptrs = dict(Q="*bf16", KS="*fp32", VS="*fp32", O_PART="*fp32", LSE_PART="*fp32", LENS="*i32", OUT="*bf16",
                     LOCK="*i32")
     attn = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=128, BLOCK_N=128, CAUSAL=True, HAS_WINDOW=False, UPCAST=False)
@@ -158,8 +158,6 @@ def compile_smoke():
         "decode bf16": (A._decode_split, dict(dec, QUANT=False, V_T=False), dict(dec_ptrs, K="*bf16", V="*bf16")),
         "decode int8": (A._decode_split, dict(dec, QUANT=True, V_T=False), dict(dec_ptrs, K="*i8", V="*i8")),
         "decode int8, V [D, S]": (A._decode_split, dict(dec, QUANT=True, V_T=True), dict(dec_ptrs, K="*i8", V="*i8")),
-        "decode int8, V [D, S], TMA": (A._decode_split, dict(dec, QUANT=True, V_T=True, TMA=True),
-                                       dict(dec_ptrs, K="*i8", V="*i8")),
         "attention forward": (A._attn_fwd, dict(attn, TMA=False), attn_ptrs),
         "attention forward, TMA": (A._attn_fwd, dict(attn, TMA=True), attn_ptrs),
         "rope + KV store": (F._rope_store_kv_kernel, dict(D=128, HALF=64, INT8=False),
@@ -198,7 +196,7 @@ def compile_smoke():
                 print(f"ok      {name}")
                 continue
             fn, const, ptrs = case
-            compile_sm90(fn, const, ptrs, ("qk_scale", "sm_scale"), ("S", "SPLIT_LEN", "N", "K", "KB", "GROUP"),
+            compile_sm90(fn, const, ptrs, ("qk_scale", "sm_scale"), ("SPLIT_LEN", "N", "K", "KB", "GROUP"),
                          8 if const.get("BLOCK_M", 0) >= 128 else 4, 3)
             print(f"ok      {name}")
         except Exception as e:  # noqa: BLE001 - report every failing kernel
@@ -220,7 +218,6 @@ def main():
     ap.add_argument("--v-t", action="store_true", help="decode: int8 V stored [D, S] per head")
     ap.add_argument("--cvt", type=int, default=A.INT8_CONVERT, help="decode: int8 conversion mode")
     ap.add_argument("--qk-int8", action="store_true")
-    ap.add_argument("--tma", action="store_true", help="decode (int8): tiles through tensor descriptors")
     ap.add_argument("--group-rows", type=int, default=16, help="decode: MMA rows (GQA group x tokens, >= 16)")
     # qmatmul
     ap.add_argument("--bits", type=int, default=4)
@@ -253,10 +250,10 @@ def main():
         cache = "*i8" if a.quant else "*bf16"
         const = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=a.group_rows, BLOCK_N=a.block_n or 128, QUANT=a.quant,
                      UPCAST=False, FUSED_MERGE=False, CVT=a.cvt, QK_INT8=a.qk_int8, V_T=a.v_t,
-                     MERGE_R=4, MERGE_CHUNK=A.MERGE_CHUNK, TMA=a.tma)
+                     MERGE_R=4, MERGE_CHUNK=A.MERGE_CHUNK)
         ptrs = dict(Q="*bf16", K=cache, V=cache, KS="*fp32", VS="*fp32", O_PART="*fp32", LSE_PART="*fp32",
                     LENS="*i32", OUT="*bf16", LOCK="*i32")
-        kernel = compile_sm90(A._decode_split, const, ptrs, ("qk_scale",), ("S", "SPLIT_LEN"), a.warps, a.stages)
+        kernel = compile_sm90(A._decode_split, const, ptrs, ("qk_scale",), ("SPLIT_LEN",), a.warps, a.stages)
     elif a.kernel == "swz":  # W4 over shuffled codes, groups of 128 (--group-mode 2: per channel)
         act = "*bf16" if a.bf16 else "*fp16"
         const = dict(GROUP=128 if a.group_mode == 1 else 1, GROUP_MODE=a.group_mode, DQ=2 if a.bf16 else 1,

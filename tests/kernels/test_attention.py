@@ -256,34 +256,6 @@ def test_decode_int8_with_v_stored_transposed(t, lens, pad_to, fused):
         assert rel_err(out[i], ref[0]) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("v_layout", ["transposed", "plain"])
-@pytest.mark.parametrize("fused", [False, True], ids=["merge-launch", "fused-merge"])
-def test_decode_int8_through_tensor_descriptors(v_layout, fused):
-    """A config's seventh field reads the int8 tiles through tensor descriptors (TMA): the same result as
-    plain loads, with stale codes past each length read but unused (NaN scales there would show any use)
-    and a last block that runs past S (read as 0)."""
-    b, h, hkv, d, t = 2, 8, 2, 64, 2
-    s, lens = (4816, [4816, 1237]) if ON_GPU else (304, [304, 77])  # S a multiple of 16 for V [D, S]
-    q = torch.randn(b, h, t, d, device=DEVICE, dtype=torch.float16)
-    (kq, ks), (vq, vs) = A.quantize_kv(torch.randn(b, hkv, s, d, device=DEVICE)), \
-        A.quantize_kv(torch.randn(b, hkv, s, d, device=DEVICE))
-    k, v = kq.float() * ks[..., None], vq.float() * vs[..., None]
-    for i, n in enumerate(lens):
-        ks[i, :, n:], vs[i, :, n:] = float("nan"), float("nan")
-    v_arg = v_transposed(vq) if v_layout == "transposed" else vq
-    seqlens = torch.tensor(lens, device=DEVICE)
-    stages = 2 if ON_GPU else 1
-    outs = []
-    for tma in (False, True):
-        outs.append(torch.full((b, h, t, d), float("nan"), device=DEVICE, dtype=torch.float16))
-        A.decode_attention_int8(q, kq, v_arg, ks, vs, cache_seqlens=seqlens, out=outs[-1],
-                                cfg=(64, 2, 4, stages, fused, 0, tma))
-    assert torch.equal(outs[0], outs[1])
-    for i, n in enumerate(lens):
-        ref = reference(q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], True, d**-0.5)
-        assert rel_err(outs[1][i], ref[0]) < TOL[torch.float16]
-
-
 @pytest.mark.parametrize("chunk", [1, 2, 8])
 def test_fused_merge_reads_splits_in_chunks(monkeypatch, chunk):
     """The fused merge takes MERGE_CHUNK splits a trip with a running maximum: 1 (one at a time), 2 (a
