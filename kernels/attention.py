@@ -18,6 +18,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels._tune import choose, interpreting
 
@@ -301,7 +302,7 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                   QUANT: tl.constexpr, UPCAST: tl.constexpr, FUSED_MERGE: tl.constexpr, CVT: tl.constexpr,
                   QK_INT8: tl.constexpr, V_T: tl.constexpr, MERGE_R: tl.constexpr,
-                  MERGE_CHUNK: tl.constexpr):
+                  MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr = False):
     """Attention of the T query tokens of the GROUP query heads of KV head hk over one slice of the cache.
 
     Row r of the MMA is query token t = r % T of head g = r // T. The T tokens are the last T of
@@ -321,7 +322,11 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
     arrival counter per (batch, KV head) in LOCK, re-armed after), saving the merge launch, which is
     a visible share of a small cache's decode. It merges the GROUP * T rows (MERGE_R, a power of two)
     MERGE_CHUNK splits at a time, so that the partials of a chunk are read in one round trip.
+    PDL (CUDA, merge launch): let the merge kernel, launched as a programmatic dependent, start once
+    every program here has begun; it waits (`gdc_wait`) for this grid's writes before reading them.
     """
+    if PDL:
+        gdc_launch_dependents()
     bhk, split = tl.program_id(0), tl.program_id(1)
     b, hk = bhk // HKV, bhk % HKV
     length = tl.load(LENS + b)
@@ -431,8 +436,10 @@ def _merge_splits(O_PART, LSE_PART, first, NUM_SPLITS, r_ok, offs_d, d_ok, HEAD_
 
 @triton.jit
 def _decode_merge(O_PART, LSE_PART, OUT, NUM_SPLITS, stride_ob, stride_oh, stride_ot, H, T,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
     """OUT[b, h, t] = sum_s w_s O_s / sum_s w_s with w_s = 2^(lse_s - max lse)."""
+    if PDL:  # launched early as a programmatic dependent of the split kernel: wait for its writes
+        gdc_wait()
     bht = tl.program_id(0)
     b, h, t = bht // (H * T), (bht // T) % H, bht % T
     offs_s = tl.arange(0, BLOCK_S)
@@ -617,6 +624,7 @@ def quantize_kv(x):
 
 DEBUG_POISON = False  # tests: fill the per-slice partial results with NaN before the launch
 MERGE_CHUNK = 8  # splits the fused merge reads a trip (a power of two)
+MERGE_PDL = False  # the merge launch as a programmatic dependent launch (Hopper); off until timed
 INT8_CONVERT = 1  # _i8_to_f16's MODE on a GPU (3: K 1, V 2): 1 measured fastest of 0-2 with Triton 3.6 on the H200
 
 
@@ -658,6 +666,7 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
 
     def run(c):
         bn, per_sm, warps, stages, fused, *cap = c  # cap: an optional register cap (ptxas maxnreg)
+        pdl = MERGE_PDL and q.is_cuda and not fused
         splits = num_splits or max(1, min(triton.cdiv(per_sm * sms, B * Hkv), triton.cdiv(S, 2 * bn)))
         split_len = triton.cdiv(triton.cdiv(S, splits), bn) * bn
         splits = triton.cdiv(S, split_len)
@@ -676,11 +685,12 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=rows, BLOCK_N=bn,
             QUANT=quant, UPCAST=not q.is_cuda, FUSED_MERGE=fused, CVT=INT8_CONVERT if q.is_cuda else 0,
             QK_INT8=qk_int8, V_T=v_t, MERGE_R=max(2, triton.next_power_of_2(T * group)),
-            MERGE_CHUNK=MERGE_CHUNK, num_warps=warps, num_stages=stages, **({"maxnreg": cap[0]} if cap else {}))
+            MERGE_CHUNK=MERGE_CHUNK, PDL=pdl, num_warps=warps, num_stages=stages, **({"maxnreg": cap[0]} if cap else {}))
         if not fused:
             _decode_merge[(B * H * T,)](o_part, lse_part, out4, splits, out4.stride(0), out4.stride(1),
                                         out4.stride(2), H, T, HEAD_DIM=D, BLOCK_D=bd,
-                                        BLOCK_S=max(2, triton.next_power_of_2(splits)))
+                                        BLOCK_S=max(2, triton.next_power_of_2(splits)), PDL=pdl,
+                                        **({"launch_pdl": True} if pdl else {}))
 
     if cfg is None and block_n is not None:  # forced tiles: ~2 programs per SM unless num_splits is given
         cfg = (block_n, 2, 4, 3 if q.is_cuda else 1, bool(fused_merge))
