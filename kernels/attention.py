@@ -624,7 +624,6 @@ def quantize_kv(x):
 
 DEBUG_POISON = False  # tests: fill the per-slice partial results with NaN before the launch
 MERGE_CHUNK = 8  # splits the fused merge reads a trip (a power of two)
-MERGE_PDL = False  # the merge launch as a programmatic dependent launch (Hopper); off until timed
 INT8_CONVERT = 1  # _i8_to_f16's MODE on a GPU (3: K 1, V 2): 1 measured fastest of 0-2 with Triton 3.6 on the H200
 
 
@@ -665,8 +664,8 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
     rows = max(16, triton.next_power_of_2(T * group))  # every (token, head) pair of a KV group: one MMA
 
     def run(c):
-        bn, per_sm, warps, stages, fused, *cap = c  # cap: an optional register cap (ptxas maxnreg)
-        pdl = MERGE_PDL and q.is_cuda and not fused
+        bn, per_sm, warps, stages, fused, cap, pdl = (*c, 0, False)[:7]  # cap: ptxas maxnreg (0: none)
+        pdl = pdl and not fused and _pdl_ok(q.device)
         splits = num_splits or max(1, min(triton.cdiv(per_sm * sms, B * Hkv), triton.cdiv(S, 2 * bn)))
         split_len = triton.cdiv(triton.cdiv(S, splits), bn) * bn
         splits = triton.cdiv(S, split_len)
@@ -685,7 +684,7 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=rows, BLOCK_N=bn,
             QUANT=quant, UPCAST=not q.is_cuda, FUSED_MERGE=fused, CVT=INT8_CONVERT if q.is_cuda else 0,
             QK_INT8=qk_int8, V_T=v_t, MERGE_R=max(2, triton.next_power_of_2(T * group)),
-            MERGE_CHUNK=MERGE_CHUNK, PDL=pdl, num_warps=warps, num_stages=stages, **({"maxnreg": cap[0]} if cap else {}))
+            MERGE_CHUNK=MERGE_CHUNK, PDL=pdl, num_warps=warps, num_stages=stages, **({"maxnreg": cap} if cap else {}))
         if not fused:
             _decode_merge[(B * H * T,)](o_part, lse_part, out4, splits, out4.stride(0), out4.stride(1),
                                         out4.stride(2), H, T, HEAD_DIM=D, BLOCK_D=bd,
@@ -695,10 +694,15 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
     if cfg is None and block_n is not None:  # forced tiles: ~2 programs per SM unless num_splits is given
         cfg = (block_n, 2, 4, 3 if q.is_cuda else 1, bool(fused_merge))
     elif cfg is None:
-        cands = _decode_cfgs() if fused_merge is None else [c for c in _decode_cfgs() if c[4] == fused_merge]
+        cands = [c for c in _decode_cfgs(q.device) if fused_merge is None or c[4] == fused_merge]
         cfg = choose(_decode_key(q, k, quant, qk_int8, fused_merge, v_t), cands, run)
     run(cfg)
     return out
+
+
+def _pdl_ok(device) -> bool:
+    """Programmatic dependent launch (griddepcontrol) exists from sm_90 on."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _decode_key(q4, k, quant: bool, qk_int8: bool, fused_merge, v_t: bool) -> tuple:
@@ -728,8 +732,10 @@ def _arrival_counters(device, n: int) -> torch.Tensor:
     return lock
 
 
-def _decode_cfgs():
-    """(BLOCK_N, programs per SM, warps, stages, fused merge[, register cap]); the first is the default."""
+def _decode_cfgs(device):
+    """(BLOCK_N, programs per SM, warps, stages, fused merge[, register cap (0: none)[, PDL]]); the first is
+    the default. PDL: the merge launch as a programmatic dependent of the split kernel (sm_90 on; ignored
+    with the fused merge or an older GPU)."""
     if interpreting():
         return [(64, 2, 4, 1, False), (64, 2, 4, 1, True)]
     tiles = [(64, 2, 4, 3), (64, 4, 4, 3), (128, 2, 4, 3), (32, 4, 4, 4), (64, 8, 4, 2), (128, 4, 8, 3),
@@ -738,7 +744,11 @@ def _decode_cfgs():
     # capped at 128 registers (int8: 148-162 uncapped), so that 4 programs of 4 warps fit an SM: int8 Vᵀ at
     # B = 32, 4k 79.5 -> 76.0 us on an H200 (results/kernels.md, 2026-11-30 late)
     capped = [(128, 2, 4, 2, fused, 128) for fused in (False, True)]
-    return [t + (fused,) for fused in (False, True) for t in tiles] + capped
+    # the merge kernel launched early (PDL): bf16 B = 8, 4k 39.2 -> 37.8 us and B = 1, 32k 39.1 -> 38.0 on an
+    # H200, mixed at B = 32, 4k (results/kernels.md, 2026-11-30 21:30): offered for the usual picks
+    pdl = [t + (False, 0, True) for t in [(64, 4, 4, 2), (64, 2, 4, 3), (64, 2, 4, 2), (64, 8, 4, 2), (128, 2, 4, 3)]]
+    pdl += [(128, 2, 4, 2, False, 128, True)]
+    return [t + (fused,) for fused in (False, True) for t in tiles] + capped + (pdl if _pdl_ok(device) else [])
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, block_n=None, num_splits=None,
@@ -755,7 +765,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, 
         out: optional result tensor, shaped like q.
         fused_merge: merge the slices in the last program of each KV head (True) or in a second
             launch (False); default: timed once per shape with the tiles.
-        cfg: a whole config (BLOCK_N, programs per SM, warps, stages, fused merge[, maxnreg]), untimed.
+        cfg: a whole config (BLOCK_N, programs per SM, warps, stages, fused merge[, maxnreg (0: none)[,
+            merge as a dependent launch]]), untimed.
     Returns q's shape ([B, H, D] or [B, H, T, D]) in q.dtype.
     """
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):

@@ -501,9 +501,9 @@ def _decode_cfg(cfg) -> str:
     """BLOCK_N / programs per SM / warps / stages, and where the slices are merged."""
     if cfg is None:
         return "n/a"
-    bn, per_sm, warps, stages, fused, *cap = cfg
+    bn, per_sm, warps, stages, fused, cap, pdl = (*cfg, 0, False)[:7]
     return f"{bn}x{per_sm}/SM w{warps} s{stages} " + ("fused merge" if fused else "merge launch") + \
-        (f" maxnreg {cap[0]}" if cap else "")
+        (" (PDL)" if pdl and not fused else "") + (f" maxnreg {cap}" if cap else "")
 
 
 def _sdpa_decode(q, k, v):

@@ -7,7 +7,7 @@ tuner's pick and its time (per L2 flush of the tuner, --flush).
 
     python scripts/sweep_decode.py [--shapes 32x4096,8x4096] [--top 6] [--caches int8] [--modes 0,1,2] [--v-t]
         [--qk-int8] [--blocks 64,128 --per-sm 1,2,4 --warps 4 --stages 2,3] [--flush zero,read]
-        [--merge-chunks 1,8]
+        [--merge-chunks 1,8] [--pdl 0,1]
     python scripts/sweep_decode.py --once 32x4096 --quant --cfg 128,2,4,3,0   # one call (for ncu)
 """
 import argparse
@@ -64,6 +64,7 @@ def main():
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--maxnreg", default="0", help="register caps to try (0: none), e.g. 0,128")
+    ap.add_argument("--pdl", default="0", help="merge launch as a programmatic dependent launch, e.g. 0,1")
     ap.add_argument("--merge-chunks", default=str(A.MERGE_CHUNK), help="splits a trip of the fused merge, e.g. 1,8")
     ap.add_argument("--flush", default=_tune.FLUSH_MODE, help="tuner L2 flushes to compare, e.g. zero,read")
     ap.add_argument("--once", default=None, help="BxS: run one config once per cache copy (profiling)")
@@ -75,7 +76,7 @@ def main():
     V_T = a.v_t
     if a.once:
         cfg = tuple(int(x) for x in a.cfg.split(","))
-        cfg = cfg[:4] + (bool(cfg[4]),) + cfg[5:6]
+        cfg = cfg[:4] + (bool(cfg[4]),) + cfg[5:6] + tuple(bool(x) for x in cfg[6:7])
         sets, _ = make_sets(*parse_shape(a.once), a.quant)
         for s in sets:
             call(s, a.quant, cfg)
@@ -85,7 +86,8 @@ def main():
     print(f"copy bandwidth {copy_tbs:.2f} TB/s", flush=True)
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     grid = itertools.product(ints(a.blocks), ints(a.per_sm), ints(a.warps), ints(a.stages))
-    cfgs = [c + (f,) + ((cap,) if cap else ()) for c in grid for f in (False, True) for cap in ints(a.maxnreg)]
+    cfgs = [c + (f,) + ((cap, True) if pdl else (cap,) if cap else ()) for c in grid for f in (False, True)
+            for cap in ints(a.maxnreg) for pdl in ints(a.pdl) if not (f and pdl)]
     rows = []
     for shape in a.shapes.split(","):
         b, s = parse_shape(shape)
