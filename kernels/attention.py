@@ -322,10 +322,14 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
     arrival counter per (batch, KV head) in LOCK, re-armed after), saving the merge launch, which is
     a visible share of a small cache's decode. It merges the GROUP * T rows (MERGE_R, a power of two)
     MERGE_CHUNK splits at a time, so that the partials of a chunk are read in one round trip.
-    PDL (CUDA, merge launch): let the merge kernel, launched as a programmatic dependent, start once
-    every program here has begun; it waits (`gdc_wait`) for this grid's writes before reading them.
+    PDL (CUDA, merge launch): 1: let the merge kernel, launched as a programmatic dependent, start once
+    every program here has begun (it waits, `gdc_wait`, for this grid's writes before reading them);
+    2: also launched as a dependent of whatever ran before, so this grid is scheduled during that one's
+    tail and waits for its writes (q, the cache) before reading anything.
     """
-    if PDL:
+    if PDL == 2:
+        gdc_wait()
+    if PDL >= 1:
         gdc_launch_dependents()
     bhk, split = tl.program_id(0), tl.program_id(1)
     b, hk = bhk // HKV, bhk % HKV
@@ -665,7 +669,7 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
 
     def run(c):
         bn, per_sm, warps, stages, fused, cap, pdl = (*c, 0, False)[:7]  # cap: ptxas maxnreg (0: none)
-        pdl = pdl and not fused and _pdl_ok(q.device)
+        pdl = int(pdl) if not fused and _pdl_ok(q.device) else 0
         splits = num_splits or max(1, min(triton.cdiv(per_sm * sms, B * Hkv), triton.cdiv(S, 2 * bn)))
         split_len = triton.cdiv(triton.cdiv(S, splits), bn) * bn
         splits = triton.cdiv(S, split_len)
@@ -684,11 +688,12 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=rows, BLOCK_N=bn,
             QUANT=quant, UPCAST=not q.is_cuda, FUSED_MERGE=fused, CVT=INT8_CONVERT if q.is_cuda else 0,
             QK_INT8=qk_int8, V_T=v_t, MERGE_R=max(2, triton.next_power_of_2(T * group)),
-            MERGE_CHUNK=MERGE_CHUNK, PDL=pdl, num_warps=warps, num_stages=stages, **({"maxnreg": cap} if cap else {}))
+            MERGE_CHUNK=MERGE_CHUNK, PDL=int(pdl), num_warps=warps, num_stages=stages,
+            **({"maxnreg": cap} if cap else {}), **({"launch_pdl": True} if pdl == 2 else {}))
         if not fused:
             _decode_merge[(B * H * T,)](o_part, lse_part, out4, splits, out4.stride(0), out4.stride(1),
                                         out4.stride(2), H, T, HEAD_DIM=D, BLOCK_D=bd,
-                                        BLOCK_S=max(2, triton.next_power_of_2(splits)), PDL=pdl,
+                                        BLOCK_S=max(2, triton.next_power_of_2(splits)), PDL=bool(pdl),
                                         **({"launch_pdl": True} if pdl else {}))
 
     if cfg is None and block_n is not None:  # forced tiles: ~2 programs per SM unless num_splits is given

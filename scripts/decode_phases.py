@@ -1,5 +1,5 @@
-"""Where a bf16 decode step's time goes at one cache size (GPU): the whole call, with the merge as a
-programmatic dependent launch (the config's PDL field), the split kernel alone (merge launch skipped), and a
+"""Where a bf16 decode step's time goes at one cache size (GPU): the whole call, with the merge (PDL 1)
+or the merge and the split kernel (PDL 2) as programmatic dependent launches, the split kernel alone (merge launch skipped), and a
 kernel that only streams the same K / V bytes.
 
     python scripts/decode_phases.py [--shapes 8x4096,1x32768] [--cfgs 64,8,4,2,0 64,4,4,2,1]
@@ -48,10 +48,11 @@ def main():
             rows.append([shape, f"{cfg} whole call", fmt(t_all * 1e3), fmt(100 * nbytes / (t_all * 1e-3) / 1e12 / copy_tbs, 0)])
             if cfg[4]:
                 continue
-            pdl = cfg[:5] + ((cfg[5:6] or (0,))[0], True)
-            t_pdl, _ = graph_ms([lambda x=x: A.decode_attention(*x, cfg=pdl) for x in sets])
-            rows.append([shape, f"{cfg} whole call, merge as a dependent launch (PDL)", fmt(t_pdl * 1e3),
-                         fmt(100 * nbytes / (t_pdl * 1e-3) / 1e12 / copy_tbs, 0)])
+            for mode, text in ((1, "merge as a dependent launch"), (2, "merge and split as dependent launches")):
+                pdl = cfg[:5] + ((cfg[5:6] or (0,))[0], mode)
+                t_pdl, _ = graph_ms([lambda x=x: A.decode_attention(*x, cfg=pdl) for x in sets])
+                rows.append([shape, f"{cfg} whole call, {text} (PDL {mode})", fmt(t_pdl * 1e3),
+                             fmt(100 * nbytes / (t_pdl * 1e-3) / 1e12 / copy_tbs, 0)])
             merge = A._decode_merge
             A._decode_merge = _Skip()
             try:

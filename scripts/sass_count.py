@@ -146,7 +146,7 @@ def compile_smoke():
     still fail to compile (a name bound to two dtypes in two branches did, 2026-11-30):
     tests/kernels/test_compile_sm90.py runs this on CI, with whatever Triton is installed."""
     dec = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=16, BLOCK_N=128, UPCAST=False, FUSED_MERGE=True, CVT=1,
-               QK_INT8=False, MERGE_R=4, MERGE_CHUNK=A.MERGE_CHUNK, PDL=False)
+               QK_INT8=False, MERGE_R=4, MERGE_CHUNK=A.MERGE_CHUNK, PDL=0)
     dec_ptrs = dict(Q="*bf16", KS="*fp32", VS="*fp32", O_PART="*fp32", LSE_PART="*fp32", LENS="*i32", OUT="*bf16",
                     LOCK="*i32")
     attn = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=128, BLOCK_N=128, CAUSAL=True, HAS_WINDOW=False, UPCAST=False)
@@ -158,7 +158,7 @@ def compile_smoke():
         "decode bf16": (A._decode_split, dict(dec, QUANT=False, V_T=False), dict(dec_ptrs, K="*bf16", V="*bf16")),
         "decode int8": (A._decode_split, dict(dec, QUANT=True, V_T=False), dict(dec_ptrs, K="*i8", V="*i8")),
         "decode int8, V [D, S]": (A._decode_split, dict(dec, QUANT=True, V_T=True), dict(dec_ptrs, K="*i8", V="*i8")),
-        "decode bf16, merge launched as a dependent": (A._decode_split, dict(dec, QUANT=False, V_T=False, PDL=True),
+        "decode bf16, merge launched as a dependent": (A._decode_split, dict(dec, QUANT=False, V_T=False, PDL=2),
                                                        dict(dec_ptrs, K="*bf16", V="*bf16")),
         "decode merge, dependent launch": (A._decode_merge, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=16, PDL=True),
                                            dict(O_PART="*fp32", LSE_PART="*fp32", OUT="*bf16")),
@@ -254,7 +254,7 @@ def main():
         cache = "*i8" if a.quant else "*bf16"
         const = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=a.group_rows, BLOCK_N=a.block_n or 128, QUANT=a.quant,
                      UPCAST=False, FUSED_MERGE=False, CVT=a.cvt, QK_INT8=a.qk_int8, V_T=a.v_t,
-                     MERGE_R=4, MERGE_CHUNK=A.MERGE_CHUNK, PDL=False)
+                     MERGE_R=4, MERGE_CHUNK=A.MERGE_CHUNK, PDL=0)
         ptrs = dict(Q="*bf16", K=cache, V=cache, KS="*fp32", VS="*fp32", O_PART="*fp32", LSE_PART="*fp32",
                     LENS="*i32", OUT="*bf16", LOCK="*i32")
         kernel = compile_sm90(A._decode_split, const, ptrs, ("qk_scale",), ("SPLIT_LEN",), a.warps, a.stages)

@@ -64,7 +64,7 @@ def main():
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--maxnreg", default="0", help="register caps to try (0: none), e.g. 0,128")
-    ap.add_argument("--pdl", default="0", help="merge launch as a programmatic dependent launch, e.g. 0,1")
+    ap.add_argument("--pdl", default="0", help="programmatic dependent launches (1: the merge, 2: merge and split), e.g. 0,1,2")
     ap.add_argument("--merge-chunks", default=str(A.MERGE_CHUNK), help="splits a trip of the fused merge, e.g. 1,8")
     ap.add_argument("--flush", default=_tune.FLUSH_MODE, help="tuner L2 flushes to compare, e.g. zero,read")
     ap.add_argument("--once", default=None, help="BxS: run one config once per cache copy (profiling)")
@@ -76,7 +76,7 @@ def main():
     V_T = a.v_t
     if a.once:
         cfg = tuple(int(x) for x in a.cfg.split(","))
-        cfg = cfg[:4] + (bool(cfg[4]),) + cfg[5:6] + tuple(bool(x) for x in cfg[6:7])
+        cfg = cfg[:4] + (bool(cfg[4]),) + cfg[5:7]
         sets, _ = make_sets(*parse_shape(a.once), a.quant)
         for s in sets:
             call(s, a.quant, cfg)
@@ -86,7 +86,7 @@ def main():
     print(f"copy bandwidth {copy_tbs:.2f} TB/s", flush=True)
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     grid = itertools.product(ints(a.blocks), ints(a.per_sm), ints(a.warps), ints(a.stages))
-    cfgs = [c + (f,) + ((cap, True) if pdl else (cap,) if cap else ()) for c in grid for f in (False, True)
+    cfgs = [c + (f,) + ((cap, pdl) if pdl else (cap,) if cap else ()) for c in grid for f in (False, True)
             for cap in ints(a.maxnreg) for pdl in ints(a.pdl) if not (f and pdl)]
     rows = []
     for shape in a.shapes.split(","):

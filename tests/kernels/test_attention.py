@@ -297,18 +297,19 @@ def test_decode_int8_config_with_a_register_cap():
 
 
 def test_decode_merge_as_a_dependent_launch():
-    """A config's seventh field launches the merge as a programmatic dependent of the split kernel (sm_90
-    on; ignored elsewhere, e.g. under the interpreter): the merge waits for the splits, so the result is
-    the plain launch's, bit for bit."""
+    """A config's seventh field launches the merge (1), or the merge and the split kernel (2), as
+    programmatic dependents (sm_90 on; ignored elsewhere, e.g. under the interpreter): each waits for
+    the grid before it, so the result is the plain launch's, bit for bit."""
     b, h, hkv, s, d = 2, 8, 2, 300 * (16 if ON_GPU else 1), 64
     q = torch.randn(b, h, d, device=DEVICE, dtype=torch.bfloat16)
     k, v = (torch.randn(b, hkv, s, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
     stages = 2 if ON_GPU else 1
     plain = A.decode_attention(q, k, v, cfg=(32, 4, 4, stages, False))
-    dependent = A.decode_attention(q, k, v, cfg=(32, 4, 4, stages, False, 0, True))
-    assert torch.equal(plain, dependent)
     ref = reference(q[:, :, None], k, v, False, d**-0.5)[:, :, 0]
-    assert rel_err(dependent, ref) < TOL[torch.bfloat16]
+    for mode in (1, 2):  # 2: the split kernel waits for whatever ran before it, too
+        dependent = A.decode_attention(q, k, v, cfg=(32, 4, 4, stages, False, 0, mode))
+        assert torch.equal(plain, dependent)
+        assert rel_err(dependent, ref) < TOL[torch.bfloat16]
 
 
 def test_decode_keeps_the_shape_of_q():
