@@ -739,8 +739,8 @@ def _arrival_counters(device, n: int) -> torch.Tensor:
 
 def _decode_cfgs(device):
     """(BLOCK_N, programs per SM, warps, stages, fused merge[, register cap (0: none)[, PDL]]); the first is
-    the default. PDL: the merge launch as a programmatic dependent of the split kernel (sm_90 on; ignored
-    with the fused merge or an older GPU)."""
+    the default. PDL 1: the merge launched as a programmatic dependent of the split kernel, 2: the split
+    kernel too, of whatever ran before (sm_90 on; ignored with the fused merge or an older GPU)."""
     if interpreting():
         return [(64, 2, 4, 1, False), (64, 2, 4, 1, True)]
     tiles = [(64, 2, 4, 3), (64, 4, 4, 3), (128, 2, 4, 3), (32, 4, 4, 4), (64, 8, 4, 2), (128, 4, 8, 3),
@@ -749,10 +749,11 @@ def _decode_cfgs(device):
     # capped at 128 registers (int8: 148-162 uncapped), so that 4 programs of 4 warps fit an SM: int8 Vᵀ at
     # B = 32, 4k 79.5 -> 76.0 us on an H200 (results/kernels.md, 2026-11-30 late)
     capped = [(128, 2, 4, 2, fused, 128) for fused in (False, True)]
-    # the merge kernel launched early (PDL): bf16 B = 8, 4k 39.2 -> 37.8 us and B = 1, 32k 39.1 -> 38.0 on an
-    # H200, mixed at B = 32, 4k (results/kernels.md, 2026-11-30 21:30): offered for the usual picks
-    pdl = [t + (False, 0, True) for t in [(64, 4, 4, 2), (64, 2, 4, 3), (64, 2, 4, 2), (64, 8, 4, 2), (128, 2, 4, 3)]]
-    pdl += [(128, 2, 4, 2, False, 128, True)]
+    # the split and merge kernels as programmatic dependent launches (PDL 2): bf16 B = 8, 4k 38.3 -> 37.5 us and
+    # B = 1, 32k 38.8 -> 37.8 on an H200 (PDL 1, the merge only: 37.9 / 38.4), mixed at B = 32, 4k, no change
+    # for int8 (results/kernels.md, 2026-11-30 21:00-21:40): offered for the usual picks
+    pdl = [t + (False, 0, 2) for t in [(64, 4, 4, 2), (64, 2, 4, 3), (64, 2, 4, 2), (64, 8, 4, 2), (128, 2, 4, 3)]]
+    pdl += [(128, 2, 4, 2, False, 128, 2)]
     return [t + (fused,) for fused in (False, True) for t in tiles] + capped + (pdl if _pdl_ok(device) else [])
 
 
@@ -771,7 +772,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, 
         fused_merge: merge the slices in the last program of each KV head (True) or in a second
             launch (False); default: timed once per shape with the tiles.
         cfg: a whole config (BLOCK_N, programs per SM, warps, stages, fused merge[, maxnreg (0: none)[,
-            merge as a dependent launch]]), untimed.
+            PDL: 1 the merge, 2 the merge and the split kernel as dependent launches]]), untimed.
     Returns q's shape ([B, H, D] or [B, H, T, D]) in q.dtype.
     """
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):

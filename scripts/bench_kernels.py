@@ -503,7 +503,7 @@ def _decode_cfg(cfg) -> str:
         return "n/a"
     bn, per_sm, warps, stages, fused, cap, pdl = (*cfg, 0, False)[:7]
     return f"{bn}x{per_sm}/SM w{warps} s{stages} " + ("fused merge" if fused else "merge launch") + \
-        (" (PDL)" if pdl and not fused else "") + (f" maxnreg {cap}" if cap else "")
+        (f" (PDL {int(pdl)})" if pdl and not fused else "") + (f" maxnreg {cap}" if cap else "")
 
 
 def _sdpa_decode(q, k, v):
