@@ -13,6 +13,7 @@ Decode: each program takes one KV head, all of its G query heads (times the step
 for a speculative verify step) as the rows of a small MMA, and one slice of the cache; a second
 kernel merges the slices by their log-sum-exp.
 """
+import functools
 import math
 
 import torch
@@ -302,7 +303,7 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                   QUANT: tl.constexpr, UPCAST: tl.constexpr, FUSED_MERGE: tl.constexpr, CVT: tl.constexpr,
                   QK_INT8: tl.constexpr, V_T: tl.constexpr, MERGE_R: tl.constexpr,
-                  MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr = False):
+                  MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr = 0):
     """Attention of the T query tokens of the GROUP query heads of KV head hk over one slice of the cache.
 
     Row r of the MMA is query token t = r % T of head g = r // T. The T tokens are the last T of
@@ -705,6 +706,7 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _pdl_ok(device) -> bool:
     """Programmatic dependent launch (griddepcontrol) exists from sm_90 on."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
