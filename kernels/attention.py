@@ -753,7 +753,7 @@ def _decode_cfgs(device):
     capped = [(128, 2, 4, 2, fused, 128) for fused in (False, True)]
     # the split and merge kernels as programmatic dependent launches (PDL 2): bf16 B = 8, 4k 38.3 -> 37.5 us and
     # B = 1, 32k 38.8 -> 37.8 on an H200 (PDL 1, the merge only: 37.9 / 38.4), mixed at B = 32, 4k, no change
-    # for int8 (results/kernels.md, 2026-11-30 21:00-21:40): offered for the usual picks
+    # for int8 (results/kernels.md, session of 2026-11-30 20:38): offered for the usual picks
     pdl = [t + (False, 0, 2) for t in [(64, 4, 4, 2), (64, 2, 4, 3), (64, 2, 4, 2), (64, 8, 4, 2), (128, 2, 4, 3)]]
     pdl += [(128, 2, 4, 2, False, 128, 2)]
     return [t + (fused,) for fused in (False, True) for t in tiles] + capped + (pdl if _pdl_ok(device) else [])

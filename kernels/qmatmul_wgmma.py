@@ -28,7 +28,7 @@ EFFOPT_QMM_WG=1.
 ring with bulk (TMA) copies against per-slot `ready` / `empty` mbarriers, and the kernel's warps only
 dequantize and multiply (150 SASS instructions a step in its consumer loop against 211, no cp.async
 waits, the wgmma still asynchronous). Correct on an H200 and slower too (results/kernels.md, 2026-11-30
-20:40: 110.4 against 77.1 µs for the best Triton kernel at M = 128, 8192x8192; slower still at 16 and 64).
+20:38 session: 110.4 against 77.1 µs for the best Triton kernel at M = 128, 8192x8192; slower still at 16 and 64).
 """
 import torch
 import triton
