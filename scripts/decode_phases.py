@@ -1,6 +1,6 @@
 """Where a bf16 decode step's time goes at one cache size (GPU): the whole call, with the merge (PDL 1)
-or the merge and the split kernel (PDL 2) as programmatic dependent launches, the split kernel alone (merge launch skipped), and a
-kernel that only streams the same K / V bytes.
+or the merge and the split kernel (PDL 2) as programmatic dependent launches, the split kernel alone
+(merge launch skipped), and a kernel that only streams the same K / V bytes.
 
     python scripts/decode_phases.py [--shapes 8x4096,1x32768] [--cfgs 64,8,4,2,0 64,4,4,2,1]
 
@@ -40,27 +40,26 @@ def main():
                                  torch.randn(b, 8, s, 128, device="cuda", dtype=torch.bfloat16)), nbytes)
         sums = torch.empty(8 * sms, device="cuda")
         t_read, _ = graph_ms([lambda x=x: read_both(x[1], x[2], sums) for x in sets])
-        rows.append([shape, "read K and V only", fmt(t_read * 1e3), fmt(100 * nbytes / (t_read * 1e-3) / 1e12 / copy_tbs, 0)])
+        pct = lambda t: fmt(100 * nbytes / (t * 1e-3) / 1e12 / copy_tbs, 0)  # noqa: E731 - % of copy bandwidth
+        rows.append([shape, "read K and V only", fmt(t_read * 1e3), pct(t_read)])
         for text in a.cfgs:
             cfg = tuple(int(v) for v in text.split(","))
             cfg = cfg[:4] + (bool(cfg[4]),) + cfg[5:6]
             t_all, _ = graph_ms([lambda x=x: A.decode_attention(*x, cfg=cfg) for x in sets])
-            rows.append([shape, f"{cfg} whole call", fmt(t_all * 1e3), fmt(100 * nbytes / (t_all * 1e-3) / 1e12 / copy_tbs, 0)])
+            rows.append([shape, f"{cfg} whole call", fmt(t_all * 1e3), pct(t_all)])
             if cfg[4]:
                 continue
-            for mode, text in ((1, "merge as a dependent launch"), (2, "merge and split as dependent launches")):
+            for mode, what in ((1, "merge as a dependent launch"), (2, "merge and split as dependent launches")):
                 pdl = cfg[:5] + ((cfg[5:6] or (0,))[0], mode)
                 t_pdl, _ = graph_ms([lambda x=x: A.decode_attention(*x, cfg=pdl) for x in sets])
-                rows.append([shape, f"{cfg} whole call, {text} (PDL {mode})", fmt(t_pdl * 1e3),
-                             fmt(100 * nbytes / (t_pdl * 1e-3) / 1e12 / copy_tbs, 0)])
+                rows.append([shape, f"{cfg} whole call, {what} (PDL {mode})", fmt(t_pdl * 1e3), pct(t_pdl)])
             merge = A._decode_merge
             A._decode_merge = _Skip()
             try:
                 t_split, _ = graph_ms([lambda x=x: A.decode_attention(*x, cfg=cfg) for x in sets])
             finally:
                 A._decode_merge = merge
-            rows.append([shape, f"{cfg} split kernel only", fmt(t_split * 1e3),
-                         fmt(100 * nbytes / (t_split * 1e-3) / 1e12 / copy_tbs, 0)])
+            rows.append([shape, f"{cfg} split kernel only", fmt(t_split * 1e3), pct(t_split)])
     table(f"decode phases, bf16, 32 query / 8 KV heads, d=128 (copy bandwidth {copy_tbs:.2f} TB/s)",
           ["B x S", "what", "µs", "% of copy BW"], rows)
 

@@ -7,7 +7,7 @@ tuner's pick and its time (per L2 flush of the tuner, --flush).
 
     python scripts/sweep_decode.py [--shapes 32x4096,8x4096] [--top 6] [--caches int8] [--modes 0,1,2] [--v-t]
         [--qk-int8] [--blocks 64,128 --per-sm 1,2,4 --warps 4 --stages 2,3] [--flush zero,read]
-        [--merge-chunks 1,8] [--pdl 0,1]
+        [--merge-chunks 1,8] [--pdl 0,1,2]
     python scripts/sweep_decode.py --once 32x4096 --quant --cfg 128,2,4,3,0   # one call (for ncu)
 """
 import argparse
@@ -64,7 +64,7 @@ def main():
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--maxnreg", default="0", help="register caps to try (0: none), e.g. 0,128")
-    ap.add_argument("--pdl", default="0", help="programmatic dependent launches (1: the merge, 2: merge and split), e.g. 0,1,2")
+    ap.add_argument("--pdl", default="0", help="dependent launches (1: the merge, 2: merge and split), e.g. 0,1,2")
     ap.add_argument("--merge-chunks", default=str(A.MERGE_CHUNK), help="splits a trip of the fused merge, e.g. 1,8")
     ap.add_argument("--flush", default=_tune.FLUSH_MODE, help="tuner L2 flushes to compare, e.g. zero,read")
     ap.add_argument("--once", default=None, help="BxS: run one config once per cache copy (profiling)")
