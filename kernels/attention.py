@@ -669,7 +669,7 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
     rows = max(16, triton.next_power_of_2(T * group))  # every (token, head) pair of a KV group: one MMA
 
     def run(c):
-        bn, per_sm, warps, stages, fused, cap, pdl = (*c, 0, False)[:7]  # cap: ptxas maxnreg (0: none)
+        bn, per_sm, warps, stages, fused, cap, pdl = decode_cfg_fields(c)
         pdl = int(pdl) if not fused and _pdl_ok(q.device) else 0
         splits = num_splits or max(1, min(triton.cdiv(per_sm * sms, B * Hkv), triton.cdiv(S, 2 * bn)))
         split_len = triton.cdiv(triton.cdiv(S, splits), bn) * bn
@@ -689,7 +689,7 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=rows, BLOCK_N=bn,
             QUANT=quant, UPCAST=not q.is_cuda, FUSED_MERGE=fused, CVT=INT8_CONVERT if q.is_cuda else 0,
             QK_INT8=qk_int8, V_T=v_t, MERGE_R=max(2, triton.next_power_of_2(T * group)),
-            MERGE_CHUNK=MERGE_CHUNK, PDL=int(pdl), num_warps=warps, num_stages=stages,
+            MERGE_CHUNK=MERGE_CHUNK, PDL=pdl, num_warps=warps, num_stages=stages,
             **({"maxnreg": cap} if cap else {}), **({"launch_pdl": True} if pdl == 2 else {}))
         if not fused:
             _decode_merge[(B * H * T,)](o_part, lse_part, out4, splits, out4.stride(0), out4.stride(1),
@@ -704,6 +704,12 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
         cfg = choose(_decode_key(q, k, quant, qk_int8, fused_merge, v_t), cands, run)
     run(cfg)
     return out
+
+
+def decode_cfg_fields(cfg) -> tuple:
+    """A decode config with its optional fields filled in: (BLOCK_N, programs per SM, warps, stages,
+    fused merge, register cap (0: none), PDL mode (0: none))."""
+    return (*cfg, 0, 0)[:7]
 
 
 @functools.lru_cache(maxsize=None)

@@ -502,7 +502,7 @@ def _decode_cfg(cfg) -> str:
     """BLOCK_N / programs per SM / warps / stages, and where the slices are merged."""
     if cfg is None:
         return "n/a"
-    bn, per_sm, warps, stages, fused, cap, pdl = (*cfg, 0, False)[:7]
+    bn, per_sm, warps, stages, fused, cap, pdl = A.decode_cfg_fields(cfg)
     return f"{bn}x{per_sm}/SM w{warps} s{stages} " + ("fused merge" if fused else "merge launch") + \
         (f" (PDL {int(pdl)})" if pdl and not fused else "") + (f" maxnreg {cap}" if cap else "")
 

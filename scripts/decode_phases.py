@@ -50,7 +50,7 @@ def main():
             if cfg[4]:
                 continue
             for mode, what in ((1, "merge as a dependent launch"), (2, "merge and split as dependent launches")):
-                pdl = cfg[:5] + ((cfg[5:6] or (0,))[0], mode)
+                pdl = A.decode_cfg_fields(cfg)[:6] + (mode,)
                 t_pdl, _ = graph_ms([lambda x=x: A.decode_attention(*x, cfg=pdl) for x in sets])
                 rows.append([shape, f"{cfg} whole call, {what} (PDL {mode})", fmt(t_pdl * 1e3), pct(t_pdl)])
             merge = A._decode_merge
