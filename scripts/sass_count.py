@@ -10,6 +10,7 @@ frequent opcodes. Counts are not timings (results/kernels.md has a case where th
     python scripts/sass_count.py decode --quant --cvt 1 [--qk-int8] [--v-t] [--block-n 128 --warps 4 --stages 3]
     python scripts/sass_count.py qmatmul --bits 4 --block-m 16 --block-n 64 --block-kb 64 --split-k 4 \\
         --step 2 --x-split [--ptx] [--zero-in-tile] [--bf16]
+    python scripts/sass_count.py gemv2 --block-m 1 --split-k 4 --step 4 --stages 1   # decode GEMV (M = 1 pick)
     python scripts/sass_count.py swz --block-m 16 --split-k 4 --step 4 --ptx   # W4 over shuffle_w4 codes
     python scripts/sass_count.py wg --block-n 64 --block-m 128 --stages 6 [--ws]   # the Gluon wgmma W4 kernels
     python scripts/sass_count.py candidates   # compile every mma config the tuner may try (~15 min)
@@ -158,9 +159,10 @@ def compile_smoke():
         "decode bf16": (A._decode_split, dict(dec, QUANT=False, V_T=False), dict(dec_ptrs, K="*bf16", V="*bf16")),
         "decode int8": (A._decode_split, dict(dec, QUANT=True, V_T=False), dict(dec_ptrs, K="*i8", V="*i8")),
         "decode int8, V [D, S]": (A._decode_split, dict(dec, QUANT=True, V_T=True), dict(dec_ptrs, K="*i8", V="*i8")),
-        "decode bf16, dependent launches (PDL 2)": (A._decode_split, dict(dec, QUANT=False, V_T=False, PDL=2),
+        "decode bf16, dependent launches (PDL 2)": (A._decode_split,
+                                                    dict(dec, QUANT=False, V_T=False, PDL=2, PREFETCH=1),
                                                     dict(dec_ptrs, K="*bf16", V="*bf16")),
-        "decode merge, dependent launch": (A._decode_merge, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=16, PDL=True),
+        "decode merge, dependent launch": (A._decode_merge, dict(HEAD_DIM=128, BLOCK_D=128, ROWS=4, CHUNK=8, PDL=True),
                                            dict(O_PART="*fp32", LSE_PART="*fp32", OUT="*bf16")),
         "attention forward": (A._attn_fwd, dict(attn, TMA=False), attn_ptrs),
         "attention forward, TMA": (A._attn_fwd, dict(attn, TMA=True), attn_ptrs),
@@ -212,7 +214,7 @@ def compile_smoke():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("kernel", choices=["decode", "qmatmul", "swz", "wg", "candidates", "rope-store", "smoke"])
+    ap.add_argument("kernel", choices=["decode", "qmatmul", "gemv2", "swz", "wg", "candidates", "rope-store", "smoke"])
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--top", type=int, default=14)
@@ -222,6 +224,8 @@ def main():
     ap.add_argument("--v-t", action="store_true", help="decode: int8 V stored [D, S] per head")
     ap.add_argument("--cvt", type=int, default=A.INT8_CONVERT, help="decode: int8 conversion mode")
     ap.add_argument("--qk-int8", action="store_true")
+    ap.add_argument("--fused", action="store_true", help="decode: the merge fused into the split kernel")
+    ap.add_argument("--pdl", type=int, default=0, help="decode: dependent-launch mode (0, 1, 2)")
     ap.add_argument("--group-rows", type=int, default=16, help="decode: MMA rows (GQA group x tokens, >= 16)")
     # qmatmul
     ap.add_argument("--bits", type=int, default=4)
@@ -253,11 +257,19 @@ def main():
     if a.kernel == "decode":
         cache = "*i8" if a.quant else "*bf16"
         const = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=a.group_rows, BLOCK_N=a.block_n or 128, QUANT=a.quant,
-                     UPCAST=False, FUSED_MERGE=False, CVT=a.cvt, QK_INT8=a.qk_int8, V_T=a.v_t,
-                     MERGE_R=4, MERGE_CHUNK=A.MERGE_CHUNK, PDL=0)
+                     UPCAST=False, FUSED_MERGE=a.fused, CVT=a.cvt, QK_INT8=a.qk_int8, V_T=a.v_t,
+                     MERGE_R=4, MERGE_CHUNK=A.MERGE_CHUNK, PDL=a.pdl,
+                     PREFETCH=A.PDL_PREFETCH if a.pdl == 2 else 0)
         ptrs = dict(Q="*bf16", K=cache, V=cache, KS="*fp32", VS="*fp32", O_PART="*fp32", LSE_PART="*fp32",
                     LENS="*i32", OUT="*bf16", LOCK="*i32")
         kernel = compile_sm90(A._decode_split, const, ptrs, ("qk_scale",), ("SPLIT_LEN",), a.warps, a.stages)
+    elif a.kernel == "gemv2":  # the CUDA-core decode GEMV over pack_words codes, W4 g128 (the M = 1 pick)
+        act = "*bf16" if a.bf16 else "*fp16"
+        const = dict(GROUP=128, BITS=4, GROUP_MODE=1, FLUSH=4, GPOW=128, MASK_K=False, HAS_BIAS=False,
+                     BLOCK_M=a.block_m, BLOCK_N=a.block_n or 64, STEP=a.step, SPLIT_K=a.split_k, STAGES=a.stages)
+        ptrs = dict(x_ptr=act, qw_ptr="*i32", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act, ws_ptr="*fp32",
+                    lock_ptr="*i32")
+        kernel = compile_sm90(Q._gemv2_kernel, const, ptrs, (), ("N", "K", "R"), a.warps, 1)
     elif a.kernel == "swz":  # W4 over shuffled codes, groups of 128 (--group-mode 2: per channel)
         act = "*bf16" if a.bf16 else "*fp16"
         const = dict(GROUP=128 if a.group_mode == 1 else 1, GROUP_MODE=a.group_mode, DQ=2 if a.bf16 else 1,

@@ -280,6 +280,26 @@ def test_fused_merge_reads_splits_in_chunks(monkeypatch, chunk):
         assert rel_err(outs[True][i], ref[0, :, 0]) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("rows,max_splits", [(1, 256), (4, 16), (2, 4)])
+def test_merge_kernel_rows_and_chunks(monkeypatch, rows, max_splits):
+    """The merge launch takes MERGE_ROWS (batch, head, token) rows a program and at most MERGE_SPLITS_MAX / rows
+    splits a trip: (4, 16) and (2, 4) read the 5 splits in 2 and 3 trips, with a partial last chunk and, for the
+    second sequence (77 of 300 slots), empty splits (lse = -inf). Every layout gives the one-row result."""
+    b, h, hkv, s, d = 2, 6, 2, 300, 64  # 12 rows: a partial last program at 4 and 8 rows
+    lens = [s, 77]
+    q, k, v = (torch.randn(*shape, device=DEVICE, dtype=torch.bfloat16)
+               for shape in ((b, h, d), (b, hkv, s, d), (b, hkv, s, d)))
+    seqlens = torch.tensor(lens, device=DEVICE)
+    base = A.decode_attention(q, k, v, cache_seqlens=seqlens, block_n=32, num_splits=5, fused_merge=False)
+    monkeypatch.setattr(A, "MERGE_ROWS", rows)
+    monkeypatch.setattr(A, "MERGE_SPLITS_MAX", max_splits)
+    out = A.decode_attention(q, k, v, cache_seqlens=seqlens, block_n=32, num_splits=5, fused_merge=False)
+    assert rel_err(out, base.float()) < 1e-2  # the running maximum rescales: one bf16 rounding apart at most
+    for i, n in enumerate(lens):
+        ref = reference(q[i : i + 1, :, None], k[i : i + 1, :, :n], v[i : i + 1, :, :n], False, d**-0.5)
+        assert rel_err(out[i], ref[0, :, 0]) < TOL[torch.bfloat16]
+
+
 def test_decode_int8_config_with_a_register_cap():
     """A config's optional sixth field caps registers (ptxas maxnreg; a tuner candidate since 2026-11-30):
     the result must not change (on a GPU, the capped build spills some registers)."""
