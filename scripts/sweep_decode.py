@@ -67,7 +67,7 @@ def main():
     ap.add_argument("--pdl", default="0", help="dependent launches (1: the merge, 2: merge and split), e.g. 0,1,2")
     ap.add_argument("--merge-chunks", default=str(A.MERGE_CHUNK), help="splits a trip of the fused merge, e.g. 1,8")
     ap.add_argument("--merge-rows", default=str(A.MERGE_ROWS), help="rows a merge-kernel program, e.g. 1,4")
-    ap.add_argument("--merge-warps", default=str(A.MERGE_WARPS), help="warps of the merge kernel (0: by splits), e.g. 0,1,4")
+    ap.add_argument("--merge-warps", default=str(A.MERGE_WARPS), help="merge-kernel warps (0: by splits), e.g. 0,1,4")
     ap.add_argument("--prefetch", default=str(A.PDL_PREFETCH), help="blocks a PDL 2 config prefetches, e.g. 0,1")
     ap.add_argument("--flush", default=_tune.FLUSH_MODE, help="tuner L2 flushes to compare, e.g. zero,read")
     ap.add_argument("--once", default=None, help="BxS: run one config once per cache copy (profiling)")
