@@ -297,39 +297,13 @@ def _i8_to_f16(x, MODE: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """One `prefetch.global.L2` per element of a pointer tensor (point each at a different 128-byte line)."""
-    tl.inline_asm_elementwise("mov.u32 $0, 0;\nprefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_blocks(len_ptr, start, k_base, v_base, stride_kn, stride_vn, stride_vd, HEAD_DIM: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, V_T: tl.constexpr):
-    """Prefetch K / V slots [start, start + BLOCKS * BLOCK_N) into L2, one instruction per 128-byte line, unless
-    the slice starts past the sequence's length. Called before `gdc_wait`: the length may still be being written
-    by the previous grid, but it only steers the prefetch, and a prefetch cannot leave stale data (it copies lines
-    from DRAM into L2, the point of coherence that any later write updates)."""
-    STEP: tl.constexpr = 128 // (k_base.dtype.element_ty.primitive_bitwidth // 8)  # elements per line
-    LINES: tl.constexpr = max(1, HEAD_DIM // STEP)  # lines per K row
-    slots = start + tl.arange(0, BLOCKS * BLOCK_N)[:, None]
-    line = tl.arange(0, LINES)[None, :] * STEP
-    if start < tl.load(len_ptr):
-        _prefetch_l2(k_base + slots * stride_kn + line)
-        if V_T:  # [D, S]: a block is one short run of slots per dimension
-            _prefetch_l2(v_base + tl.arange(0, HEAD_DIM) * stride_vd + start)
-        else:
-            _prefetch_l2(v_base + slots * stride_vn + line)
-
-
-@triton.jit
 def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, HKV, GROUP, T, SPLIT_LEN, NUM_SPLITS,
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                   stride_vd, stride_sb, stride_sh, stride_ob, stride_oh, stride_ot,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                   QUANT: tl.constexpr, UPCAST: tl.constexpr, FUSED_MERGE: tl.constexpr, CVT: tl.constexpr,
                   QK_INT8: tl.constexpr, V_T: tl.constexpr, MERGE_R: tl.constexpr,
-                  MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr = 0, PREFETCH: tl.constexpr = 0):
+                  MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr = 0):
     """Attention of the T query tokens of the GROUP query heads of KV head hk over one slice of the cache.
 
     Row r of the MMA is query token t = r % T of head g = r // T. The T tokens are the last T of
@@ -352,23 +326,16 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
     PDL (CUDA, merge launch): 1: let the merge kernel, launched as a programmatic dependent, start once
     every program here has begun (it waits, `gdc_wait`, for this grid's writes before reading them);
     2: also launched as a dependent of whatever ran before, so this grid is scheduled during that one's
-    tail and waits for its writes (q, the cache) before reading anything. PREFETCH (with PDL 2): before that
-    wait, prefetch the slice's first PREFETCH K / V blocks into L2, so that the DRAM reads of this call
-    overlap the end of the previous kernel (another call's merge, which lets its dependents launch at once).
+    tail and waits for its writes (q, the cache) before reading anything.
     """
-    bhk, split = tl.program_id(0), tl.program_id(1)
-    b, hk = bhk // HKV, bhk % HKV
-    start = split * SPLIT_LEN
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
     if PDL == 2:
-        if PREFETCH > 0:  # while the previous grid finishes: this slice's first blocks from DRAM into L2
-            _prefetch_blocks(LENS + b, start, k_base, v_base, stride_kn, stride_vn, stride_vd, HEAD_DIM, BLOCK_N,
-                             PREFETCH, V_T)
         gdc_wait()
     if PDL >= 1:
         gdc_launch_dependents()
+    bhk, split = tl.program_id(0), tl.program_id(1)
+    b, hk = bhk // HKV, bhk % HKV
     length = tl.load(LENS + b)
+    start = split * SPLIT_LEN
     end = tl.minimum(start + SPLIT_LEN, length)
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = tl.arange(0, BLOCK_N)
@@ -387,6 +354,8 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
         q_i8 = tl.floor(q.to(tl.float32) * (127.0 / q_abs_max)[:, None] + 0.5)
         q_i8 = tl.minimum(tl.maximum(q_i8, -127.0), 127.0).to(tl.int8)
         row_scale = q_abs_max * (qk_scale / 127.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
@@ -478,7 +447,6 @@ def _decode_merge(O_PART, LSE_PART, OUT, NUM_SPLITS, stride_ob, stride_oh, strid
     program, CHUNK splits a trip (`_merge_splits`)."""
     if PDL:  # launched early as a programmatic dependent of the split kernel: wait for its writes
         gdc_wait()
-        gdc_launch_dependents()  # and let the next call's split kernel (PDL 2) in: it prefetches meanwhile
     bht = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     r_ok = bht < N_ROWS
     b, h, t = bht // (H * T), (bht // T) % H, bht % T
@@ -659,11 +627,10 @@ def quantize_kv(x):
 
 DEBUG_POISON = False  # tests: fill the per-slice partial results with NaN before the launch
 MERGE_CHUNK = 8  # splits the fused merge reads a trip (a power of two)
-# The merge kernel: (batch, head, token) rows a program; its warps (0: one per 32 partials a trip, 1 to 4; on an
-# H200, 1 warp took bf16 B = 8, 4k from 37.2 to 36.6 us and B = 1, 32k from 36.8 to 36.1 against 4, results/kernels.md);
-# at most this many splits x rows a trip (one trip up to 256 splits at one row a program)
+# The merge kernel: (batch, head, token) rows a program; its warps (0: by the splits a trip, 1 to 4: on an H200 one
+# warp for up to 32 splits was 0.6-0.8 us faster than 4 at bf16 B = 8, 4k in two runs, results/kernels.md); at most
+# this many splits x rows a trip (one trip up to 256 splits at one row a program)
 MERGE_ROWS, MERGE_WARPS, MERGE_SPLITS_MAX = 1, 0, 256
-PDL_PREFETCH = 1  # K / V blocks a split program of a PDL 2 config prefetches into L2 before its wait
 INT8_CONVERT = 1  # _i8_to_f16's MODE on a GPU (3: K 1, V 2): 1 measured fastest of 0-2 with Triton 3.6 on the H200
 
 
@@ -724,8 +691,7 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=rows, BLOCK_N=bn,
             QUANT=quant, UPCAST=not q.is_cuda, FUSED_MERGE=fused, CVT=INT8_CONVERT if q.is_cuda else 0,
             QK_INT8=qk_int8, V_T=v_t, MERGE_R=max(2, triton.next_power_of_2(T * group)),
-            MERGE_CHUNK=MERGE_CHUNK, PDL=pdl, PREFETCH=PDL_PREFETCH if pdl == 2 else 0, num_warps=warps,
-            num_stages=stages,
+            MERGE_CHUNK=MERGE_CHUNK, PDL=pdl, num_warps=warps, num_stages=stages,
             **({"maxnreg": cap} if cap else {}), **({"launch_pdl": True} if pdl == 2 else {}))
         if not fused:
             chunk = max(2, min(triton.next_power_of_2(splits), MERGE_SPLITS_MAX // MERGE_ROWS))

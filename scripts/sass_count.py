@@ -159,8 +159,7 @@ def compile_smoke():
         "decode bf16": (A._decode_split, dict(dec, QUANT=False, V_T=False), dict(dec_ptrs, K="*bf16", V="*bf16")),
         "decode int8": (A._decode_split, dict(dec, QUANT=True, V_T=False), dict(dec_ptrs, K="*i8", V="*i8")),
         "decode int8, V [D, S]": (A._decode_split, dict(dec, QUANT=True, V_T=True), dict(dec_ptrs, K="*i8", V="*i8")),
-        "decode bf16, dependent launches (PDL 2)": (A._decode_split,
-                                                    dict(dec, QUANT=False, V_T=False, PDL=2, PREFETCH=1),
+        "decode bf16, dependent launches (PDL 2)": (A._decode_split, dict(dec, QUANT=False, V_T=False, PDL=2),
                                                     dict(dec_ptrs, K="*bf16", V="*bf16")),
         "decode merge, dependent launch": (A._decode_merge, dict(HEAD_DIM=128, BLOCK_D=128, ROWS=4, CHUNK=8, PDL=True),
                                            dict(O_PART="*fp32", LSE_PART="*fp32", OUT="*bf16")),
@@ -258,8 +257,7 @@ def main():
         cache = "*i8" if a.quant else "*bf16"
         const = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=a.group_rows, BLOCK_N=a.block_n or 128, QUANT=a.quant,
                      UPCAST=False, FUSED_MERGE=a.fused, CVT=a.cvt, QK_INT8=a.qk_int8, V_T=a.v_t,
-                     MERGE_R=4, MERGE_CHUNK=A.MERGE_CHUNK, PDL=a.pdl,
-                     PREFETCH=A.PDL_PREFETCH if a.pdl == 2 else 0)
+                     MERGE_R=4, MERGE_CHUNK=A.MERGE_CHUNK, PDL=a.pdl)
         ptrs = dict(Q="*bf16", K=cache, V=cache, KS="*fp32", VS="*fp32", O_PART="*fp32", LSE_PART="*fp32",
                     LENS="*i32", OUT="*bf16", LOCK="*i32")
         kernel = compile_sm90(A._decode_split, const, ptrs, ("qk_scale",), ("SPLIT_LEN",), a.warps, a.stages)
