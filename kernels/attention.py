@@ -303,7 +303,7 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                   QUANT: tl.constexpr, UPCAST: tl.constexpr, FUSED_MERGE: tl.constexpr, CVT: tl.constexpr,
                   QK_INT8: tl.constexpr, V_T: tl.constexpr, MERGE_R: tl.constexpr,
-                  MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr = 0, INTERLEAVE: tl.constexpr = False):
+                  MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr = 0):
     """Attention of the T query tokens of the GROUP query heads of KV head hk over one slice of the cache.
 
     Row r of the MMA is query token t = r % T of head g = r // T. The T tokens are the last T of
@@ -335,11 +335,8 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
     bhk, split = tl.program_id(0), tl.program_id(1)
     b, hk = bhk // HKV, bhk % HKV
     length = tl.load(LENS + b)
-    if INTERLEAVE:  # blocks split, split + NUM_SPLITS, ...: the programs of a head read neighbouring blocks
-        start, end, step = split * BLOCK_N, length, NUM_SPLITS * BLOCK_N
-    else:  # one contiguous slice
-        start = split * SPLIT_LEN
-        end, step = tl.minimum(start + SPLIT_LEN, length), BLOCK_N
+    start = split * SPLIT_LEN
+    end = tl.minimum(start + SPLIT_LEN, length)
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -362,7 +359,7 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    for start_n in range(start, end, step):
+    for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         c_ok = cols < end
         kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None] & c_ok[None, :], other=0)
@@ -634,7 +631,6 @@ MERGE_CHUNK = 8  # splits the fused merge reads a trip (a power of two)
 # warp for up to 32 splits was 0.6-0.8 us faster than 4 at bf16 B = 8, 4k in two runs, results/kernels.md); at most
 # this many splits x rows a trip (one trip up to 256 splits at one row a program)
 MERGE_ROWS, MERGE_WARPS, MERGE_SPLITS_MAX = 1, 0, 256
-SPLIT_INTERLEAVE = False  # split s reads blocks s, s + splits, ... instead of one slice (see _decode_split)
 INT8_CONVERT = 1  # _i8_to_f16's MODE on a GPU (3: K 1, V 2): 1 measured fastest of 0-2 with Triton 3.6 on the H200
 
 
@@ -695,7 +691,7 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=rows, BLOCK_N=bn,
             QUANT=quant, UPCAST=not q.is_cuda, FUSED_MERGE=fused, CVT=INT8_CONVERT if q.is_cuda else 0,
             QK_INT8=qk_int8, V_T=v_t, MERGE_R=max(2, triton.next_power_of_2(T * group)),
-            MERGE_CHUNK=MERGE_CHUNK, PDL=pdl, INTERLEAVE=SPLIT_INTERLEAVE, num_warps=warps, num_stages=stages,
+            MERGE_CHUNK=MERGE_CHUNK, PDL=pdl, num_warps=warps, num_stages=stages,
             **({"maxnreg": cap} if cap else {}), **({"launch_pdl": True} if pdl == 2 else {}))
         if not fused:
             chunk = max(2, min(triton.next_power_of_2(splits), MERGE_SPLITS_MAX // MERGE_ROWS))

@@ -7,7 +7,7 @@ tuner's pick and its time (per L2 flush of the tuner, --flush).
 
     python scripts/sweep_decode.py [--shapes 32x4096,8x4096] [--top 6] [--caches int8] [--modes 0,1,2] [--v-t]
         [--qk-int8] [--blocks 64,128 --per-sm 1,2,4 --warps 4 --stages 2,3] [--flush zero,read]
-        [--merge-chunks 1,8] [--pdl 0,1,2] [--merge-rows 1,4 --merge-warps 1,4] [--interleave 0,1]
+        [--merge-chunks 1,8] [--pdl 0,1,2] [--merge-rows 1,4 --merge-warps 1,4]
     python scripts/sweep_decode.py --once 32x4096 --quant --cfg 128,2,4,3,0   # one call (for ncu)
 """
 import argparse
@@ -68,7 +68,6 @@ def main():
     ap.add_argument("--merge-chunks", default=str(A.MERGE_CHUNK), help="splits a trip of the fused merge, e.g. 1,8")
     ap.add_argument("--merge-rows", default=str(A.MERGE_ROWS), help="rows a merge-kernel program, e.g. 1,4")
     ap.add_argument("--merge-warps", default=str(A.MERGE_WARPS), help="merge-kernel warps (0: by splits), e.g. 0,1,4")
-    ap.add_argument("--interleave", default=str(int(A.SPLIT_INTERLEAVE)), help="interleaved splits, e.g. 0,1")
     ap.add_argument("--flush", default=_tune.FLUSH_MODE, help="tuner L2 flushes to compare, e.g. zero,read")
     ap.add_argument("--once", default=None, help="BxS: run one config once per cache copy (profiling)")
     ap.add_argument("--quant", action="store_true")
@@ -97,11 +96,10 @@ def main():
         runs = [(c == "int8", m, False) for c in a.caches.split(",")
                 for m in (a.modes.split(",") if c == "int8" and a.modes else [A.INT8_CONVERT])]
         runs += [(True, A.INT8_CONVERT, True)] if a.qk_int8 else []
-        runs = [r + (chunk, m_rows, m_warps, il) for r in runs for chunk in ints(a.merge_chunks)
-                for m_rows in ints(a.merge_rows) for m_warps in ints(a.merge_warps) for il in ints(a.interleave)]
-        for quant, mode, qk_int8, chunk, m_rows, m_warps, il in runs:
+        runs = [r + (chunk, m_rows, m_warps) for r in runs for chunk in ints(a.merge_chunks)
+                for m_rows in ints(a.merge_rows) for m_warps in ints(a.merge_warps)]
+        for quant, mode, qk_int8, chunk, m_rows, m_warps in runs:
             A.INT8_CONVERT, A.MERGE_CHUNK, A.MERGE_ROWS, A.MERGE_WARPS = int(mode), chunk, m_rows, m_warps
-            A.SPLIT_INTERLEAVE = bool(il)
             _tune.forget()  # the tuner's pick per mode
             sets, nbytes = make_sets(b, s, quant)
             timed = []
@@ -117,7 +115,6 @@ def main():
             cache += f", merge {chunk} a trip" if len(ints(a.merge_chunks)) > 1 else ""
             if len(ints(a.merge_rows) + ints(a.merge_warps)) > 2:
                 cache += f", merge {m_rows} rows x {m_warps} warps"
-            cache += f", interleaved {il}" if len(ints(a.interleave)) > 1 else ""
             for rank, (t, cfg) in enumerate(timed[:a.top]):
                 rows.append([shape, cache, rank + 1, cfg, fmt(t * 1e3),
                              fmt(100 * nbytes / (t * 1e-3) / 1e12 / copy_tbs, 0)])

@@ -187,11 +187,7 @@ DECODE_STEP = [
 
 @pytest.mark.parametrize("b,h,hkv,s,d,dtype,t,lens,int8", DECODE_STEP)
 @pytest.mark.parametrize("fused", [False, True], ids=["merge-launch", "fused-merge"])
-@pytest.mark.parametrize("interleave", [False, True], ids=["slices", "interleaved"])
-def test_decode_step_of_t_tokens_matches_causal_reference(monkeypatch, b, h, hkv, s, d, dtype, t, lens, int8, fused,
-                                                          interleave):
-    """interleave: split s reads blocks s, s + splits, ... (SPLIT_INTERLEAVE) instead of one slice."""
-    monkeypatch.setattr(A, "SPLIT_INTERLEAVE", interleave)
+def test_decode_step_of_t_tokens_matches_causal_reference(b, h, hkv, s, d, dtype, t, lens, int8, fused):
     if ON_GPU:
         s = s * 16 + 3
         lens = [n * 16 for n in lens]
@@ -234,12 +230,10 @@ def v_transposed(vq, pad_to=16):
 
 @pytest.mark.parametrize("t,lens,pad_to", [(1, [300, 77], 16), (4, [193, 97], 16), (2, [41, 300], 1)])
 @pytest.mark.parametrize("fused", [False, True], ids=["merge-launch", "fused-merge"])
-@pytest.mark.parametrize("interleave", [False, True], ids=["slices", "interleaved"])
-def test_decode_int8_with_v_stored_transposed(monkeypatch, t, lens, pad_to, fused, interleave):
+def test_decode_int8_with_v_stored_transposed(t, lens, pad_to, fused):
     """The V_T path (V [D, S] per head): lengths that are not multiples of 16 leave stale slots in the
     16-slot groups the kernel reads (random codes; NaN scales past len would show any use of them).
     pad_to=1 with S = 300: not a multiple of 16, so the launcher copies V to the usual layout."""
-    monkeypatch.setattr(A, "SPLIT_INTERLEAVE", interleave)
     b, h, hkv, s, d = 2, 8, 2, 300, 64
     if ON_GPU:
         s, lens = s * 16 + 3, [n * 16 + 5 for n in lens]
