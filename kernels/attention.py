@@ -313,7 +313,11 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
     stride_sb, stride_sh, 1): q.k = (q.k_int) * ks and p.v = (p * vs).v_int, in fp16.
     QK_INT8 (with QUANT): q is quantized per row to int8 as well (scale max|q| / 127, rounded half
     up) and q.k runs on int8 tensor cores, exact in int32, so K needs no conversion at all; an
-    approximation beyond the cache's own (SageAttention quantizes Q the same way).
+    approximation beyond the cache's own (SageAttention quantizes Q the same way). QK_INT8 2: q is
+    split into two int8 slices, q = (127 q_hi + q_lo) max|q| / 127^2 (the second holds the first's
+    rounding residual, as the Ozaki scheme splits operands for integer units), two int8 MMAs; q's error is
+    at most max|q| / (2 * 127^2) an element, ~127 times below what the int8 K cache's rounding already puts
+    into q.k (max|k| / 254 an element).
     V_T (with QUANT): V is stored [D, S] per head (stride_vd between rows of one dimension, slots
     contiguous, S a multiple of 16). p.v sums over slots, so each code pair the MMA takes is then two
     adjacent bytes: offline sm_90 SASS (Triton 3.6, 128-slot blocks) has no byte loads from shared memory,
@@ -351,9 +355,13 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
         q = q.to(tl.float16)
     if QK_INT8:
         q_abs_max = tl.maximum(tl.max(tl.abs(q.to(tl.float32)), 1), 1e-30)
-        q_i8 = tl.floor(q.to(tl.float32) * (127.0 / q_abs_max)[:, None] + 0.5)
-        q_i8 = tl.minimum(tl.maximum(q_i8, -127.0), 127.0).to(tl.int8)
+        q_hi = tl.minimum(tl.maximum(tl.floor(q.to(tl.float32) * (127.0 / q_abs_max)[:, None] + 0.5), -127.0), 127.0)
+        q_i8 = q_hi.to(tl.int8)
         row_scale = q_abs_max * (qk_scale / 127.0)
+        if QK_INT8 == 2:  # the rounding residual (<= half a step) as a second slice, 127 times finer
+            resid = q.to(tl.float32) * (127.0 / q_abs_max)[:, None] - q_hi  # in [-0.5, 0.5] steps
+            q_lo = tl.minimum(tl.maximum(tl.floor(resid * 127.0 + 0.5), -127.0), 127.0).to(tl.int8)
+            row_scale = q_abs_max * (qk_scale / (127.0 * 127.0))
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
@@ -374,7 +382,10 @@ def _decode_split(Q, K, V, KS, VS, O_PART, LSE_PART, LENS, OUT, LOCK, qk_scale, 
         if QUANT:
             ks = tl.load(KS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
             vs = tl.load(VS + b * stride_sb + hk * stride_sh + cols, mask=c_ok, other=0.0).to(tl.float32)
-            if QK_INT8:
+            if QK_INT8 == 2:  # 127 q_hi.k + q_lo.k is exact in int32 (|.| < 2^28 at D = 128)
+                qk_i = tl.dot(q_i8, kt, out_dtype=tl.int32) * 127 + tl.dot(q_lo, kt, out_dtype=tl.int32)
+                qk = qk_i.to(tl.float32) * row_scale[:, None] * ks[None, :]
+            elif QK_INT8:
                 qk = tl.dot(q_i8, kt, out_dtype=tl.int32).to(tl.float32) * row_scale[:, None] \
                     * ks[None, :]
             else:
@@ -803,7 +814,8 @@ def decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens=N
             of 16 (`v_t.transpose(2, 3)`), so p.v reads slot pairs as adjacent bytes (see
             `_decode_split`'s V_T); any other layout is read as [B, Hkv, S, D] (copied if need be).
         qk_int8: also quantize q per (head, token) to int8 (max|q| / 127, rounded half up) and take
-            q.k on int8 tensor cores: no K conversion, one more rounding than the cache's own.
+            q.k on int8 tensor cores: no K conversion, one more rounding than the cache's own. 2: q as two
+            int8 slices (two MMAs): q's error at most max|q| / 32258 an element, ~127x below the K cache's.
     The products run in fp16 (int8 values are exact there) unless qk_int8; returns q's shape in q.dtype.
     """
     if k_cache.dtype != torch.int8 or v_cache.dtype != torch.int8:

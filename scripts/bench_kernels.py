@@ -18,8 +18,9 @@ Tables:
   * decode_attention (bf16) and decode_attention_int8 at KV 4k-16k vs SDPA decode, with the bytes
     moved per second next to the device-to-device copy bandwidth measured in the same run; the
     "int8 Vᵀ" columns read V stored [D, S] per head (effopt's int8 KV cache layout), "int8 Vᵀ q.k"
-    adds q rounded to int8 (qk_int8=True), with its error against bf16 SDPA; "read" times a kernel
-    that only streams the bf16 K and V (`_read_kernel`), the ceiling of a decode step at that size.
+    adds q rounded to int8 (qk_int8=True), "q.k x2" q as two int8 slices (qk_int8=2, as close as the
+    fp16 path), each with its error against bf16 SDPA; "read" times a kernel that only streams the
+    bf16 K and V (`_read_kernel`, untuned: scripts/read_ceiling.py times the best of a sweep).
   * --gemv: W4A16 g128 at M = 1, 4, 16 on the decode shapes (incl. Llama-3-8B fused qkv 6144x4096
     and gate-up 28672x4096): cuBLAS fp16, the tuner's pick, the best tensor-core (mma) config
     and each gemv2 config of `gemv2_configs` forced, one row each.
@@ -473,9 +474,11 @@ def bench_decode(quick, copy_tbs):
         sets8t = [(qq, kq, vq.transpose(2, 3).contiguous().transpose(2, 3), ks, vs) for qq, kq, vq, ks, vs in sets8]
         t8t, _ = graph_ms([lambda a=a: A.decode_attention_int8(*a) for a in sets8t])
         t8q, _ = graph_ms([lambda a=a: A.decode_attention_int8(*a, qk_int8=True) for a in sets8t])
-        err8, err8t, err8q = (((A.decode_attention_int8(*s8, qk_int8=x).float() - ref.float()).norm()
-                               / ref.float().norm()).item()
-                              for s8, x in ((sets8[0], False), (sets8t[0], False), (sets8t[0], True)))
+        t8q2, _ = graph_ms([lambda a=a: A.decode_attention_int8(*a, qk_int8=2) for a in sets8t])
+        err8, err8t, err8q, err8q2 = (((A.decode_attention_int8(*s8, qk_int8=x).float() - ref.float()).norm()
+                                       / ref.float().norm()).item()
+                                      for s8, x in ((sets8[0], False), (sets8t[0], False), (sets8t[0], True),
+                                                    (sets8t[0], 2)))
         t_sdpa, _ = graph_ms([lambda a=a: _sdpa_decode(*a) for a in sets])
         sums = torch.empty(8 * torch.cuda.get_device_properties(0).multi_processor_count, device="cuda")
         t_read, _ = graph_ms([lambda a=a: read_both(a[1], a[2], sums) for a in sets])
@@ -485,7 +488,8 @@ def bench_decode(quick, copy_tbs):
                      fmt(100 * t_read / t, 0),
                      fmt(t8 * 1e3), fmt(b8 / (t8 * 1e-3) / 1e12, 2), fmt(t_sdpa * 1e3), fmt(t_sdpa / t, 2),
                      fmt(t_sdpa / t8, 2), fmt(t8t * 1e3), fmt(b8 / (t8t * 1e-3) / 1e12, 2), fmt(t_sdpa / t8t, 2),
-                     fmt(t8q * 1e3), fmt(t_sdpa / t8q, 2), f"{err:.1e}", f"{err8:.1e}", f"{err8t:.1e}", f"{err8q:.1e}",
+                     fmt(t8q * 1e3), fmt(t_sdpa / t8q, 2), fmt(t8q2 * 1e3), fmt(t_sdpa / t8q2, 2),
+                     f"{err:.1e}", f"{err8:.1e}", f"{err8t:.1e}", f"{err8q:.1e}", f"{err8q2:.1e}",
                      _decode_cfg(A.decode_choice(q, k)),
                      _decode_cfg(A.decode_choice(q, sets8[0][1], quant=True)),
                      _decode_cfg(A.decode_choice(q, sets8[0][1], quant=True, v_t=True))])
@@ -494,7 +498,8 @@ def bench_decode(quick, copy_tbs):
           ["batch", "KV len", "bf16 µs", "bf16 TB/s", "% of copy BW", "read µs", "read % of copy BW",
            "bf16 % of read", "int8 µs", "int8 TB/s", "SDPA bf16 µs",
            "bf16 vs SDPA", "int8 vs SDPA", "int8 Vᵀ µs", "int8 Vᵀ TB/s", "int8 Vᵀ vs SDPA", "int8 Vᵀ q.k µs",
-           "int8 Vᵀ q.k vs SDPA", "rel err", "rel err int8", "rel err int8 Vᵀ", "rel err int8 Vᵀ q.k",
+           "int8 Vᵀ q.k vs SDPA", "int8 Vᵀ q.k x2 µs", "int8 Vᵀ q.k x2 vs SDPA", "rel err", "rel err int8",
+           "rel err int8 Vᵀ", "rel err int8 Vᵀ q.k", "rel err int8 Vᵀ q.k x2",
            "bf16 config", "int8 config", "int8 Vᵀ config"], rows)
 
 

@@ -6,7 +6,7 @@ figures compare with that table. Prints, per shape and cache type, the fastest c
 tuner's pick and its time (per L2 flush of the tuner, --flush).
 
     python scripts/sweep_decode.py [--shapes 32x4096,8x4096] [--top 6] [--caches int8] [--modes 0,1,2] [--v-t]
-        [--qk-int8] [--blocks 64,128 --per-sm 1,2,4 --warps 4 --stages 2,3] [--flush zero,read]
+        [--qk-int8 1,2] [--blocks 64,128 --per-sm 1,2,4 --warps 4 --stages 2,3] [--flush zero,read]
         [--merge-chunks 1,8] [--pdl 0,1,2] [--merge-rows 1,4 --merge-warps 1,4]
     python scripts/sweep_decode.py --once 32x4096 --quant --cfg 128,2,4,3,0   # one call (for ncu)
 """
@@ -58,7 +58,7 @@ def main():
     ap.add_argument("--top", type=int, default=6)
     ap.add_argument("--caches", default="bf16,int8")
     ap.add_argument("--modes", default=None, help="int8 conversion modes to compare (A.INT8_CONVERT), e.g. 0,1,2")
-    ap.add_argument("--qk-int8", action="store_true", help="int8 caches: also q rounded to int8 (qk_int8=True)")
+    ap.add_argument("--qk-int8", default="", help="int8 caches: also q as int8, 1 or 2 slices (qk_int8), e.g. 1,2")
     ap.add_argument("--blocks", default="32,64,128,256", help="BLOCK_N values to try")
     ap.add_argument("--per-sm", default="1,2,4,8", help="programs per SM to try")
     ap.add_argument("--warps", default="4,8")
@@ -95,7 +95,7 @@ def main():
         b, s = parse_shape(shape)
         runs = [(c == "int8", m, False) for c in a.caches.split(",")
                 for m in (a.modes.split(",") if c == "int8" and a.modes else [A.INT8_CONVERT])]
-        runs += [(True, A.INT8_CONVERT, True)] if a.qk_int8 else []
+        runs += [(True, A.INT8_CONVERT, m) for m in (ints(a.qk_int8) if a.qk_int8 else [])]
         runs = [r + (chunk, m_rows, m_warps) for r in runs for chunk in ints(a.merge_chunks)
                 for m_rows in ints(a.merge_rows) for m_warps in ints(a.merge_warps)]
         for quant, mode, qk_int8, chunk, m_rows, m_warps in runs:
@@ -111,7 +111,7 @@ def main():
                     continue
                 timed.append((t, cfg))
             timed.sort()
-            cache = ("int8 q.k" if qk_int8 else f"int8 cvt {mode}") if quant else "bf16"
+            cache = (f"int8 q.k, {qk_int8} slice(s)" if qk_int8 else f"int8 cvt {mode}") if quant else "bf16"
             cache += f", merge {chunk} a trip" if len(ints(a.merge_chunks)) > 1 else ""
             if len(ints(a.merge_rows) + ints(a.merge_warps)) > 2:
                 cache += f", merge {m_rows} rows x {m_warps} warps"
