@@ -7,7 +7,7 @@ shapes gives them, so loads vectorize as they do on the device. Prints registers
 loop (the backward branch spanning the most instructions), its instruction count and the most
 frequent opcodes. Counts are not timings (results/kernels.md has a case where they disagree).
 
-    python scripts/sass_count.py decode --quant --cvt 1 [--qk-int8] [--v-t] [--block-n 128 --warps 4 --stages 3]
+    python scripts/sass_count.py decode --quant --cvt 1 [--qk-int8 1] [--v-t] [--block-n 128 --warps 4 --stages 3]
     python scripts/sass_count.py qmatmul --bits 4 --block-m 16 --block-n 64 --block-kb 64 --split-k 4 \\
         --step 2 --x-split [--ptx] [--zero-in-tile] [--bf16]
     python scripts/sass_count.py gemv2 --block-m 1 --split-k 4 --step 4 --stages 1   # decode GEMV (M = 1 pick)
@@ -222,7 +222,7 @@ def main():
     ap.add_argument("--quant", action="store_true", help="decode, rope-store: int8 cache")
     ap.add_argument("--v-t", action="store_true", help="decode: int8 V stored [D, S] per head")
     ap.add_argument("--cvt", type=int, default=A.INT8_CONVERT, help="decode: int8 conversion mode")
-    ap.add_argument("--qk-int8", action="store_true")
+    ap.add_argument("--qk-int8", type=int, default=0, help="decode: q as int8 in 1 or 2 slices (qk_int8)")
     ap.add_argument("--fused", action="store_true", help="decode: the merge fused into the split kernel")
     ap.add_argument("--pdl", type=int, default=0, help="decode: dependent-launch mode (0, 1, 2)")
     ap.add_argument("--group-rows", type=int, default=16, help="decode: MMA rows (GQA group x tokens, >= 16)")
