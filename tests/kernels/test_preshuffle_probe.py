@@ -4,9 +4,13 @@ the plain byte tile: the property results/kernels.md reports, checked against th
 import re
 
 import pytest
+import triton
 from kernel_testing import PTXAS, run_script
 
 
+@pytest.mark.skipif(tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9),
+                    reason="Triton 3.6's interpreter (the GPU image's) fails on a loop bound computed from a kernel "
+                           "argument (`range(0, K // 64)`: int() of a 1-d array, with numpy 2); CI runs Triton 3.9")
 def test_shuffled_layout_is_exact():
     out = run_script("preshuffle_probe.py", interpret=True)
     assert "shuffled: max abs error" in out and "plain: max abs error" in out
