@@ -148,21 +148,27 @@ def test_decode_matches_reference(b, h, hkv, s, d, dtype, lens, int8, fused):
         assert rel_err(out[i], ref[0, :, 0]) < TOL[dtype]
 
 
-@pytest.mark.parametrize("t,lens", [(1, [300, 77]), (4, [193, 97])])
-def test_decode_int8_qk_matches_its_own_rounding(t, lens):
-    """qk_int8: q.k on int8 tensor cores with q rounded per (head, token) to int8. Against a reference
-    that rounds q the same way the result is as close as the fp16 path is to its reference; against the
-    unrounded q it stays within the error the int8 cache itself already has (TOL of bf16)."""
-    b, h, hkv, s, d = 2, 8, 2, 300, 64
+def int8_cache_case(t, lens, b=2, h=8, hkv=2, s=300, d=64):
+    """q [b, h, t, d] fp16, an int8 cache of random K / V (codes and scales), the float cache it holds, the
+    lengths (scaled up on a GPU) and the decode_attention_int8 arguments for them."""
     if ON_GPU:
         s, lens = s * 16 + 3, [n * 16 for n in lens]
     q = torch.randn(b, h, t, d, device=DEVICE, dtype=torch.float16)
     (kq, ks), (vq, vs) = A.quantize_kv(torch.randn(b, hkv, s, d, device=DEVICE)), \
         A.quantize_kv(torch.randn(b, hkv, s, d, device=DEVICE))
     k, v = kq.float() * ks[..., None], vq.float() * vs[..., None]
-    seqlens = torch.tensor(lens, device=DEVICE)
-    out = torch.full((b, h, t, d), float("nan"), device=DEVICE, dtype=torch.float16)
-    A.decode_attention_int8(q, kq, vq, ks, vs, cache_seqlens=seqlens, block_n=32, out=out, qk_int8=True)
+    return q, k, v, lens, (q, kq, vq, ks, vs, torch.tensor(lens, device=DEVICE))
+
+
+@pytest.mark.parametrize("t,lens", [(1, [300, 77]), (4, [193, 97])])
+def test_decode_int8_qk_matches_its_own_rounding(t, lens):
+    """qk_int8: q.k on int8 tensor cores with q rounded per (head, token) to int8. Against a reference
+    that rounds q the same way the result is as close as the fp16 path is to its reference; against the
+    unrounded q it stays within the error the int8 cache itself already has (TOL of bf16)."""
+    q, k, v, lens, args = int8_cache_case(t, lens)
+    d = q.shape[-1]
+    out = torch.full_like(q, float("nan"))
+    A.decode_attention_int8(*args, block_n=32, out=out, qk_int8=True)
     q_max = q.float().abs().amax(-1, keepdim=True)
     q_rounded = torch.floor(q.float() * (127.0 / q_max) + 0.5).clamp(-127, 127) * (q_max / 127.0)
     for i, n in enumerate(lens):
@@ -177,18 +183,12 @@ def test_decode_int8_qk_in_two_slices_is_as_close_as_fp16(t, lens):
     """qk_int8=2: q as two int8 slices (the second the first's rounding residual). Its error against the exact
     reference (float q, the int8 cache as held) is that of the fp16 path, ~3e-4 here: below 1e-3, which one
     slice (qk_int8=True, ~6e-3) misses; the fp16 path's result is within the same margin."""
-    b, h, hkv, s, d = 2, 8, 2, 300, 64
-    if ON_GPU:
-        s, lens = s * 16 + 3, [n * 16 for n in lens]
-    q = torch.randn(b, h, t, d, device=DEVICE, dtype=torch.float16)
-    (kq, ks), (vq, vs) = A.quantize_kv(torch.randn(b, hkv, s, d, device=DEVICE)), \
-        A.quantize_kv(torch.randn(b, hkv, s, d, device=DEVICE))
-    k, v = kq.float() * ks[..., None], vq.float() * vs[..., None]
-    seqlens = torch.tensor(lens, device=DEVICE)
+    q, k, v, lens, args = int8_cache_case(t, lens)
+    d = q.shape[-1]
     outs = {}
     for mode in (False, True, 2):
-        outs[mode] = torch.full((b, h, t, d), float("nan"), device=DEVICE, dtype=torch.float16)
-        A.decode_attention_int8(q, kq, vq, ks, vs, cache_seqlens=seqlens, block_n=32, out=outs[mode], qk_int8=mode)
+        outs[mode] = torch.full_like(q, float("nan"))
+        A.decode_attention_int8(*args, block_n=32, out=outs[mode], qk_int8=mode)
     for i, n in enumerate(lens):
         ref = reference(q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], True, d**-0.5)[0]
         assert rel_err(outs[2][i], ref) < 1e-3
