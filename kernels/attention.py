@@ -662,7 +662,7 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
     Hkv, S = k.shape[1], k.shape[2]
     group = H // Hkv
     if cache_seqlens is None:
-        lens = torch.full((B,), S, device=q.device, dtype=torch.int32)
+        lens = _full_lengths(q.device, B, S)
     else:
         lens = cache_seqlens.to(device=q.device, dtype=torch.int32)
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
@@ -746,6 +746,24 @@ def decode_choice(q, k_cache, quant: bool = False, qk_int8: bool = False, v_t: b
     from kernels._tune import chosen
 
     return chosen(_decode_key(q if q.dim() == 4 else q[:, :, None], k_cache, quant, qk_int8, None, v_t))
+
+
+_FULL_LENS: dict = {}
+
+
+def _full_lengths(device, batch: int, length: int) -> torch.Tensor:
+    """int32 [batch] of `length` (no cache_seqlens given), made once per (device, batch, length), so that a call
+    does not launch a fill kernel each time. Not kept when made during CUDA-graph capture (its memory would
+    belong to that graph's pool)."""
+    key = (device, batch, length)
+    lens = _FULL_LENS.get(key)
+    if lens is None:
+        lens = torch.full((batch,), length, device=device, dtype=torch.int32)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            if len(_FULL_LENS) >= 64:
+                _FULL_LENS.clear()
+            _FULL_LENS[key] = lens
+    return lens
 
 
 _COUNTERS: dict = {}

@@ -366,6 +366,21 @@ def test_decode_keeps_the_shape_of_q():
         A.decode_attention(q[:, :, None], k, v, out=torch.empty_like(q))  # out must be [B, H, T, D]
 
 
+def test_decode_without_lengths_reuses_one_lengths_tensor():
+    """No cache_seqlens: every slot counts, and the int32 lengths are made once per (device, B, S) rather than
+    filled by a kernel every call; the result is the one with the lengths passed."""
+    q = torch.randn(2, 4, 64, device=DEVICE, dtype=torch.float16)
+    k, v = (torch.randn(2, 2, 40, 64, device=DEVICE, dtype=torch.float16) for _ in range(2))
+    A._FULL_LENS.clear()
+    out = A.decode_attention(q, k, v, block_n=16)
+    lens = A._FULL_LENS[(q.device, 2, 40)]
+    assert lens.dtype == torch.int32 and lens.tolist() == [40, 40]
+    A.decode_attention(q, k, v, block_n=16)
+    assert A._FULL_LENS[(q.device, 2, 40)] is lens and len(A._FULL_LENS) == 1
+    given = A.decode_attention(q, k, v, cache_seqlens=torch.tensor([40, 40], device=DEVICE), block_n=16)
+    assert torch.equal(out, given)
+
+
 def test_int8_cache_round_trip():
     x = torch.randn(2, 2, 9, 64, device=DEVICE)
     xq, scale = A.quantize_kv(x)
