@@ -5,6 +5,7 @@ dequantize + cuBLAS), and a chosen config is reused for every later call with th
 On CPU (the interpreter) and during CUDA-graph capture nothing is timed: the first candidate,
 the heuristic default, is used.
 """
+import functools
 import math
 import os
 
@@ -18,6 +19,12 @@ TIMINGS: dict = {}  # key -> [(cfg, ms)], kept for the benchmark's report
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def pdl_ok(device) -> bool:
+    """Programmatic dependent launch (griddepcontrol) exists from sm_90 on."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def choose(key, candidates, run):

@@ -13,7 +13,6 @@ Decode: each program takes one KV head, all of its G query heads (times the step
 for a speculative verify step) as the rows of a small MMA, and one slice of the cache; a second
 kernel merges the slices by their log-sum-exp.
 """
-import functools
 import math
 
 import torch
@@ -21,7 +20,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kernels._tune import choose, interpreting
+from kernels._tune import choose, interpreting, pdl_ok
 
 LOG2E = 1.4426950408889634
 
@@ -683,7 +682,7 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
 
     def run(c):
         bn, per_sm, warps, stages, fused, cap, pdl = decode_cfg_fields(c)
-        pdl = int(pdl) if not fused and _pdl_ok(q.device) else 0
+        pdl = int(pdl) if not fused and pdl_ok(q.device) else 0
         splits = num_splits or max(1, min(triton.cdiv(per_sm * sms, B * Hkv), triton.cdiv(S, 2 * bn)))
         split_len = triton.cdiv(triton.cdiv(S, splits), bn) * bn
         splits = triton.cdiv(S, split_len)
@@ -725,12 +724,6 @@ def decode_cfg_fields(cfg) -> tuple:
     """A decode config with its optional fields filled in: (BLOCK_N, programs per SM, warps, stages,
     fused merge, register cap (0: none), PDL mode (0: none))."""
     return (*cfg, 0, 0)[:7]
-
-
-@functools.lru_cache(maxsize=None)
-def _pdl_ok(device) -> bool:
-    """Programmatic dependent launch (griddepcontrol) exists from sm_90 on."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _decode_key(q4, k, quant: bool, qk_int8: bool, fused_merge, v_t: bool) -> tuple:
@@ -795,7 +788,7 @@ def _decode_cfgs(device):
     # for int8 (results/kernels.md, session of 2026-11-30 20:38): offered for the usual picks
     pdl = [t + (False, 0, 2) for t in [(64, 4, 4, 2), (64, 2, 4, 3), (64, 2, 4, 2), (64, 8, 4, 2), (128, 2, 4, 3)]]
     pdl += [(128, 2, 4, 2, False, 128, 2)]
-    return [t + (fused,) for fused in (False, True) for t in tiles] + capped + (pdl if _pdl_ok(device) else [])
+    return [t + (fused,) for fused in (False, True) for t in tiles] + capped + (pdl if pdl_ok(device) else [])
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens=None, sm_scale=None, *, block_n=None, num_splits=None,

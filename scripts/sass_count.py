@@ -10,7 +10,7 @@ frequent opcodes. Counts are not timings (results/kernels.md has a case where th
     python scripts/sass_count.py decode --quant --cvt 1 [--qk-int8 1] [--v-t] [--block-n 128 --warps 4 --stages 3]
     python scripts/sass_count.py qmatmul --bits 4 --block-m 16 --block-n 64 --block-kb 64 --split-k 4 \\
         --step 2 --x-split [--ptx] [--zero-in-tile] [--bf16]
-    python scripts/sass_count.py gemv2 --block-m 1 --split-k 4 --step 4 --stages 1   # decode GEMV (M = 1 pick)
+    python scripts/sass_count.py gemv2 --block-m 1 --split-k 4 --step 4 --stages 1 [--xs]   # decode GEMV (M = 1)
     python scripts/sass_count.py swz --block-m 16 --split-k 4 --step 4 --ptx   # W4 over shuffle_w4 codes
     python scripts/sass_count.py wg --block-n 64 --block-m 128 --stages 6 [--ws]   # the Gluon wgmma W4 kernels
     python scripts/sass_count.py candidates   # compile every mma config the tuner may try (~15 min)
@@ -42,7 +42,7 @@ from kernels import qmatmul_wgmma as WG  # noqa: E402
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_sm90(fn, const: dict, ptrs: dict, floats=(), multiples=(), warps=4, stages=3):
+def compile_sm90(fn, const: dict, ptrs: dict, floats=(), multiples=(), warps=4, stages=3, maxnreg=None):
     """triton.compile for sm_90a: constexprs `const`, pointer types `ptrs`, other args i32 (or fp32
     for `floats`); pointers, strides and the integer args in `multiples` are hinted divisible by 16,
     as a launch with such values specializes them. Gluon kernels compile through their own source
@@ -55,7 +55,8 @@ def compile_sm90(fn, const: dict, ptrs: dict, floats=(), multiples=(), warps=4, 
     if getattr(fn, "is_gluon", lambda: False)():
         from triton.experimental.gluon._runtime import GluonASTSource as source
     src = source(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=hints)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    options = dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def compile_wgmma(block_n=64, block_m=128, warps=4, stages=6, split_k=1, bf16=False, specialized=False):
@@ -155,6 +156,9 @@ def compile_smoke():
     rope_ptrs = dict(x_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16", pos_ptr="*i64", q_ptr="*bf16")
     qmm_ptrs = dict(x_ptr="*fp16", qw_ptr="*u8", s_ptr="*fp16", z_ptr="*fp16", bias_ptr="*fp16", out_ptr="*fp16",
                     ws_ptr="*fp32", lock_ptr="*i32")
+    gemv2 = dict(GROUP=128, BITS=4, GROUP_MODE=1, FLUSH=4, GPOW=128, MASK_K=False, HAS_BIAS=False, BLOCK_M=1,
+                 BLOCK_N=64, STEP=2, SPLIT_K=4, STAGES=1)
+    gemv2_ptrs = dict(qmm_ptrs, qw_ptr="*i32", xs_ptr="*fp32")
     cases = {
         "decode bf16": (A._decode_split, dict(dec, QUANT=False, V_T=False), dict(dec_ptrs, K="*bf16", V="*bf16")),
         "decode int8": (A._decode_split, dict(dec, QUANT=True, V_T=False), dict(dec_ptrs, K="*i8", V="*i8")),
@@ -176,9 +180,10 @@ def compile_smoke():
         "W4 matmul, xw M=128 pick": (Q._qmm_xw_kernel, dict(BITS=4, GROUP_MODE=1, DQ=1, POST_ZERO=False,
                                                             HAS_BIAS=False, UPCAST=False, BLOCK_M=128,
                                                             BLOCK_N=128, BLOCK_KB=64, SPLIT_K=2), qmm_ptrs),
-        "W4 gemv2, M=1": (Q._gemv2_kernel, dict(GROUP=128, BITS=4, GROUP_MODE=1, FLUSH=4, GPOW=128, MASK_K=False,
-                                                HAS_BIAS=False, BLOCK_M=1, BLOCK_N=64, STEP=2, SPLIT_K=4, STAGES=1),
-                          dict(qmm_ptrs, qw_ptr="*i32")),
+        "W4 gemv2, M=1": (Q._gemv2_kernel, dict(gemv2, XS=False, PDL=False), gemv2_ptrs),
+        "W4 gemv2, x pre-scaled, dependent launch": (Q._gemv2_kernel, dict(gemv2, XS=True, PDL=True), gemv2_ptrs),
+        "x pre-scale for gemv2": (Q._prescale_x_kernel, dict(BITS=4, BLOCK=1024, PDL=True),
+                                  dict(x_ptr="*fp16", xs_ptr="*fp32")),
         "W4 matmul, shuffled codes": (Q._qmm_swz_kernel, dict(GROUP=128, GROUP_MODE=1, DQ=1, HAS_BIAS=False,
                                                               UPCAST=False, PTX=True, BLOCK_M=16, BLOCK_N=64, SPLIT_K=4,
                                                               STEP=2, SCALE_IN_TILE=False),
@@ -225,6 +230,7 @@ def main():
     ap.add_argument("--qk-int8", type=int, default=0, help="decode: q as int8 in 1 or 2 slices (qk_int8)")
     ap.add_argument("--fused", action="store_true", help="decode: the merge fused into the split kernel")
     ap.add_argument("--pdl", type=int, default=0, help="decode: dependent-launch mode (0, 1, 2)")
+    ap.add_argument("--xs", action="store_true", help="gemv2: x pre-scaled by _prescale_x_kernel (128 registers)")
     ap.add_argument("--group-rows", type=int, default=16, help="decode: MMA rows (GQA group x tokens, >= 16)")
     # qmatmul
     ap.add_argument("--bits", type=int, default=4)
@@ -264,10 +270,11 @@ def main():
     elif a.kernel == "gemv2":  # the CUDA-core decode GEMV over pack_words codes, W4 g128 (the M = 1 pick)
         act = "*bf16" if a.bf16 else "*fp16"
         const = dict(GROUP=128, BITS=4, GROUP_MODE=1, FLUSH=4, GPOW=128, MASK_K=False, HAS_BIAS=False,
-                     BLOCK_M=a.block_m, BLOCK_N=a.block_n or 64, STEP=a.step, SPLIT_K=a.split_k, STAGES=a.stages)
-        ptrs = dict(x_ptr=act, qw_ptr="*i32", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act, ws_ptr="*fp32",
-                    lock_ptr="*i32")
-        kernel = compile_sm90(Q._gemv2_kernel, const, ptrs, (), ("N", "K", "R"), a.warps, 1)
+                     BLOCK_M=a.block_m, BLOCK_N=a.block_n or 64, STEP=a.step, SPLIT_K=a.split_k, STAGES=a.stages,
+                     XS=a.xs, PDL=a.xs)
+        ptrs = dict(x_ptr=act, xs_ptr="*fp32", qw_ptr="*i32", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act,
+                    ws_ptr="*fp32", lock_ptr="*i32")
+        kernel = compile_sm90(Q._gemv2_kernel, const, ptrs, (), ("N", "K", "R"), a.warps, 1, 128 if a.xs else None)
     elif a.kernel == "swz":  # W4 over shuffled codes, groups of 128 (--group-mode 2: per channel)
         act = "*bf16" if a.bf16 else "*fp16"
         const = dict(GROUP=128 if a.group_mode == 1 else 1, GROUP_MODE=a.group_mode, DQ=2 if a.bf16 else 1,

@@ -171,6 +171,13 @@ GEMV2_CASES = [  # (cfg, bits, group, K, dtype, M, sym)
     (Cfg("gemv2", 2, 16, 128, 2, 1), 8, 64, 200, torch.bfloat16, 2, False),
     (Cfg("gemv2", 1, 16, 128, 3, 1, stages=2), 2, 128, 600, torch.float16, 1, False),
     (Cfg("gemv2", 1, 16, 128, 2, 4), 4, 128, 1100, torch.float16, 1, False),  # 4 chunks a trip (the default)
+    # x pre-scaled by _prescale_x_kernel (XS): 2 / 4 / 8 bits (each bit width has its own field shifts), masked
+    # and unmasked K, prefetch, per-channel, several tokens
+    (Cfg("gemv2", 1, 16, 128, 2, 4, prescale_x=True), 4, 128, 1100, torch.float16, 1, False),
+    (Cfg("gemv2", 1, 32, 128, 2, 1, prescale_x=True), 4, 128, 512, torch.bfloat16, 1, True),
+    (Cfg("gemv2", 2, 16, 128, 2, 1, prescale_x=True), 8, 64, 200, torch.bfloat16, 2, False),
+    (Cfg("gemv2", 1, 16, 128, 3, 1, stages=2, prescale_x=True), 2, 128, 600, torch.float16, 1, False),
+    (Cfg("gemv2", 4, 16, 128, 1, 1, prescale_x=True), 4, -1, 200, torch.float16, 3, False),
 ]
 
 
