@@ -1272,8 +1272,9 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
                     cands.append(Cfg("gemv", M, bn, kb, sk, warps=4, stages=3))
         if M > 16:
             cands.append(Cfg("dequant"))
-        if M <= GEMV2_MAX_M:  # CUDA-core gemv2 first: the untimed default for 1-2 tokens
-            cands = gemv2_configs(M, w)[:2] + cands
+        if M <= GEMV2_MAX_M:  # CUDA-core gemv2 first: the untimed default for 1-2 tokens (x pre-scaled: last)
+            g2 = gemv2_configs(M, w)
+            cands = g2[:2] + cands + [c for c in g2 if c.prescale_x]
         return (cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w)  # no xw below XW_MIN_M
                 + wg_configs(M, w))
     kb = min(64, (_uniform_kbs(w, 128) or [32])[-1])  # x tile of 128 x 2*kb fp16 per stage
