@@ -981,14 +981,20 @@ _SCRATCH: dict = {}
 DEBUG_POISON = False  # tests: fill the split-K workspace with NaN before every launch
 
 
+def _device_buffer(name: str, device, numel: int, dtype, least: int, zeroed: bool = False) -> torch.Tensor:
+    """A per-device buffer of at least `numel` elements (at least `least`), kept across calls and grown when
+    too small; `zeroed` for counters that must start at zero (they re-arm themselves after each launch)."""
+    buf = _SCRATCH.get((name, device))
+    if buf is None or buf.numel() < numel:
+        buf = (torch.zeros if zeroed else torch.empty)(max(numel, least), device=device, dtype=dtype)
+        _SCRATCH[(name, device)] = buf
+    return buf
+
+
 def _scratch(device, ws_elems: int, tiles: int):
     """Per-device fp32 workspace and int32 arrival counters for split-K (counters self-reset)."""
-    ws, lock = _SCRATCH.get(device, (None, None))
-    if ws is None or ws.numel() < ws_elems:
-        ws = torch.empty(max(ws_elems, 1 << 16), device=device, dtype=torch.float32)
-    if lock is None or lock.numel() < tiles:
-        lock = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
-    _SCRATCH[device] = (ws, lock)
+    ws = _device_buffer("split-k partials", device, ws_elems, torch.float32, 1 << 16)
+    lock = _device_buffer("split-k counters", device, tiles, torch.int32, 4096, zeroed=True)
     if DEBUG_POISON:
         ws.fill_(float("nan"))
     return ws, lock
@@ -1137,17 +1143,10 @@ def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):
     return out
 
 
-_PRESCALED: dict = {}
-
-
 def _prescaled_x(device, m: int, kp: int) -> torch.Tensor:
-    """A per-device fp32 [m, kp] buffer for `_prescale_x_kernel` (grown as needed, reused across calls: each
-    call's GEMV reads it before the next call's pre-scale kernel can start)."""
-    buf = _PRESCALED.get(device)
-    if buf is None or buf.numel() < m * kp:
-        buf = torch.empty(max(m * kp, 1 << 14), device=device, dtype=torch.float32)
-        _PRESCALED[device] = buf
-    return buf[: m * kp].view(m, kp)
+    """A per-device fp32 [m, kp] buffer for `_prescale_x_kernel`, reused across calls: each call's GEMV reads it
+    before the next call's pre-scale kernel can start."""
+    return _device_buffer("pre-scaled x", device, m * kp, torch.float32, 1 << 14)[: m * kp].view(m, kp)
 
 
 # ----------------------------------------------------------------------------------------------

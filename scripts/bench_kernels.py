@@ -150,6 +150,13 @@ def make_quant(n, k, bits, group):
     return Q.prepare_weight(qweight, scales, zeros, bits, g, k)
 
 
+def qmm_key(m, n, k, bits):
+    """quant_matmul's tuner key for m tokens on an n x k weight of `bits` (tokens bucketed as it does), or None
+    before it has been tuned."""
+    tokens = m if m <= 4 else triton.next_power_of_2(m)
+    return next((kk for kk in TIMINGS if kk[1:5] == (tokens, n, k, bits)), None)
+
+
 def bnb_nf4(w_fp16):
     try:
         import bitsandbytes as bnb
@@ -187,8 +194,7 @@ def bench_qmatmul(quick, ms_only=None, shapes_only=None):
                 t_e = bench(lambda: Q.quant_matmul(xs[0], w0, out=out))
                 t_f, _ = graph_ms([lambda i=i: torch.matmul(xs[i % 4], w16[i].t()) for i in range(len(w16))])
                 t_b, how = graph_ms([lambda: nf4(xs[0])]) if nf4 else (None, "")
-                key = next((kk for kk in TIMINGS if kk[1:4] == (m if m <= 4 else triton.next_power_of_2(m), n, k)
-                            and kk[4] == bits), None)
+                key = qmm_key(m, n, k, bits)
                 flops = 2 * m * n * k
                 byts = wbytes + m * k * 2 + m * n * 2
                 best = {}  # per orientation, the tuner's fastest config, re-timed like the row
@@ -252,7 +258,7 @@ def bench_gemv(copy_tbs, ms_only=None, shapes_only=None, sweep=False):
             rows.append([f"{n}x{k}", m, "cuBLAS fp16", fmt(t_f * 1e3), fmt(n * k * 2 / (t_f * 1e-3) / 1e12, 2),
                          "", "1.00", ""])
             Q.quant_matmul(xs[0], w0, out=out)  # the tuner times its candidates once for this shape
-            key = next(kk for kk in TIMINGS if kk[1:5] == (m if m <= 4 else triton.next_power_of_2(m), n, k, 4))
+            key = qmm_key(m, n, k, 4)
             row(f"tuned: {_cfg_str(chosen(key))}", chosen(key))
             for ptx in (False, True):  # with and without the PTX code conversion (none with EFFOPT_QMM_PTX=0)
                 mma = min((c for c in TIMINGS[key] if c[0].kind == "mma" and c[0].ptx == ptx), key=lambda c: c[1],

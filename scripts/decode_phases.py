@@ -11,7 +11,8 @@ import sys
 
 import torch
 
-from bench_kernels import copy_bandwidth, fmt, graph_ms, read_both, rotating, table
+from bench_kernels import copy_bandwidth, fmt, graph_ms, read_both, table
+from sweep_decode import make_sets, parse_cfg, parse_shape
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 from kernels import attention as A  # noqa: E402
@@ -33,18 +34,13 @@ def main():
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for shape in a.shapes.split(","):
-        b, s = (int(x) for x in shape.split("x"))
-        nbytes = 2 * b * 8 * s * 128 * 2
-        sets = rotating(lambda: (torch.randn(b, 32, 128, device="cuda", dtype=torch.bfloat16),
-                                 torch.randn(b, 8, s, 128, device="cuda", dtype=torch.bfloat16),
-                                 torch.randn(b, 8, s, 128, device="cuda", dtype=torch.bfloat16)), nbytes)
+        sets, nbytes = make_sets(*parse_shape(shape), quant=False)  # bf16 (q, K, V) copies past the L2
         sums = torch.empty(8 * sms, device="cuda")
         t_read, _ = graph_ms([lambda x=x: read_both(x[1], x[2], sums) for x in sets])
         pct = lambda t: fmt(100 * nbytes / (t * 1e-3) / 1e12 / copy_tbs, 0)  # noqa: E731 - % of copy bandwidth
         rows.append([shape, "read K and V only", fmt(t_read * 1e3), pct(t_read)])
         for text in a.cfgs:
-            cfg = tuple(int(v) for v in text.split(","))
-            cfg = cfg[:4] + (bool(cfg[4]),) + cfg[5:6]
+            cfg = parse_cfg(text)[:6]  # the PDL field is set per row below
             t_all, _ = graph_ms([lambda x=x: A.decode_attention(*x, cfg=cfg) for x in sets])
             rows.append([shape, f"{cfg} whole call", fmt(t_all * 1e3), pct(t_all)])
             if cfg[4]:

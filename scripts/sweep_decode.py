@@ -47,6 +47,12 @@ def call(args, quant, cfg=None, qk_int8=False):
     return A.decode_attention(*args, cfg=cfg)
 
 
+def parse_cfg(text):
+    """'64,4,4,2,0[,cap[,pdl]]' -> a decode config tuple (the fifth field, fused merge, as a bool)."""
+    cfg = tuple(int(x) for x in text.split(","))
+    return cfg[:4] + (bool(cfg[4]),) + cfg[5:7]
+
+
 def parse_shape(text):
     b, s = text.split("x")
     return int(b), int(s)
@@ -77,8 +83,7 @@ def main():
     global V_T
     V_T = a.v_t
     if a.once:
-        cfg = tuple(int(x) for x in a.cfg.split(","))
-        cfg = cfg[:4] + (bool(cfg[4]),) + cfg[5:7]
+        cfg = parse_cfg(a.cfg)
         sets, _ = make_sets(*parse_shape(a.once), a.quant)
         for s in sets:
             call(s, a.quant, cfg)

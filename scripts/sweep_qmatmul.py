@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import qmatmul as Q  # noqa: E402
 from kernels._tune import TIMINGS, gpu_ms  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import _cfg_str, make_quant  # noqa: E402
+from bench_kernels import _cfg_str, make_quant, qmm_key  # noqa: E402
 
 
 def main():
@@ -36,7 +36,7 @@ def main():
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         t16 = (gpu_ms(lambda: torch.matmul(x, w16.t())) - flush) * 1e3
         Q.quant_matmul(x, w)
-        key = next(kk for kk in TIMINGS if kk[1:4] == (m if m <= 4 else 1 << (m - 1).bit_length(), n, k))
+        key = qmm_key(m, n, k, 4)
         timed = sorted((t for t in TIMINGS[key] if not kinds or t[0].kind in kinds), key=lambda t: t[1])
         per_kind = {}  # kind -> its timings, fastest first
         for t in timed:
