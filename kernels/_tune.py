@@ -21,6 +21,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_BUFFERS: dict = {}
+
+
+def device_buffer(name: str, device, numel: int, dtype, least: int, zeroed: bool = False) -> torch.Tensor:
+    """A per-device buffer of at least `numel` elements (at least `least`), kept across calls and grown when
+    too small; `zeroed` for counters that must start at zero (they re-arm themselves after each launch)."""
+    buf = _BUFFERS.get((name, device))
+    if buf is None or buf.numel() < numel:
+        buf = (torch.zeros if zeroed else torch.empty)(max(numel, least), device=device, dtype=dtype)
+        _BUFFERS[(name, device)] = buf
+    return buf
+
+
 @functools.lru_cache(maxsize=None)
 def pdl_ok(device) -> bool:
     """Programmatic dependent launch (griddepcontrol) exists from sm_90 on."""

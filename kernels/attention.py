@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kernels._tune import choose, interpreting, pdl_ok
+from kernels._tune import choose, device_buffer, interpreting, pdl_ok
 
 LOG2E = 1.4426950408889634
 
@@ -691,8 +691,10 @@ def _decode(q, k, v, k_scale, v_scale, cache_seqlens, sm_scale, block_n, num_spl
         if DEBUG_POISON:
             o_part.fill_(float("nan"))
             lse_part.fill_(float("nan"))
+        # the fused merge's arrival counters, one per (batch, KV head): zero between launches (they re-arm)
+        counters = device_buffer("decode counters", q.device, B * Hkv, torch.int32, 4096, zeroed=True)
         _decode_split[(B * Hkv, splits)](
-            q, k, v, ks, vs, o_part, lse_part, lens, out4, _arrival_counters(q.device, B * Hkv),
+            q, k, v, ks, vs, o_part, lse_part, lens, out4, counters,
             sm_scale * LOG2E, Hkv, group, T, split_len, splits,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), v.stride(3), ks.stride(0) if quant else 0,
@@ -757,18 +759,6 @@ def _full_lengths(device, batch: int, length: int) -> torch.Tensor:
                 _FULL_LENS.clear()
             _FULL_LENS[key] = lens
     return lens
-
-
-_COUNTERS: dict = {}
-
-
-def _arrival_counters(device, n: int) -> torch.Tensor:
-    """Per-device int32 arrival counters of the fused merge (zero between launches: they re-arm)."""
-    lock = _COUNTERS.get(device)
-    if lock is None or lock.numel() < n:
-        lock = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
-        _COUNTERS[device] = lock
-    return lock
 
 
 def _decode_cfgs(device):

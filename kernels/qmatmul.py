@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kernels._tune import choose, interpreting, pdl_ok
+from kernels._tune import choose, device_buffer, interpreting, pdl_ok
 
 KERNEL_BITS = (2, 4, 8)  # 3-bit codes straddle bytes: served by dequantize + matmul
 # Tensor-core configs with the PTX code conversion (`_plane_to_half`) join the tuner's candidates on
@@ -977,24 +977,13 @@ class Cfg:
     prescale_x: bool = False  # gemv2: x scaled to fp32 by `_prescale_x_kernel` first (XS)
 
 
-_SCRATCH: dict = {}
 DEBUG_POISON = False  # tests: fill the split-K workspace with NaN before every launch
-
-
-def _device_buffer(name: str, device, numel: int, dtype, least: int, zeroed: bool = False) -> torch.Tensor:
-    """A per-device buffer of at least `numel` elements (at least `least`), kept across calls and grown when
-    too small; `zeroed` for counters that must start at zero (they re-arm themselves after each launch)."""
-    buf = _SCRATCH.get((name, device))
-    if buf is None or buf.numel() < numel:
-        buf = (torch.zeros if zeroed else torch.empty)(max(numel, least), device=device, dtype=dtype)
-        _SCRATCH[(name, device)] = buf
-    return buf
 
 
 def _scratch(device, ws_elems: int, tiles: int):
     """Per-device fp32 workspace and int32 arrival counters for split-K (counters self-reset)."""
-    ws = _device_buffer("split-k partials", device, ws_elems, torch.float32, 1 << 16)
-    lock = _device_buffer("split-k counters", device, tiles, torch.int32, 4096, zeroed=True)
+    ws = device_buffer("split-k partials", device, ws_elems, torch.float32, 1 << 16)
+    lock = device_buffer("split-k counters", device, tiles, torch.int32, 4096, zeroed=True)
     if DEBUG_POISON:
         ws.fill_(float("nan"))
     return ws, lock
@@ -1146,7 +1135,7 @@ def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):
 def _prescaled_x(device, m: int, kp: int) -> torch.Tensor:
     """A per-device fp32 [m, kp] buffer for `_prescale_x_kernel`, reused across calls: each call's GEMV reads it
     before the next call's pre-scale kernel can start."""
-    return _device_buffer("pre-scaled x", device, m * kp, torch.float32, 1 << 14)[: m * kp].view(m, kp)
+    return device_buffer("pre-scaled x", device, m * kp, torch.float32, 1 << 14)[: m * kp].view(m, kp)
 
 
 # ----------------------------------------------------------------------------------------------
