@@ -5,6 +5,7 @@ dequantize + cuBLAS), and a chosen config is reused for every later call with th
 On CPU (the interpreter) and during CUDA-graph capture nothing is timed: the first candidate,
 the heuristic default, is used.
 """
+import contextlib
 import functools
 import math
 import os
@@ -38,6 +39,30 @@ def device_buffer(name: str, device, numel: int, dtype, least: int, zeroed: bool
 def pdl_ok(device) -> bool:
     """Programmatic dependent launch (griddepcontrol) exists from sm_90 on."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+@contextlib.contextmanager
+def mma_sync(on: bool):
+    """Compile the kernels launched inside with tl.dot as mma.sync (MMA v2) instead of wgmma on sm_90.
+
+    Triton has no per-kernel switch for this; its compiler reads DISABLE_MMA_V3 from the environment when
+    it lowers a dot, so the variable is set around the launch. The kernel must also take a constexpr that
+    differs between the two forms (MMA_V2), or the in-memory cache would hand back the other binary.
+    Why: a wgmma with the dequantized weights as its register operand is waited for before the next tile
+    is dequantized (results/kernels.md), while mma.sync only orders through registers.
+    """
+    if not on:
+        yield
+        return
+    old = os.environ.get("DISABLE_MMA_V3")
+    os.environ["DISABLE_MMA_V3"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["DISABLE_MMA_V3"]
+        else:
+            os.environ["DISABLE_MMA_V3"] = old
 
 
 def choose(key, candidates, run):

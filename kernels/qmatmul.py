@@ -41,9 +41,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kernels._tune import choose, device_buffer, interpreting, pdl_ok
+from kernels._tune import choose, device_buffer, interpreting, mma_sync
 
 KERNEL_BITS = (2, 4, 8)  # 3-bit codes straddle bytes: served by dequantize + matmul
 # Tensor-core configs with the PTX code conversion (`_plane_to_half`) join the tuner's candidates on
@@ -54,9 +53,10 @@ PTX_CANDIDATES = os.environ.get("EFFOPT_QMM_PTX", "1") == "1"
 # M = 128 on some runs, slower at M = 16; it costs a third copy of the codes, so it stays opt-in
 # (EFFOPT_QMM_SWZ=1 builds the copy, the tuner times it)
 SWZ_CODES = os.environ.get("EFFOPT_QMM_SWZ", "0") == "1"
-# gemv2 configs with x pre-scaled by a small kernel first (`_gemv2_kernel`'s XS): fewer instructions a code in
-# offline SASS, not yet timed on a GPU, so only offered with EFFOPT_GEMV2_XS=1
-GEMV2_XS = os.environ.get("EFFOPT_GEMV2_XS", "0") == "1"
+# Copies of the mma / xw / swz candidates compiled with mma.sync instead of wgmma on sm_90 (`_tune.mma_sync`):
+# offline sm_90 SASS of the M = 16 pick, 480 loop instructions against 615 (no LDS.U16 byte gathers, 138
+# PRMT against 202). Untimed, so only with EFFOPT_QMM_V2=1 (appended to the candidates: never the default)
+MMA_V2_CANDIDATES = os.environ.get("EFFOPT_QMM_V2", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,6 +373,7 @@ def _qmm_kernel(
     STEP_BLOCKS: tl.constexpr,  # K-blocks per loop trip (unrolled), e.g. two 128-code groups
     PTX: tl.constexpr = False,  # codes to OFFSET + q with `_plane_to_half` (GPU, (BITS, DQ) in PTX_OK)
     ZERO_IN_TILE: tl.constexpr = False,  # with POST_ZERO: subtract the zero point in the tile, exactly
+    MMA_V2: tl.constexpr = False,  # compiled under `_tune.mma_sync` (only keys the compile cache)
 ):
     """out[M, N] = x[M, K] @ W[N, K]^T computed as acc[BLOCK_N, BLOCK_M] += W_tile @ x_tile^T.
 
@@ -495,6 +496,7 @@ def _qmm_swz_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     STEP: tl.constexpr,  # 64-code blocks per loop trip (unrolled)
     SCALE_IN_TILE: tl.constexpr = False,  # (q - z) * s in x's dtype, one MMA chain: for many tokens
+    MMA_V2: tl.constexpr = False,  # compiled under `_tune.mma_sync` (only keys the compile cache)
 ):
     """out = x @ W^T like `_qmm_kernel` (acc[BLOCK_N, BLOCK_M] += W_tile @ x_tile^T) over `shuffle_w4` codes.
 
@@ -583,6 +585,7 @@ def _qmm_xw_kernel(
     POST_ZERO: tl.constexpr,  # apply scale/zero to the MMA result (needs GROUP_MODE 1 or 2)
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SPLIT_K: tl.constexpr,
+    MMA_V2: tl.constexpr = False,  # compiled under `_tune.mma_sync` (only keys the compile cache)
 ):
     """out[M, N] = x[M, K] @ W[N, K]^T in the plain orientation: acc[BLOCK_M, BLOCK_N] += x_tile @ W_tile^T.
 
@@ -706,9 +709,9 @@ def _pow2(e: tl.constexpr):
 
 @triton.jit
 def _gemv2_kernel(
-    x_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
     M, N, K, R,
-    stride_xm, stride_xsm, stride_qn, stride_sn, stride_sg, stride_om,
+    stride_xm, stride_qn, stride_sn, stride_sg, stride_om,
     GROUP: tl.constexpr,  # g (a constexpr, so the group index is a shift); 1 when per-channel
     BITS: tl.constexpr,  # 2, 4 or 8
     GROUP_MODE: tl.constexpr,  # 1: scale every FLUSH segments, 2: one group per row (at the end)
@@ -720,8 +723,6 @@ def _gemv2_kernel(
     STEP: tl.constexpr,  # chunks (32 words = 128 bytes of a row) per loop trip, unrolled
     SPLIT_K: tl.constexpr,
     STAGES: tl.constexpr,  # 1: load a trip's operands at its top; 2: one trip ahead (prefetch)
-    XS: tl.constexpr = False,  # x comes pre-scaled in fp32 from xs_ptr (`_prescale_x_kernel`)
-    PDL: tl.constexpr = False,  # with XS: launched as a programmatic dependent of that kernel, waits for it first
 ):
     """Decode GEMV on CUDA cores over `pack_words` codes: out[M, N] = x[M, K] @ W[N, K]^T.
 
@@ -754,15 +755,9 @@ def _gemv2_kernel(
     chunks a trip: 25.5, 17.1, 15.8 us). Prefetching a trip ahead (STAGES 2) needs ~240 registers (2
     programs per SM) and was slower; so were 8 rows a thread and staging through shared memory.
     At M = 4 the FFMAs dominate (2x slower than the MMA kernel).
-    XS: x * 2^(85 - shift) comes ready in fp32 from `_prescale_x_kernel` (one small launch a call; on sm_90 this
-    kernel is its programmatic dependent, resident before that one ends): offline sm_90 SASS (M = 1, 4 chunks a
-    trip, capped at 128 registers, no spills) 1507 instructions a trip against 1748. Opt-in (EFFOPT_GEMV2_XS=1)
-    until timed.
     """
     CPW: tl.constexpr = 32 // BITS  # codes per word = segments per chunk
     CODE_MASK: tl.constexpr = (1 << BITS) - 1
-    if PDL:  # resident while `_prescale_x_kernel` runs; waits for it once, here (a wait in each trip, after the
-        gdc_wait()  # weight loads, made ptxas keep all loads live: 142 spill stores at 128 registers, offline)
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1)
@@ -778,17 +773,15 @@ def _gemv2_kernel(
         parts = parts + (tl.zeros((BLOCK_N, 32), tl.float32),)
         accs = accs + (tl.zeros((BLOCK_N, 32), tl.float32),)
     if STAGES >= 2:
-        nxt = _gemv2_loads(w_ptrs, xs_ptr if XS else x_ptr, offs_t, tl.minimum(it0, n_trips - 1), R, K, M,
-                           stride_xsm if XS else stride_xm, CPW, BLOCK_M, STEP, MASK_K)
+        nxt = _gemv2_loads(w_ptrs, x_ptr, offs_t, tl.minimum(it0, n_trips - 1), R, K, M, stride_xm, CPW, BLOCK_M,
+                           STEP, MASK_K)
     for it in range(it0, it1):
         if STAGES >= 2:  # trip it + 1's loads go out before trip it is computed
             cur = nxt
             if it + 1 < it1:  # (an `if` keeps ptxas from sinking them to the end of the trip)
-                nxt = _gemv2_loads(w_ptrs, xs_ptr if XS else x_ptr, offs_t, it + 1, R, K, M,
-                                   stride_xsm if XS else stride_xm, CPW, BLOCK_M, STEP, MASK_K)
+                nxt = _gemv2_loads(w_ptrs, x_ptr, offs_t, it + 1, R, K, M, stride_xm, CPW, BLOCK_M, STEP, MASK_K)
         else:  # at the top of the trip: half the registers; other warps hide the latency
-            cur = _gemv2_loads(w_ptrs, xs_ptr if XS else x_ptr, offs_t, it, R, K, M, stride_xsm if XS else stride_xm,
-                               CPW, BLOCK_M, STEP, MASK_K)
+            cur = _gemv2_loads(w_ptrs, x_ptr, offs_t, it, R, K, M, stride_xm, CPW, BLOCK_M, STEP, MASK_K)
         for sub in tl.static_range(STEP):
             r = it * STEP + sub
             w = cur[0][sub]
@@ -802,10 +795,7 @@ def _gemv2_kernel(
                     v = (w_hi & (CODE_MASK << sh)).to(tl.float32, bitcast=True)
                 new_parts = ()
                 for m in tl.static_range(BLOCK_M):
-                    if XS:
-                        xv = cur[1][(sub * CPW + c) * BLOCK_M + m]
-                    else:
-                        xv = cur[1][(sub * CPW + c) * BLOCK_M + m].to(tl.float32) * _pow2(85 - sh)
+                    xv = cur[1][(sub * CPW + c) * BLOCK_M + m].to(tl.float32) * _pow2(85 - sh)
                     new_parts = new_parts + (parts[m] + v * xv[None, :],)
                 parts = new_parts
                 if GROUP_MODE == 1 and (c + 1) % FLUSH == 0:
@@ -864,22 +854,6 @@ def _gemv2_loads(w_ptrs, x_ptr, offs_t, it, R, K, M, stride_xm, CPW: tl.constexp
                 else:
                     xs = xs + (tl.load(x_row + k),)
     return words, xs
-
-
-@triton.jit
-def _prescale_x_kernel(x_ptr, xs_ptr, K, KP, stride_xm, stride_xsm, BITS: tl.constexpr, BLOCK: tl.constexpr,
-                       PDL: tl.constexpr):
-    """xs[m, k] = x[m, k] * 2^(85 - shift(k)) in fp32 for k < KP (0 past K): the factor `_gemv2_kernel` puts on
-    x for the field of code k, whose shift depends on k's segment c = (k // 32) % (32 / BITS) only."""
-    if PDL:  # let the GEMV's programs become resident now; they wait for this grid before reading anything
-        gdc_launch_dependents()
-    m = tl.program_id(1)
-    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-    c = (k // 32) % (32 // BITS)
-    sh = tl.where(c * BITS + BITS <= 23, c * BITS, c * BITS - 16)
-    factor = ((85 - sh + 127) << 23).to(tl.float32, bitcast=True)
-    tl.store(xs_ptr + m * stride_xsm + k, x * factor, mask=k < KP)
 
 
 @triton.jit
@@ -974,7 +948,7 @@ class Cfg:
     ptx: bool = False  # mma only: PTX code conversion (`_plane_to_half`)
     zero_in_tile: bool = False  # mma with post_zero: the zero point subtracted in the tile
     specialized: bool = False  # wg: the warp-specialized kernel fed by bulk (TMA) copies
-    prescale_x: bool = False  # gemv2: x scaled to fp32 by `_prescale_x_kernel` first (XS)
+    mma_v2: bool = False  # mma, xw, swz: tl.dot compiled as mma.sync, not wgmma (`_tune.mma_sync`; sm_90)
 
 
 DEBUG_POISON = False  # tests: fill the split-K workspace with NaN before every launch
@@ -1044,22 +1018,24 @@ def _launch(cfg: Cfg, x2, w: QuantWeight, bias, out):
     if cfg.kind == "xw":
         if cfg.step_blocks != 1:
             raise ValueError("the xw kernel takes one K-block per loop trip (step_blocks=1)")
-        _qmm_xw_kernel[grid](*common, BITS=w.bits, GROUP_MODE=mode, DQ=_dq_mode(x2.dtype, w.bits),
-                             POST_ZERO=cfg.post_zero and mode != 0, HAS_BIAS=has_bias,
-                             UPCAST=not x2.is_cuda, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                             BLOCK_KB=cfg.block_kb, SPLIT_K=cfg.split_k,
-                             num_warps=cfg.warps, num_stages=cfg.stages)
+        with mma_sync(cfg.mma_v2):
+            _qmm_xw_kernel[grid](*common, BITS=w.bits, GROUP_MODE=mode, DQ=_dq_mode(x2.dtype, w.bits),
+                                 POST_ZERO=cfg.post_zero and mode != 0, HAS_BIAS=has_bias,
+                                 UPCAST=not x2.is_cuda, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                 BLOCK_KB=cfg.block_kb, SPLIT_K=cfg.split_k, MMA_V2=cfg.mma_v2,
+                                 num_warps=cfg.warps, num_stages=cfg.stages)
         return out
     dq = _dq_mode(x2.dtype, w.bits)
     if cfg.ptx and (not x2.is_cuda or (w.bits, dq) not in PTX_OK):
         raise ValueError(f"ptx configs run on CUDA for (bits, code mode) in {PTX_OK}, not {(w.bits, dq)} on "
                          f"{x2.device.type}")
-    _qmm_kernel[grid](*common, BITS=w.bits, GROUP_MODE=mode, DQ=dq, PTX=cfg.ptx, ZERO_IN_TILE=cfg.zero_in_tile,
-                      POST_ZERO=cfg.post_zero and mode != 0, X_SPLIT=cfg.x_split and w.bits == 4,
-                      HAS_BIAS=has_bias,
-                      UPCAST=not x2.is_cuda, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                      BLOCK_KB=cfg.block_kb, SPLIT_K=cfg.split_k, STEP_BLOCKS=cfg.step_blocks,
-                      num_warps=cfg.warps, num_stages=cfg.stages)
+    with mma_sync(cfg.mma_v2):
+        _qmm_kernel[grid](*common, BITS=w.bits, GROUP_MODE=mode, DQ=dq, PTX=cfg.ptx, ZERO_IN_TILE=cfg.zero_in_tile,
+                          POST_ZERO=cfg.post_zero and mode != 0, X_SPLIT=cfg.x_split and w.bits == 4,
+                          HAS_BIAS=has_bias,
+                          UPCAST=not x2.is_cuda, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                          BLOCK_KB=cfg.block_kb, SPLIT_K=cfg.split_k, STEP_BLOCKS=cfg.step_blocks,
+                          MMA_V2=cfg.mma_v2, num_warps=cfg.warps, num_stages=cfg.stages)
     return out
 
 
@@ -1073,13 +1049,15 @@ def _launch_swz(cfg: Cfg, x2, w: QuantWeight, bias, out):
         raise ValueError("ptx configs run on CUDA")
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     ws, lock = _scratch(x2.device, tiles * cfg.split_k * cfg.block_m * cfg.block_n, tiles)
-    _qmm_swz_kernel[(tiles, cfg.split_k)](
-        x2, w.qswz, w.scales, w.zeros, bias if bias is not None else out, out, ws, lock, M, N, K,
-        x2.stride(0), w.qswz.stride(0), w.scales.stride(0), w.scales.stride(1), out.stride(0),
-        GROUP=w.group_size if w.group_size < K else 1, GROUP_MODE=2 if w.group_size >= K else 1,
-        DQ=_dq_mode(x2.dtype, 4), HAS_BIAS=bias is not None,
-        UPCAST=not x2.is_cuda, PTX=cfg.ptx, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
-        STEP=cfg.step_blocks, SCALE_IN_TILE=not cfg.post_zero, num_warps=cfg.warps, num_stages=cfg.stages)
+    with mma_sync(cfg.mma_v2):
+        _qmm_swz_kernel[(tiles, cfg.split_k)](
+            x2, w.qswz, w.scales, w.zeros, bias if bias is not None else out, out, ws, lock, M, N, K,
+            x2.stride(0), w.qswz.stride(0), w.scales.stride(0), w.scales.stride(1), out.stride(0),
+            GROUP=w.group_size if w.group_size < K else 1, GROUP_MODE=2 if w.group_size >= K else 1,
+            DQ=_dq_mode(x2.dtype, 4), HAS_BIAS=bias is not None,
+            UPCAST=not x2.is_cuda, PTX=cfg.ptx, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
+            STEP=cfg.step_blocks, SCALE_IN_TILE=not cfg.post_zero, MMA_V2=cfg.mma_v2, num_warps=cfg.warps,
+            num_stages=cfg.stages)
     return out
 
 
@@ -1110,37 +1088,19 @@ def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):
     block_m = triton.next_power_of_2(M)
     tiles = triton.cdiv(N, cfg.block_n)
     ws, lock = _scratch(x2.device, tiles * cfg.split_k * block_m * cfg.block_n, tiles)
-    xs, pdl = x2, False
-    if cfg.prescale_x:
-        kp = 32 * cpw * chunks
-        pdl = pdl_ok(x2.device)
-        xs = _prescaled_x(x2.device, M, kp)
-        _prescale_x_kernel[(triton.cdiv(kp, 1024), M)](x2, xs, K, kp, x2.stride(0), xs.stride(0), BITS=w.bits,
-                                                       BLOCK=1024, PDL=pdl, num_warps=4)
     _gemv2_kernel[(tiles, cfg.split_k)](
-        x2, xs, words, w.scales, w.zeros, bias if bias is not None else out, out, ws, lock,
+        x2, words, w.scales, w.zeros, bias if bias is not None else out, out, ws, lock,
         M, N, K, chunks,
-        x2.stride(0), xs.stride(0), words.stride(0), w.scales.stride(0), w.scales.stride(1), out.stride(0),
+        x2.stride(0), words.stride(0), w.scales.stride(0), w.scales.stride(1), out.stride(0),
         GROUP=1 if per_channel else w.group_size, BITS=w.bits, GROUP_MODE=2 if per_channel else 1,
         FLUSH=cpw if per_channel else min(w.group_size // 32, cpw),
         GPOW=1 if per_channel else triton.next_power_of_2(w.group_size),
         MASK_K=K % (32 * cpw) != 0 or chunks % cfg.step_blocks != 0,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=cfg.block_n, STEP=cfg.step_blocks,
-        SPLIT_K=cfg.split_k, STAGES=cfg.stages, XS=cfg.prescale_x, PDL=pdl, num_warps=cfg.warps, num_stages=1,
-        # XS: fp32 x takes 10 more registers (138); capped at 128 (no spills offline) for 4 programs an SM
-        **({"maxnreg": 128, "launch_pdl": pdl} if cfg.prescale_x and x2.is_cuda else {}))
+        SPLIT_K=cfg.split_k, STAGES=cfg.stages, num_warps=cfg.warps, num_stages=1)
     return out
 
 
-def _prescaled_x(device, m: int, kp: int) -> torch.Tensor:
-    """A per-device fp32 [m, kp] buffer for `_prescale_x_kernel`, reused across calls: each call's GEMV reads it
-    before the next call's pre-scale kernel can start."""
-    return device_buffer("pre-scaled x", device, m * kp, torch.float32, 1 << 14)[: m * kp].view(m, kp)
-
-
-# ----------------------------------------------------------------------------------------------
-# Dispatch
-# ----------------------------------------------------------------------------------------------
 def _sms(device) -> int:
     """Multiprocessor count (132 on an H200); only shapes the split-K candidates."""
     if device.type != "cuda":
@@ -1187,8 +1147,6 @@ def gemv2_configs(M: int, w: QuantWeight) -> list:
     else:  # correct, but FFMA-bound: the MMA kernel wins from here on
         shapes = [(16, 1, 1, 4)]
     cfgs = [gemv2_cfg(M, w, bn, step, stages, per_sm) for bn, step, stages, per_sm in shapes]
-    if GEMV2_XS:  # the first two, x pre-scaled (appended: never the untimed default)
-        cfgs += [dataclasses.replace(c, prescale_x=True) for c in cfgs[:2]]
     return cfgs
 
 
@@ -1260,18 +1218,29 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
                     cands.append(Cfg("gemv", M, bn, kb, sk, warps=4, stages=3))
         if M > 16:
             cands.append(Cfg("dequant"))
-        if M <= GEMV2_MAX_M:  # CUDA-core gemv2 first: the untimed default for 1-2 tokens (x pre-scaled: last)
-            g2 = gemv2_configs(M, w)
-            cands = g2[:2] + cands + [c for c in g2 if c.prescale_x]
-        return (cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w)  # no xw below XW_MIN_M
-                + wg_configs(M, w))
+        if M <= GEMV2_MAX_M:  # CUDA-core gemv2 first: the untimed default for 1-2 tokens
+            cands = gemv2_configs(M, w)[:2] + cands
+        cands = cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w)  # no xw below XW_MIN_M
+        return cands + wg_configs(M, w) + mma_v2_configs(cands, w)
     kb = min(64, (_uniform_kbs(w, 128) or [32])[-1])  # x tile of 128 x 2*kb fp16 per stage
     cands = [Cfg("mma", 128, 128, kb, 1, post_zero=False, x_split=True, warps=8, stages=3),
              Cfg("mma", 128, 128, max(16, kb // 2), 1, post_zero=False, x_split=True, warps=8, stages=4),
              Cfg("mma", 64, 128, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
              Cfg("mma", 128, 64, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
              Cfg("dequant")]
-    return cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w) + wg_configs(M, w)
+    cands = cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w)
+    return cands + wg_configs(M, w) + mma_v2_configs(cands, w)
+
+
+def mma_v2_configs(cands: list, w: QuantWeight) -> list:
+    """With EFFOPT_QMM_V2=1 on sm_90: the tensor-core candidates again, compiled with mma.sync (appended: never
+    the untimed default). Of the mma kind only the PTX-conversion ones (the picks at 2-64 tokens when timed)."""
+    dev = w.qweight.device
+    if not MMA_V2_CANDIDATES or dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] != 9:
+        return []
+    mma = [c for c in cands if c.kind == "mma"]
+    keep = ([c for c in mma if c.ptx] or mma) + [c for c in cands if c.kind in ("xw", "swz")]
+    return [dataclasses.replace(c, mma_v2=True) for c in keep]
 
 
 def swz_configs(M: int, w: QuantWeight) -> list:

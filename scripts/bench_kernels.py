@@ -4,8 +4,7 @@ GPU times come from CUDA-graph replays over input copies that rotate past the L2
 the eager column of the matmul table shows what one un-graphed call costs from Python.
 
     python scripts/bench_kernels.py [--quick] [--out results.md] [--only qmatmul,attn,decode]
-    python scripts/bench_kernels.py --gemv [--out gemv.md]   # decode GEMV table only (~2 min; EFFOPT_GEMV2_XS=1:
-                                                             # also the gemv2 configs with x pre-scaled)
+    python scripts/bench_kernels.py --gemv [--out gemv.md]   # decode GEMV table only (~2 min)
     python scripts/bench_kernels.py --w8a8 [--out w8a8.md]   # W8A8 (SmoothQuant) table only
 
 Tables:
@@ -282,8 +281,8 @@ def _cfg_str(cfg):
     """'mma 16x64x64B sk4 x2': kind ('mma' = out^T = W x^T, 'xw' = out = x W^T, gemv, gemv2),
     block_m x block_n x bytes of a row per K-step, split-K, K-steps per trip; 'pre' = scale and zero
     folded into the weight tile (else applied after the MMA); 'zit' = the zero point subtracted in the
-    tile, the scale after; xw: also warps and stages; 'ptx' = the PTX code conversion; gemv2 'xs' = x
-    pre-scaled by its own small kernel first (EFFOPT_GEMV2_XS=1)."""
+    tile, the scale after; xw: also warps and stages; 'ptx' = the PTX code conversion; 'v2' = compiled
+    with mma.sync instead of wgmma (EFFOPT_QMM_V2=1)."""
     if cfg is None:
         return "?"
     if cfg.kind == "dequant":
@@ -292,14 +291,14 @@ def _cfg_str(cfg):
     tag += f" sk{cfg.split_k}" if cfg.split_k > 1 else ""
     tag += f" x{cfg.step_blocks}" if cfg.step_blocks > 1 else ""
     if cfg.kind == "gemv2":
-        return tag + f" w{cfg.warps}" + (" prefetch" if cfg.stages > 1 else "") + (" xs" if cfg.prescale_x else "")
+        return tag + f" w{cfg.warps}" + (" prefetch" if cfg.stages > 1 else "")
     if cfg.kind == "wg":
         return f"wg {cfg.block_m}x{cfg.block_n}" + (f" sk{cfg.split_k}" if cfg.split_k > 1 else "") + \
             f" w{cfg.warps}s{cfg.stages}" + (" ws" if cfg.specialized else "")
     if cfg.kind == "xw":
         tag += f" w{cfg.warps}s{cfg.stages}"
     tag += "" if cfg.post_zero else " pre"
-    return tag + (" zit" if cfg.zero_in_tile else "") + (" ptx" if cfg.ptx else "")
+    return tag + (" zit" if cfg.zero_in_tile else "") + (" ptx" if cfg.ptx else "") + (" v2" if cfg.mma_v2 else "")
 
 
 # ------------------------------------------------------------------------------------------------

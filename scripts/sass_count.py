@@ -9,8 +9,8 @@ frequent opcodes. Counts are not timings (results/kernels.md has a case where th
 
     python scripts/sass_count.py decode --quant --cvt 1 [--qk-int8 1] [--v-t] [--block-n 128 --warps 4 --stages 3]
     python scripts/sass_count.py qmatmul --bits 4 --block-m 16 --block-n 64 --block-kb 64 --split-k 4 \\
-        --step 2 --x-split [--ptx] [--zero-in-tile] [--bf16]
-    python scripts/sass_count.py gemv2 --block-m 1 --split-k 4 --step 4 --stages 1 [--xs]   # decode GEMV (M = 1)
+        --step 2 --x-split [--ptx] [--zero-in-tile] [--bf16] [--v2]
+    python scripts/sass_count.py gemv2 --block-m 1 --split-k 4 --step 4 --stages 1   # decode GEMV (M = 1)
     python scripts/sass_count.py swz --block-m 16 --split-k 4 --step 4 --ptx   # W4 over shuffle_w4 codes
     python scripts/sass_count.py wg --block-n 64 --block-m 128 --stages 6 [--ws]   # the Gluon wgmma W4 kernels
     python scripts/sass_count.py candidates   # compile every mma config the tuner may try (~15 min)
@@ -38,6 +38,7 @@ from kernels import fused as F  # noqa: E402
 from kernels import int8_matmul as I  # noqa: E402
 from kernels import qmatmul as Q  # noqa: E402
 from kernels import qmatmul_wgmma as WG  # noqa: E402
+from kernels._tune import mma_sync  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -158,7 +159,7 @@ def compile_smoke():
                     ws_ptr="*fp32", lock_ptr="*i32")
     gemv2 = dict(GROUP=128, BITS=4, GROUP_MODE=1, FLUSH=4, GPOW=128, MASK_K=False, HAS_BIAS=False, BLOCK_M=1,
                  BLOCK_N=64, STEP=2, SPLIT_K=4, STAGES=1)
-    gemv2_ptrs = dict(qmm_ptrs, qw_ptr="*i32", xs_ptr="*fp32")
+    gemv2_ptrs = dict(qmm_ptrs, qw_ptr="*i32")
     cases = {
         "decode bf16": (A._decode_split, dict(dec, QUANT=False, V_T=False), dict(dec_ptrs, K="*bf16", V="*bf16")),
         "decode int8": (A._decode_split, dict(dec, QUANT=True, V_T=False), dict(dec_ptrs, K="*i8", V="*i8")),
@@ -177,13 +178,15 @@ def compile_smoke():
                                                      HAS_BIAS=False, UPCAST=False, BLOCK_M=16, BLOCK_N=64,
                                                      BLOCK_KB=64, SPLIT_K=4, STEP_BLOCKS=2, PTX=True,
                                                      ZERO_IN_TILE=True), qmm_ptrs),
+        "W4 matmul, M=16 pick, mma.sync": (Q._qmm_kernel, dict(BITS=4, GROUP_MODE=1, DQ=1, POST_ZERO=True,
+                                                               X_SPLIT=True, HAS_BIAS=False, UPCAST=False,
+                                                               BLOCK_M=16, BLOCK_N=64, BLOCK_KB=64, SPLIT_K=4,
+                                                               STEP_BLOCKS=2, PTX=True, ZERO_IN_TILE=True,
+                                                               MMA_V2=True), qmm_ptrs),
         "W4 matmul, xw M=128 pick": (Q._qmm_xw_kernel, dict(BITS=4, GROUP_MODE=1, DQ=1, POST_ZERO=False,
                                                             HAS_BIAS=False, UPCAST=False, BLOCK_M=128,
                                                             BLOCK_N=128, BLOCK_KB=64, SPLIT_K=2), qmm_ptrs),
-        "W4 gemv2, M=1": (Q._gemv2_kernel, dict(gemv2, XS=False, PDL=False), gemv2_ptrs),
-        "W4 gemv2, x pre-scaled, dependent launch": (Q._gemv2_kernel, dict(gemv2, XS=True, PDL=True), gemv2_ptrs),
-        "x pre-scale for gemv2": (Q._prescale_x_kernel, dict(BITS=4, BLOCK=1024, PDL=True),
-                                  dict(x_ptr="*fp16", xs_ptr="*fp32")),
+        "W4 gemv2, M=1": (Q._gemv2_kernel, gemv2, gemv2_ptrs),
         "W4 matmul, shuffled codes": (Q._qmm_swz_kernel, dict(GROUP=128, GROUP_MODE=1, DQ=1, HAS_BIAS=False,
                                                               UPCAST=False, PTX=True, BLOCK_M=16, BLOCK_N=64, SPLIT_K=4,
                                                               STEP=2, SCALE_IN_TILE=False),
@@ -206,8 +209,13 @@ def compile_smoke():
                 print(f"ok      {name}")
                 continue
             fn, const, ptrs = case
-            compile_sm90(fn, const, ptrs, ("qk_scale", "sm_scale"), ("SPLIT_LEN", "N", "K", "KB", "GROUP"),
-                         8 if const.get("BLOCK_M", 0) >= 128 else 4, 3)
+            with mma_sync(const.get("MMA_V2", False)):
+                kernel = compile_sm90(fn, const, ptrs, ("qk_scale", "sm_scale"), ("SPLIT_LEN", "N", "K", "KB", "GROUP"),
+                                      8 if const.get("BLOCK_M", 0) >= 128 else 4, 3)
+            if const.get("MMA_V2"):  # the switch took: mma.sync (HMMA), no wgmma (HGMMA)
+                sass = disassemble(kernel)
+                if "HMMA" not in sass or "HGMMA" in sass:
+                    raise RuntimeError("DISABLE_MMA_V3 did not give mma.sync")
             print(f"ok      {name}")
         except Exception as e:  # noqa: BLE001 - report every failing kernel
             failed += 1
@@ -230,7 +238,6 @@ def main():
     ap.add_argument("--qk-int8", type=int, default=0, help="decode: q as int8 in 1 or 2 slices (qk_int8)")
     ap.add_argument("--fused", action="store_true", help="decode: the merge fused into the split kernel")
     ap.add_argument("--pdl", type=int, default=0, help="decode: dependent-launch mode (0, 1, 2)")
-    ap.add_argument("--xs", action="store_true", help="gemv2: x pre-scaled by _prescale_x_kernel (128 registers)")
     ap.add_argument("--group-rows", type=int, default=16, help="decode: MMA rows (GQA group x tokens, >= 16)")
     # qmatmul
     ap.add_argument("--bits", type=int, default=4)
@@ -244,6 +251,7 @@ def main():
     ap.add_argument("--ptx", action="store_true")
     ap.add_argument("--zero-in-tile", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="activations in bf16 (default fp16)")
+    ap.add_argument("--v2", action="store_true", help="qmatmul, swz: tl.dot as mma.sync, not wgmma (mma_sync)")
     ap.add_argument("--ws", action="store_true", help="wg: the warp-specialized kernel")
     a = ap.parse_args()
     if a.kernel == "candidates":
@@ -270,29 +278,30 @@ def main():
     elif a.kernel == "gemv2":  # the CUDA-core decode GEMV over pack_words codes, W4 g128 (the M = 1 pick)
         act = "*bf16" if a.bf16 else "*fp16"
         const = dict(GROUP=128, BITS=4, GROUP_MODE=1, FLUSH=4, GPOW=128, MASK_K=False, HAS_BIAS=False,
-                     BLOCK_M=a.block_m, BLOCK_N=a.block_n or 64, STEP=a.step, SPLIT_K=a.split_k, STAGES=a.stages,
-                     XS=a.xs, PDL=a.xs)
-        ptrs = dict(x_ptr=act, xs_ptr="*fp32", qw_ptr="*i32", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act,
+                     BLOCK_M=a.block_m, BLOCK_N=a.block_n or 64, STEP=a.step, SPLIT_K=a.split_k, STAGES=a.stages)
+        ptrs = dict(x_ptr=act, qw_ptr="*i32", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act,
                     ws_ptr="*fp32", lock_ptr="*i32")
-        kernel = compile_sm90(Q._gemv2_kernel, const, ptrs, (), ("N", "K", "R"), a.warps, 1, 128 if a.xs else None)
+        kernel = compile_sm90(Q._gemv2_kernel, const, ptrs, (), ("N", "K", "R"), a.warps, 1)
     elif a.kernel == "swz":  # W4 over shuffled codes, groups of 128 (--group-mode 2: per channel)
         act = "*bf16" if a.bf16 else "*fp16"
         const = dict(GROUP=128 if a.group_mode == 1 else 1, GROUP_MODE=a.group_mode, DQ=2 if a.bf16 else 1,
                      HAS_BIAS=False, UPCAST=False, PTX=a.ptx, BLOCK_M=a.block_m, BLOCK_N=64, SPLIT_K=a.split_k,
-                     STEP=a.step, SCALE_IN_TILE=a.pre)
+                     STEP=a.step, SCALE_IN_TILE=a.pre, MMA_V2=a.v2)
         ptrs = dict(x_ptr=act, qs_ptr="*i32", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act, ws_ptr="*fp32",
                     lock_ptr="*i32")
-        kernel = compile_sm90(Q._qmm_swz_kernel, const, ptrs, (), ("N", "K"), a.warps, a.stages)
+        with mma_sync(a.v2):
+            kernel = compile_sm90(Q._qmm_swz_kernel, const, ptrs, (), ("N", "K"), a.warps, a.stages)
     else:
         act = "*bf16" if a.bf16 else "*fp16"
         dq = Q._dq_mode(torch.bfloat16 if a.bf16 else torch.float16, a.bits)
         const = dict(BITS=a.bits, GROUP_MODE=a.group_mode, DQ=dq, POST_ZERO=not a.pre, X_SPLIT=a.x_split,
                      HAS_BIAS=False, UPCAST=False, BLOCK_M=a.block_m, BLOCK_N=a.block_n or 64,
                      BLOCK_KB=a.block_kb, SPLIT_K=a.split_k, STEP_BLOCKS=a.step, PTX=a.ptx,
-                     ZERO_IN_TILE=a.zero_in_tile)
+                     ZERO_IN_TILE=a.zero_in_tile, MMA_V2=a.v2)
         ptrs = dict(x_ptr=act, qw_ptr="*u8", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act, ws_ptr="*fp32",
                     lock_ptr="*i32")
-        kernel = compile_sm90(Q._qmm_kernel, const, ptrs, (), ("N", "K", "KB", "GROUP"), a.warps, a.stages)
+        with mma_sync(a.v2):
+            kernel = compile_sm90(Q._qmm_kernel, const, ptrs, (), ("N", "K", "KB", "GROUP"), a.warps, a.stages)
     report(kernel, a.top)
 
 

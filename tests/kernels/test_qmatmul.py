@@ -1,5 +1,6 @@
 """quant_matmul / dequantize against a float32 torch reference built from the LAYOUT.md formula."""
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -171,13 +172,6 @@ GEMV2_CASES = [  # (cfg, bits, group, K, dtype, M, sym)
     (Cfg("gemv2", 2, 16, 128, 2, 1), 8, 64, 200, torch.bfloat16, 2, False),
     (Cfg("gemv2", 1, 16, 128, 3, 1, stages=2), 2, 128, 600, torch.float16, 1, False),
     (Cfg("gemv2", 1, 16, 128, 2, 4), 4, 128, 1100, torch.float16, 1, False),  # 4 chunks a trip (the default)
-    # x pre-scaled by _prescale_x_kernel (XS): 2 / 4 / 8 bits (each bit width has its own field shifts), masked
-    # and unmasked K, prefetch, per-channel, several tokens
-    (Cfg("gemv2", 1, 16, 128, 2, 4, prescale_x=True), 4, 128, 1100, torch.float16, 1, False),
-    (Cfg("gemv2", 1, 32, 128, 2, 1, prescale_x=True), 4, 128, 512, torch.bfloat16, 1, True),
-    (Cfg("gemv2", 2, 16, 128, 2, 1, prescale_x=True), 8, 64, 200, torch.bfloat16, 2, False),
-    (Cfg("gemv2", 1, 16, 128, 3, 1, stages=2, prescale_x=True), 2, 128, 600, torch.float16, 1, False),
-    (Cfg("gemv2", 4, 16, 128, 1, 1, prescale_x=True), 4, -1, 200, torch.float16, 3, False),
 ]
 
 
@@ -375,3 +369,61 @@ def test_swz_configs_are_opt_in_and_never_the_default(monkeypatch):
     assert g32.qswz is None  # groups smaller than a 64-code block
     with pytest.raises(ValueError, match="shuffled codes"):
         quant_matmul(torch.randn(3, 256, device=DEVICE, dtype=torch.float16), g32, cfg=Cfg("swz", 16, 64, 32))
+
+
+def test_mma_sync_switch_is_scoped_to_the_launch(monkeypatch):
+    """`_tune.mma_sync` sets DISABLE_MMA_V3 only inside, restoring whatever was there (also on an error)."""
+    from kernels._tune import mma_sync
+
+    monkeypatch.delenv("DISABLE_MMA_V3", raising=False)
+    with mma_sync(False):
+        assert "DISABLE_MMA_V3" not in os.environ
+    with mma_sync(True):
+        assert os.environ["DISABLE_MMA_V3"] == "1"
+    assert "DISABLE_MMA_V3" not in os.environ
+    monkeypatch.setenv("DISABLE_MMA_V3", "0")
+    with pytest.raises(RuntimeError), mma_sync(True):
+        raise RuntimeError
+    assert os.environ["DISABLE_MMA_V3"] == "0"
+
+
+def test_mma_sync_configs_are_opt_in_and_appended(monkeypatch):
+    qweight, scales, zeros, _ = make_weight(64, 256, 4, 128, torch.float16)
+    w = prepare_weight(qweight, scales, zeros, 4, 128, 256)
+    monkeypatch.setattr(Q, "MMA_V2_CANDIDATES", False)
+    assert not any(c.mma_v2 for m in (1, 16, 64, 256) for c in candidates(m, w, torch.float16))
+    monkeypatch.setattr(Q, "MMA_V2_CANDIDATES", True)
+    hopper = ON_GPU and torch.cuda.get_device_capability()[0] == 9
+    for m in (1, 16, 64, 256):
+        cands = candidates(m, w, torch.float16)
+        v2 = [c for c in cands if c.mma_v2]
+        assert bool(v2) == hopper  # sm_90 only: elsewhere Triton's dot is mma.sync already (or the interpreter)
+        assert not cands[0].mma_v2 and all(c.mma_v2 for c in cands[len(cands) - len(v2):])  # last, never first
+        assert all(dataclasses.replace(c, mma_v2=False) in cands for c in v2)  # copies of timed candidates
+
+
+# mma.sync copies (EFFOPT_QMM_V2=1) on a GPU: the mma (PTX conversion, zero in the tile), xw and swz kernels
+MMA_SYNC_CASES = [  # (cfg, bits, group, dtype, M)
+    (Cfg("mma", 16, 64, 64, 4, step_blocks=2, x_split=True, ptx=True, zero_in_tile=True, mma_v2=True), 4, 128,
+     torch.float16, 16),
+    (Cfg("mma", 16, 64, 64, 2, x_split=True, ptx=True, mma_v2=True), 4, -1, torch.bfloat16, 3),
+    (Cfg("mma", 64, 64, 32, 2, mma_v2=True), 4, 32, torch.float16, 64),
+    (Cfg("xw", 64, 128, 64, 2, post_zero=False, mma_v2=True), 4, 128, torch.float16, 64),
+    (Cfg("xw", 128, 128, 64, 1, post_zero=False, warps=8, mma_v2=True), 4, 128, torch.bfloat16, 130),
+    (Cfg("swz", 64, 64, 32, 3, 1, ptx=True, mma_v2=True), 4, 128, torch.float16, 64),
+    (Cfg("swz", 16, 64, 32, 4, 4, ptx=True, mma_v2=True), 4, 128, torch.bfloat16, 16),
+]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="mma.sync vs wgmma is a GPU compiler choice")
+@pytest.mark.parametrize("cfg,bits,group,dtype,m", MMA_SYNC_CASES)
+def test_mma_sync_configs_match_reference(cfg, bits, group, dtype, m, monkeypatch):
+    monkeypatch.setattr(Q, "SWZ_CODES", True)
+    k = 4096 if cfg.kind == "swz" else K  # swz: whole 64-code blocks
+    qweight, scales, zeros, x, bias, ref = _biased_problem(bits, group, k, dtype, m, sym=False)
+    w = prepare_weight(qweight, scales, zeros, bits, group, k)
+    out = torch.full((m, N), float("nan"), device=DEVICE, dtype=dtype)
+    y = quant_matmul(x, w, bias=bias, cfg=cfg, out=out)
+    assert rel_err(y, ref) < TOL[dtype], cfg
+    y_wgmma = quant_matmul(x, w, bias=bias, cfg=dataclasses.replace(cfg, mma_v2=False))
+    assert rel_err(y, y_wgmma.float()) < TOL[dtype], cfg
