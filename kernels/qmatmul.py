@@ -53,10 +53,12 @@ PTX_CANDIDATES = os.environ.get("EFFOPT_QMM_PTX", "1") == "1"
 # M = 128 on some runs, slower at M = 16; it costs a third copy of the codes, so it stays opt-in
 # (EFFOPT_QMM_SWZ=1 builds the copy, the tuner times it)
 SWZ_CODES = os.environ.get("EFFOPT_QMM_SWZ", "0") == "1"
-# Copies of the mma / xw / swz candidates compiled with mma.sync instead of wgmma on sm_90 (`_tune.mma_sync`):
-# offline sm_90 SASS of the M = 16 pick, 480 loop instructions against 615 (no LDS.U16 byte gathers, 138
-# PRMT against 202). Untimed, so only with EFFOPT_QMM_V2=1 (appended to the candidates: never the default)
-MMA_V2_CANDIDATES = os.environ.get("EFFOPT_QMM_V2", "0") == "1"
+# Copies of the mma candidates for up to 16 tokens compiled with mma.sync instead of wgmma on sm_90
+# (`_tune.mma_sync`): sm_90 SASS of the M = 16 pick, 480 loop instructions against 615 (no LDS.U16 byte
+# gathers, 138 PRMT against 202); on an H200 the M = 16 pick at 22.0 against 25.0 us (8192^2) and 21.1 against
+# 22.8 (4096x14336), results/kernels.md. The xw and swz kernels were slower with it (M = 16 and 64), so only
+# the mma kind gets copies. Appended to the candidates (the tuner times them); EFFOPT_QMM_V2=0 leaves them out.
+MMA_V2_CANDIDATES = os.environ.get("EFFOPT_QMM_V2", "1") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,7 +498,6 @@ def _qmm_swz_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     STEP: tl.constexpr,  # 64-code blocks per loop trip (unrolled)
     SCALE_IN_TILE: tl.constexpr = False,  # (q - z) * s in x's dtype, one MMA chain: for many tokens
-    MMA_V2: tl.constexpr = False,  # compiled under `_tune.mma_sync` (only keys the compile cache)
 ):
     """out = x @ W^T like `_qmm_kernel` (acc[BLOCK_N, BLOCK_M] += W_tile @ x_tile^T) over `shuffle_w4` codes.
 
@@ -585,7 +586,6 @@ def _qmm_xw_kernel(
     POST_ZERO: tl.constexpr,  # apply scale/zero to the MMA result (needs GROUP_MODE 1 or 2)
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SPLIT_K: tl.constexpr,
-    MMA_V2: tl.constexpr = False,  # compiled under `_tune.mma_sync` (only keys the compile cache)
 ):
     """out[M, N] = x[M, K] @ W[N, K]^T in the plain orientation: acc[BLOCK_M, BLOCK_N] += x_tile @ W_tile^T.
 
@@ -948,7 +948,7 @@ class Cfg:
     ptx: bool = False  # mma only: PTX code conversion (`_plane_to_half`)
     zero_in_tile: bool = False  # mma with post_zero: the zero point subtracted in the tile
     specialized: bool = False  # wg: the warp-specialized kernel fed by bulk (TMA) copies
-    mma_v2: bool = False  # mma, xw, swz: tl.dot compiled as mma.sync, not wgmma (`_tune.mma_sync`; sm_90)
+    mma_v2: bool = False  # mma only: tl.dot compiled as mma.sync, not wgmma (`_tune.mma_sync`; sm_90)
 
 
 DEBUG_POISON = False  # tests: fill the split-K workspace with NaN before every launch
@@ -992,6 +992,8 @@ def _launch(cfg: Cfg, x2, w: QuantWeight, bias, out):
         if has_bias:
             out += bias.to(out.dtype)
         return out
+    if cfg.mma_v2 and cfg.kind != "mma":
+        raise ValueError(f"mma_v2 (mma.sync) is a variant of the mma kind only, not {cfg.kind!r}")
     if cfg.kind == "gemv2":
         return _launch_gemv2(cfg, x2, w, bias, out)
     if cfg.kind == "swz":
@@ -1018,12 +1020,11 @@ def _launch(cfg: Cfg, x2, w: QuantWeight, bias, out):
     if cfg.kind == "xw":
         if cfg.step_blocks != 1:
             raise ValueError("the xw kernel takes one K-block per loop trip (step_blocks=1)")
-        with mma_sync(cfg.mma_v2):
-            _qmm_xw_kernel[grid](*common, BITS=w.bits, GROUP_MODE=mode, DQ=_dq_mode(x2.dtype, w.bits),
-                                 POST_ZERO=cfg.post_zero and mode != 0, HAS_BIAS=has_bias,
-                                 UPCAST=not x2.is_cuda, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                 BLOCK_KB=cfg.block_kb, SPLIT_K=cfg.split_k, MMA_V2=cfg.mma_v2,
-                                 num_warps=cfg.warps, num_stages=cfg.stages)
+        _qmm_xw_kernel[grid](*common, BITS=w.bits, GROUP_MODE=mode, DQ=_dq_mode(x2.dtype, w.bits),
+                             POST_ZERO=cfg.post_zero and mode != 0, HAS_BIAS=has_bias,
+                             UPCAST=not x2.is_cuda, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                             BLOCK_KB=cfg.block_kb, SPLIT_K=cfg.split_k,
+                             num_warps=cfg.warps, num_stages=cfg.stages)
         return out
     dq = _dq_mode(x2.dtype, w.bits)
     if cfg.ptx and (not x2.is_cuda or (w.bits, dq) not in PTX_OK):
@@ -1049,15 +1050,13 @@ def _launch_swz(cfg: Cfg, x2, w: QuantWeight, bias, out):
         raise ValueError("ptx configs run on CUDA")
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     ws, lock = _scratch(x2.device, tiles * cfg.split_k * cfg.block_m * cfg.block_n, tiles)
-    with mma_sync(cfg.mma_v2):
-        _qmm_swz_kernel[(tiles, cfg.split_k)](
-            x2, w.qswz, w.scales, w.zeros, bias if bias is not None else out, out, ws, lock, M, N, K,
-            x2.stride(0), w.qswz.stride(0), w.scales.stride(0), w.scales.stride(1), out.stride(0),
-            GROUP=w.group_size if w.group_size < K else 1, GROUP_MODE=2 if w.group_size >= K else 1,
-            DQ=_dq_mode(x2.dtype, 4), HAS_BIAS=bias is not None,
-            UPCAST=not x2.is_cuda, PTX=cfg.ptx, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
-            STEP=cfg.step_blocks, SCALE_IN_TILE=not cfg.post_zero, MMA_V2=cfg.mma_v2, num_warps=cfg.warps,
-            num_stages=cfg.stages)
+    _qmm_swz_kernel[(tiles, cfg.split_k)](
+        x2, w.qswz, w.scales, w.zeros, bias if bias is not None else out, out, ws, lock, M, N, K,
+        x2.stride(0), w.qswz.stride(0), w.scales.stride(0), w.scales.stride(1), out.stride(0),
+        GROUP=w.group_size if w.group_size < K else 1, GROUP_MODE=2 if w.group_size >= K else 1,
+        DQ=_dq_mode(x2.dtype, 4), HAS_BIAS=bias is not None,
+        UPCAST=not x2.is_cuda, PTX=cfg.ptx, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
+        STEP=cfg.step_blocks, SCALE_IN_TILE=not cfg.post_zero, num_warps=cfg.warps, num_stages=cfg.stages)
     return out
 
 
@@ -1221,26 +1220,25 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
         if M <= GEMV2_MAX_M:  # CUDA-core gemv2 first: the untimed default for 1-2 tokens
             cands = gemv2_configs(M, w)[:2] + cands
         cands = cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w)  # no xw below XW_MIN_M
-        return cands + wg_configs(M, w) + mma_v2_configs(cands, w)
+        return cands + wg_configs(M, w) + mma_v2_configs(cands, w)  # block_m 16: up to 16 tokens
     kb = min(64, (_uniform_kbs(w, 128) or [32])[-1])  # x tile of 128 x 2*kb fp16 per stage
     cands = [Cfg("mma", 128, 128, kb, 1, post_zero=False, x_split=True, warps=8, stages=3),
              Cfg("mma", 128, 128, max(16, kb // 2), 1, post_zero=False, x_split=True, warps=8, stages=4),
              Cfg("mma", 64, 128, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
              Cfg("mma", 128, 64, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
              Cfg("dequant")]
-    cands = cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w)
-    return cands + wg_configs(M, w) + mma_v2_configs(cands, w)
+    return cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w) + wg_configs(M, w)
 
 
 def mma_v2_configs(cands: list, w: QuantWeight) -> list:
-    """With EFFOPT_QMM_V2=1 on sm_90: the tensor-core candidates again, compiled with mma.sync (appended: never
-    the untimed default). Of the mma kind only the PTX-conversion ones (the picks at 2-64 tokens when timed)."""
+    """On sm_90, for up to 16 tokens: the mma candidates again (of them, the PTX-conversion ones when there are
+    any), compiled with mma.sync (appended: never the untimed default). An H200 sweep of other tiles, splits,
+    stages and K-blocks a trip for them found none faster than these copies (results/kernels.md)."""
     dev = w.qweight.device
     if not MMA_V2_CANDIDATES or dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] != 9:
         return []
-    mma = [c for c in cands if c.kind == "mma"]
-    keep = ([c for c in mma if c.ptx] or mma) + [c for c in cands if c.kind in ("xw", "swz")]
-    return [dataclasses.replace(c, mma_v2=True) for c in keep]
+    mma = [c for c in cands if c.kind == "mma" and c.block_m == 16]
+    return [dataclasses.replace(c, mma_v2=True) for c in ([c for c in mma if c.ptx] or mma)]
 
 
 def swz_configs(M: int, w: QuantWeight) -> list:

@@ -282,7 +282,7 @@ def _cfg_str(cfg):
     block_m x block_n x bytes of a row per K-step, split-K, K-steps per trip; 'pre' = scale and zero
     folded into the weight tile (else applied after the MMA); 'zit' = the zero point subtracted in the
     tile, the scale after; xw: also warps and stages; 'ptx' = the PTX code conversion; 'v2' = compiled
-    with mma.sync instead of wgmma (EFFOPT_QMM_V2=1)."""
+    with mma.sync instead of wgmma (sm_90, up to 16 tokens)."""
     if cfg is None:
         return "?"
     if cfg.kind == "dequant":

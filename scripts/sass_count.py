@@ -251,7 +251,7 @@ def main():
     ap.add_argument("--ptx", action="store_true")
     ap.add_argument("--zero-in-tile", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="activations in bf16 (default fp16)")
-    ap.add_argument("--v2", action="store_true", help="qmatmul, swz: tl.dot as mma.sync, not wgmma (mma_sync)")
+    ap.add_argument("--v2", action="store_true", help="qmatmul: tl.dot as mma.sync, not wgmma (mma_sync)")
     ap.add_argument("--ws", action="store_true", help="wg: the warp-specialized kernel")
     a = ap.parse_args()
     if a.kernel == "candidates":
@@ -286,11 +286,10 @@ def main():
         act = "*bf16" if a.bf16 else "*fp16"
         const = dict(GROUP=128 if a.group_mode == 1 else 1, GROUP_MODE=a.group_mode, DQ=2 if a.bf16 else 1,
                      HAS_BIAS=False, UPCAST=False, PTX=a.ptx, BLOCK_M=a.block_m, BLOCK_N=64, SPLIT_K=a.split_k,
-                     STEP=a.step, SCALE_IN_TILE=a.pre, MMA_V2=a.v2)
+                     STEP=a.step, SCALE_IN_TILE=a.pre)
         ptrs = dict(x_ptr=act, qs_ptr="*i32", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act, ws_ptr="*fp32",
                     lock_ptr="*i32")
-        with mma_sync(a.v2):
-            kernel = compile_sm90(Q._qmm_swz_kernel, const, ptrs, (), ("N", "K"), a.warps, a.stages)
+        kernel = compile_sm90(Q._qmm_swz_kernel, const, ptrs, (), ("N", "K"), a.warps, a.stages)
     else:
         act = "*bf16" if a.bf16 else "*fp16"
         dq = Q._dq_mode(torch.bfloat16 if a.bf16 else torch.float16, a.bits)

@@ -387,41 +387,41 @@ def test_mma_sync_switch_is_scoped_to_the_launch(monkeypatch):
     assert os.environ["DISABLE_MMA_V3"] == "0"
 
 
-def test_mma_sync_configs_are_opt_in_and_appended(monkeypatch):
+def test_mma_sync_configs_are_appended_on_hopper_for_few_tokens(monkeypatch):
     qweight, scales, zeros, _ = make_weight(64, 256, 4, 128, torch.float16)
     w = prepare_weight(qweight, scales, zeros, 4, 128, 256)
-    monkeypatch.setattr(Q, "MMA_V2_CANDIDATES", False)
+    monkeypatch.setattr(Q, "MMA_V2_CANDIDATES", False)  # EFFOPT_QMM_V2=0
     assert not any(c.mma_v2 for m in (1, 16, 64, 256) for c in candidates(m, w, torch.float16))
     monkeypatch.setattr(Q, "MMA_V2_CANDIDATES", True)
     hopper = ON_GPU and torch.cuda.get_device_capability()[0] == 9
-    for m in (1, 16, 64, 256):
+    for m in (1, 3, 16, 64, 256):
         cands = candidates(m, w, torch.float16)
         v2 = [c for c in cands if c.mma_v2]
-        assert bool(v2) == hopper  # sm_90 only: elsewhere Triton's dot is mma.sync already (or the interpreter)
+        assert bool(v2) == (hopper and m <= 16)  # sm_90 only: elsewhere Triton's dot is mma.sync already
         assert not cands[0].mma_v2 and all(c.mma_v2 for c in cands[len(cands) - len(v2):])  # last, never first
-        assert all(dataclasses.replace(c, mma_v2=False) in cands for c in v2)  # copies of timed candidates
+        assert all(c.kind == "mma" and dataclasses.replace(c, mma_v2=False) in cands for c in v2)
+    x = torch.randn(3, 256, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="mma_v2"):  # no silent wgmma for a kind without the variant
+        quant_matmul(x, w, cfg=Cfg("xw", 32, 32, 16, 1, post_zero=False, mma_v2=True))
 
 
-# mma.sync copies (EFFOPT_QMM_V2=1) on a GPU: the mma (PTX conversion, zero in the tile), xw and swz kernels
+# mma.sync copies on a GPU: the PTX conversion with the zero point in the tile or after, plain conversion,
+# fp16 / bf16, split-K, 1-2 K-blocks a trip, 3-64 tokens (tails of M)
 MMA_SYNC_CASES = [  # (cfg, bits, group, dtype, M)
     (Cfg("mma", 16, 64, 64, 4, step_blocks=2, x_split=True, ptx=True, zero_in_tile=True, mma_v2=True), 4, 128,
      torch.float16, 16),
     (Cfg("mma", 16, 64, 64, 2, x_split=True, ptx=True, mma_v2=True), 4, -1, torch.bfloat16, 3),
+    (Cfg("mma", 16, 128, 64, 8, step_blocks=2, x_split=True, ptx=True, zero_in_tile=True, warps=8, mma_v2=True),
+     4, 128, torch.bfloat16, 13),
     (Cfg("mma", 64, 64, 32, 2, mma_v2=True), 4, 32, torch.float16, 64),
-    (Cfg("xw", 64, 128, 64, 2, post_zero=False, mma_v2=True), 4, 128, torch.float16, 64),
-    (Cfg("xw", 128, 128, 64, 1, post_zero=False, warps=8, mma_v2=True), 4, 128, torch.bfloat16, 130),
-    (Cfg("swz", 64, 64, 32, 3, 1, ptx=True, mma_v2=True), 4, 128, torch.float16, 64),
-    (Cfg("swz", 16, 64, 32, 4, 4, ptx=True, mma_v2=True), 4, 128, torch.bfloat16, 16),
 ]
 
 
 @pytest.mark.skipif(not ON_GPU, reason="mma.sync vs wgmma is a GPU compiler choice")
 @pytest.mark.parametrize("cfg,bits,group,dtype,m", MMA_SYNC_CASES)
-def test_mma_sync_configs_match_reference(cfg, bits, group, dtype, m, monkeypatch):
-    monkeypatch.setattr(Q, "SWZ_CODES", True)
-    k = 4096 if cfg.kind == "swz" else K  # swz: whole 64-code blocks
-    qweight, scales, zeros, x, bias, ref = _biased_problem(bits, group, k, dtype, m, sym=False)
-    w = prepare_weight(qweight, scales, zeros, bits, group, k)
+def test_mma_sync_configs_match_reference(cfg, bits, group, dtype, m):
+    qweight, scales, zeros, x, bias, ref = _biased_problem(bits, group, K, dtype, m, sym=False)
+    w = prepare_weight(qweight, scales, zeros, bits, group, K)
     out = torch.full((m, N), float("nan"), device=DEVICE, dtype=dtype)
     y = quant_matmul(x, w, bias=bias, cfg=cfg, out=out)
     assert rel_err(y, ref) < TOL[dtype], cfg
