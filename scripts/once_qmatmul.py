@@ -5,7 +5,7 @@
 
 --cfg is Cfg's fields in order: kind, block_m, block_n, block_kb, split_k, step_blocks, x_split, warps,
 stages, ptx, zero_in_tile (flags as 0/1; gemv2 wants stages 1, its prefetch off, as the tuner's picks),
-then any field as name=value (e.g. post_zero=0; wg: specialized=1).
+then any field as name=value (e.g. post_zero=0; wg: specialized=1; mma: mma_v2=1).
 The call runs three times (compile, then two launches), so `-s 2 -c 1` profiles a warm launch.
 results/kernels.md ("Session of 2026-11-30, late") has the full ncu command and what it showed.
 """
@@ -28,7 +28,7 @@ def parse_cfg(text: str) -> Q.Cfg:
              "zero_in_tile"]
     fields = {n: int(v) for n, v in zip(names, (t for t in tokens if "=" not in t))}
     fields.update((n, int(v)) for n, v in (t.split("=") for t in tokens if "=" in t))  # e.g. post_zero=0
-    for flag in ("x_split", "ptx", "zero_in_tile", "post_zero", "specialized"):
+    for flag in ("x_split", "ptx", "zero_in_tile", "post_zero", "specialized", "mma_v2"):
         if flag in fields:
             fields[flag] = bool(fields[flag])
     return Q.Cfg(kind, **fields)
