@@ -1100,6 +1100,9 @@ def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------
 def _sms(device) -> int:
     """Multiprocessor count (132 on an H200); only shapes the split-K candidates."""
     if device.type != "cuda":
@@ -1220,7 +1223,7 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
         if M <= GEMV2_MAX_M:  # CUDA-core gemv2 first: the untimed default for 1-2 tokens
             cands = gemv2_configs(M, w)[:2] + cands
         cands = cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w)  # no xw below XW_MIN_M
-        return cands + wg_configs(M, w) + mma_v2_configs(cands, w)  # block_m 16: up to 16 tokens
+        return cands + wg_configs(M, w) + mma_v2_configs(cands, w)
     kb = min(64, (_uniform_kbs(w, 128) or [32])[-1])  # x tile of 128 x 2*kb fp16 per stage
     cands = [Cfg("mma", 128, 128, kb, 1, post_zero=False, x_split=True, warps=8, stages=3),
              Cfg("mma", 128, 128, max(16, kb // 2), 1, post_zero=False, x_split=True, warps=8, stages=4),
