@@ -59,6 +59,9 @@ SWZ_CODES = os.environ.get("EFFOPT_QMM_SWZ", "0") == "1"
 # 22.8 (4096x14336), results/kernels.md. The xw and swz kernels were slower with it (M = 16 and 64), so only
 # the mma kind gets copies. Appended to the candidates (the tuner times them); EFFOPT_QMM_V2=0 leaves them out.
 MMA_V2_CANDIDATES = os.environ.get("EFFOPT_QMM_V2", "1") == "1"
+# `kernels.qmatmul_mma`, a Gluon W4 kernel for up to 16 tokens that moves the codes straight into the mma.sync
+# operand (offline sm_90 SASS: 2.4 instructions a code against 3.75); untimed, so only with EFFOPT_QMM_MS=1
+MS_CANDIDATES = os.environ.get("EFFOPT_QMM_MS", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -925,14 +928,16 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KB, GROUP,
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Cfg:
-    """One way to run the product: kind 'mma' | 'xw' | 'gemv' | 'gemv2' | 'swz' | 'wg' | 'dequant' and its tile sizes.
+    """One way to run the product: kind 'mma' | 'xw' | 'gemv' | 'gemv2' | 'swz' | 'wg' | 'ms' | 'dequant' and its tile
+    sizes.
 
     'mma' is `_qmm_kernel` (out^T = W x^T, weight tile as the MMA's A operand); 'xw' is
     `_qmm_xw_kernel` (out = x W^T, weight tile as the B operand; step_blocks, x_split, ptx and
     zero_in_tile unused); 'swz' is `_qmm_swz_kernel` (as 'mma', over `shuffle_w4` codes; block_n 64,
     step_blocks = 64-code blocks a trip, ptx = the one-LOP3 conversion); 'wg' is a Gluon kernel of
     `kernels.qmatmul_wgmma` (block_n weight rows, block_m tokens, stages = slots of its copy ring,
-    specialized = the warp-specialized one fed by bulk copies).
+    specialized = the warp-specialized one fed by bulk copies); 'ms' is `kernels.qmatmul_mma` (Gluon, mma.sync,
+    up to 16 tokens: block_n rows, block_m 8 or 16 tokens, step_blocks = 64-code blocks a trip).
     """
 
     kind: str
@@ -1000,6 +1005,8 @@ def _launch(cfg: Cfg, x2, w: QuantWeight, bias, out):
         return _launch_swz(cfg, x2, w, bias, out)
     if cfg.kind == "wg":
         return _launch_wg(cfg, x2, w, bias, out)
+    if cfg.kind == "ms":
+        return _launch_ms(cfg, x2, w, bias, out)
     mode = _group_mode(w, cfg.block_kb)
     block_m = triton.next_power_of_2(M) if cfg.kind == "gemv" else cfg.block_m
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, cfg.block_n)
@@ -1073,6 +1080,21 @@ def _launch_wg(cfg: Cfg, x2, w: QuantWeight, bias, out):
     return qmatmul_wgmma.launch(x2, w.qweight, w.scales, w.zeros, w.group_size, bias, out, ws, lock,
                                 block_n=cfg.block_n, block_m=cfg.block_m, split_k=cfg.split_k, warps=cfg.warps,
                                 stages=cfg.stages, specialized=cfg.specialized)
+
+
+def _launch_ms(cfg: Cfg, x2, w: QuantWeight, bias, out):
+    from kernels import qmatmul_mma, qmatmul_wgmma
+
+    M, K = x2.shape
+    if not qmatmul_mma.fits(w.bits, w.group_size, K, M) or x2.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError("ms configs take 4-bit codes, K and the group a multiple of 64, M <= 16 and fp16/bf16 x")
+    if not qmatmul_wgmma.available(x2.device) or w.zeros.stride() != w.scales.stride():
+        raise ValueError("ms configs run on a Hopper GPU with Triton's Gluon, over zeros strided like the scales")
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(w.out_features, cfg.block_n)
+    ws, lock = _scratch(x2.device, tiles * cfg.split_k * cfg.block_m * cfg.block_n, tiles)
+    return qmatmul_mma.launch(x2, w.qweight, w.scales, w.zeros, w.group_size, bias, out, ws, lock,
+                              block_n=cfg.block_n, block_m=cfg.block_m, split_k=cfg.split_k, warps=cfg.warps,
+                              step=cfg.step_blocks)
 
 
 def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):
@@ -1223,7 +1245,7 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
         if M <= GEMV2_MAX_M:  # CUDA-core gemv2 first: the untimed default for 1-2 tokens
             cands = gemv2_configs(M, w)[:2] + cands
         cands = cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w)  # no xw below XW_MIN_M
-        return cands + wg_configs(M, w) + mma_v2_configs(cands, w)
+        return cands + wg_configs(M, w) + mma_v2_configs(cands, w) + ms_configs(M, w)
     kb = min(64, (_uniform_kbs(w, 128) or [32])[-1])  # x tile of 128 x 2*kb fp16 per stage
     cands = [Cfg("mma", 128, 128, kb, 1, post_zero=False, x_split=True, warps=8, stages=3),
              Cfg("mma", 128, 128, max(16, kb // 2), 1, post_zero=False, x_split=True, warps=8, stages=4),
@@ -1242,6 +1264,26 @@ def mma_v2_configs(cands: list, w: QuantWeight) -> list:
         return []
     mma = [c for c in cands if c.kind == "mma" and c.block_m == 16]
     return [dataclasses.replace(c, mma_v2=True) for c in ([c for c in mma if c.ptx] or mma)]
+
+
+def ms_configs(M: int, w: QuantWeight) -> list:
+    """`kernels.qmatmul_mma` configs for up to 16 tokens on a Hopper GPU, with EFFOPT_QMM_MS=1 (appended: never
+    the untimed default): 64 or 128 rows a program (one or two 16-row MMA tiles a warp), 1 or 2 blocks of 64
+    codes a trip (a trip stays in one group), split-K near 4 programs per SM."""
+    from kernels import qmatmul_mma, qmatmul_wgmma
+
+    K = w.in_features
+    group = min(w.group_size, K)
+    if not MS_CANDIDATES or not qmatmul_wgmma.available(w.qweight.device) or not qmatmul_mma.fits(w.bits, group, K, M):
+        return []
+    bm = 8 if M <= 8 else 16
+    cfgs = []
+    for bn, warps in ((64, 4), (128, 4), (128, 8)):
+        for step in (s for s in (1, 2) if (group // 64) % s == 0 and (K // 64) % s == 0):
+            tiles = triton.cdiv(w.out_features, bn)
+            for sk in _splits(tiles, K // (64 * step), 4 * _sms(w.qweight.device)):
+                cfgs.append(Cfg("ms", bm, bn, 32, sk, step, warps=warps))
+    return cfgs
 
 
 def swz_configs(M: int, w: QuantWeight) -> list:

@@ -295,6 +295,9 @@ def _cfg_str(cfg):
     if cfg.kind == "wg":
         return f"wg {cfg.block_m}x{cfg.block_n}" + (f" sk{cfg.split_k}" if cfg.split_k > 1 else "") + \
             f" w{cfg.warps}s{cfg.stages}" + (" ws" if cfg.specialized else "")
+    if cfg.kind == "ms":
+        return f"ms {cfg.block_m}x{cfg.block_n}" + (f" sk{cfg.split_k}" if cfg.split_k > 1 else "") + \
+            f" x{cfg.step_blocks} w{cfg.warps}"
     if cfg.kind == "xw":
         tag += f" w{cfg.warps}s{cfg.stages}"
     tag += "" if cfg.post_zero else " pre"

@@ -13,6 +13,7 @@ frequent opcodes. Counts are not timings (results/kernels.md has a case where th
     python scripts/sass_count.py gemv2 --block-m 1 --split-k 4 --step 4 --stages 1   # decode GEMV (M = 1)
     python scripts/sass_count.py swz --block-m 16 --split-k 4 --step 4 --ptx   # W4 over shuffle_w4 codes
     python scripts/sass_count.py wg --block-n 64 --block-m 128 --stages 6 [--ws]   # the Gluon wgmma W4 kernels
+    python scripts/sass_count.py ms --block-n 128 --block-m 16 --step 2 --split-k 4   # Gluon mma.sync, M <= 16
     python scripts/sass_count.py candidates   # compile every mma config the tuner may try (~15 min)
     python scripts/sass_count.py rope-store [--quant] [--bf16]   # the fused RoPE + KV-cache write
     python scripts/sass_count.py smoke   # one config of every kernel variant compiles (CI runs it)
@@ -37,6 +38,7 @@ from kernels import attention as A  # noqa: E402
 from kernels import fused as F  # noqa: E402
 from kernels import int8_matmul as I  # noqa: E402
 from kernels import qmatmul as Q  # noqa: E402
+from kernels import qmatmul_mma as MS  # noqa: E402
 from kernels import qmatmul_wgmma as WG  # noqa: E402
 from kernels._tune import mma_sync  # noqa: E402
 
@@ -72,6 +74,18 @@ def compile_wgmma(block_n=64, block_m=128, warps=4, stages=6, split_k=1, bf16=Fa
                 lock_ptr="*i32")
     kernel = WG._w4_wgmma_ws_kernel if specialized else WG._w4_wgmma_kernel
     return compile_sm90(kernel, const, ptrs, (), ("N", "K"), warps, stages)
+
+
+def compile_mma_sync(block_n=128, block_m=16, warps=4, step=2, split_k=4, bf16=False):
+    """`kernels.qmatmul_mma._w4_mma_sync_kernel` for sm_90 (W4 g128), as `launch` specializes it. Its two
+    `convert_layout(..., assert_trivial=True)` make the compile fail if a code or x value would have to move."""
+    act = "*bf16" if bf16 else "*fp16"
+    const = dict(GROUP=128, OFFSET=128.0 if bf16 else 1024.0, PAIR_ASM=MS._pair_asm(0x43004300 if bf16 else 0x64006400),
+                 HAS_BIAS=False, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
+                 **MS.layouts(block_n, block_m, warps))
+    ptrs = dict(x_ptr=act, qw_ptr="*i32", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act, ws_ptr="*fp32",
+                lock_ptr="*i32")
+    return compile_sm90(MS._w4_mma_sync_kernel, const, ptrs, (), ("N", "K"), warps, 1)
 
 
 def loop_histogram(sass: str):
@@ -201,9 +215,14 @@ def compile_smoke():
     if WG.HAVE_GLUON:
         cases["W4 matmul, Gluon wgmma"] = dict(split_k=2)
         cases["W4 matmul, Gluon wgmma, warp-specialized"] = dict(split_k=2, specialized=True, stages=4)
+        cases["W4 matmul, Gluon mma.sync, M=16"] = compile_mma_sync
     failed = 0
     for name, case in cases.items():
         try:
+            if callable(case):
+                case()
+                print(f"ok      {name}")
+                continue
             if isinstance(case, dict):
                 compile_wgmma(**case)
                 print(f"ok      {name}")
@@ -226,7 +245,8 @@ def compile_smoke():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("kernel", choices=["decode", "qmatmul", "gemv2", "swz", "wg", "candidates", "rope-store", "smoke"])
+    ap.add_argument("kernel", choices=["decode", "qmatmul", "gemv2", "swz", "wg", "ms", "candidates", "rope-store",
+                                       "smoke"])
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--top", type=int, default=14)
@@ -258,6 +278,8 @@ def main():
         return compile_candidates()
     if a.kernel == "smoke":
         return compile_smoke()
+    if a.kernel == "ms":  # the Gluon mma.sync kernel: --block-n rows, --block-m tokens, --step blocks a trip
+        return report(compile_mma_sync(a.block_n or 128, a.block_m, a.warps, a.step, a.split_k, a.bf16), a.top)
     if a.kernel == "wg":  # the Gluon wgmma kernel: --block-n rows, --block-m tokens
         return report(compile_wgmma(a.block_n or 64, a.block_m, a.warps, a.stages, a.split_k, a.bf16, a.ws), a.top)
     if a.kernel == "rope-store":  # kernels.fused.rope_store_kv, float or int8 caches (--quant), head dim 128

@@ -1,6 +1,8 @@
 """The quant_matmul candidates the tuner times for one W4A16 g128 shape: the fastest of each kind (GPU).
 
     python3 scripts/sweep_qmatmul.py --shape 8192x8192 --ms 16,128 [--kinds wg,xw]
+    python3 scripts/sweep_qmatmul.py --ms 16 --cfgs "ms,16,128,32,4,2,0,4;mma,16,64,64,4,2,1,4,3,1,1,mma_v2=1"
+        (only these configs, in `once_qmatmul.parse_cfg`'s form, timed the same way: no tuner run)
 
 Times are the tuner's own (`kernels._tune.gpu_ms`: CUDA-graph replays after a 128 MB L2 flush) with
 the flush alone subtracted, so they read as kernel microseconds; cuBLAS fp16 is timed the same way.
@@ -16,6 +18,7 @@ from kernels import qmatmul as Q  # noqa: E402
 from kernels._tune import TIMINGS, gpu_ms  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import _cfg_str, make_quant, qmm_key  # noqa: E402
+from once_qmatmul import parse_cfg  # noqa: E402
 
 
 def main():
@@ -24,6 +27,7 @@ def main():
     ap.add_argument("--ms", default="16,64,128")
     ap.add_argument("--kinds", default="", help="only these kinds (comma-separated)")
     ap.add_argument("--top", type=int, default=4, help="the fastest configs of each kind")
+    ap.add_argument("--cfgs", default="", help="time only these configs (';'-separated, once_qmatmul's form)")
     args = ap.parse_args()
     n, k = (int(d) for d in args.shape.split("x"))
     torch.manual_seed(0)
@@ -35,9 +39,13 @@ def main():
     for m in (int(v) for v in args.ms.split(",")):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         t16 = (gpu_ms(lambda: torch.matmul(x, w16.t())) - flush) * 1e3
-        Q.quant_matmul(x, w)
-        key = qmm_key(m, n, k, 4)
-        timed = sorted((t for t in TIMINGS[key] if not kinds or t[0].kind in kinds), key=lambda t: t[1])
+        if args.cfgs:
+            forced = [parse_cfg(c) for c in args.cfgs.split(";")]
+            timed = sorted(((c, gpu_ms(lambda c=c: Q.quant_matmul(x, w, cfg=c))) for c in forced), key=lambda t: t[1])
+        else:
+            Q.quant_matmul(x, w)
+            key = qmm_key(m, n, k, 4)
+            timed = sorted((t for t in TIMINGS[key] if not kinds or t[0].kind in kinds), key=lambda t: t[1])
         per_kind = {}  # kind -> its timings, fastest first
         for t in timed:
             per_kind.setdefault((t[0].kind, t[0].mma_v2), []).append(t)  # mma.sync copies: their own kind

@@ -1,0 +1,174 @@
+"""W4A16 matmul for a few tokens (M <= 16) on mma.sync, written in Gluon: the codes go from global memory
+straight into the MMA's register operand, with no shared memory and no byte permutes.
+
+Why: at 16 tokens `qmatmul._qmm_kernel` spends its time issuing instructions. Its sm_90 SASS has ~3.75
+instructions per 4-bit code, most of them PRMT byte permutes and shared-memory reads. They put each code
+where the MMA operand layout wants it (results/kernels.md). Here the K order is chosen so that no code
+has to move:
+
+  * A thread of an m16n8k16 MMA holds, per 16-wide k tile, the k pairs 2c, 2c + 1 and 2c + 8, 2c + 9 of
+    rows g and g + 8 (lane = 4g + c). Any permutation of K applied to both operands gives the same
+    product, so the kernel lets lane c of a quad own the real codes 16c .. 16c + 15 of every 64-code
+    block. In the plain packed layout those are 8 adjacent bytes: one 8-byte load a row, no shuffled copy.
+  * `(w >> s) & 0x000f000f | OFFSET bits` (one LOP3 after one shift) turns a word into a half2 pair
+    of codes. For shifts 0 / 8 / 4 / 12 the pairs hold real codes (0, 4), (2, 6), (1, 5), (3, 7) of the
+    word's 8. These pairs fill the operand's 8 registers a row per block. A chain of `join`, `permute` and
+    `reshape` names that placement, and the final `convert_layout` is checked to be free (`assert_trivial`).
+  * x is permuted the same way once a call (`SIGMA` within every 16 columns, a torch gather). The kernel
+    then reads a lane's 16 values of a block as one 32-byte run a token, already in operand order.
+
+Per 64-code block and thread, this leaves: 2-4 wide loads; a shift and a LOP3 a code pair; one HSUB2 a pair
+(q - z, exact); 8 MMAs a 16-row tile; and one scale FMA a group and accumulator. The split-K finish is the
+wgmma module's. GPU only, and Hopper-tuned; the Triton interpreter does not run Gluon.
+"""
+import torch
+import triton
+
+from kernels import qmatmul_wgmma as WG
+
+if WG.HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+BLOCK_K = 64  # codes per block: 32 bytes a row, 8 bytes a lane
+_BK = triton.language.constexpr(BLOCK_K)  # the same, for the kernels
+# Position p = 16c + 4t + 2h + e of a permuted 16-column group holds real column SIGMA[p] (see the docstring):
+# k tile t, pair h, element e of lane c's operand registers.
+SIGMA = (0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15)
+
+
+def _pair_asm(fill: int) -> str:
+    """(w & 0x000f000f) | fill as two 16-bit floats (LOP3 table 0xea = a & b | c)."""
+    return ("{\n.reg .b32 r;\nlop3.b32 r, $2, 0x000f000f, " f"{fill:#010x}, 0xea;\n" "mov.b32 {$0, $1}, r;\n}")
+
+
+def fits(bits: int, group: int, in_features: int, m: int) -> bool:
+    """4-bit codes, K and the group whole 64-code blocks, at most 16 tokens."""
+    return bits == 4 and in_features % BLOCK_K == 0 and group % BLOCK_K == 0 and m <= 16
+
+
+def permute_x(x2: torch.Tensor) -> torch.Tensor:
+    """x [M, K] with every 16 columns in `SIGMA` order (the operand order the kernel reads)."""
+    m, k = x2.shape
+    sigma = torch.tensor(SIGMA, device=x2.device)
+    return x2.reshape(m, k // 16, 16).index_select(2, sigma).reshape(m, k)
+
+
+if WG.HAVE_GLUON:
+
+    @gluon.jit
+    def _w4_mma_sync_kernel(
+        x_ptr,  # `permute_x(x)`
+        qw_ptr,  # the packed codes viewed as int32 [N, K / 8]
+        s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+        M, N, K,
+        stride_xm, stride_qn, stride_sn, stride_sg, stride_om,
+        GROUP: gl.constexpr,  # codes per group (K for per-channel)
+        OFFSET: gl.constexpr,  # 1024 (fp16) / 128 (bf16): what PAIR_ASM adds to a code
+        PAIR_ASM: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
+        BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
+        STEP: gl.constexpr,  # 64-code blocks a loop trip (unrolled), all in one group
+        W_L: gl.constexpr, X_L: gl.constexpr, MMA_L: gl.constexpr, OUT_L: gl.constexpr,
+    ):
+        A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
+        B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA_L, k_width=2)
+        pid, pid_k, n0, m0, n_steps, it0, n_it = WG._tile_and_steps(M, N, K, BLOCK_N, BLOCK_M, SPLIT_K,
+                                                                    STEP * _BK)
+        dt = x_ptr.dtype.element_ty
+
+        rows = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, W_L)), N - 1)  # past N: dropped
+        w_ptrs = qw_ptr + rows[:, None] * stride_qn + gl.arange(0, 8, layout=gl.SliceLayout(0, W_L))[None, :]
+        tok = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_L))
+        x_ptrs = x_ptr + tok[:, None] * stride_xm + gl.arange(0, _BK, layout=gl.SliceLayout(0, X_L))[None, :]
+        x_ok = (tok < M)[:, None]
+        a_rows = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A_L)), N - 1)
+        acc_rows = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA_L)), N - 1)
+
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
+        for it in range(it0, it0 + n_it):
+            words = ()
+            xs = ()
+            for sub in gl.static_range(STEP):  # every load of the trip first: STEP blocks in flight
+                blk = it * STEP + sub
+                words = words + (gl.load(w_ptrs + blk * 8),)
+                xs = xs + (gl.load(x_ptrs + blk * _BK, mask=x_ok, other=0.0),)
+            g = (it * STEP * _BK) // GROUP
+            zo = (gl.load(z_ptr + a_rows * stride_sn + g * stride_sg) + OFFSET).to(dt)  # exact: small integers
+            s = gl.load(s_ptr + acc_rows * stride_sn + g * stride_sg).to(gl.float32)
+            part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
+            for sub in gl.static_range(STEP):
+                a = _codes_operand(words[sub], zo, PAIR_ASM, BLOCK_N, A_L)
+                b = _x_operand(xs[sub], BLOCK_M, B_L)
+                part = mma_v2(a, b, part)
+            acc += s[:, None] * part
+        WG._epilogue(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, n0, m0, N, M, stride_om, HAS_BIAS,
+                     BLOCK_N, BLOCK_M, SPLIT_K, OUT_L)
+
+    @gluon.jit
+    def _codes_operand(words, zo, PAIR_ASM: gl.constexpr, BLOCK_N: gl.constexpr, A_L: gl.constexpr):
+        """int32 [BLOCK_N, 8] words of a 64-code block (lane c of a quad holds words 2c, 2c + 1 of its rows)
+        -> q - z (zo = OFFSET + z per row, exact in 16 bits) as the MMA's A operand [BLOCK_N, 64] in the
+        kernel's K order, without moving a value."""
+        w3 = words.reshape([BLOCK_N, 4, 2])  # [row, c, wd]: word wd of lane c
+        pairs = ()
+        for q in gl.static_range(4):  # shifts 0, 8, 4, 12: real codes (0, 4), (2, 6), (1, 5), (3, 7) of a word's 8
+            lo, hi = gl.inline_asm_elementwise(PAIR_ASM, "=h,=h,r", [w3 >> ((q % 2) * 8 + (q // 2) * 4)],
+                                               dtype=(zo.dtype, zo.dtype), is_pure=True, pack=1)
+            pairs = pairs + (gl.join(lo, hi),)  # [row, c, wd, e]
+        # pair q = 2j + i goes to k tile t = 2 wd + j, pair h = i: k = 32 wd + 16 j + 8 i + 2 c + e
+        a = gl.join(gl.join(pairs[0], pairs[1]), gl.join(pairs[2], pairs[3]))  # [row, c, wd, e, i, j]
+        a = a.permute([0, 2, 5, 4, 1, 3]).reshape([BLOCK_N, _BK])
+        return gl.convert_layout(a, A_L, assert_trivial=True) - zo[:, None]
+
+    @gluon.jit
+    def _x_operand(x, BLOCK_M: gl.constexpr, B_L: gl.constexpr):
+        """A block of permuted x [BLOCK_M, 64] (lane c of a quad holds positions 16c .. 16c + 15 of its tokens)
+        -> the MMA's B operand [64, BLOCK_M] in the kernel's K order, without moving a value."""
+        x = x.reshape([BLOCK_M, 4, 4, 2, 2])  # [token, c, t, h, e]: p = 16c + 4t + 2h + e
+        x = x.permute([2, 3, 1, 4, 0]).reshape([_BK, BLOCK_M])  # k = 16t + 8h + 2c + e
+        return gl.convert_layout(x, B_L, assert_trivial=True)
+
+
+def layouts(block_n: int, block_m: int, warps: int) -> dict:
+    """Register layouts for [block_n rows, block_m tokens]: 16 rows a warp per MMA tile, block_n / (16 warps)
+    tiles a warp; each layout places a value where the MMA operand needs it (the kernel's docstring)."""
+    tiles = block_n // (16 * warps)
+    if block_m not in (8, 16) or tiles < 1 or tiles & (tiles - 1) or block_n % (16 * warps):
+        raise ValueError(f"block_m must be 8 or 16 and block_n a power-of-two multiple of 16 * warps; got "
+                         f"{block_n} x {block_m} with {warps} warps")
+    log_w, log_t = warps.bit_length() - 1, tiles.bit_length() - 1
+    quad = [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]]  # lane = 4g + c: c -> word pair, g -> row
+    words = gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [8, 0]] + [[16 * warps << i, 0] for i in range(log_t)],  # wd, row + 8, tiles
+        lane_bases=quad, warp_bases=[[16 << i, 0] for i in range(log_w)], block_bases=[], shape=[block_n, 8])
+    x = gl.DistributedLinearLayout(  # [tokens, 64]: 16 positions a lane, token g (and g + 8); warps share it
+        reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8]] + ([[8, 0]] if block_m == 16 else []),
+        lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]], warp_bases=[[0, 0]] * log_w, block_bases=[],
+        shape=[block_m, BLOCK_K])
+    return dict(W_L=words, X_L=x,
+                MMA_L=gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8]),
+                OUT_L=gl.BlockedLayout([2, 1], [32, 1], [1, warps], [0, 1]))
+
+
+def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, block_n: int, block_m: int,
+           split_k: int, warps: int, step: int):
+    """out[M, N] = x2 @ dequant(W)^T (+ bias) for M <= 16. ws_buf / lock: split-K workspace and zeroed arrival
+    counters (`qmatmul._scratch`) for cdiv(N, block_n) tiles."""
+    M, K = x2.shape
+    N = qweight.shape[0]
+    group = min(group, K)
+    if not fits(4, group, K, M) or (K // BLOCK_K) % step or (group // BLOCK_K) % step:
+        raise ValueError(f"the mma.sync kernel takes 4-bit codes, K and the group whole blocks of {step} x 64 "
+                         f"codes and M <= 16; got K={K}, g={group}, M={M}")
+    if not qweight.is_contiguous():
+        raise ValueError("the mma.sync kernel reads the codes as contiguous int32 words")
+    f16 = x2.dtype == torch.float16
+    _w4_mma_sync_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split_k)](
+        permute_x(x2), qweight.view(torch.int32), scales, zeros, bias if bias is not None else out, out, ws_buf,
+        lock, M, N, K, K, K // 8, scales.stride(0), scales.stride(1), out.stride(0), GROUP=group,
+        OFFSET=1024.0 if f16 else 128.0, PAIR_ASM=_pair_asm(0x64006400 if f16 else 0x43004300),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
+        **layouts(block_n, block_m, warps), num_warps=warps)
+    return out

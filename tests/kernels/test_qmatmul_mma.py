@@ -1,0 +1,99 @@
+"""The Gluon mma.sync W4 kernel for up to 16 tokens (kernels/qmatmul_mma.py).
+
+On CPU: its K order (the codes a lane loads, the pairs one LOP3 makes of them, the joins and permutes that
+place them, and x permuted by SIGMA) gives the plain product, emulated in torch op for op. On a Hopper GPU:
+the kernel against the float32 reference, with tails of N and M, uneven split-K, groups of 64 / 128 and
+per-channel, fp16 / bf16, bias. The sm_90 compile (and that both layout conversions are free) is checked
+by tests/kernels/test_compile_sm90.py."""
+import pytest
+import torch
+
+from kernel_testing import DEVICE, ON_GPU, poison_scratch, rel_err  # noqa: F401 (autouse fixture)
+from kernels import qmatmul as Q
+from kernels import qmatmul_mma as MS
+from kernels import qmatmul_wgmma as W
+from kernels.qmatmul import Cfg, dequantize, prepare_weight, quant_matmul, unpack_codes
+from test_qmatmul import make_weight
+
+HOPPER = ON_GPU and W.available(torch.device("cuda"))
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="Gluon mma.sync kernel: Hopper GPU only")
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+
+
+def _operand_a(words: torch.Tensor) -> torch.Tensor:
+    """`_codes_operand` in torch: int32 [R, 8] words of a block -> the codes in the kernel's K order [R, 64]."""
+    w3 = words.to(torch.int64).reshape(-1, 4, 2)
+    pairs = []
+    for q in range(4):
+        v = w3 >> ((q % 2) * 8 + (q // 2) * 4)
+        pairs.append(torch.stack([v & 0xF, (v >> 16) & 0xF], -1))  # the LOP3's low / high half
+    a = torch.stack([torch.stack(pairs[:2], -1), torch.stack(pairs[2:], -1)], -1)  # gl.join = stack(-1)
+    return a.permute(0, 2, 5, 4, 1, 3).reshape(-1, 64)
+
+
+def _operand_b(xp_block: torch.Tensor) -> torch.Tensor:
+    """`_x_operand` in torch: permuted x [M, 64] -> [64, M] in the kernel's K order."""
+    return xp_block.reshape(-1, 4, 4, 2, 2).permute(2, 3, 1, 4, 0).reshape(64, -1)
+
+
+def test_kernel_k_order_gives_the_plain_product():
+    torch.manual_seed(0)
+    qweight = torch.randint(0, 256, (24, 96), dtype=torch.uint8)  # K = 192: three blocks
+    x = torch.randn(5, 192, dtype=torch.float64)
+    ref = unpack_codes(qweight, 4, 192).double() @ x.t()
+    words, xp = qweight.view(torch.int32), MS.permute_x(x)
+    got = sum(_operand_a(words[:, 8 * b:8 * b + 8]).double() @ _operand_b(xp[:, 64 * b:64 * b + 64])
+              for b in range(3))
+    assert torch.allclose(got, ref, atol=1e-9)
+    assert sorted(MS.SIGMA) == list(range(16))
+
+
+def test_layouts_want_whole_mma_tiles():
+    if not W.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    MS.layouts(128, 16, 4)
+    for bn, bm, warps in ((96, 16, 4), (128, 32, 4), (32, 16, 4)):
+        with pytest.raises(ValueError, match="block_n"):
+            MS.layouts(bn, bm, warps)
+
+
+def test_ms_configs_are_opt_in_and_launches_refused_off_hopper(monkeypatch):
+    qweight, scales, zeros, _ = make_weight(64, 256, 4, 128, torch.float16)
+    w = prepare_weight(qweight, scales, zeros, 4, 128, 256)
+    monkeypatch.setattr(Q, "MS_CANDIDATES", False)
+    assert Q.ms_configs(16, w) == []
+    monkeypatch.setattr(Q, "MS_CANDIDATES", True)
+    for m in (1, 16, 17, 64):
+        cands = Q.candidates(m, w, torch.float16)
+        assert any(c.kind == "ms" for c in cands) == (HOPPER and m <= 16)
+        assert cands[0].kind != "ms"
+    if not HOPPER:
+        with pytest.raises(ValueError, match="Hopper"):
+            quant_matmul(torch.randn(3, 256, device=DEVICE, dtype=torch.float16), w, cfg=Cfg("ms", 16, 64, 32, 1))
+
+
+CASES = [  # (block_m tokens, block_n rows, split_k, step, warps, M, N, K, group, dtype, bias)
+    (16, 128, 1, 2, 4, 16, 256, 512, 128, torch.float16, False),
+    (16, 64, 3, 1, 4, 13, 200, 1280, 64, torch.bfloat16, True),  # M and N tails, 20 blocks over 3 splits
+    (8, 128, 4, 2, 8, 1, 2048 + 24, 4096, 128, torch.float16, True),
+    (16, 128, 2, 2, 4, 16, 520, 2048, -1, torch.bfloat16, False),  # per-channel
+    (8, 64, 1, 1, 4, 3, 320, 768, 128, torch.float16, True),
+]
+
+
+@needs_hopper
+@pytest.mark.parametrize("bm,bn,sk,step,warps,m,n,k,group,dtype,bias", CASES)
+def test_ms_kernel_matches_reference(bm, bn, sk, step, warps, m, n, k, group, dtype, bias):
+    qweight, scales, zeros, _ = make_weight(n, k, 4, group, dtype)
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, device=DEVICE, dtype=dtype) if bias else None
+    ref = x.float() @ dequantize(qweight, scales, zeros, 4, group, k, dtype=torch.float32).t()
+    if b is not None:
+        ref += b.float()
+    cfg = Cfg("ms", bm, bn, 32, sk, step, warps=warps)
+    out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
+    for w in (prepare_weight(qweight, scales, zeros, 4, group, k), qweight):  # group-major scales, and plain
+        args = () if w is not qweight else (scales, zeros, 4, group, k)
+        for _ in range(2):  # the second launch finds the split-K counters re-armed
+            y = quant_matmul(x, w, *args, bias=b, cfg=cfg, out=out)
+            assert rel_err(y, ref) < TOL[dtype], cfg
