@@ -10,7 +10,7 @@ has to move:
     rows g and g + 8 (lane = 4g + c). Any permutation of K applied to both operands gives the same
     product, so the kernel lets lane c of a quad own the real codes 16c .. 16c + 15 of every 64-code
     block. In the plain packed layout those are 8 adjacent bytes: one 8-byte load a row, no shuffled copy.
-  * `(w >> s) & 0x000f000f | OFFSET bits` (one LOP3 after one shift) turns a word into a half2 pair
+  * `(w >> s) & 0x000f000f | OFFSET bits` (one LOP3 after one shift, `qmatmul._swz_ptx`) turns a word into a pair
     of codes. For shifts 0 / 8 / 4 / 12 the pairs hold real codes (0, 4), (2, 6), (1, 5), (3, 7) of the
     word's 8. These pairs fill the operand's 8 registers a row per block. A chain of `join`, `permute` and
     `reshape` names that placement, and the final `convert_layout` is checked to be free (`assert_trivial`).
@@ -20,11 +20,17 @@ has to move:
 Per 64-code block and thread, this leaves: 2-4 wide loads; a shift and a LOP3 a code pair; one HSUB2 a pair
 (q - z, exact); 8 MMAs a 16-row tile; and one scale FMA a group and accumulator. The split-K finish is the
 wgmma module's. GPU only, and Hopper-tuned; the Triton interpreter does not run Gluon.
+
+Status: built and compiled offline (sm_90 SASS, 128 rows, 16 tokens, 2 blocks a trip: 302 loop instructions
+for the 128 codes a thread, 2.36 a code, 128 registers, no shared memory in the loop), but not yet run on a
+GPU: the session that wrote it had no device time left. So the tuner offers it only with EFFOPT_QMM_MS=1,
+and its GPU tests (tests/kernels/test_qmatmul_mma.py) are still to be run.
 """
 import torch
 import triton
 
 from kernels import qmatmul_wgmma as WG
+from kernels.qmatmul import _SWZ_BF16, _SWZ_F16  # (w & 0x000f000f) | OFFSET bits: one LOP3, two 16-bit floats
 
 if WG.HAVE_GLUON:
     from triton.experimental import gluon
@@ -36,11 +42,6 @@ _BK = triton.language.constexpr(BLOCK_K)  # the same, for the kernels
 # Position p = 16c + 4t + 2h + e of a permuted 16-column group holds real column SIGMA[p] (see the docstring):
 # k tile t, pair h, element e of lane c's operand registers.
 SIGMA = (0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15)
-
-
-def _pair_asm(fill: int) -> str:
-    """(w & 0x000f000f) | fill as two 16-bit floats (LOP3 table 0xea = a & b | c)."""
-    return ("{\n.reg .b32 r;\nlop3.b32 r, $2, 0x000f000f, " f"{fill:#010x}, 0xea;\n" "mov.b32 {$0, $1}, r;\n}")
 
 
 def fits(bits: int, group: int, in_features: int, m: int) -> bool:
@@ -168,7 +169,7 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
     _w4_mma_sync_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split_k)](
         permute_x(x2), qweight.view(torch.int32), scales, zeros, bias if bias is not None else out, out, ws_buf,
         lock, M, N, K, K, K // 8, scales.stride(0), scales.stride(1), out.stride(0), GROUP=group,
-        OFFSET=1024.0 if f16 else 128.0, PAIR_ASM=_pair_asm(0x64006400 if f16 else 0x43004300),
+        OFFSET=1024.0 if f16 else 128.0, PAIR_ASM=(_SWZ_F16 if f16 else _SWZ_BF16).value,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
         **layouts(block_n, block_m, warps), num_warps=warps)
     return out
