@@ -393,6 +393,7 @@ def test_mma_sync_configs_are_appended_on_hopper_for_few_tokens(monkeypatch):
     monkeypatch.setattr(Q, "MMA_V2_CANDIDATES", False)  # EFFOPT_QMM_V2=0
     assert not any(c.mma_v2 for m in (1, 16, 64, 256) for c in candidates(m, w, torch.float16))
     monkeypatch.setattr(Q, "MMA_V2_CANDIDATES", True)
+    monkeypatch.setattr(Q, "MS_CANDIDATES", False)  # (those would come after these)
     hopper = ON_GPU and torch.cuda.get_device_capability()[0] == 9
     for m in (1, 3, 16, 64, 256):
         cands = candidates(m, w, torch.float16)
