@@ -937,7 +937,8 @@ class Cfg:
     step_blocks = 64-code blocks a trip, ptx = the one-LOP3 conversion); 'wg' is a Gluon kernel of
     `kernels.qmatmul_wgmma` (block_n weight rows, block_m tokens, stages = slots of its copy ring,
     specialized = the warp-specialized one fed by bulk copies); 'ms' is `kernels.qmatmul_mma` (Gluon, mma.sync,
-    up to 16 tokens: block_n rows, block_m 8 or 16 tokens, step_blocks = 64-code blocks a trip).
+    up to 64 tokens: block_n rows, block_m 8-64 tokens, step_blocks = 64-code blocks a trip, post_zero False =
+    the scale in the tile).
     """
 
     kind: str
@@ -1087,14 +1088,14 @@ def _launch_ms(cfg: Cfg, x2, w: QuantWeight, bias, out):
 
     M, K = x2.shape
     if not qmatmul_mma.fits(w.bits, w.group_size, K, M) or x2.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError("ms configs take 4-bit codes, K and the group a multiple of 64, M <= 16 and fp16/bf16 x")
+        raise ValueError("ms configs take 4-bit codes, K and the group a multiple of 64, M <= 64 and fp16/bf16 x")
     if not qmatmul_wgmma.available(x2.device) or w.zeros.stride() != w.scales.stride():
         raise ValueError("ms configs run on a Hopper GPU with Triton's Gluon, over zeros strided like the scales")
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(w.out_features, cfg.block_n)
     ws, lock = _scratch(x2.device, tiles * cfg.split_k * cfg.block_m * cfg.block_n, tiles)
     return qmatmul_mma.launch(x2, w.qweight, w.scales, w.zeros, w.group_size, bias, out, ws, lock,
                               block_n=cfg.block_n, block_m=cfg.block_m, split_k=cfg.split_k, warps=cfg.warps,
-                              step=cfg.step_blocks)
+                              step=cfg.step_blocks, scale_in_tile=not cfg.post_zero)
 
 
 def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):
@@ -1267,22 +1268,25 @@ def mma_v2_configs(cands: list, w: QuantWeight) -> list:
 
 
 def ms_configs(M: int, w: QuantWeight) -> list:
-    """`kernels.qmatmul_mma` configs for up to 16 tokens on a Hopper GPU, with EFFOPT_QMM_MS=1 (appended: never
+    """`kernels.qmatmul_mma` configs for up to 64 tokens on a Hopper GPU, with EFFOPT_QMM_MS=1 (appended: never
     the untimed default): 64 or 128 rows a program (one or two 16-row MMA tiles a warp), 1 or 2 blocks of 64
-    codes a trip (a trip stays in one group), split-K near 4 programs per SM."""
+    codes a trip (a trip stays in one group), split-K near 4 programs per SM (2 from 32 tokens: ~180
+    registers); from 32 tokens the scale goes into the tile (offline SASS at 64 tokens: the fp32 partial's
+    clearing and scaling cost 96 of 339 loop instructions)."""
     from kernels import qmatmul_mma, qmatmul_wgmma
 
     K = w.in_features
     group = min(w.group_size, K)
     if not MS_CANDIDATES or not qmatmul_wgmma.available(w.qweight.device) or not qmatmul_mma.fits(w.bits, group, K, M):
         return []
-    bm = 8 if M <= 8 else 16
+    bm = max(8, triton.next_power_of_2(M))
+    many = bm >= 32
     cfgs = []
-    for bn, warps in ((64, 4), (128, 4), (128, 8)):
+    for bn, warps in ((64, 4),) + (() if many else ((128, 4), (128, 8))):
         for step in (s for s in (1, 2) if (group // 64) % s == 0 and (K // 64) % s == 0):
             tiles = triton.cdiv(w.out_features, bn)
-            for sk in _splits(tiles, K // (64 * step), 4 * _sms(w.qweight.device)):
-                cfgs.append(Cfg("ms", bm, bn, 32, sk, step, warps=warps))
+            for sk in _splits(tiles, K // (64 * step), (2 if many else 4) * _sms(w.qweight.device)):
+                cfgs.append(Cfg("ms", bm, bn, 32, sk, step, post_zero=not many, warps=warps))
     return cfgs
 
 

@@ -1,4 +1,4 @@
-"""W4A16 matmul for a few tokens (M <= 16) on mma.sync, written in Gluon: the codes go from global memory
+"""W4A16 matmul for a few tokens (M <= 64) on mma.sync, written in Gluon: the codes go from global memory
 straight into the MMA's register operand, with no shared memory and no byte permutes.
 
 Why: at 16 tokens `qmatmul._qmm_kernel` spends its time issuing instructions. Its sm_90 SASS has ~3.75
@@ -18,12 +18,14 @@ has to move:
     then reads a lane's 16 values of a block as one 32-byte run a token, already in operand order.
 
 Per 64-code block and thread, this leaves: 2-4 wide loads; a shift and a LOP3 a code pair; one HSUB2 a pair
-(q - z, exact); 8 MMAs a 16-row tile; and one scale FMA a group and accumulator. The split-K finish is the
+(q - z, exact); 4 MMAs a 16-row tile and 8 tokens; and one scale FMA a group and accumulator (from ~32
+tokens on, SCALE_IN_TILE multiplies the tile by the scale instead). The split-K finish is the
 wgmma module's. GPU only, and Hopper-tuned; the Triton interpreter does not run Gluon.
 
-Status: built and compiled offline (sm_90 SASS, 128 rows, 16 tokens, 2 blocks a trip: 302 loop instructions
-for the 128 codes a thread, 2.36 a code, 128 registers, no shared memory in the loop), but not yet run on a
-GPU: the session that wrote it had no device time left. So the tuner offers it only with EFFOPT_QMM_MS=1,
+Status: built and compiled offline, but not yet run on a GPU: the session that wrote it had no device time
+left. sm_90 SASS, 2 blocks a trip, no shared memory in the loop: 128 rows, 16 tokens, 286 loop instructions
+for the 128 codes a thread (2.23 a code), 128 registers; 64 rows, 64 tokens, scale in the tile, 264 for
+64 codes (4.1 a code, a quarter of them HMMA), 146 registers. So the tuner offers it only with EFFOPT_QMM_MS=1,
 and its GPU tests (tests/kernels/test_qmatmul_mma.py) are still to be run.
 """
 import torch
@@ -45,8 +47,8 @@ SIGMA = (0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15)
 
 
 def fits(bits: int, group: int, in_features: int, m: int) -> bool:
-    """4-bit codes, K and the group whole 64-code blocks, at most 16 tokens."""
-    return bits == 4 and in_features % BLOCK_K == 0 and group % BLOCK_K == 0 and m <= 16
+    """4-bit codes, K and the group whole 64-code blocks, at most 64 tokens."""
+    return bits == 4 and in_features % BLOCK_K == 0 and group % BLOCK_K == 0 and m <= 64
 
 
 def permute_x(x2: torch.Tensor) -> torch.Tensor:
@@ -71,6 +73,8 @@ if WG.HAVE_GLUON:
         HAS_BIAS: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
         STEP: gl.constexpr,  # 64-code blocks a loop trip (unrolled), all in one group
+        SCALE_IN_TILE: gl.constexpr,  # (q - z) * s in x's dtype (one rounding): no fp32 partial to scale and
+        # clear a trip, which outweighs the tile's multiplies from ~32 tokens on
         W_L: gl.constexpr, X_L: gl.constexpr, MMA_L: gl.constexpr, OUT_L: gl.constexpr,
     ):
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
@@ -81,9 +85,10 @@ if WG.HAVE_GLUON:
 
         rows = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, W_L)), N - 1)  # past N: dropped
         w_ptrs = qw_ptr + rows[:, None] * stride_qn + gl.arange(0, 8, layout=gl.SliceLayout(0, W_L))[None, :]
-        tok = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_L))
+        # tokens past M read a valid row (their outputs are dropped at the store): unmasked loads, so no
+        # registers cleared before each one
+        tok = gl.minimum(m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_L)), M - 1)
         x_ptrs = x_ptr + tok[:, None] * stride_xm + gl.arange(0, _BK, layout=gl.SliceLayout(0, X_L))[None, :]
-        x_ok = (tok < M)[:, None]
         a_rows = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A_L)), N - 1)
         acc_rows = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA_L)), N - 1)
 
@@ -94,16 +99,21 @@ if WG.HAVE_GLUON:
             for sub in gl.static_range(STEP):  # every load of the trip first: STEP blocks in flight
                 blk = it * STEP + sub
                 words = words + (gl.load(w_ptrs + blk * 8),)
-                xs = xs + (gl.load(x_ptrs + blk * _BK, mask=x_ok, other=0.0),)
+                xs = xs + (gl.load(x_ptrs + blk * _BK),)
             g = (it * STEP * _BK) // GROUP
             zo = (gl.load(z_ptr + a_rows * stride_sn + g * stride_sg) + OFFSET).to(dt)  # exact: small integers
-            s = gl.load(s_ptr + acc_rows * stride_sn + g * stride_sg).to(gl.float32)
-            part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
-            for sub in gl.static_range(STEP):
-                a = _codes_operand(words[sub], zo, PAIR_ASM, BLOCK_N, A_L)
-                b = _x_operand(xs[sub], BLOCK_M, B_L)
-                part = mma_v2(a, b, part)
-            acc += s[:, None] * part
+            if SCALE_IN_TILE:
+                s_a = gl.load(s_ptr + a_rows * stride_sn + g * stride_sg)
+                for sub in gl.static_range(STEP):
+                    a = _codes_operand(words[sub], zo, PAIR_ASM, BLOCK_N, A_L) * s_a[:, None]
+                    acc = mma_v2(a, _x_operand(xs[sub], BLOCK_M, B_L), acc)
+            else:
+                s = gl.load(s_ptr + acc_rows * stride_sn + g * stride_sg).to(gl.float32)
+                part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
+                for sub in gl.static_range(STEP):
+                    part = mma_v2(_codes_operand(words[sub], zo, PAIR_ASM, BLOCK_N, A_L),
+                                  _x_operand(xs[sub], BLOCK_M, B_L), part)
+                acc += s[:, None] * part
         WG._epilogue(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, n0, m0, N, M, stride_om, HAS_BIAS,
                      BLOCK_N, BLOCK_M, SPLIT_K, OUT_L)
 
@@ -136,16 +146,16 @@ def layouts(block_n: int, block_m: int, warps: int) -> dict:
     """Register layouts for [block_n rows, block_m tokens]: 16 rows a warp per MMA tile, block_n / (16 warps)
     tiles a warp; each layout places a value where the MMA operand needs it (the kernel's docstring)."""
     tiles = block_n // (16 * warps)
-    if block_m not in (8, 16) or tiles < 1 or tiles & (tiles - 1) or block_n % (16 * warps):
-        raise ValueError(f"block_m must be 8 or 16 and block_n a power-of-two multiple of 16 * warps; got "
+    if block_m not in (8, 16, 32, 64) or tiles < 1 or tiles & (tiles - 1) or block_n % (16 * warps):
+        raise ValueError(f"block_m must be 8-64 (a power of two), block_n a power-of-two multiple of 16 * warps; got "
                          f"{block_n} x {block_m} with {warps} warps")
     log_w, log_t = warps.bit_length() - 1, tiles.bit_length() - 1
     quad = [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]]  # lane = 4g + c: c -> word pair, g -> row
     words = gl.DistributedLinearLayout(
         reg_bases=[[0, 1], [8, 0]] + [[16 * warps << i, 0] for i in range(log_t)],  # wd, row + 8, tiles
         lane_bases=quad, warp_bases=[[16 << i, 0] for i in range(log_w)], block_bases=[], shape=[block_n, 8])
-    x = gl.DistributedLinearLayout(  # [tokens, 64]: 16 positions a lane, token g (and g + 8); warps share it
-        reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8]] + ([[8, 0]] if block_m == 16 else []),
+    x = gl.DistributedLinearLayout(  # [tokens, 64]: 16 positions a lane, tokens g + 8i; warps share it
+        reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8]] + [[8 << i, 0] for i in range(block_m.bit_length() - 4)],
         lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]], warp_bases=[[0, 0]] * log_w, block_bases=[],
         shape=[block_m, BLOCK_K])
     return dict(W_L=words, X_L=x,
@@ -154,15 +164,15 @@ def layouts(block_n: int, block_m: int, warps: int) -> dict:
 
 
 def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, block_n: int, block_m: int,
-           split_k: int, warps: int, step: int):
-    """out[M, N] = x2 @ dequant(W)^T (+ bias) for M <= 16. ws_buf / lock: split-K workspace and zeroed arrival
-    counters (`qmatmul._scratch`) for cdiv(N, block_n) tiles."""
+           split_k: int, warps: int, step: int, scale_in_tile: bool = False):
+    """out[M, N] = x2 @ dequant(W)^T (+ bias) for M <= 64. ws_buf / lock: split-K workspace and zeroed arrival
+    counters (`qmatmul._scratch`) for cdiv(M, block_m) * cdiv(N, block_n) tiles."""
     M, K = x2.shape
     N = qweight.shape[0]
     group = min(group, K)
     if not fits(4, group, K, M) or (K // BLOCK_K) % step or (group // BLOCK_K) % step:
         raise ValueError(f"the mma.sync kernel takes 4-bit codes, K and the group whole blocks of {step} x 64 "
-                         f"codes and M <= 16; got K={K}, g={group}, M={M}")
+                         f"codes and M <= 64; got K={K}, g={group}, M={M}")
     if not qweight.is_contiguous():
         raise ValueError("the mma.sync kernel reads the codes as contiguous int32 words")
     f16 = x2.dtype == torch.float16
@@ -171,5 +181,6 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
         lock, M, N, K, K, K // 8, scales.stride(0), scales.stride(1), out.stride(0), GROUP=group,
         OFFSET=1024.0 if f16 else 128.0, PAIR_ASM=(_SWZ_F16 if f16 else _SWZ_BF16).value,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
+        SCALE_IN_TILE=scale_in_tile,
         **layouts(block_n, block_m, warps), num_warps=warps)
     return out

@@ -1,10 +1,10 @@
-"""The Gluon mma.sync W4 kernel for up to 16 tokens (kernels/qmatmul_mma.py).
+"""The Gluon mma.sync W4 kernel for up to 64 tokens (kernels/qmatmul_mma.py).
 
 On CPU: its K order (the codes a lane loads, the pairs one LOP3 makes of them, the joins and permutes that
 place them, and x permuted by SIGMA) gives the plain product, emulated in torch op for op. On a Hopper GPU:
 the kernel against the float32 reference, with tails of N and M, uneven split-K, groups of 64 / 128 and
-per-channel, fp16 / bf16, bias. The sm_90 compile (and that both layout conversions are free) is checked
-by tests/kernels/test_compile_sm90.py."""
+per-channel, fp16 / bf16, bias, the scale after the MMA or in the tile. The sm_90 compile (and that both
+layout conversions are free) is checked by tests/kernels/test_compile_sm90.py."""
 import pytest
 import torch
 
@@ -52,7 +52,7 @@ def test_layouts_want_whole_mma_tiles():
     if not W.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
     MS.layouts(128, 16, 4)
-    for bn, bm, warps in ((96, 16, 4), (128, 32, 4), (32, 16, 4)):
+    for bn, bm, warps in ((96, 16, 4), (128, 128, 4), (32, 16, 4)):
         with pytest.raises(ValueError, match="block_n"):
             MS.layouts(bn, bm, warps)
 
@@ -63,34 +63,36 @@ def test_ms_configs_are_opt_in_and_launches_refused_off_hopper(monkeypatch):
     monkeypatch.setattr(Q, "MS_CANDIDATES", False)
     assert Q.ms_configs(16, w) == []
     monkeypatch.setattr(Q, "MS_CANDIDATES", True)
-    for m in (1, 16, 17, 64):
+    for m in (1, 16, 64, 65):
         cands = Q.candidates(m, w, torch.float16)
-        assert any(c.kind == "ms" for c in cands) == (HOPPER and m <= 16)
+        assert any(c.kind == "ms" for c in cands) == (HOPPER and m <= 64)
         assert cands[0].kind != "ms"
     if not HOPPER:
         with pytest.raises(ValueError, match="Hopper"):
             quant_matmul(torch.randn(3, 256, device=DEVICE, dtype=torch.float16), w, cfg=Cfg("ms", 16, 64, 32, 1))
 
 
-CASES = [  # (block_m tokens, block_n rows, split_k, step, warps, M, N, K, group, dtype, bias)
-    (16, 128, 1, 2, 4, 16, 256, 512, 128, torch.float16, False),
-    (16, 64, 3, 1, 4, 13, 200, 1280, 64, torch.bfloat16, True),  # M and N tails, 20 blocks over 3 splits
-    (8, 128, 4, 2, 8, 1, 2048 + 24, 4096, 128, torch.float16, True),
-    (16, 128, 2, 2, 4, 16, 520, 2048, -1, torch.bfloat16, False),  # per-channel
-    (8, 64, 1, 1, 4, 3, 320, 768, 128, torch.float16, True),
+CASES = [  # (block_m tokens, block_n rows, split_k, step, warps, M, N, K, group, dtype, bias, scale in the tile)
+    (16, 128, 1, 2, 4, 16, 256, 512, 128, torch.float16, False, False),
+    (16, 64, 3, 1, 4, 13, 200, 1280, 64, torch.bfloat16, True, False),  # M and N tails, 20 blocks over 3 splits
+    (8, 128, 4, 2, 8, 1, 2048 + 24, 4096, 128, torch.float16, True, False),
+    (16, 128, 2, 2, 4, 16, 520, 2048, -1, torch.bfloat16, False, False),  # per-channel
+    (8, 64, 1, 1, 4, 3, 320, 768, 128, torch.float16, True, False),
+    (64, 64, 2, 2, 4, 64, 256, 2048, 128, torch.float16, True, True),
+    (32, 64, 3, 1, 4, 20, 200, 1280, 64, torch.bfloat16, False, True),  # M and N tails
 ]
 
 
 @needs_hopper
-@pytest.mark.parametrize("bm,bn,sk,step,warps,m,n,k,group,dtype,bias", CASES)
-def test_ms_kernel_matches_reference(bm, bn, sk, step, warps, m, n, k, group, dtype, bias):
+@pytest.mark.parametrize("bm,bn,sk,step,warps,m,n,k,group,dtype,bias,pre", CASES)
+def test_ms_kernel_matches_reference(bm, bn, sk, step, warps, m, n, k, group, dtype, bias, pre):
     qweight, scales, zeros, _ = make_weight(n, k, 4, group, dtype)
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     b = torch.randn(n, device=DEVICE, dtype=dtype) if bias else None
     ref = x.float() @ dequantize(qweight, scales, zeros, 4, group, k, dtype=torch.float32).t()
     if b is not None:
         ref += b.float()
-    cfg = Cfg("ms", bm, bn, 32, sk, step, warps=warps)
+    cfg = Cfg("ms", bm, bn, 32, sk, step, post_zero=not pre, warps=warps)
     out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
     for w in (prepare_weight(qweight, scales, zeros, 4, group, k), qweight):  # group-major scales, and plain
         args = () if w is not qweight else (scales, zeros, 4, group, k)
