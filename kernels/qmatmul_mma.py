@@ -14,8 +14,11 @@ has to move:
     of codes. For shifts 0 / 8 / 4 / 12 the pairs hold real codes (0, 4), (2, 6), (1, 5), (3, 7) of the
     word's 8. These pairs fill the operand's 8 registers a row per block. A chain of `join`, `permute` and
     `reshape` names that placement, and the final `convert_layout` is checked to be free (`assert_trivial`).
-  * x is permuted the same way once a call (`SIGMA` within every 16 columns, a torch gather). The kernel
-    then reads a lane's 16 values of a block as one 32-byte run a token, already in operand order.
+  * x needs the same order, and lane c needs exactly x's 16 columns 16c .. 16c + 15 of a block, loaded as
+    one 32-byte run a token. Position p of the operand holds column SIGMA[p] (a fixed swap of index bits).
+    Either the lane reorders its registers (another chain checked free, but one PRMT per operand register:
+    +11% loop instructions at 16 tokens, +48% at 64), or, from 32 tokens on, x comes pre-permuted by one
+    gather a call (`permute_x`).
 
 Per 64-code block and thread, this leaves: 2-4 wide loads; a shift and a LOP3 a code pair; one HSUB2 a pair
 (q - z, exact); 4 MMAs a 16-row tile and 8 tokens; and one scale FMA a group and accumulator (from ~32
@@ -23,9 +26,9 @@ tokens on, SCALE_IN_TILE multiplies the tile by the scale instead). The split-K 
 wgmma module's. GPU only, and Hopper-tuned; the Triton interpreter does not run Gluon.
 
 Status: built and compiled offline, but not yet run on a GPU: the session that wrote it had no device time
-left. sm_90 SASS, 2 blocks a trip, no shared memory in the loop: 128 rows, 16 tokens, 286 loop instructions
-for the 128 codes a thread (2.23 a code), 128 registers; 64 rows, 64 tokens, scale in the tile, 264 for
-64 codes (4.1 a code, a quarter of them HMMA), 146 registers. So the tuner offers it only with EFFOPT_QMM_MS=1,
+left. sm_90 SASS, 2 blocks a trip, no shared memory in the loop: 128 rows, 16 tokens, 318 loop instructions
+for the 128 codes a thread (2.48 a code), 128 registers; 64 rows, 64 tokens, scale in the tile, x gathered,
+263 for 64 codes (4.1 a code, a quarter of them HMMA), 146 registers. So the tuner offers it only with EFFOPT_QMM_MS=1,
 and its GPU tests (tests/kernels/test_qmatmul_mma.py) are still to be run.
 """
 import torch
@@ -41,9 +44,10 @@ if WG.HAVE_GLUON:
 
 BLOCK_K = 64  # codes per block: 32 bytes a row, 8 bytes a lane
 _BK = triton.language.constexpr(BLOCK_K)  # the same, for the kernels
-# Position p = 16c + 4t + 2h + e of a permuted 16-column group holds real column SIGMA[p] (see the docstring):
-# k tile t, pair h, element e of lane c's operand registers.
+# Lane c's operand position p = 4t + 2h + e (k tile t, pair h, element e) holds its column 16c + SIGMA[p]:
+# the bits (p3, p2, p1, p0) of p are bits (3, 0, 1, 2) of the column (see the docstring).
 SIGMA = (0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15)
+X_GATHER_MIN_M = 32  # from here x is pre-permuted by a gather (`permute_x`) instead of in each lane's registers
 
 
 def fits(bits: int, group: int, in_features: int, m: int) -> bool:
@@ -52,17 +56,16 @@ def fits(bits: int, group: int, in_features: int, m: int) -> bool:
 
 
 def permute_x(x2: torch.Tensor) -> torch.Tensor:
-    """x [M, K] with every 16 columns in `SIGMA` order (the operand order the kernel reads)."""
+    """x [M, K] with every 16 columns in SIGMA order, the order the kernel's operand takes."""
     m, k = x2.shape
-    sigma = torch.tensor(SIGMA, device=x2.device)
-    return x2.reshape(m, k // 16, 16).index_select(2, sigma).reshape(m, k)
+    return x2.reshape(m, k // 16, 16).index_select(2, torch.tensor(SIGMA, device=x2.device)).reshape(m, k)
 
 
 if WG.HAVE_GLUON:
 
     @gluon.jit
     def _w4_mma_sync_kernel(
-        x_ptr,  # `permute_x(x)`
+        x_ptr,  # x, or `permute_x(x)` with X_PERMUTED
         qw_ptr,  # the packed codes viewed as int32 [N, K / 8]
         s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
         M, N, K,
@@ -73,6 +76,7 @@ if WG.HAVE_GLUON:
         HAS_BIAS: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
         STEP: gl.constexpr,  # 64-code blocks a loop trip (unrolled), all in one group
+        X_PERMUTED: gl.constexpr,  # x arrives in SIGMA order (else each lane reorders its registers)
         SCALE_IN_TILE: gl.constexpr,  # (q - z) * s in x's dtype (one rounding): no fp32 partial to scale and
         # clear a trip, which outweighs the tile's multiplies from ~32 tokens on
         W_L: gl.constexpr, X_L: gl.constexpr, MMA_L: gl.constexpr, OUT_L: gl.constexpr,
@@ -106,13 +110,13 @@ if WG.HAVE_GLUON:
                 s_a = gl.load(s_ptr + a_rows * stride_sn + g * stride_sg)
                 for sub in gl.static_range(STEP):
                     a = _codes_operand(words[sub], zo, PAIR_ASM, BLOCK_N, A_L) * s_a[:, None]
-                    acc = mma_v2(a, _x_operand(xs[sub], BLOCK_M, B_L), acc)
+                    acc = mma_v2(a, _x_operand(xs[sub], X_PERMUTED, BLOCK_M, B_L), acc)
             else:
                 s = gl.load(s_ptr + acc_rows * stride_sn + g * stride_sg).to(gl.float32)
                 part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
                 for sub in gl.static_range(STEP):
                     part = mma_v2(_codes_operand(words[sub], zo, PAIR_ASM, BLOCK_N, A_L),
-                                  _x_operand(xs[sub], BLOCK_M, B_L), part)
+                                  _x_operand(xs[sub], X_PERMUTED, BLOCK_M, B_L), part)
                 acc += s[:, None] * part
         WG._epilogue(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, n0, m0, N, M, stride_om, HAS_BIAS,
                      BLOCK_N, BLOCK_M, SPLIT_K, OUT_L)
@@ -134,12 +138,17 @@ if WG.HAVE_GLUON:
         return gl.convert_layout(a, A_L, assert_trivial=True) - zo[:, None]
 
     @gluon.jit
-    def _x_operand(x, BLOCK_M: gl.constexpr, B_L: gl.constexpr):
-        """A block of permuted x [BLOCK_M, 64] (lane c of a quad holds positions 16c .. 16c + 15 of its tokens)
-        -> the MMA's B operand [64, BLOCK_M] in the kernel's K order, without moving a value."""
-        x = x.reshape([BLOCK_M, 4, 4, 2, 2])  # [token, c, t, h, e]: p = 16c + 4t + 2h + e
-        x = x.permute([2, 3, 1, 4, 0]).reshape([_BK, BLOCK_M])  # k = 16t + 8h + 2c + e
-        return gl.convert_layout(x, B_L, assert_trivial=True)
+    def _x_operand(x, X_PERMUTED: gl.constexpr, BLOCK_M: gl.constexpr, B_L: gl.constexpr):
+        """A block of x [BLOCK_M, 64] (lane c of a quad holds columns 16c .. 16c + 15 of its tokens, in SIGMA
+        order with X_PERMUTED) -> the MMA's B operand [64, BLOCK_M] in the kernel's K order, no value leaving
+        its lane."""
+        if X_PERMUTED:
+            x = x.reshape([BLOCK_M, 4, 4, 2, 2])  # [token, c, t, h, e]: position 16c + 4t + 2h + e
+            x = x.permute([2, 3, 1, 4, 0])  # k = 16t + 8h + 2c + e
+        else:
+            x = x.reshape([BLOCK_M, 4, 2, 2, 2, 2])  # [token, c, j3, j2, j1, j0]: column 16c + 8j3 + 4j2 + 2j1 + j0
+            x = x.permute([2, 5, 4, 1, 3, 0])  # k as above, tile t = 2 j3 + j0, pair h = j1, element e = j2
+        return gl.convert_layout(x.reshape([_BK, BLOCK_M]), B_L, assert_trivial=True)
 
 
 def layouts(block_n: int, block_m: int, warps: int) -> dict:
@@ -176,11 +185,14 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
     if not qweight.is_contiguous():
         raise ValueError("the mma.sync kernel reads the codes as contiguous int32 words")
     f16 = x2.dtype == torch.float16
+    gather = block_m >= X_GATHER_MIN_M
+    if gather:
+        x2 = permute_x(x2)
     _w4_mma_sync_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split_k)](
-        permute_x(x2), qweight.view(torch.int32), scales, zeros, bias if bias is not None else out, out, ws_buf,
-        lock, M, N, K, K, K // 8, scales.stride(0), scales.stride(1), out.stride(0), GROUP=group,
+        x2, qweight.view(torch.int32), scales, zeros, bias if bias is not None else out, out, ws_buf,
+        lock, M, N, K, x2.stride(0), K // 8, scales.stride(0), scales.stride(1), out.stride(0), GROUP=group,
         OFFSET=1024.0 if f16 else 128.0, PAIR_ASM=(_SWZ_F16 if f16 else _SWZ_BF16).value,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
-        SCALE_IN_TILE=scale_in_tile,
+        X_PERMUTED=gather, SCALE_IN_TILE=scale_in_tile,
         **layouts(block_n, block_m, warps), num_warps=warps)
     return out

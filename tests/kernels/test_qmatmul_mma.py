@@ -1,7 +1,8 @@
 """The Gluon mma.sync W4 kernel for up to 64 tokens (kernels/qmatmul_mma.py).
 
 On CPU: its K order (the codes a lane loads, the pairs one LOP3 makes of them, the joins and permutes that
-place them, and x permuted by SIGMA) gives the plain product, emulated in torch op for op. On a Hopper GPU:
+place them, and the same reordering of x in each lane) gives the plain product, emulated in torch op for op.
+On a Hopper GPU:
 the kernel against the float32 reference, with tails of N and M, uneven split-K, groups of 64 / 128 and
 per-channel, fp16 / bf16, bias, the scale after the MMA or in the tile. The sm_90 compile (and that both
 layout conversions are free) is checked by tests/kernels/test_compile_sm90.py."""
@@ -31,9 +32,11 @@ def _operand_a(words: torch.Tensor) -> torch.Tensor:
     return a.permute(0, 2, 5, 4, 1, 3).reshape(-1, 64)
 
 
-def _operand_b(xp_block: torch.Tensor) -> torch.Tensor:
-    """`_x_operand` in torch: permuted x [M, 64] -> [64, M] in the kernel's K order."""
-    return xp_block.reshape(-1, 4, 4, 2, 2).permute(2, 3, 1, 4, 0).reshape(64, -1)
+def _operand_b(x_block: torch.Tensor, permuted: bool = False) -> torch.Tensor:
+    """`_x_operand` in torch: x [M, 64] (`permute_x`'s order when permuted) -> [64, M] in the kernel's K order."""
+    if permuted:
+        return x_block.reshape(-1, 4, 4, 2, 2).permute(2, 3, 1, 4, 0).reshape(64, -1)
+    return x_block.reshape(-1, 4, 2, 2, 2, 2).permute(2, 5, 4, 1, 3, 0).reshape(64, -1)
 
 
 def test_kernel_k_order_gives_the_plain_product():
@@ -42,10 +45,16 @@ def test_kernel_k_order_gives_the_plain_product():
     x = torch.randn(5, 192, dtype=torch.float64)
     ref = unpack_codes(qweight, 4, 192).double() @ x.t()
     words, xp = qweight.view(torch.int32), MS.permute_x(x)
-    got = sum(_operand_a(words[:, 8 * b:8 * b + 8]).double() @ _operand_b(xp[:, 64 * b:64 * b + 64])
-              for b in range(3))
-    assert torch.allclose(got, ref, atol=1e-9)
-    assert sorted(MS.SIGMA) == list(range(16))
+    for permuted, xs in ((False, x), (True, xp)):  # reordered in registers, or pre-permuted by the gather
+        got = sum(_operand_a(words[:, 8 * b:8 * b + 8]).double() @ _operand_b(xs[:, 64 * b:64 * b + 64], permuted)
+                  for b in range(3))
+        assert torch.allclose(got, ref, atol=1e-9), permuted
+    # SIGMA (the docstring's table) is what the chain does: operand k = 16t + 8h + 2c + e holds column
+    # 16c + SIGMA[4t + 2h + e]
+    cols = _operand_b(torch.arange(64.0)[None, :])[:, 0].long()
+    k = torch.arange(64)
+    t, h, c, e = k // 16, (k % 16) // 8, (k % 8) // 2, k % 2
+    assert torch.equal(cols, 16 * c + torch.tensor(MS.SIGMA)[4 * t + 2 * h + e])
 
 
 def test_layouts_want_whole_mma_tiles():
