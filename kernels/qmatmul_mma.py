@@ -56,9 +56,10 @@ def fits(bits: int, group: int, in_features: int, m: int) -> bool:
 
 
 def permute_x(x2: torch.Tensor) -> torch.Tensor:
-    """x [M, K] with every 16 columns in SIGMA order, the order the kernel's operand takes."""
+    """x [M, K] with every 16 columns in SIGMA order, the order the kernel's operand takes: column bits
+    (j3, j2, j1, j0) to position bits (j3, j0, j1, j2). One copy, no index tensor (safe in graph capture)."""
     m, k = x2.shape
-    return x2.reshape(m, k // 16, 16).index_select(2, torch.tensor(SIGMA, device=x2.device)).reshape(m, k)
+    return x2.reshape(m, k // 16, 2, 2, 2, 2).permute(0, 1, 2, 5, 4, 3).reshape(m, k)
 
 
 if WG.HAVE_GLUON:
