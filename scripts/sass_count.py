@@ -217,6 +217,7 @@ def compile_smoke():
         cases["W4 matmul, Gluon wgmma"] = dict(split_k=2)
         cases["W4 matmul, Gluon wgmma, warp-specialized"] = dict(split_k=2, specialized=True, stages=4)
         cases["W4 matmul, Gluon mma.sync, M=16"] = compile_mma_sync
+        cases["W4 matmul, Gluon mma.sync, M=64"] = lambda: compile_mma_sync(64, 64, scale_in_tile=True)
     failed = 0
     for name, case in cases.items():
         try:
