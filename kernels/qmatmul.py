@@ -1269,8 +1269,8 @@ def mma_v2_configs(cands: list, w: QuantWeight) -> list:
 
 def ms_configs(M: int, w: QuantWeight) -> list:
     """`kernels.qmatmul_mma` configs for up to 64 tokens on a Hopper GPU, with EFFOPT_QMM_MS=1 (appended: never
-    the untimed default): 64 or 128 rows a program (one or two 16-row MMA tiles a warp), 1 or 2 blocks of 64
-    codes a trip (a trip stays in one group), split-K near 4 programs per SM (2 from 32 tokens: ~180
+    the untimed default): 64 or 128 rows a program (one or two 16-row MMA tiles a warp), 1, 2 or 4 blocks of
+    64 codes a trip (inside a group or whole groups), split-K near 4 programs per SM (2 from 32 tokens: ~180
     registers); from 32 tokens the scale goes into the tile (offline SASS at 64 tokens: the fp32 partial's
     clearing and scaling cost 96 of 339 loop instructions)."""
     from kernels import qmatmul_mma, qmatmul_wgmma
@@ -1283,7 +1283,8 @@ def ms_configs(M: int, w: QuantWeight) -> list:
     many = bm >= 32
     cfgs = []
     for bn, warps in ((64, 4),) + (() if many else ((128, 4), (128, 8))):
-        for step in (s for s in (1, 2) if (group // 64) % s == 0 and (K // 64) % s == 0):
+        gpb = group // 64
+        for step in (s for s in (1, 2, 4) if (gpb % s == 0 or s % gpb == 0) and (K // 64) % s == 0):
             tiles = triton.cdiv(w.out_features, bn)
             for sk in _splits(tiles, K // (64 * step), (2 if many else 4) * _sms(w.qweight.device)):
                 cfgs.append(Cfg("ms", bm, bn, 32, sk, step, post_zero=not many, warps=warps))

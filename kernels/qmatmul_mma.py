@@ -76,7 +76,7 @@ if WG.HAVE_GLUON:
         PAIR_ASM: gl.constexpr,
         HAS_BIAS: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
-        STEP: gl.constexpr,  # 64-code blocks a loop trip (unrolled), all in one group
+        STEP: gl.constexpr,  # 64-code blocks a loop trip (unrolled): part of one group, or whole groups
         X_PERMUTED: gl.constexpr,  # x arrives in SIGMA order (else each lane reorders its registers)
         SCALE_IN_TILE: gl.constexpr,  # (q - z) * s in x's dtype (one rounding): no fp32 partial to scale and
         # clear a trip, which outweighs the tile's multiplies from ~32 tokens on
@@ -87,6 +87,7 @@ if WG.HAVE_GLUON:
         pid, pid_k, n0, m0, n_steps, it0, n_it = WG._tile_and_steps(M, N, K, BLOCK_N, BLOCK_M, SPLIT_K,
                                                                     STEP * _BK)
         dt = x_ptr.dtype.element_ty
+        GPB: gl.constexpr = GROUP // _BK  # blocks a group
 
         rows = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, W_L)), N - 1)  # past N: dropped
         w_ptrs = qw_ptr + rows[:, None] * stride_qn + gl.arange(0, 8, layout=gl.SliceLayout(0, W_L))[None, :]
@@ -105,20 +106,22 @@ if WG.HAVE_GLUON:
                 blk = it * STEP + sub
                 words = words + (gl.load(w_ptrs + blk * 8),)
                 xs = xs + (gl.load(x_ptrs + blk * _BK),)
-            g = (it * STEP * _BK) // GROUP
-            zo = (gl.load(z_ptr + a_rows * stride_sn + g * stride_sg) + OFFSET).to(dt)  # exact: small integers
-            if SCALE_IN_TILE:
-                s_a = gl.load(s_ptr + a_rows * stride_sn + g * stride_sg)
-                for sub in gl.static_range(STEP):
-                    a = _codes_operand(words[sub], zo, PAIR_ASM, BLOCK_N, A_L) * s_a[:, None]
-                    acc = mma_v2(a, _x_operand(xs[sub], X_PERMUTED, BLOCK_M, B_L), acc)
-            else:
-                s = gl.load(s_ptr + acc_rows * stride_sn + g * stride_sg).to(gl.float32)
-                part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
-                for sub in gl.static_range(STEP):
-                    part = mma_v2(_codes_operand(words[sub], zo, PAIR_ASM, BLOCK_N, A_L),
-                                  _x_operand(xs[sub], X_PERMUTED, BLOCK_M, B_L), part)
-                acc += s[:, None] * part
+            for sub in gl.static_range(STEP):
+                if sub % GPB == 0:  # (static) a group starts: its zero points and scales
+                    g = ((it * STEP + sub) * _BK) // GROUP
+                    zo = (gl.load(z_ptr + a_rows * stride_sn + g * stride_sg) + OFFSET).to(dt)  # exact: small ints
+                    if SCALE_IN_TILE:
+                        s_a = gl.load(s_ptr + a_rows * stride_sn + g * stride_sg)
+                    else:
+                        s = gl.load(s_ptr + acc_rows * stride_sn + g * stride_sg).to(gl.float32)
+                        part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
+                b = _x_operand(xs[sub], X_PERMUTED, BLOCK_M, B_L)
+                if SCALE_IN_TILE:
+                    acc = mma_v2(_codes_operand(words[sub], zo, PAIR_ASM, BLOCK_N, A_L) * s_a[:, None], b, acc)
+                else:
+                    part = mma_v2(_codes_operand(words[sub], zo, PAIR_ASM, BLOCK_N, A_L), b, part)
+                    if sub % GPB == GPB - 1 or sub == STEP - 1:  # (static) the group's last block of this trip
+                        acc += s[:, None] * part
         WG._epilogue(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, n0, m0, N, M, stride_om, HAS_BIAS,
                      BLOCK_N, BLOCK_M, SPLIT_K, OUT_L)
 
@@ -180,9 +183,10 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
     M, K = x2.shape
     N = qweight.shape[0]
     group = min(group, K)
-    if not fits(4, group, K, M) or (K // BLOCK_K) % step or (group // BLOCK_K) % step:
-        raise ValueError(f"the mma.sync kernel takes 4-bit codes, K and the group whole blocks of {step} x 64 "
-                         f"codes and M <= 64; got K={K}, g={group}, M={M}")
+    gpb = group // BLOCK_K
+    if not fits(4, group, K, M) or (K // BLOCK_K) % step or (gpb % step and step % gpb):
+        raise ValueError(f"the mma.sync kernel takes 4-bit codes, K whole trips of {step} x 64 codes, trips inside "
+                         f"one group or of whole groups, and M <= 64; got K={K}, g={group}, M={M}")
     if not qweight.is_contiguous():
         raise ValueError("the mma.sync kernel reads the codes as contiguous int32 words")
     f16 = x2.dtype == torch.float16

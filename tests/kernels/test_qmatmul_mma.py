@@ -67,6 +67,15 @@ def test_layouts_want_whole_mma_tiles():
             MS.layouts(bn, bm, warps)
 
 
+def test_ms_launch_wants_trips_inside_a_group_or_of_whole_groups():
+    """Refused before any launch: 2 blocks a trip over groups of 3 blocks; 4 blocks a trip over K = 6 blocks."""
+    x = torch.zeros(2, 384)
+    for group, step in ((192, 2), (64, 4)):
+        with pytest.raises(ValueError, match="trips"):
+            MS.launch(x, torch.zeros(8, 192, dtype=torch.uint8), None, None, group, None, None, None, None,
+                      block_n=64, block_m=8, split_k=1, warps=4, step=step)
+
+
 def test_ms_configs_are_opt_in_and_launches_refused_off_hopper(monkeypatch):
     qweight, scales, zeros, _ = make_weight(64, 256, 4, 128, torch.float16)
     w = prepare_weight(qweight, scales, zeros, 4, 128, 256)
@@ -90,6 +99,10 @@ CASES = [  # (block_m tokens, block_n rows, split_k, step, warps, M, N, K, group
     (8, 64, 1, 1, 4, 3, 320, 768, 128, torch.float16, True, False),
     (64, 64, 2, 2, 4, 64, 256, 2048, 128, torch.float16, True, True),
     (32, 64, 3, 1, 4, 20, 200, 1280, 64, torch.bfloat16, False, True),  # M and N tails
+    # trips of whole groups: 2 groups of 128 / 4 groups of 64 a trip
+    (8, 128, 2, 4, 4, 1, 520, 2048, 128, torch.float16, True, False),
+    (16, 64, 3, 4, 4, 16, 200, 1280, 64, torch.bfloat16, False, False),
+    (64, 64, 2, 4, 4, 40, 256, 2048, 128, torch.float16, True, True),
 ]
 
 
