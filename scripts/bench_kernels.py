@@ -197,7 +197,7 @@ def bench_qmatmul(quick, ms_only=None, shapes_only=None):
                 flops = 2 * m * n * k
                 byts = wbytes + m * k * 2 + m * n * 2
                 best = {}  # per orientation, the tuner's fastest config, re-timed like the row
-                for kind in ("mma", "xw", "wg"):
+                for kind in ("mma", "xw", "wg", "ms"):
                     c = min((t for t in TIMINGS.get(key, []) if t[0].kind == kind and math.isfinite(t[1])),
                             key=lambda t: t[1], default=None)
                     if c is None:
@@ -212,15 +212,15 @@ def bench_qmatmul(quick, ms_only=None, shapes_only=None):
                              (fmt(t_b * 1e3) + ("" if how == "graph" else " (eager)")) if t_b else "n/a",
                              fmt(t_b / t_q, 2) if t_b else "n/a", fmt(t_e * 1e3),
                              _cfg_str(chosen(key) if key else None), best["mma"], best["xw"], best["wg"],
-                             f"{err:.1e}"])
+                             best["ms"], f"{err:.1e}"])
                 print("  row:", " | ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
             ws = w16 = None  # free this shape's copies before the next
         table(f"quant_matmul {name} (fp16 activations; bnb: {note}; path: the tuner's pick, 'mma' = W x^T "
-              f"(swap AB), 'xw' = x W^T, 'wg' = Gluon async wgmma (W x^T); best mma / xw / wg: the fastest config of "
-              f"each kind the tuner timed)",
+              f"(swap AB), 'xw' = x W^T, 'wg' = Gluon async wgmma (W x^T), 'ms' = Gluon mma.sync (W x^T, "
+              f"EFFOPT_QMM_MS=1); best mma / xw / wg / ms: the fastest config of each kind the tuner timed)",
               ["N x K", "M", "effopt µs", "TB/s", "TFLOP/s", "cuBLAS fp16 µs", "speedup vs fp16",
                "bnb NF4 µs", "speedup vs NF4", "effopt eager µs", "path", "best mma µs", "best xw µs",
-               "best wg µs", "rel err"], rows)
+               "best wg µs", "best ms µs", "rel err"], rows)
 
 
 # (block_n, step, warps, programs per SM) of `--gemv-sweep`, each with prefetch off
