@@ -1270,9 +1270,9 @@ def mma_v2_configs(cands: list, w: QuantWeight) -> list:
 def ms_configs(M: int, w: QuantWeight) -> list:
     """`kernels.qmatmul_mma` configs for up to 64 tokens on a Hopper GPU, with EFFOPT_QMM_MS=1 (appended: never
     the untimed default): 64 or 128 rows a program (one or two 16-row MMA tiles a warp), 1, 2 or 4 blocks of
-    64 codes a trip (inside a group or whole groups), split-K near 4 programs per SM (2 from 32 tokens: ~180
-    registers); from 32 tokens the scale goes into the tile (offline SASS at 64 tokens: the fp32 partial's
-    clearing and scaling cost 96 of 339 loop instructions)."""
+    64 codes a trip (inside a group or whole groups), split-K near 4 programs per SM (2 from 32 tokens, where
+    a thread holds 90-180 registers); from 32 tokens also with the scale in the tile (offline SASS at 64
+    tokens: the same loop length, 146 registers against 180, so 3 programs an SM instead of 2)."""
     from kernels import qmatmul_mma, qmatmul_wgmma
 
     K = w.in_features
@@ -1287,7 +1287,8 @@ def ms_configs(M: int, w: QuantWeight) -> list:
         for step in (s for s in (1, 2, 4) if (gpb % s == 0 or s % gpb == 0) and (K // 64) % s == 0):
             tiles = triton.cdiv(w.out_features, bn)
             for sk in _splits(tiles, K // (64 * step), (2 if many else 4) * _sms(w.qweight.device)):
-                cfgs.append(Cfg("ms", bm, bn, 32, sk, step, post_zero=not many, warps=warps))
+                for post in ((True, False) if many else (True,)):
+                    cfgs.append(Cfg("ms", bm, bn, 32, sk, step, post_zero=post, warps=warps))
     return cfgs
 
 

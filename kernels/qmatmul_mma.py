@@ -21,8 +21,8 @@ Here the K order is chosen so that no code has to move:
     gather a call (`permute_x`).
 
 Per 64-code block and thread, this leaves: 2-4 wide loads; a shift and a LOP3 a code pair; one HSUB2 a pair
-(q - z, exact); 4 MMAs a 16-row tile and 8 tokens; and one scale FMA a group and accumulator (from ~32
-tokens on, SCALE_IN_TILE multiplies the tile by the scale instead). The split-K finish is the
+(q - z, exact); 4 MMAs a 16-row tile and 8 tokens; and one scale FMA a group and accumulator (or, with
+SCALE_IN_TILE, one multiply a code pair instead, which saves registers at 32-64 tokens). The split-K finish is the
 wgmma module's. GPU only, and Hopper-tuned; the Triton interpreter does not run Gluon.
 
 Status: built and compiled offline, but not yet run on a GPU: the session that wrote it had no device time
@@ -78,8 +78,8 @@ if WG.HAVE_GLUON:
         BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
         STEP: gl.constexpr,  # 64-code blocks a loop trip (unrolled): part of one group, or whole groups
         X_PERMUTED: gl.constexpr,  # x arrives in SIGMA order (else each lane reorders its registers)
-        SCALE_IN_TILE: gl.constexpr,  # (q - z) * s in x's dtype (one rounding): no fp32 partial to scale and
-        # clear a trip, which outweighs the tile's multiplies from ~32 tokens on
+        SCALE_IN_TILE: gl.constexpr,  # (q - z) * s in x's dtype (one rounding), no fp32 partial: the same loop
+        # length at 64 tokens in sm_90 SASS, but 146 registers against 180 (3 programs an SM instead of 2)
         W_L: gl.constexpr, X_L: gl.constexpr, MMA_L: gl.constexpr, OUT_L: gl.constexpr,
     ):
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
