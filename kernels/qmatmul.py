@@ -1281,11 +1281,12 @@ def ms_configs(M: int, w: QuantWeight) -> list:
         return []
     bm = max(8, triton.next_power_of_2(M))
     many = bm >= 32
+    gpb = group // 64
+    steps = [s for s in (1, 2, 4) if (gpb % s == 0 or s % gpb == 0) and (K // 64) % s == 0]
     cfgs = []
     for bn, warps in ((64, 4),) + (() if many else ((128, 4), (128, 8))):
-        gpb = group // 64
-        for step in (s for s in (1, 2, 4) if (gpb % s == 0 or s % gpb == 0) and (K // 64) % s == 0):
-            tiles = triton.cdiv(w.out_features, bn)
+        tiles = triton.cdiv(w.out_features, bn)
+        for step in steps:
             for sk in _splits(tiles, K // (64 * step), (2 if many else 4) * _sms(w.qweight.device)):
                 for post in ((True, False) if many else (True,)):
                     cfgs.append(Cfg("ms", bm, bn, 32, sk, step, post_zero=post, warps=warps))

@@ -13,7 +13,7 @@ frequent opcodes. Counts are not timings (results/kernels.md has a case where th
     python scripts/sass_count.py gemv2 --block-m 1 --split-k 4 --step 4 --stages 1   # decode GEMV (M = 1)
     python scripts/sass_count.py swz --block-m 16 --split-k 4 --step 4 --ptx   # W4 over shuffle_w4 codes
     python scripts/sass_count.py wg --block-n 64 --block-m 128 --stages 6 [--ws]   # the Gluon wgmma W4 kernels
-    python scripts/sass_count.py ms --block-n 128 --block-m 16 --step 2 --split-k 4   # Gluon mma.sync, M <= 16
+    python scripts/sass_count.py ms --block-n 128 --block-m 16 --step 2 --split-k 4   # Gluon mma.sync, M <= 64
     python scripts/sass_count.py candidates   # compile every mma config the tuner may try (~15 min)
     python scripts/sass_count.py rope-store [--quant] [--bf16]   # the fused RoPE + KV-cache write
     python scripts/sass_count.py smoke   # one config of every kernel variant compiles (CI runs it)
@@ -45,7 +45,7 @@ from kernels._tune import mma_sync  # noqa: E402
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_sm90(fn, const: dict, ptrs: dict, floats=(), multiples=(), warps=4, stages=3, maxnreg=None):
+def compile_sm90(fn, const: dict, ptrs: dict, floats=(), multiples=(), warps=4, stages=3):
     """triton.compile for sm_90a: constexprs `const`, pointer types `ptrs`, other args i32 (or fp32
     for `floats`); pointers, strides and the integer args in `multiples` are hinted divisible by 16,
     as a launch with such values specializes them. Gluon kernels compile through their own source
@@ -58,8 +58,7 @@ def compile_sm90(fn, const: dict, ptrs: dict, floats=(), multiples=(), warps=4, 
     if getattr(fn, "is_gluon", lambda: False)():
         from triton.experimental.gluon._runtime import GluonASTSource as source
     src = source(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=hints)
-    options = dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
 def compile_wgmma(block_n=64, block_m=128, warps=4, stages=6, split_k=1, bf16=False, specialized=False):

@@ -121,15 +121,21 @@ XW_CASES = [  # (cfg, bits, group, dtype, M, sym)
 ]
 
 
-def _biased_problem(bits, group, k, dtype, m, sym):
-    """A random [N, k] weight (zero points 2^(b-1) when sym), m tokens, a bias and the fp32 reference."""
-    qweight, scales, zeros, _ = make_weight(N, k, bits, group, dtype)
+def make_problem(n, k, bits, group, dtype, m, bias=True, sym=False):
+    """A random [n, k] weight (zero points 2^(b-1) when sym), m tokens, a bias (or None) and the fp32 reference."""
+    qweight, scales, zeros, _ = make_weight(n, k, bits, group, dtype)
     if sym:
         zeros.fill_(2 ** (bits - 1))
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
-    bias = torch.randn(N, device=DEVICE, dtype=dtype)
-    ref = x.float() @ dequantize(qweight, scales, zeros, bits, group, k, dtype=torch.float32).t() + bias.float()
-    return qweight, scales, zeros, x, bias, ref
+    b = torch.randn(n, device=DEVICE, dtype=dtype) if bias else None
+    ref = x.float() @ dequantize(qweight, scales, zeros, bits, group, k, dtype=torch.float32).t()
+    if b is not None:
+        ref += b.float()
+    return qweight, scales, zeros, x, b, ref
+
+
+def _biased_problem(bits, group, k, dtype, m, sym):
+    return make_problem(N, k, bits, group, dtype, m, sym=sym)
 
 
 def _check_xw(cfg, bits, group, k, dtype, m, sym, prepared):

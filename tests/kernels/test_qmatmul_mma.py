@@ -13,12 +13,11 @@ from kernel_testing import DEVICE, ON_GPU, poison_scratch, rel_err  # noqa: F401
 from kernels import qmatmul as Q
 from kernels import qmatmul_mma as MS
 from kernels import qmatmul_wgmma as W
-from kernels.qmatmul import Cfg, dequantize, prepare_weight, quant_matmul, unpack_codes
-from test_qmatmul import make_weight
+from kernels.qmatmul import Cfg, prepare_weight, quant_matmul, unpack_codes
+from test_qmatmul import TOL, make_problem, make_weight
 
 HOPPER = ON_GPU and W.available(torch.device("cuda"))
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="Gluon mma.sync kernel: Hopper GPU only")
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 
 
 def _operand_a(words: torch.Tensor) -> torch.Tensor:
@@ -109,12 +108,7 @@ CASES = [  # (block_m tokens, block_n rows, split_k, step, warps, M, N, K, group
 @needs_hopper
 @pytest.mark.parametrize("bm,bn,sk,step,warps,m,n,k,group,dtype,bias,pre", CASES)
 def test_ms_kernel_matches_reference(bm, bn, sk, step, warps, m, n, k, group, dtype, bias, pre):
-    qweight, scales, zeros, _ = make_weight(n, k, 4, group, dtype)
-    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
-    b = torch.randn(n, device=DEVICE, dtype=dtype) if bias else None
-    ref = x.float() @ dequantize(qweight, scales, zeros, 4, group, k, dtype=torch.float32).t()
-    if b is not None:
-        ref += b.float()
+    qweight, scales, zeros, x, b, ref = make_problem(n, k, 4, group, dtype, m, bias)
     cfg = Cfg("ms", bm, bn, 32, sk, step, post_zero=not pre, warps=warps)
     out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
     for w in (prepare_weight(qweight, scales, zeros, 4, group, k), qweight):  # group-major scales, and plain

@@ -9,12 +9,11 @@ import torch
 from kernel_testing import DEVICE, ON_GPU, poison_scratch, rel_err  # noqa: F401 (autouse fixture)
 from kernels import qmatmul as Q
 from kernels import qmatmul_wgmma as W
-from kernels.qmatmul import Cfg, dequantize, prepare_weight, quant_matmul
-from test_qmatmul import make_weight
+from kernels.qmatmul import Cfg, prepare_weight, quant_matmul
+from test_qmatmul import TOL, make_problem, make_weight
 
 HOPPER = ON_GPU and W.available(torch.device("cuda"))
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="Gluon wgmma kernel: Hopper GPU only")
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 
 CASES = [  # (block_m tokens, block_n rows, split_k, warps, stages, M, N, K, group, dtype, bias)
     (16, 64, 1, 4, 4, 16, 256, 512, 128, torch.float16, False),
@@ -32,12 +31,7 @@ CASES = [  # (block_m tokens, block_n rows, split_k, warps, stages, M, N, K, gro
 @pytest.mark.parametrize("specialized", [False, True])  # cp.async ring / producer warp with bulk copies
 @pytest.mark.parametrize("bm,bn,sk,warps,stages,m,n,k,group,dtype,bias", CASES)
 def test_wgmma_kernel_matches_reference(bm, bn, sk, warps, stages, m, n, k, group, dtype, bias, specialized):
-    qweight, scales, zeros, _ = make_weight(n, k, 4, group, dtype)
-    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
-    b = torch.randn(n, device=DEVICE, dtype=dtype) if bias else None
-    ref = x.float() @ dequantize(qweight, scales, zeros, 4, group, k, dtype=torch.float32).t()
-    if b is not None:
-        ref += b.float()
+    qweight, scales, zeros, x, b, ref = make_problem(n, k, 4, group, dtype, m, bias)
     w = prepare_weight(qweight, scales, zeros, 4, group, k)
     cfg = Cfg("wg", bm, bn, 32, sk, warps=warps, stages=stages, specialized=specialized)
     out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
