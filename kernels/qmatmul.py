@@ -1095,7 +1095,7 @@ def _launch_ms(cfg: Cfg, x2, w: QuantWeight, bias, out):
     ws, lock = _scratch(x2.device, tiles * cfg.split_k * cfg.block_m * cfg.block_n, tiles)
     return qmatmul_mma.launch(x2, w.qweight, w.scales, w.zeros, w.group_size, bias, out, ws, lock,
                               block_n=cfg.block_n, block_m=cfg.block_m, split_k=cfg.split_k, warps=cfg.warps,
-                              step=cfg.step_blocks, scale_in_tile=not cfg.post_zero)
+                              step=cfg.step_blocks, scale_in_tile=not cfg.post_zero, stages=cfg.stages)
 
 
 def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):
@@ -1289,7 +1289,7 @@ def ms_configs(M: int, w: QuantWeight) -> list:
         for step in steps:
             for sk in _splits(tiles, K // (64 * step), (2 if many else 4) * _sms(w.qweight.device)):
                 for post in ((True, False) if many else (True,)):
-                    cfgs.append(Cfg("ms", bm, bn, 32, sk, step, post_zero=post, warps=warps))
+                    cfgs.append(Cfg("ms", bm, bn, 32, sk, step, post_zero=post, warps=warps, stages=2))
     return cfgs
 
 

@@ -40,7 +40,7 @@ from kernels.qmatmul import _SWZ_BF16, _SWZ_F16  # (w & 0x000f000f) | OFFSET bit
 if WG.HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 BLOCK_K = 64  # codes per block: 32 bytes a row, 8 bytes a lane
 _BK = triton.language.constexpr(BLOCK_K)  # the same, for the kernels
@@ -80,7 +80,9 @@ if WG.HAVE_GLUON:
         X_PERMUTED: gl.constexpr,  # x arrives in SIGMA order (else each lane reorders its registers)
         SCALE_IN_TILE: gl.constexpr,  # (q - z) * s in x's dtype (one rounding), no fp32 partial: the same loop
         # length at 64 tokens in sm_90 SASS, but 146 registers against 180 (3 programs an SM instead of 2)
-        W_L: gl.constexpr, X_L: gl.constexpr, MMA_L: gl.constexpr, OUT_L: gl.constexpr,
+        PREFETCH: gl.constexpr,  # the next trip's loads are issued before this trip's MMAs (registers x2)
+        W_L: gl.constexpr, X_L: gl.constexpr, XC_L: gl.constexpr, XS_L: gl.constexpr, MMA_L: gl.constexpr,
+        OUT_L: gl.constexpr,
     ):
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
         B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA_L, k_width=2)
@@ -91,39 +93,75 @@ if WG.HAVE_GLUON:
 
         rows = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, W_L)), N - 1)  # past N: dropped
         w_ptrs = qw_ptr + rows[:, None] * stride_qn + gl.arange(0, 8, layout=gl.SliceLayout(0, W_L))[None, :]
-        # tokens past M read a valid row (their outputs are dropped at the store): unmasked loads, so no
-        # registers cleared before each one
-        tok = gl.minimum(m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_L)), M - 1)
-        x_ptrs = x_ptr + tok[:, None] * stride_xm + gl.arange(0, _BK, layout=gl.SliceLayout(0, X_L))[None, :]
+        # tokens past M read a valid row (their outputs are dropped at the store): unmasked copies
+        tok = gl.minimum(m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, XC_L)), M - 1)
+        x_ptrs = x_ptr + tok[:, None] * stride_xm + gl.arange(0, _BK, layout=gl.SliceLayout(0, XC_L))[None, :]
         a_rows = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A_L)), N - 1)
         acc_rows = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA_L)), N - 1)
+        z_ptrs = z_ptr + a_rows * stride_sn
+        s_ptrs = s_ptr + (a_rows if SCALE_IN_TILE else acc_rows) * stride_sn
+        last = n_steps - 1  # copies and prefetches past this split's last trip re-read an in-bounds one
 
+        # x goes through shared memory, copied once a program: every warp needs all of it, and lane c's 32-byte
+        # run per token would use half of each sector it touches if each warp loaded it from global memory
+        x_smem = gl.allocate_shared_memory(dt, [3 * STEP, BLOCK_M, _BK], XS_L)  # 3 trips: copies 2 trips ahead
+        for j in gl.static_range(2):
+            _copy_x_trip(x_smem, j, x_ptrs, gl.minimum(it0 + j, last), STEP)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
-        for it in range(it0, it0 + n_it):
-            words = ()
-            xs = ()
-            for sub in gl.static_range(STEP):  # every load of the trip first: STEP blocks in flight
-                blk = it * STEP + sub
-                words = words + (gl.load(w_ptrs + blk * 8),)
-                xs = xs + (gl.load(x_ptrs + blk * _BK),)
+        if PREFETCH:
+            nxt = _load_trip(w_ptrs, z_ptrs, s_ptrs, stride_sg, gl.minimum(it0, last), GROUP, STEP)
+        for i in range(n_it):
+            it = it0 + i
+            if PREFETCH:
+                words, zs, ss = nxt
+                nxt = _load_trip(w_ptrs, z_ptrs, s_ptrs, stride_sg, gl.minimum(it + 1, last), GROUP, STEP)
+            else:
+                words, zs, ss = _load_trip(w_ptrs, z_ptrs, s_ptrs, stride_sg, it, GROUP, STEP)
+            async_copy.wait_group(1)  # this thread's copy of trip i has landed (trip i + 1 may not have)
+            WG._barrier()  # every thread's has; and every warp is done with slot (i + 2) % 3, read in trip i - 1
+            _copy_x_trip(x_smem, (i + 2) % 3, x_ptrs, gl.minimum(it + 2, last), STEP)
             for sub in gl.static_range(STEP):
                 if sub % GPB == 0:  # (static) a group starts: its zero points and scales
-                    g = ((it * STEP + sub) * _BK) // GROUP
-                    zo = (gl.load(z_ptr + a_rows * stride_sn + g * stride_sg) + OFFSET).to(dt)  # exact: small ints
+                    zo = (zs[sub // GPB] + OFFSET).to(dt)  # exact: small ints
                     if SCALE_IN_TILE:
-                        s_a = gl.load(s_ptr + a_rows * stride_sn + g * stride_sg)
+                        s_a = ss[sub // GPB]
                     else:
-                        s = gl.load(s_ptr + acc_rows * stride_sn + g * stride_sg).to(gl.float32)
+                        s = ss[sub // GPB].to(gl.float32)
                         part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
-                b = _x_operand(xs[sub], X_PERMUTED, BLOCK_M, B_L)
+                b = _x_operand(x_smem.index((i % 3) * STEP + sub).load(X_L), X_PERMUTED, BLOCK_M, B_L)
                 if SCALE_IN_TILE:
                     acc = mma_v2(_codes_operand(words[sub], zo, PAIR_ASM, BLOCK_N, A_L) * s_a[:, None], b, acc)
                 else:
                     part = mma_v2(_codes_operand(words[sub], zo, PAIR_ASM, BLOCK_N, A_L), b, part)
                     if sub % GPB == GPB - 1 or sub == STEP - 1:  # (static) the group's last block of this trip
                         acc += s[:, None] * part
+        async_copy.wait_group(0)
         WG._epilogue(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, n0, m0, N, M, stride_om, HAS_BIAS,
                      BLOCK_N, BLOCK_M, SPLIT_K, OUT_L)
+
+    @gluon.jit
+    def _load_trip(w_ptrs, z_ptrs, s_ptrs, stride_sg, it, GROUP: gl.constexpr, STEP: gl.constexpr):
+        """The register loads of trip `it`: the codes of its STEP blocks, and the zero points and scales of each
+        group that starts in it (all STEP blocks when the trip lies inside one group)."""
+        GPB: gl.constexpr = GROUP // _BK
+        words = ()
+        zs = ()
+        ss = ()
+        for sub in gl.static_range(STEP):
+            blk = it * STEP + sub
+            words = words + (gl.load(w_ptrs + blk * 8),)
+            if sub % GPB == 0:
+                g = (blk * _BK) // GROUP
+                zs = zs + (gl.load(z_ptrs + g * stride_sg),)
+                ss = ss + (gl.load(s_ptrs + g * stride_sg),)
+        return words, zs, ss
+
+    @gluon.jit
+    def _copy_x_trip(x_smem, slot, x_ptrs, it, STEP: gl.constexpr):
+        """cp.async of trip `it`'s x [BLOCK_M, STEP * 64] into ring slot `slot` (STEP tiles), one commit group."""
+        for sub in gl.static_range(STEP):
+            WG._async_load(x_smem.index(slot * STEP + sub), x_ptrs + (it * STEP + sub) * _BK)
+        async_copy.commit_group()
 
     @gluon.jit
     def _codes_operand(words, zo, PAIR_ASM: gl.constexpr, BLOCK_N: gl.constexpr, A_L: gl.constexpr):
@@ -172,12 +210,17 @@ def layouts(block_n: int, block_m: int, warps: int) -> dict:
         lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]], warp_bases=[[0, 0]] * log_w, block_bases=[],
         shape=[block_m, BLOCK_K])
     return dict(W_L=words, X_L=x,
+                # the x copy: 16 bytes (8 columns) a thread, a 128-byte row per 8 threads
+                XC_L=gl.BlockedLayout([1, 8], [4, 8], [warps, 1], [1, 0]),
+                # 16-byte chunk j of token row r at chunk j ^ (r % 8): the two token rows each quarter-warp reads
+                # (lanes 4g + c, 32 bytes a lane) fall in different banks
+                XS_L=gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]),
                 MMA_L=gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8]),
                 OUT_L=gl.BlockedLayout([2, 1], [32, 1], [1, warps], [0, 1]))
 
 
 def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, block_n: int, block_m: int,
-           split_k: int, warps: int, step: int, scale_in_tile: bool = False):
+           split_k: int, warps: int, step: int, scale_in_tile: bool = False, stages: int = 2):
     """out[M, N] = x2 @ dequant(W)^T (+ bias) for M <= 64. ws_buf / lock: split-K workspace and zeroed arrival
     counters (`qmatmul._scratch`) for cdiv(M, block_m) * cdiv(N, block_n) tiles."""
     M, K = x2.shape
@@ -187,6 +230,8 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
     if not fits(4, group, K, M) or (K // BLOCK_K) % step or (gpb % step and step % gpb):
         raise ValueError(f"the mma.sync kernel takes 4-bit codes, K whole trips of {step} x 64 codes, trips inside "
                          f"one group or of whole groups, and M <= 64; got K={K}, g={group}, M={M}")
+    if stages not in (1, 2):
+        raise ValueError(f"the mma.sync kernel keeps 1 or 2 trips of loads in flight (stages); got {stages}")
     if not qweight.is_contiguous():
         raise ValueError("the mma.sync kernel reads the codes as contiguous int32 words")
     f16 = x2.dtype == torch.float16
@@ -198,6 +243,6 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
         lock, M, N, K, x2.stride(0), K // 8, scales.stride(0), scales.stride(1), out.stride(0), GROUP=group,
         OFFSET=1024.0 if f16 else 128.0, PAIR_ASM=(_SWZ_F16 if f16 else _SWZ_BF16).value,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
-        X_PERMUTED=gather, SCALE_IN_TILE=scale_in_tile,
+        X_PERMUTED=gather, SCALE_IN_TILE=scale_in_tile, PREFETCH=stages >= 2,
         **layouts(block_n, block_m, warps), num_warps=warps)
     return out

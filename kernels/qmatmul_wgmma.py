@@ -252,8 +252,8 @@ if HAVE_GLUON:
         if SPLIT_K == 1:
             _store_out(acc, out_ptr, bias_ptr, offs_n, offs_m, N, M, stride_om, HAS_BIAS)
         else:
-            offs = (gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OUT_L))[:, None] * BLOCK_M
-                    + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, OUT_L))[None, :])
+            offs = (gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OUT_L))[:, None]  # features fastest, as OUT_L:
+                    + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, OUT_L))[None, :] * BLOCK_N)  # whole sectors
             ws_tile = ws_ptr + pid * (SPLIT_K * BLOCK_N * BLOCK_M)
             gl.store(ws_tile + pid_k * (BLOCK_N * BLOCK_M) + offs, acc)
             _barrier()  # every thread's partial is written before the arrival is counted

@@ -297,7 +297,7 @@ def _cfg_str(cfg):
             f" w{cfg.warps}s{cfg.stages}" + (" ws" if cfg.specialized else "")
     if cfg.kind == "ms":
         return f"ms {cfg.block_m}x{cfg.block_n}" + (f" sk{cfg.split_k}" if cfg.split_k > 1 else "") + \
-            f" x{cfg.step_blocks} w{cfg.warps}" + ("" if cfg.post_zero else " pre")
+            f" x{cfg.step_blocks} w{cfg.warps}s{cfg.stages}" + ("" if cfg.post_zero else " pre")
     if cfg.kind == "xw":
         tag += f" w{cfg.warps}s{cfg.stages}"
     tag += "" if cfg.post_zero else " pre"

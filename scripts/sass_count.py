@@ -75,13 +75,13 @@ def compile_wgmma(block_n=64, block_m=128, warps=4, stages=6, split_k=1, bf16=Fa
     return compile_sm90(kernel, const, ptrs, (), ("N", "K"), warps, stages)
 
 
-def compile_mma_sync(block_n=128, block_m=16, warps=4, step=2, split_k=4, bf16=False, scale_in_tile=False):
+def compile_mma_sync(block_n=128, block_m=16, warps=4, step=2, split_k=4, bf16=False, scale_in_tile=False, stages=2):
     """`kernels.qmatmul_mma._w4_mma_sync_kernel` for sm_90 (W4 g128), as `launch` specializes it. Its two
     `convert_layout(..., assert_trivial=True)` make the compile fail if a code or x value would have to move."""
     act = "*bf16" if bf16 else "*fp16"
     const = dict(GROUP=128, OFFSET=128.0 if bf16 else 1024.0, PAIR_ASM=(Q._SWZ_BF16 if bf16 else Q._SWZ_F16).value,
                  HAS_BIAS=False, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
-                 X_PERMUTED=block_m >= MS.X_GATHER_MIN_M, SCALE_IN_TILE=scale_in_tile,
+                 X_PERMUTED=block_m >= MS.X_GATHER_MIN_M, SCALE_IN_TILE=scale_in_tile, PREFETCH=stages >= 2,
                  **MS.layouts(block_n, block_m, warps))
     ptrs = dict(x_ptr=act, qw_ptr="*i32", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act, ws_ptr="*fp32",
                 lock_ptr="*i32")
@@ -280,7 +280,8 @@ def main():
     if a.kernel == "smoke":
         return compile_smoke()
     if a.kernel == "ms":  # the Gluon mma.sync kernel: --block-n rows, --block-m tokens, --step blocks a trip
-        return report(compile_mma_sync(a.block_n or 128, a.block_m, a.warps, a.step, a.split_k, a.bf16, a.pre), a.top)
+        return report(compile_mma_sync(a.block_n or 128, a.block_m, a.warps, a.step, a.split_k, a.bf16, a.pre, a.stages),
+                      a.top)
     if a.kernel == "wg":  # the Gluon wgmma kernel: --block-n rows, --block-m tokens
         return report(compile_wgmma(a.block_n or 64, a.block_m, a.warps, a.stages, a.split_k, a.bf16, a.ws), a.top)
     if a.kernel == "rope-store":  # kernels.fused.rope_store_kv, float or int8 caches (--quant), head dim 128

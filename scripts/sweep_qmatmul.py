@@ -49,7 +49,8 @@ def main():
         per_kind = {}  # kind -> its timings, fastest first
         for t in timed:
             per_kind.setdefault((t[0].kind, t[0].mma_v2), []).append(t)  # mma.sync copies: their own kind
-        rows = [t for kind_timed in per_kind.values() for t in kind_timed[:args.top]]
+        top = len(timed) if args.cfgs else args.top  # listed configs: every one
+        rows = [t for kind_timed in per_kind.values() for t in kind_timed[:top]]
         print(f"| {n}x{k} | {m} | cuBLAS fp16 | {t16:.1f} | 1.00 |")
         for cfg, ms in sorted(rows, key=lambda t: t[1]):
             us = (ms - flush) * 1e3

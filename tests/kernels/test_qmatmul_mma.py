@@ -109,10 +109,12 @@ CASES = [  # (block_m tokens, block_n rows, split_k, step, warps, M, N, K, group
 @pytest.mark.parametrize("bm,bn,sk,step,warps,m,n,k,group,dtype,bias,pre", CASES)
 def test_ms_kernel_matches_reference(bm, bn, sk, step, warps, m, n, k, group, dtype, bias, pre):
     qweight, scales, zeros, x, b, ref = make_problem(n, k, 4, group, dtype, m, bias)
-    cfg = Cfg("ms", bm, bn, 32, sk, step, post_zero=not pre, warps=warps)
     out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
-    for w in (prepare_weight(qweight, scales, zeros, 4, group, k), qweight):  # group-major scales, and plain
-        args = () if w is not qweight else (scales, zeros, 4, group, k)
-        for _ in range(2):  # the second launch finds the split-K counters re-armed
-            y = quant_matmul(x, w, *args, bias=b, cfg=cfg, out=out)
-            assert rel_err(y, ref) < TOL[dtype], cfg
+    for stages in (1, 2):  # loads issued at the trip's start / one trip ahead
+        cfg = Cfg("ms", bm, bn, 32, sk, step, post_zero=not pre, warps=warps, stages=stages)
+        for w in (prepare_weight(qweight, scales, zeros, 4, group, k), qweight):  # group-major scales, and plain
+            args = () if w is not qweight else (scales, zeros, 4, group, k)
+            for _ in range(2):  # the second launch finds the split-K counters re-armed
+                out.fill_(float("nan"))
+                y = quant_matmul(x, w, *args, bias=b, cfg=cfg, out=out)
+                assert rel_err(y, ref) < TOL[dtype], cfg
