@@ -59,9 +59,10 @@ SWZ_CODES = os.environ.get("EFFOPT_QMM_SWZ", "0") == "1"
 # 22.8 (4096x14336), results/kernels.md. The xw and swz kernels were slower with it (M = 16 and 64), so only
 # the mma kind gets copies. Appended to the candidates (the tuner times them); EFFOPT_QMM_V2=0 leaves them out.
 MMA_V2_CANDIDATES = os.environ.get("EFFOPT_QMM_V2", "1") == "1"
-# `kernels.qmatmul_mma`, a Gluon W4 kernel for up to 16 tokens that moves the codes straight into the mma.sync
-# operand (offline sm_90 SASS: 2.4 instructions a code against 3.75); untimed, so only with EFFOPT_QMM_MS=1
-MS_CANDIDATES = os.environ.get("EFFOPT_QMM_MS", "0") == "1"
+# `kernels.qmatmul_mma`, a Gluon W4 kernel for up to 64 tokens that moves the codes straight into the mma.sync
+# operand. On an H200 (results/kernels.md, 2026-12-01) 8192^2: 17.7 us at M = 16 against 22.3 for the mma.sync
+# pick, 39.9 at M = 64 against 48.0; appended to the candidates, EFFOPT_QMM_MS=0 leaves them out.
+MS_CANDIDATES = os.environ.get("EFFOPT_QMM_MS", "1") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -938,7 +939,7 @@ class Cfg:
     `kernels.qmatmul_wgmma` (block_n weight rows, block_m tokens, stages = slots of its copy ring,
     specialized = the warp-specialized one fed by bulk copies); 'ms' is `kernels.qmatmul_mma` (Gluon, mma.sync,
     up to 64 tokens: block_n rows, block_m 8-64 tokens, step_blocks = 64-code blocks a trip, post_zero False =
-    the scale in the tile).
+    the scale in the tile, x_split = x put in the kernel's K order by one gather first, not by each warp).
     """
 
     kind: str
@@ -1095,7 +1096,8 @@ def _launch_ms(cfg: Cfg, x2, w: QuantWeight, bias, out):
     ws, lock = _scratch(x2.device, tiles * cfg.split_k * cfg.block_m * cfg.block_n, tiles)
     return qmatmul_mma.launch(x2, w.qweight, w.scales, w.zeros, w.group_size, bias, out, ws, lock,
                               block_n=cfg.block_n, block_m=cfg.block_m, split_k=cfg.split_k, warps=cfg.warps,
-                              step=cfg.step_blocks, scale_in_tile=not cfg.post_zero, stages=cfg.stages)
+                              step=cfg.step_blocks, scale_in_tile=not cfg.post_zero, stages=cfg.stages,
+                              gather=cfg.x_split)
 
 
 def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):
@@ -1268,11 +1270,12 @@ def mma_v2_configs(cands: list, w: QuantWeight) -> list:
 
 
 def ms_configs(M: int, w: QuantWeight) -> list:
-    """`kernels.qmatmul_mma` configs for up to 64 tokens on a Hopper GPU, with EFFOPT_QMM_MS=1 (appended: never
-    the untimed default): 64 or 128 rows a program (one or two 16-row MMA tiles a warp), 1, 2 or 4 blocks of
-    64 codes a trip (inside a group or whole groups), split-K near 4 programs per SM (2 from 32 tokens, where
-    a thread holds 90-180 registers); from 32 tokens also with the scale in the tile (offline SASS at 64
-    tokens: the same loop length, 146 registers against 180, so 3 programs an SM instead of 2)."""
+    """`kernels.qmatmul_mma` configs for up to 64 tokens on a Hopper GPU (appended: never the untimed default),
+    split-K near 4 programs per SM (2 from 32 tokens, where a thread holds 130-200 registers). Up to 16 tokens:
+    two 16-row MMA tiles a warp (64 rows on 2 warps, 128 on 4) or one (64 rows on 4), 2 or 4 blocks of 64 codes
+    a trip; one block a trip and 8 blocks were slower on an H200, and so was x reordered by a gather first
+    (results/kernels.md). From 32 tokens: 64 rows on 4 warps, 1, 2 or 4 blocks a trip, x gathered, the scale
+    in the tile or after the MMA."""
     from kernels import qmatmul_mma, qmatmul_wgmma
 
     K = w.in_features
@@ -1280,16 +1283,17 @@ def ms_configs(M: int, w: QuantWeight) -> list:
     if not MS_CANDIDATES or not qmatmul_wgmma.available(w.qweight.device) or not qmatmul_mma.fits(w.bits, group, K, M):
         return []
     bm = max(8, triton.next_power_of_2(M))
-    many = bm >= 32
+    many = bm >= qmatmul_mma.X_GATHER_MIN_M
     gpb = group // 64
-    steps = [s for s in (1, 2, 4) if (gpb % s == 0 or s % gpb == 0) and (K // 64) % s == 0]
+    fit = [s for s in (1, 2, 4) if (gpb % s == 0 or s % gpb == 0) and (K // 64) % s == 0]  # trips: whole groups
+    steps = fit if many else ([s for s in fit if s > 1] or fit)
     cfgs = []
-    for bn, warps in ((64, 4),) + (() if many else ((128, 4), (128, 8))):
+    for bn, warps in ((64, 4),) if many else ((64, 2), (64, 4), (128, 4)):
         tiles = triton.cdiv(w.out_features, bn)
         for step in steps:
             for sk in _splits(tiles, K // (64 * step), (2 if many else 4) * _sms(w.qweight.device)):
                 for post in ((True, False) if many else (True,)):
-                    cfgs.append(Cfg("ms", bm, bn, 32, sk, step, post_zero=post, warps=warps, stages=2))
+                    cfgs.append(Cfg("ms", bm, bn, 32, sk, step, post_zero=post, x_split=many, warps=warps, stages=2))
     return cfgs
 
 

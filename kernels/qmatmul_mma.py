@@ -35,7 +35,32 @@ import torch
 import triton
 
 from kernels import qmatmul_wgmma as WG
-from kernels.qmatmul import _SWZ_BF16, _SWZ_F16  # (w & 0x000f000f) | OFFSET bits: one LOP3, two 16-bit floats
+
+
+def _pair_asm(mask: int, fill: int, fma: str, mul: int):
+    """(w & mask) | fill (one LOP3: two 16-bit floats OFFSET + q, or OFFSET + 16 q for a high nibble), then one
+    packed FMA: * mul + $3 ($3 = -(OFFSET + z) twice, or -(OFFSET / 16 + z) for 16 q): q - z, exact."""
+    return triton.language.constexpr(f"{{\n.reg .b32 r, k;\nlop3.b32 r, $2, {mask:#010x}, {fill:#010x}, 0xea;\nmov.b32 k, {mul:#010x};\n"
+            f"{fma} r, r, k, $3;\nmov.b32 {{$0, $1}}, r;\n}}")
+
+
+# fp16: the low nibbles of a byte pair as 1024 + q, the high ones in place as 1024 + 16 q (* 1/16: 64 + q), so
+# one shift (by 8) a word gives its 4 pairs; bf16 (7 mantissa bits) has room for the low nibbles only
+_LO_F16 = _pair_asm(0x000F000F, 0x64006400, "fma.rn.f16x2", 0x3C003C00)  # * 1.0
+_HI_F16 = _pair_asm(0x00F000F0, 0x64006400, "fma.rn.f16x2", 0x2C002C00)  # * 1/16
+_LO_BF16 = _pair_asm(0x000F000F, 0x43004300, "fma.rn.bf16x2", 0x3F803F80)  # 128 + q, * 1.0
+
+
+def _neg_asm(fma: str, minus_one: int, minus_offset: int):
+    """z -> -(OFFSET + z) = z * -1 - OFFSET in one FMA, packed twice into an int32."""
+    return triton.language.constexpr(
+        f"{{\n.reg .b16 t, m, c;\nmov.b16 m, {minus_one:#06x};\nmov.b16 c, {minus_offset:#06x};\n"
+        f"{fma} t, $1, m, c;\nmov.b32 $0, {{t, t}};\n}}")
+
+
+_NEG_F16 = _neg_asm("fma.rn.f16", 0xBC00, 0xE400)  # -1024
+_NEG16_F16 = _neg_asm("fma.rn.f16", 0xBC00, 0xD400)  # -64: for the high nibbles' 1024 + 16 q, scaled by 1/16
+_NEG_BF16 = _neg_asm("fma.rn.bf16", 0xBF80, 0xC300)  # -128
 
 if WG.HAVE_GLUON:
     from triton.experimental import gluon
@@ -72,8 +97,8 @@ if WG.HAVE_GLUON:
         M, N, K,
         stride_xm, stride_qn, stride_sn, stride_sg, stride_om,
         GROUP: gl.constexpr,  # codes per group (K for per-channel)
-        OFFSET: gl.constexpr,  # 1024 (fp16) / 128 (bf16): what PAIR_ASM adds to a code
-        PAIR_ASM: gl.constexpr,
+        OFFSET: gl.constexpr,  # 1024 (fp16) / 128 (bf16): what the code conversion adds to a code
+        F16: gl.constexpr,  # x in fp16 (else bf16)
         HAS_BIAS: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
         STEP: gl.constexpr,  # 64-code blocks a loop trip (unrolled): part of one group, or whole groups
@@ -95,16 +120,16 @@ if WG.HAVE_GLUON:
         w_ptrs = qw_ptr + rows[:, None] * stride_qn + gl.arange(0, 8, layout=gl.SliceLayout(0, W_L))[None, :]
         # tokens past M read a valid row (their outputs are dropped at the store): unmasked copies
         tok = gl.minimum(m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, XC_L)), M - 1)
-        x_ptrs = x_ptr + tok[:, None] * stride_xm + gl.arange(0, _BK, layout=gl.SliceLayout(0, XC_L))[None, :]
+        x_ptrs = x_ptr + tok[:, None] * stride_xm + gl.arange(0, STEP * _BK, layout=gl.SliceLayout(0, XC_L))[None, :]
         a_rows = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A_L)), N - 1)
         acc_rows = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA_L)), N - 1)
-        z_ptrs = z_ptr + a_rows * stride_sn
+        z_ptrs = z_ptr + rows * stride_sn  # the zero points, in the codes' layout: their conversion subtracts them
         s_ptrs = s_ptr + (a_rows if SCALE_IN_TILE else acc_rows) * stride_sn
         last = n_steps - 1  # copies and prefetches past this split's last trip re-read an in-bounds one
 
         # x goes through shared memory, copied once a program: every warp needs all of it, and lane c's 32-byte
         # run per token would use half of each sector it touches if each warp loaded it from global memory
-        x_smem = gl.allocate_shared_memory(dt, [3 * STEP, BLOCK_M, _BK], XS_L)  # 3 trips: copies 2 trips ahead
+        x_smem = gl.allocate_shared_memory(dt, [3, BLOCK_M, STEP * _BK], XS_L)  # 3 trips: copies 2 trips ahead
         for j in gl.static_range(2):
             _copy_x_trip(x_smem, j, x_ptrs, gl.minimum(it0 + j, last), STEP)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
@@ -122,17 +147,18 @@ if WG.HAVE_GLUON:
             _copy_x_trip(x_smem, (i + 2) % 3, x_ptrs, gl.minimum(it + 2, last), STEP)
             for sub in gl.static_range(STEP):
                 if sub % GPB == 0:  # (static) a group starts: its zero points and scales
-                    zo = (zs[sub // GPB] + OFFSET).to(dt)  # exact: small ints
+                    nz = _neg_pair(zs[sub // GPB], _NEG_F16 if F16 else _NEG_BF16, F16)
+                    nz16 = _neg_pair(zs[sub // GPB], _NEG16_F16, F16)  # (only fp16 reads it)
                     if SCALE_IN_TILE:
                         s_a = ss[sub // GPB]
                     else:
                         s = ss[sub // GPB].to(gl.float32)
                         part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
-                b = _x_operand(x_smem.index((i % 3) * STEP + sub).load(X_L), X_PERMUTED, BLOCK_M, B_L)
+                b = _x_operand(x_smem.index(i % 3).slice(sub * _BK, _BK, dim=1).load(X_L), X_PERMUTED, BLOCK_M, B_L)
                 if SCALE_IN_TILE:
-                    acc = mma_v2(_codes_operand(words[sub], zo, PAIR_ASM, BLOCK_N, A_L) * s_a[:, None], b, acc)
+                    acc = mma_v2(_codes_operand(words[sub], nz, nz16, F16, BLOCK_N, A_L) * s_a[:, None], b, acc)
                 else:
-                    part = mma_v2(_codes_operand(words[sub], zo, PAIR_ASM, BLOCK_N, A_L), b, part)
+                    part = mma_v2(_codes_operand(words[sub], nz, nz16, F16, BLOCK_N, A_L), b, part)
                     if sub % GPB == GPB - 1 or sub == STEP - 1:  # (static) the group's last block of this trip
                         acc += s[:, None] * part
         async_copy.wait_group(0)
@@ -158,26 +184,58 @@ if WG.HAVE_GLUON:
 
     @gluon.jit
     def _copy_x_trip(x_smem, slot, x_ptrs, it, STEP: gl.constexpr):
-        """cp.async of trip `it`'s x [BLOCK_M, STEP * 64] into ring slot `slot` (STEP tiles), one commit group."""
-        for sub in gl.static_range(STEP):
-            WG._async_load(x_smem.index(slot * STEP + sub), x_ptrs + (it * STEP + sub) * _BK)
+        """cp.async of trip `it`'s x [BLOCK_M, STEP * 64] into ring slot `slot`, one commit group (one copy: Gluon
+        puts a barrier between two copies into one buffer)."""
+        WG._async_load(x_smem.index(slot), x_ptrs + it * (STEP * _BK))
         async_copy.commit_group()
 
     @gluon.jit
-    def _codes_operand(words, zo, PAIR_ASM: gl.constexpr, BLOCK_N: gl.constexpr, A_L: gl.constexpr):
+    def _neg_pair(z, NEG_ASM: gl.constexpr, F16: gl.constexpr):
+        """-(OFFSET + z) (or -(OFFSET / 16 + z)) in x's dtype, twice in an int32: the addend of `_pair_asm`'s
+        FMA. One FMA and one pack a row and group; exact (small integers)."""
+        if F16:
+            zz = z.to(gl.float16)
+        else:
+            zz = z.to(gl.bfloat16)
+        return gl.inline_asm_elementwise(NEG_ASM, "=r,h", [zz], dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _pair(asm: gl.constexpr, w, nz, F16: gl.constexpr):
+        """[row, c, wd] words and packed addends -> [row, c, wd, 2]: one code pair a word (`_pair_asm`)."""
+        if F16:
+            lo, hi = gl.inline_asm_elementwise(asm, "=h,=h,r,r", [w, nz], dtype=(gl.float16, gl.float16),
+                                               is_pure=True, pack=1)
+        else:
+            lo, hi = gl.inline_asm_elementwise(asm, "=h,=h,r,r", [w, nz], dtype=(gl.bfloat16, gl.bfloat16),
+                                               is_pure=True, pack=1)
+        return gl.join(lo, hi)
+
+    @gluon.jit
+    def _codes_operand(words, nz, nz16, F16: gl.constexpr, BLOCK_N: gl.constexpr, A_L: gl.constexpr):
         """int32 [BLOCK_N, 8] words of a 64-code block (lane c of a quad holds words 2c, 2c + 1 of its rows)
-        -> q - z (zo = OFFSET + z per row, exact in 16 bits) as the MMA's A operand [BLOCK_N, 64] in the
-        kernel's K order, without moving a value."""
+        -> q - z as the MMA's A operand [BLOCK_N, 64] in the kernel's K order, without moving a value. nz /
+        nz16: `_neg_pair` of each row's zero point at OFFSET and OFFSET / 16."""
         w3 = words.reshape([BLOCK_N, 4, 2])  # [row, c, wd]: word wd of lane c
+        z3 = gl.broadcast(nz[:, None], words)[0].reshape([BLOCK_N, 4, 2])
+        z16 = gl.broadcast(nz16[:, None], words)[0].reshape([BLOCK_N, 4, 2])
         pairs = ()
-        for q in gl.static_range(4):  # shifts 0, 8, 4, 12: real codes (0, 4), (2, 6), (1, 5), (3, 7) of a word's 8
-            lo, hi = gl.inline_asm_elementwise(PAIR_ASM, "=h,=h,r", [w3 >> ((q % 2) * 8 + (q // 2) * 4)],
-                                               dtype=(zo.dtype, zo.dtype), is_pure=True, pack=1)
-            pairs = pairs + (gl.join(lo, hi),)  # [row, c, wd, e]
+        for q in gl.static_range(4):  # real codes (0, 4), (2, 6), (1, 5), (3, 7) of a word's 8
+            if F16:  # no shift for a high nibble: 1024 + 16 q, scaled by 1/16 in the FMA
+                if q == 0:
+                    pair = _pair(_LO_F16, w3, z3, F16)
+                elif q == 1:
+                    pair = _pair(_LO_F16, w3 >> 8, z3, F16)
+                elif q == 2:
+                    pair = _pair(_HI_F16, w3, z16, F16)
+                else:
+                    pair = _pair(_HI_F16, w3 >> 8, z16, F16)
+            else:
+                pair = _pair(_LO_BF16, w3 >> ((q % 2) * 8 + (q // 2) * 4), z3, F16)
+            pairs = pairs + (pair,)  # [row, c, wd, e]
         # pair q = 2j + i goes to k tile t = 2 wd + j, pair h = i: k = 32 wd + 16 j + 8 i + 2 c + e
         a = gl.join(gl.join(pairs[0], pairs[1]), gl.join(pairs[2], pairs[3]))  # [row, c, wd, e, i, j]
         a = a.permute([0, 2, 5, 4, 1, 3]).reshape([BLOCK_N, _BK])
-        return gl.convert_layout(a, A_L, assert_trivial=True) - zo[:, None]
+        return gl.convert_layout(a, A_L, assert_trivial=True)
 
     @gluon.jit
     def _x_operand(x, X_PERMUTED: gl.constexpr, BLOCK_M: gl.constexpr, B_L: gl.constexpr):
@@ -220,7 +278,7 @@ def layouts(block_n: int, block_m: int, warps: int) -> dict:
 
 
 def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, block_n: int, block_m: int,
-           split_k: int, warps: int, step: int, scale_in_tile: bool = False, stages: int = 2):
+           split_k: int, warps: int, step: int, scale_in_tile: bool = False, stages: int = 2, gather: bool = None):
     """out[M, N] = x2 @ dequant(W)^T (+ bias) for M <= 64. ws_buf / lock: split-K workspace and zeroed arrival
     counters (`qmatmul._scratch`) for cdiv(M, block_m) * cdiv(N, block_n) tiles."""
     M, K = x2.shape
@@ -235,13 +293,13 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
     if not qweight.is_contiguous():
         raise ValueError("the mma.sync kernel reads the codes as contiguous int32 words")
     f16 = x2.dtype == torch.float16
-    gather = block_m >= X_GATHER_MIN_M
+    gather = block_m >= X_GATHER_MIN_M if gather is None else gather
     if gather:
         x2 = permute_x(x2)
     _w4_mma_sync_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split_k)](
         x2, qweight.view(torch.int32), scales, zeros, bias if bias is not None else out, out, ws_buf,
         lock, M, N, K, x2.stride(0), K // 8, scales.stride(0), scales.stride(1), out.stride(0), GROUP=group,
-        OFFSET=1024.0 if f16 else 128.0, PAIR_ASM=(_SWZ_F16 if f16 else _SWZ_BF16).value,
+        OFFSET=1024.0 if f16 else 128.0, F16=f16,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
         X_PERMUTED=gather, SCALE_IN_TILE=scale_in_tile, PREFETCH=stages >= 2,
         **layouts(block_n, block_m, warps), num_warps=warps)

@@ -216,8 +216,8 @@ def bench_qmatmul(quick, ms_only=None, shapes_only=None):
                 print("  row:", " | ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
             ws = w16 = None  # free this shape's copies before the next
         table(f"quant_matmul {name} (fp16 activations; bnb: {note}; path: the tuner's pick, 'mma' = W x^T "
-              f"(swap AB), 'xw' = x W^T, 'wg' = Gluon async wgmma (W x^T), 'ms' = Gluon mma.sync (W x^T, "
-              f"EFFOPT_QMM_MS=1); best mma / xw / wg / ms: the fastest config of each kind the tuner timed)",
+              f"(swap AB), 'xw' = x W^T, 'wg' = Gluon async wgmma (W x^T), 'ms' = Gluon mma.sync (W x^T); "
+              f"best mma / xw / wg / ms: the fastest config of each kind the tuner timed)",
               ["N x K", "M", "effopt µs", "TB/s", "TFLOP/s", "cuBLAS fp16 µs", "speedup vs fp16",
                "bnb NF4 µs", "speedup vs NF4", "effopt eager µs", "path", "best mma µs", "best xw µs",
                "best wg µs", "best ms µs", "rel err"], rows)
@@ -297,7 +297,8 @@ def _cfg_str(cfg):
             f" w{cfg.warps}s{cfg.stages}" + (" ws" if cfg.specialized else "")
     if cfg.kind == "ms":
         return f"ms {cfg.block_m}x{cfg.block_n}" + (f" sk{cfg.split_k}" if cfg.split_k > 1 else "") + \
-            f" x{cfg.step_blocks} w{cfg.warps}s{cfg.stages}" + ("" if cfg.post_zero else " pre")
+            f" x{cfg.step_blocks} w{cfg.warps}s{cfg.stages}" + ("" if cfg.post_zero else " pre") + \
+            (" xg" if cfg.x_split else "")
     if cfg.kind == "xw":
         tag += f" w{cfg.warps}s{cfg.stages}"
     tag += "" if cfg.post_zero else " pre"

@@ -75,7 +75,7 @@ def test_ms_launch_wants_trips_inside_a_group_or_of_whole_groups():
                       block_n=64, block_m=8, split_k=1, warps=4, step=step)
 
 
-def test_ms_configs_are_opt_in_and_launches_refused_off_hopper(monkeypatch):
+def test_ms_configs_can_be_left_out_and_launches_refused_off_hopper(monkeypatch):
     qweight, scales, zeros, _ = make_weight(64, 256, 4, 128, torch.float16)
     w = prepare_weight(qweight, scales, zeros, 4, 128, 256)
     monkeypatch.setattr(Q, "MS_CANDIDATES", False)
@@ -110,8 +110,9 @@ CASES = [  # (block_m tokens, block_n rows, split_k, step, warps, M, N, K, group
 def test_ms_kernel_matches_reference(bm, bn, sk, step, warps, m, n, k, group, dtype, bias, pre):
     qweight, scales, zeros, x, b, ref = make_problem(n, k, 4, group, dtype, m, bias)
     out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
-    for stages in (1, 2):  # loads issued at the trip's start / one trip ahead
-        cfg = Cfg("ms", bm, bn, 32, sk, step, post_zero=not pre, warps=warps, stages=stages)
+    # loads issued at the trip's start / one trip ahead; x reordered by a gather first / by each warp
+    for stages, gather in ((1, bm >= 32), (2, bm < 32)):
+        cfg = Cfg("ms", bm, bn, 32, sk, step, post_zero=not pre, x_split=gather, warps=warps, stages=stages)
         for w in (prepare_weight(qweight, scales, zeros, 4, group, k), qweight):  # group-major scales, and plain
             args = () if w is not qweight else (scales, zeros, 4, group, k)
             for _ in range(2):  # the second launch finds the split-K counters re-armed
