@@ -1,5 +1,5 @@
 """W4A16 matmul for a few tokens (M <= 64) on mma.sync, written in Gluon: the codes go from global memory
-straight into the MMA's register operand, with no shared memory and no byte permutes.
+straight into the MMA's register operand, with no shared memory and no byte permutes on their way.
 
 Why: at 16 tokens `qmatmul._qmm_kernel` spends its time issuing instructions. Its sm_90 SASS (mma.sync
 build) has 3.75 instructions per 4-bit code. The largest group, 138 of 480 a trip, is PRMT byte permutes,
@@ -10,26 +10,29 @@ Here the K order is chosen so that no code has to move:
     rows g and g + 8 (lane = 4g + c). Any permutation of K applied to both operands gives the same
     product, so the kernel lets lane c of a quad own the real codes 16c .. 16c + 15 of every 64-code
     block. In the plain packed layout those are 8 adjacent bytes: one 8-byte load a row, no shuffled copy.
-  * `(w >> s) & 0x000f000f | OFFSET bits` (one LOP3 after one shift, `qmatmul._swz_ptx`) turns a word into a pair
-    of codes. For shifts 0 / 8 / 4 / 12 the pairs hold real codes (0, 4), (2, 6), (1, 5), (3, 7) of the
-    word's 8. These pairs fill the operand's 8 registers a row per block. A chain of `join`, `permute` and
-    `reshape` names that placement, and the final `convert_layout` is checked to be free (`assert_trivial`).
-  * x needs the same order, and lane c needs exactly x's 16 columns 16c .. 16c + 15 of a block, loaded as
-    one 32-byte run a token. Position p of the operand holds column SIGMA[p] (a fixed swap of index bits).
-    Either the lane reorders its registers (another chain checked free, but one PRMT per operand register:
-    +11% loop instructions at 16 tokens, +48% at 64), or, from 32 tokens on, x comes pre-permuted by one
-    gather a call (`permute_x`).
+  * One LOP3 (`_pair_asm`) turns a word into a pair of codes as two 16-bit floats OFFSET + q: the low
+    nibbles of a byte pair after `& 0x000f000f`, and, in fp16, the high ones in place as 1024 + 16 q
+    (`& 0x00f000f0`), so one shift by 8 serves a word's 4 pairs: real codes (0, 4), (2, 6), (1, 5),
+    (3, 7) of the word's 8 (bf16 has 7 mantissa bits: shifts by 4, 8 and 12 instead). One packed FMA
+    then makes q - z exactly (* 1/16 for the high nibbles). These pairs fill the operand's 8 registers a row
+    per block; a chain of `join`, `permute` and `reshape` names that placement, and the final
+    `convert_layout` is checked to be free (`assert_trivial`).
+  * x needs the same order, and lane c needs exactly x's 16 columns 16c .. 16c + 15 of a block: one 32-byte
+    run a token. Position p of the operand holds column SIGMA[p] (a fixed swap of index bits). Every warp
+    needs all of x, so x goes through shared memory: a ring of 3 trips filled by cp.async 2 trips ahead,
+    one copy a program (loaded by each warp from global memory, the 32-byte runs used half of every sector
+    they touched, and the loads moved 11.2M sectors through L1 for 34 MB of weights: ncu, results/kernels.md). Up to 16 tokens each lane
+    reorders its registers (one PRMT per operand register); from 32 tokens x comes pre-permuted by one
+    gather a call (`permute_x`; at 16 tokens that gather was slower).
 
-Per 64-code block and thread, this leaves: 2-4 wide loads; a shift and a LOP3 a code pair; one HSUB2 a pair
-(q - z, exact); 4 MMAs a 16-row tile and 8 tokens; and one scale FMA a group and accumulator (or, with
-SCALE_IN_TILE, one multiply a code pair instead, which saves registers at 32-64 tokens). The split-K finish is the
-wgmma module's. GPU only, and Hopper-tuned; the Triton interpreter does not run Gluon.
+Per 64-code block and thread, this leaves: 2-4 wide loads, issued a trip ahead (STAGES 2); a LOP3 and a
+packed FMA a code pair and a shift a word; 4 MMAs a 16-row tile and 8 tokens; and one scale FMA a group and
+accumulator (or, with SCALE_IN_TILE, one multiply a code pair instead, which saves registers at 32-64 tokens).
+The split-K finish is the wgmma module's. GPU only, and Hopper-tuned; the Triton interpreter does not run Gluon.
 
-Status: built and compiled offline, but not yet run on a GPU: the session that wrote it had no device time
-left. sm_90 SASS, 2 blocks a trip, no shared memory in the loop: 128 rows, 16 tokens, 318 loop instructions
-for the 128 codes a thread (2.48 a code), 128 registers; 64 rows, 64 tokens, scale in the tile, x gathered,
-263 for 64 codes (4.1 a code, a quarter of them HMMA), 146 registers. So the tuner offers it only with EFFOPT_QMM_MS=1,
-and its GPU tests (tests/kernels/test_qmatmul_mma.py) are still to be run.
+Measured on an H200 (results/kernels.md, 2026-12-01), the tuner's picks: 8192^2 at 16 tokens 17.7 us (1.90x
+cuBLAS fp16; the best Triton kernel 21.8), at 64 tokens 41.8 us (0.90x; 48.9); 4096x14336: 17.9 (1.78x) and
+38.9 us (0.86x). At one token the CUDA-core GEMV stays faster (15.0 against 17.6 us).
 """
 import torch
 import triton
