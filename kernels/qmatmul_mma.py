@@ -108,12 +108,9 @@ if WG.HAVE_GLUON:
         X_PERMUTED: gl.constexpr,  # x arrives in SIGMA order (else each lane reorders its registers)
         SCALE_IN_TILE: gl.constexpr,  # (q - z) * s in x's dtype (one rounding), no fp32 partial: the same loop
         # length at 64 tokens in sm_90 SASS, but 146 registers against 180 (3 programs an SM instead of 2)
-        # 1: the codes loaded at the trip's start; 2: a trip ahead, in registers; 3-5: the codes too go through
-        # the shared-memory ring of x, then of STAGES trips (STAGES - 1 in flight), and only the scales and zero
-        # points are loaded a trip ahead in registers
-        STAGES: gl.constexpr,
-        W_L: gl.constexpr, X_L: gl.constexpr, XC_L: gl.constexpr, XS_L: gl.constexpr, QC_L: gl.constexpr,
-        QS_L: gl.constexpr, MMA_L: gl.constexpr, OUT_L: gl.constexpr,
+        PREFETCH: gl.constexpr,  # the next trip's loads are issued before this trip's MMAs (registers x2)
+        W_L: gl.constexpr, X_L: gl.constexpr, XC_L: gl.constexpr, XS_L: gl.constexpr, MMA_L: gl.constexpr,
+        OUT_L: gl.constexpr,
     ):
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
         B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA_L, k_width=2)
@@ -135,39 +132,22 @@ if WG.HAVE_GLUON:
 
         # x goes through shared memory, copied once a program: every warp needs all of it, and lane c's 32-byte
         # run per token would use half of each sector it touches if each warp loaded it from global memory
-        R: gl.constexpr = 3 if STAGES < 3 else STAGES  # ring slots: copies R - 1 trips ahead
-        CODES_SMEM: gl.constexpr = STAGES >= 3
-        x_smem = gl.allocate_shared_memory(dt, [R, BLOCK_M, STEP * _BK], XS_L)
-        if CODES_SMEM:
-            q_smem = gl.allocate_shared_memory(gl.int32, [R, BLOCK_N, STEP * 8], QS_L)
-            q_rows = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, QC_L)), N - 1)
-            q_ptrs = (qw_ptr + q_rows[:, None] * stride_qn
-                      + gl.arange(0, STEP * 8, layout=gl.SliceLayout(0, QC_L))[None, :])
-        for j in gl.static_range(R - 1):
-            if CODES_SMEM:
-                WG._async_load(q_smem.index(j), q_ptrs + gl.minimum(it0 + j, last) * (STEP * 8))
-            _copy_x_trip(x_smem, j, x_ptrs, gl.minimum(it0 + j, last), STEP)  # (commits the codes' copy too)
+        x_smem = gl.allocate_shared_memory(dt, [3, BLOCK_M, STEP * _BK], XS_L)  # 3 trips: copies 2 trips ahead
+        for j in gl.static_range(2):
+            _copy_x_trip(x_smem, j, x_ptrs, gl.minimum(it0 + j, last), STEP)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
-        if STAGES == 2:
+        if PREFETCH:
             nxt = _load_trip(w_ptrs, z_ptrs, s_ptrs, stride_sg, gl.minimum(it0, last), GROUP, STEP)
-        elif CODES_SMEM:
-            nxt = _load_scales(z_ptrs, s_ptrs, stride_sg, gl.minimum(it0, last), GROUP, STEP)
         for i in range(n_it):
             it = it0 + i
-            if STAGES == 1:
-                words, zs, ss = _load_trip(w_ptrs, z_ptrs, s_ptrs, stride_sg, it, GROUP, STEP)
-            elif STAGES == 2:
+            if PREFETCH:
                 words, zs, ss = nxt
                 nxt = _load_trip(w_ptrs, z_ptrs, s_ptrs, stride_sg, gl.minimum(it + 1, last), GROUP, STEP)
             else:
-                zs, ss = nxt
-                nxt = _load_scales(z_ptrs, s_ptrs, stride_sg, gl.minimum(it + 1, last), GROUP, STEP)
-            async_copy.wait_group(R - 2)  # this thread's copies of trip i have landed (later ones may not have)
-            WG._barrier()  # every thread's have; and every warp is done with slot (i - 1) % R, read in trip i - 1
-            nxt_slot = (i + R - 1) % R
-            if CODES_SMEM:
-                WG._async_load(q_smem.index(nxt_slot), q_ptrs + gl.minimum(it + R - 1, last) * (STEP * 8))
-            _copy_x_trip(x_smem, nxt_slot, x_ptrs, gl.minimum(it + R - 1, last), STEP)
+                words, zs, ss = _load_trip(w_ptrs, z_ptrs, s_ptrs, stride_sg, it, GROUP, STEP)
+            async_copy.wait_group(1)  # this thread's copy of trip i has landed (trip i + 1 may not have)
+            WG._barrier()  # every thread's has; and every warp is done with slot (i + 2) % 3, read in trip i - 1
+            _copy_x_trip(x_smem, (i + 2) % 3, x_ptrs, gl.minimum(it + 2, last), STEP)
             for sub in gl.static_range(STEP):
                 if sub % GPB == 0:  # (static) a group starts: its zero points and scales
                     nz = _neg_pair(zs[sub // GPB], _NEG_F16 if F16 else _NEG_BF16, F16)
@@ -177,15 +157,11 @@ if WG.HAVE_GLUON:
                     else:
                         s = ss[sub // GPB].to(gl.float32)
                         part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
-                if CODES_SMEM:
-                    w = q_smem.index(i % R).slice(sub * 8, 8, dim=1).load(W_L)
-                else:
-                    w = words[sub]
-                b = _x_operand(x_smem.index(i % R).slice(sub * _BK, _BK, dim=1).load(X_L), X_PERMUTED, BLOCK_M, B_L)
+                b = _x_operand(x_smem.index(i % 3).slice(sub * _BK, _BK, dim=1).load(X_L), X_PERMUTED, BLOCK_M, B_L)
                 if SCALE_IN_TILE:
-                    acc = mma_v2(_codes_operand(w, nz, nz16, F16, BLOCK_N, A_L) * s_a[:, None], b, acc)
+                    acc = mma_v2(_codes_operand(words[sub], nz, nz16, F16, BLOCK_N, A_L) * s_a[:, None], b, acc)
                 else:
-                    part = mma_v2(_codes_operand(w, nz, nz16, F16, BLOCK_N, A_L), b, part)
+                    part = mma_v2(_codes_operand(words[sub], nz, nz16, F16, BLOCK_N, A_L), b, part)
                     if sub % GPB == GPB - 1 or sub == STEP - 1:  # (static) the group's last block of this trip
                         acc += s[:, None] * part
         async_copy.wait_group(0)
@@ -194,26 +170,20 @@ if WG.HAVE_GLUON:
 
     @gluon.jit
     def _load_trip(w_ptrs, z_ptrs, s_ptrs, stride_sg, it, GROUP: gl.constexpr, STEP: gl.constexpr):
-        """The register loads of trip `it`: the codes of its STEP blocks, and `_load_scales`."""
-        words = ()
-        for sub in gl.static_range(STEP):
-            words = words + (gl.load(w_ptrs + (it * STEP + sub) * 8),)
-        zs, ss = _load_scales(z_ptrs, s_ptrs, stride_sg, it, GROUP, STEP)
-        return words, zs, ss
-
-    @gluon.jit
-    def _load_scales(z_ptrs, s_ptrs, stride_sg, it, GROUP: gl.constexpr, STEP: gl.constexpr):
-        """The zero points and scales of each group that starts in trip `it` (all STEP blocks when the trip lies
-        inside one group)."""
+        """The register loads of trip `it`: the codes of its STEP blocks, and the zero points and scales of each
+        group that starts in it (all STEP blocks when the trip lies inside one group)."""
         GPB: gl.constexpr = GROUP // _BK
+        words = ()
         zs = ()
         ss = ()
         for sub in gl.static_range(STEP):
+            blk = it * STEP + sub
+            words = words + (gl.load(w_ptrs + blk * 8),)
             if sub % GPB == 0:
-                g = ((it * STEP + sub) * _BK) // GROUP
+                g = (blk * _BK) // GROUP
                 zs = zs + (gl.load(z_ptrs + g * stride_sg),)
                 ss = ss + (gl.load(s_ptrs + g * stride_sg),)
-        return zs, ss
+        return words, zs, ss
 
     @gluon.jit
     def _copy_x_trip(x_smem, slot, x_ptrs, it, STEP: gl.constexpr):
@@ -284,7 +254,7 @@ if WG.HAVE_GLUON:
         return gl.convert_layout(x.reshape([_BK, BLOCK_M]), B_L, assert_trivial=True)
 
 
-def layouts(block_n: int, block_m: int, warps: int, step: int = 1) -> dict:
+def layouts(block_n: int, block_m: int, warps: int) -> dict:
     """Register layouts for [block_n rows, block_m tokens]: 16 rows a warp per MMA tile, block_n / (16 warps)
     tiles a warp; each layout places a value where the MMA operand needs it (the kernel's docstring)."""
     tiles = block_n // (16 * warps)
@@ -306,11 +276,6 @@ def layouts(block_n: int, block_m: int, warps: int, step: int = 1) -> dict:
                 # 16-byte chunk j of token row r at chunk j ^ (r % 8): the two token rows each quarter-warp reads
                 # (lanes 4g + c, 32 bytes a lane) fall in different banks
                 XS_L=gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]),
-                # the codes' copy (STAGES >= 3): 16 bytes a thread, a row's STEP x 32 bytes per 2 STEP threads
-                QC_L=gl.BlockedLayout([1, 4], [32 // (2 * step), 2 * step], [warps, 1], [1, 0]),
-                # a row's 32-byte block b at b ^ (row % STEP): the 4 rows a half-warp reads (8 bytes a lane) fall
-                # in different banks when STEP is 1 or 4 (2 blocks a trip: 2 rows a bank)
-                QS_L=gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=step, order=[1, 0]),
                 MMA_L=gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8]),
                 OUT_L=gl.BlockedLayout([2, 1], [32, 1], [1, warps], [0, 1]))
 
@@ -326,9 +291,8 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
     if not fits(4, group, K, M) or (K // BLOCK_K) % step or (gpb % step and step % gpb):
         raise ValueError(f"the mma.sync kernel takes 4-bit codes, K whole trips of {step} x 64 codes, trips inside "
                          f"one group or of whole groups, and M <= 64; got K={K}, g={group}, M={M}")
-    if stages not in (1, 2, 3, 4, 5):
-        raise ValueError(f"the mma.sync kernel takes stages 1-5 (2: a trip ahead in registers, 3-5: a ring of that "
-                         f"many trips in shared memory); got {stages}")
+    if stages not in (1, 2):
+        raise ValueError(f"the mma.sync kernel keeps 1 or 2 trips of loads in flight (stages); got {stages}")
     if not qweight.is_contiguous():
         raise ValueError("the mma.sync kernel reads the codes as contiguous int32 words")
     f16 = x2.dtype == torch.float16
@@ -340,6 +304,6 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
         lock, M, N, K, x2.stride(0), K // 8, scales.stride(0), scales.stride(1), out.stride(0), GROUP=group,
         OFFSET=1024.0 if f16 else 128.0, F16=f16,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
-        X_PERMUTED=gather, SCALE_IN_TILE=scale_in_tile, STAGES=stages,
-        **layouts(block_n, block_m, warps, step), num_warps=warps)
+        X_PERMUTED=gather, SCALE_IN_TILE=scale_in_tile, PREFETCH=stages >= 2,
+        **layouts(block_n, block_m, warps), num_warps=warps)
     return out

@@ -81,8 +81,8 @@ def compile_mma_sync(block_n=128, block_m=16, warps=4, step=2, split_k=4, bf16=F
     act = "*bf16" if bf16 else "*fp16"
     const = dict(GROUP=128, OFFSET=128.0 if bf16 else 1024.0, F16=not bf16,
                  HAS_BIAS=False, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
-                 X_PERMUTED=block_m >= MS.X_GATHER_MIN_M, SCALE_IN_TILE=scale_in_tile, STAGES=stages,
-                 **MS.layouts(block_n, block_m, warps, step))
+                 X_PERMUTED=block_m >= MS.X_GATHER_MIN_M, SCALE_IN_TILE=scale_in_tile, PREFETCH=stages >= 2,
+                 **MS.layouts(block_n, block_m, warps))
     ptrs = dict(x_ptr=act, qw_ptr="*i32", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act, ws_ptr="*fp32",
                 lock_ptr="*i32")
     return compile_sm90(MS._w4_mma_sync_kernel, const, ptrs, (), ("N", "K"), warps, 1)
