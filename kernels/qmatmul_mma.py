@@ -21,11 +21,11 @@ Here the K order is chosen so that no code has to move:
     run a token. Position p of the operand holds column SIGMA[p] (a fixed swap of index bits). Every warp
     needs all of x, so x goes through shared memory: a ring of 3 trips filled by cp.async 2 trips ahead,
     one copy a program (loaded by each warp from global memory, the 32-byte runs used half of every sector
-    they touched, and the loads moved 11.2M sectors through L1 for 34 MB of weights: ncu, results/kernels.md). Up to 16 tokens each lane
-    reorders its registers (one PRMT per operand register); from 32 tokens x comes pre-permuted by one
-    gather a call (`permute_x`; at 16 tokens that gather was slower).
+    they touched, and the loads moved 11.2M sectors through L1 for 34 MB of weights: ncu, results/kernels.md).
+    Up to 16 tokens each lane reorders its registers (one PRMT per operand register); from 32 tokens x comes
+    pre-permuted by one gather a call (`permute_x`; at 16 tokens that gather was slower).
 
-Per 64-code block and thread, this leaves: 2-4 wide loads, issued a trip ahead (STAGES 2); a LOP3 and a
+Per 64-code block and thread, this leaves: 2-4 wide loads, issued a trip ahead (stages=2); a LOP3 and a
 packed FMA a code pair and a shift a word; 4 MMAs a 16-row tile and 8 tokens; and one scale FMA a group and
 accumulator (or, with SCALE_IN_TILE, one multiply a code pair instead, which saves registers at 32-64 tokens).
 The split-K finish is the wgmma module's. GPU only, and Hopper-tuned; the Triton interpreter does not run Gluon.
@@ -43,8 +43,9 @@ from kernels import qmatmul_wgmma as WG
 def _pair_asm(mask: int, fill: int, fma: str, mul: int):
     """(w & mask) | fill (one LOP3: two 16-bit floats OFFSET + q, or OFFSET + 16 q for a high nibble), then one
     packed FMA: * mul + $3 ($3 = -(OFFSET + z) twice, or -(OFFSET / 16 + z) for 16 q): q - z, exact."""
-    return triton.language.constexpr(f"{{\n.reg .b32 r, k;\nlop3.b32 r, $2, {mask:#010x}, {fill:#010x}, 0xea;\nmov.b32 k, {mul:#010x};\n"
-            f"{fma} r, r, k, $3;\nmov.b32 {{$0, $1}}, r;\n}}")
+    return triton.language.constexpr(
+        f"{{\n.reg .b32 r, k;\nlop3.b32 r, $2, {mask:#010x}, {fill:#010x}, 0xea;\nmov.b32 k, {mul:#010x};\n"
+        f"{fma} r, r, k, $3;\nmov.b32 {{$0, $1}}, r;\n}}")
 
 
 # fp16: the low nibbles of a byte pair as 1024 + q, the high ones in place as 1024 + 16 q (* 1/16: 64 + q), so

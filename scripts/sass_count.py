@@ -280,8 +280,8 @@ def main():
     if a.kernel == "smoke":
         return compile_smoke()
     if a.kernel == "ms":  # the Gluon mma.sync kernel: --block-n rows, --block-m tokens, --step blocks a trip
-        return report(compile_mma_sync(a.block_n or 128, a.block_m, a.warps, a.step, a.split_k, a.bf16, a.pre, a.stages),
-                      a.top)
+        kernel = compile_mma_sync(a.block_n or 128, a.block_m, a.warps, a.step, a.split_k, a.bf16, a.pre, a.stages)
+        return report(kernel, a.top)
     if a.kernel == "wg":  # the Gluon wgmma kernel: --block-n rows, --block-m tokens
         return report(compile_wgmma(a.block_n or 64, a.block_m, a.warps, a.stages, a.split_k, a.bf16, a.ws), a.top)
     if a.kernel == "rope-store":  # kernels.fused.rope_store_kv, float or int8 caches (--quant), head dim 128
