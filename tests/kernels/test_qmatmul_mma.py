@@ -1,7 +1,8 @@
 """The Gluon mma.sync W4 kernel for up to 64 tokens (kernels/qmatmul_mma.py).
 
 On CPU: its K order (the codes a lane loads, the pairs one LOP3 makes of them, the joins and permutes that
-place them, and the same reordering of x in each lane) gives the plain product, emulated in torch op for op.
+place them, and the same reordering of x in each lane) gives the plain product, emulated in torch op for op;
+and the PTX of its code conversion, emulated bit for bit, gives q - z exactly for every code and zero point.
 On a Hopper GPU:
 the kernel against the float32 reference, with tails of N and M, uneven split-K, groups of 64 / 128 and
 per-channel, fp16 / bf16, bias, the scale after the MMA or in the tile. The sm_90 compile (and that both
@@ -55,6 +56,41 @@ def test_kernel_k_order_gives_the_plain_product():
     t, h, c, e = k // 16, (k % 16) // 8, (k % 8) // 2, k % 2
     assert torch.equal(cols, 16 * c + torch.tensor(MS.SIGMA)[4 * t + 2 * h + e])
     assert MS.permute_x(torch.arange(32.0)[None, :]).long().tolist() == [[16 * g + j for g in (0, 1) for j in MS.SIGMA]]
+
+
+def _halves(bits: torch.Tensor, dtype) -> torch.Tensor:
+    """int64 16-bit patterns -> their float16 / bfloat16 values, as float64."""
+    return (bits & 0xFFFF).to(torch.int32).to(torch.int16).view(dtype).double()
+
+
+def _hex(asm, pattern: str) -> int:
+    import re
+
+    return int(re.search(pattern, asm.value).group(1), 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_code_pair_conversion_gives_q_minus_z_exactly(dtype):
+    """The PTX strings the kernel compiles (`_pair_asm`, `_neg_asm`), emulated bit for bit: LOP3, then the packed
+    FMA with the zero point's addend, give q - z for every code and zero point of each of a word's 4 pairs."""
+    f16 = dtype == torch.float16
+    # (conversion, zero point addend, shift) of the pairs q = 0..3: real codes (0, 4), (2, 6), (1, 5), (3, 7)
+    pairs = ([(MS._LO_F16, MS._NEG_F16, 0), (MS._LO_F16, MS._NEG_F16, 8), (MS._HI_F16, MS._NEG16_F16, 0),
+              (MS._HI_F16, MS._NEG16_F16, 8)] if f16 else
+             [(MS._LO_BF16, MS._NEG_BF16, s) for s in (0, 8, 4, 12)])
+    codes = torch.arange(16 ** 2).reshape(-1, 1) // torch.tensor([1, 16]) % 16  # every pair of codes
+    z = torch.arange(16, dtype=torch.float64)
+    for q, (asm, neg, shift) in enumerate(pairs):
+        nib = ((0, 4), (2, 6), (1, 5), (3, 7))[q]
+        others = 0xFFFFFFFF & ~((0xF << (4 * nib[0])) | (0xF << (4 * nib[1])))  # the word's other codes: 15
+        word = others | (codes[:, 0] << (4 * nib[0])) | (codes[:, 1] << (4 * nib[1]))
+        r = ((word >> shift) & _hex(asm, r"\$2, (0x[0-9a-f]+)")) | _hex(asm, r"\$2, 0x[0-9a-f]+, (0x[0-9a-f]+)")
+        mul = _halves(torch.tensor(_hex(asm, r"mov.b32 k, (0x[0-9a-f]+)")), dtype)
+        addend = (z * _halves(torch.tensor(_hex(neg, r"mov.b16 m, (0x[0-9a-f]+)")), dtype)
+                  + _halves(torch.tensor(_hex(neg, r"mov.b16 c, (0x[0-9a-f]+)")), dtype))
+        for half, code in ((r, codes[:, 0]), (r >> 16, codes[:, 1])):  # the FMA's low / high half
+            got = _halves(half, dtype)[:, None] * mul + addend[None, :]
+            assert torch.equal(got, (code[:, None] - z[None, :]).double()), q
 
 
 def test_layouts_want_whole_mma_tiles():
