@@ -101,8 +101,7 @@ if WG.HAVE_GLUON:
         M, N, K,
         stride_xm, stride_qn, stride_sn, stride_sg, stride_om,
         GROUP: gl.constexpr,  # codes per group (K for per-channel)
-        OFFSET: gl.constexpr,  # 1024 (fp16) / 128 (bf16): what the code conversion adds to a code
-        F16: gl.constexpr,  # x in fp16 (else bf16)
+        F16: gl.constexpr,  # x in fp16 (else bf16): the code conversion adds OFFSET 1024 (else 128) to a code
         HAS_BIAS: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
         STEP: gl.constexpr,  # 64-code blocks a loop trip (unrolled): part of one group, or whole groups
@@ -151,8 +150,12 @@ if WG.HAVE_GLUON:
             _copy_x_trip(x_smem, (i + 2) % 3, x_ptrs, gl.minimum(it + 2, last), STEP)
             for sub in gl.static_range(STEP):
                 if sub % GPB == 0:  # (static) a group starts: its zero points and scales
-                    nz = _neg_pair(zs[sub // GPB], _NEG_F16 if F16 else _NEG_BF16, F16)
-                    nz16 = _neg_pair(zs[sub // GPB], _NEG16_F16, F16)  # (only fp16 reads it)
+                    if F16:
+                        nz = _neg_pair(zs[sub // GPB], _NEG_F16, F16)
+                        nz16 = _neg_pair(zs[sub // GPB], _NEG16_F16, F16)
+                    else:
+                        nz = _neg_pair(zs[sub // GPB], _NEG_BF16, F16)
+                        nz16 = nz  # (unread: bf16 shifts every pair to the low nibbles)
                     if SCALE_IN_TILE:
                         s_a = ss[sub // GPB]
                     else:
@@ -303,7 +306,7 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
     _w4_mma_sync_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split_k)](
         x2, qweight.view(torch.int32), scales, zeros, bias if bias is not None else out, out, ws_buf,
         lock, M, N, K, x2.stride(0), K // 8, scales.stride(0), scales.stride(1), out.stride(0), GROUP=group,
-        OFFSET=1024.0 if f16 else 128.0, F16=f16,
+        F16=f16,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
         X_PERMUTED=gather, SCALE_IN_TILE=scale_in_tile, PREFETCH=stages >= 2,
         **layouts(block_n, block_m, warps), num_warps=warps)

@@ -79,7 +79,7 @@ def compile_mma_sync(block_n=128, block_m=16, warps=4, step=2, split_k=4, bf16=F
     """`kernels.qmatmul_mma._w4_mma_sync_kernel` for sm_90 (W4 g128), as `launch` specializes it. Its two
     `convert_layout(..., assert_trivial=True)` make the compile fail if a code or x value would have to move."""
     act = "*bf16" if bf16 else "*fp16"
-    const = dict(GROUP=128, OFFSET=128.0 if bf16 else 1024.0, F16=not bf16,
+    const = dict(GROUP=128, F16=not bf16,
                  HAS_BIAS=False, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
                  X_PERMUTED=block_m >= MS.X_GATHER_MIN_M, SCALE_IN_TILE=scale_in_tile, PREFETCH=stages >= 2,
                  **MS.layouts(block_n, block_m, warps))
