@@ -1173,8 +1173,7 @@ def gemv2_configs(M: int, w: QuantWeight) -> list:
         shapes = [(32, 1, 1, 4), (32, 2, 1, 4), (16, 1, 1, 8)]
     else:  # correct, but FFMA-bound: the MMA kernel wins from here on
         shapes = [(16, 1, 1, 4)]
-    cfgs = [gemv2_cfg(M, w, bn, step, stages, per_sm) for bn, step, stages, per_sm in shapes]
-    return cfgs
+    return [gemv2_cfg(M, w, bn, step, stages, per_sm) for bn, step, stages, per_sm in shapes]
 
 
 def gemv2_cfg(M: int, w: QuantWeight, block_n: int, step: int, stages: int, per_sm: int, warps: int = 4) -> Cfg:

@@ -134,6 +134,19 @@ def make_problem(n, k, bits, group, dtype, m, bias=True, sym=False):
     return qweight, scales, zeros, x, b, ref
 
 
+def check_appended_kind(monkeypatch, w, flag: str, configs, kind: str, offered: dict):
+    """A kind of candidates switched by the module flag Q.<flag>: with it off, `configs` offers none; with it on,
+    the candidates hold the kind exactly for the token counts `offered` marks, and never as the untimed default."""
+    monkeypatch.setattr(Q, flag, False)
+    for m in offered:
+        assert configs(m, w) == []
+    monkeypatch.setattr(Q, flag, True)
+    for m, want in offered.items():
+        cands = Q.candidates(m, w, torch.float16)
+        assert any(c.kind == kind for c in cands) == want, m
+        assert cands[0].kind != kind
+
+
 def _biased_problem(bits, group, k, dtype, m, sym):
     return make_problem(N, k, bits, group, dtype, m, sym=sym)
 

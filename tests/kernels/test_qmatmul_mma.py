@@ -15,7 +15,7 @@ from kernels import qmatmul as Q
 from kernels import qmatmul_mma as MS
 from kernels import qmatmul_wgmma as W
 from kernels.qmatmul import Cfg, prepare_weight, quant_matmul, unpack_codes
-from test_qmatmul import TOL, make_problem, make_weight
+from test_qmatmul import TOL, check_appended_kind, make_problem, make_weight
 
 HOPPER = ON_GPU and W.available(torch.device("cuda"))
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="Gluon mma.sync kernel: Hopper GPU only")
@@ -114,13 +114,8 @@ def test_ms_launch_wants_trips_inside_a_group_or_of_whole_groups():
 def test_ms_configs_can_be_left_out_and_launches_refused_off_hopper(monkeypatch):
     qweight, scales, zeros, _ = make_weight(64, 256, 4, 128, torch.float16)
     w = prepare_weight(qweight, scales, zeros, 4, 128, 256)
-    monkeypatch.setattr(Q, "MS_CANDIDATES", False)
-    assert Q.ms_configs(16, w) == []
-    monkeypatch.setattr(Q, "MS_CANDIDATES", True)
-    for m in (1, 16, 64, 65):
-        cands = Q.candidates(m, w, torch.float16)
-        assert any(c.kind == "ms" for c in cands) == (HOPPER and m <= 64)
-        assert cands[0].kind != "ms"
+    check_appended_kind(monkeypatch, w, "MS_CANDIDATES", Q.ms_configs, "ms",
+                        {m: HOPPER and m <= 64 for m in (1, 16, 64, 65)})
     if not HOPPER:
         with pytest.raises(ValueError, match="Hopper"):
             quant_matmul(torch.randn(3, 256, device=DEVICE, dtype=torch.float16), w, cfg=Cfg("ms", 16, 64, 32, 1))

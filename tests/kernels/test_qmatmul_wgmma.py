@@ -10,7 +10,7 @@ from kernel_testing import DEVICE, ON_GPU, poison_scratch, rel_err  # noqa: F401
 from kernels import qmatmul as Q
 from kernels import qmatmul_wgmma as W
 from kernels.qmatmul import Cfg, prepare_weight, quant_matmul
-from test_qmatmul import TOL, make_problem, make_weight
+from test_qmatmul import TOL, check_appended_kind, make_problem, make_weight
 
 HOPPER = ON_GPU and W.available(torch.device("cuda"))
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="Gluon wgmma kernel: Hopper GPU only")
@@ -44,13 +44,8 @@ def test_wgmma_kernel_matches_reference(bm, bn, sk, warps, stages, m, n, k, grou
 def test_wgmma_configs_are_opt_in_and_offered_after_the_default(monkeypatch):
     qweight, scales, zeros, _ = make_weight(4096, 4096, 4, 128, torch.float16)
     w = prepare_weight(qweight, scales, zeros, 4, 128, 4096)
-    monkeypatch.setattr(Q, "WG_CANDIDATES", False)
-    assert Q.wg_configs(64, w) == []
-    monkeypatch.setattr(Q, "WG_CANDIDATES", True)
-    for m in (1, 8, 16, 64, 128, 1024):
-        cands = Q.candidates(m, w, torch.float16)
-        assert any(c.kind == "wg" for c in cands) == (m >= 16)
-        assert cands[0].kind != "wg"
+    check_appended_kind(monkeypatch, w, "WG_CANDIDATES", Q.wg_configs, "wg",
+                        {m: m >= 16 for m in (1, 8, 16, 64, 128, 1024)})
 
 
 def test_wgmma_configs_need_four_bit_whole_step_groups():
