@@ -956,7 +956,6 @@ class Cfg:
     zero_in_tile: bool = False  # mma with post_zero: the zero point subtracted in the tile
     specialized: bool = False  # wg: the warp-specialized kernel fed by bulk (TMA) copies
     mma_v2: bool = False  # mma only: tl.dot compiled as mma.sync, not wgmma (`_tune.mma_sync`; sm_90)
-    maxnreg: int = 0  # ms only: ptxas's register cap (0: none), for more programs an SM
 
 
 DEBUG_POISON = False  # tests: fill the split-K workspace with NaN before every launch
@@ -1098,7 +1097,7 @@ def _launch_ms(cfg: Cfg, x2, w: QuantWeight, bias, out):
     return qmatmul_mma.launch(x2, w.qweight, w.scales, w.zeros, w.group_size, bias, out, ws, lock,
                               block_n=cfg.block_n, block_m=cfg.block_m, split_k=cfg.split_k, warps=cfg.warps,
                               step=cfg.step_blocks, scale_in_tile=not cfg.post_zero, stages=cfg.stages,
-                              gather=cfg.x_split, maxnreg=cfg.maxnreg)
+                              gather=cfg.x_split)
 
 
 def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):

@@ -285,8 +285,7 @@ def layouts(block_n: int, block_m: int, warps: int) -> dict:
 
 
 def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, block_n: int, block_m: int,
-           split_k: int, warps: int, step: int, scale_in_tile: bool = False, stages: int = 2, gather: bool = None,
-           maxnreg: int = 0):
+           split_k: int, warps: int, step: int, scale_in_tile: bool = False, stages: int = 2, gather: bool = None):
     """out[M, N] = x2 @ dequant(W)^T (+ bias) for M <= 64. ws_buf / lock: split-K workspace and zeroed arrival
     counters (`qmatmul._scratch`) for cdiv(M, block_m) * cdiv(N, block_n) tiles."""
     M, K = x2.shape
@@ -310,5 +309,5 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
         F16=f16,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
         X_PERMUTED=gather, SCALE_IN_TILE=scale_in_tile, PREFETCH=stages >= 2,
-        **layouts(block_n, block_m, warps), num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {}))
+        **layouts(block_n, block_m, warps), num_warps=warps)
     return out
