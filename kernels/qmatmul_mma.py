@@ -138,39 +138,62 @@ if WG.HAVE_GLUON:
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
         if PREFETCH:
             nxt = _load_trip(w_ptrs, z_ptrs, s_ptrs, stride_sg, gl.minimum(it0, last), GROUP, STEP)
-        for i in range(n_it):
-            it = it0 + i
-            if PREFETCH:
-                words, zs, ss = nxt
-                nxt = _load_trip(w_ptrs, z_ptrs, s_ptrs, stride_sg, gl.minimum(it + 1, last), GROUP, STEP)
-            else:
-                words, zs, ss = _load_trip(w_ptrs, z_ptrs, s_ptrs, stride_sg, it, GROUP, STEP)
-            async_copy.wait_group(1)  # this thread's copy of trip i has landed (trip i + 1 may not have)
-            WG._barrier()  # every thread's has; and every warp is done with slot (i + 2) % 3, read in trip i - 1
-            _copy_x_trip(x_smem, (i + 2) % 3, x_ptrs, gl.minimum(it + 2, last), STEP)
-            for sub in gl.static_range(STEP):
-                if sub % GPB == 0:  # (static) a group starts: its zero points and scales
-                    if F16:
-                        nz = _neg_pair(zs[sub // GPB], _NEG_F16, F16)
-                        nz16 = _neg_pair(zs[sub // GPB], _NEG16_F16, F16)
-                    else:
-                        nz = _neg_pair(zs[sub // GPB], _NEG_BF16, F16)
-                        nz16 = nz  # (unread: bf16 shifts every pair to the low nibbles)
-                    if SCALE_IN_TILE:
-                        s_a = ss[sub // GPB]
-                    else:
-                        s = ss[sub // GPB].to(gl.float32)
-                        part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
-                b = _x_operand(x_smem.index(i % 3).slice(sub * _BK, _BK, dim=1).load(X_L), X_PERMUTED, BLOCK_M, B_L)
-                if SCALE_IN_TILE:
-                    acc = mma_v2(_codes_operand(words[sub], nz, nz16, F16, BLOCK_N, A_L) * s_a[:, None], b, acc)
-                else:
-                    part = mma_v2(_codes_operand(words[sub], nz, nz16, F16, BLOCK_N, A_L), b, part)
-                    if sub % GPB == GPB - 1 or sub == STEP - 1:  # (static) the group's last block of this trip
-                        acc += s[:, None] * part
+            for i in range(n_it):
+                cur = nxt
+                nxt = _load_trip(w_ptrs, z_ptrs, s_ptrs, stride_sg, gl.minimum(it0 + i + 1, last), GROUP, STEP)
+                acc = _trip(acc, cur, x_smem, x_ptrs, i, it0 + i, last, GROUP, F16, X_PERMUTED, SCALE_IN_TILE,
+                            BLOCK_N, BLOCK_M, STEP, X_L, A_L, B_L, MMA_L)
+        else:
+            for i in range(n_it):
+                acc = _trip(acc, _load_trip(w_ptrs, z_ptrs, s_ptrs, stride_sg, it0 + i, GROUP, STEP), x_smem, x_ptrs,
+                            i, it0 + i, last, GROUP, F16, X_PERMUTED, SCALE_IN_TILE, BLOCK_N, BLOCK_M, STEP, X_L, A_L,
+                            B_L, MMA_L)
         async_copy.wait_group(0)
         WG._epilogue(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, n0, m0, N, M, stride_om, HAS_BIAS,
                      BLOCK_N, BLOCK_M, SPLIT_K, OUT_L)
+
+    @gluon.jit
+    def _trip(acc, loads, x_smem, x_ptrs, i, it, last, GROUP: gl.constexpr, F16: gl.constexpr,
+              X_PERMUTED: gl.constexpr, SCALE_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+              STEP: gl.constexpr, X_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, MMA_L: gl.constexpr):
+        """Loop trip i (K trip `it`): its STEP blocks' MMAs from `loads` (`_load_trip`) and x's ring slot i % 3,
+        after starting the copy of trip it + 2's x into the slot trip i - 1 read."""
+        async_copy.wait_group(1)  # this thread's copy of trip i has landed (trip i + 1 may not have)
+        WG._barrier()  # every thread's has; and every warp is done with slot (i + 2) % 3, read in trip i - 1
+        _copy_x_trip(x_smem, (i + 2) % 3, x_ptrs, gl.minimum(it + 2, last), STEP)
+        x_trip = x_smem.index(i % 3)
+        return _blocks(acc, loads, x_trip, GROUP, F16, X_PERMUTED, SCALE_IN_TILE, BLOCK_N, BLOCK_M, STEP, X_L, A_L, B_L,
+                       MMA_L)
+
+    @gluon.jit
+    def _blocks(acc, loads, x_trip, GROUP: gl.constexpr, F16: gl.constexpr, X_PERMUTED: gl.constexpr,
+                SCALE_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STEP: gl.constexpr,
+                X_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, MMA_L: gl.constexpr):
+        """acc + one trip's STEP blocks: codes, zero points and scales `loads` (as `_load_trip` returns them), x
+        [BLOCK_M, STEP * 64] in shared memory."""
+        GPB: gl.constexpr = GROUP // _BK  # blocks a group
+        words, zs, ss = loads
+        for sub in gl.static_range(STEP):
+            if sub % GPB == 0:  # (static) a group starts: its zero points and scales
+                if F16:
+                    nz = _neg_pair(zs[sub // GPB], _NEG_F16, F16)
+                    nz16 = _neg_pair(zs[sub // GPB], _NEG16_F16, F16)
+                else:
+                    nz = _neg_pair(zs[sub // GPB], _NEG_BF16, F16)
+                    nz16 = nz  # (unread: bf16 shifts every pair to the low nibbles)
+                if SCALE_IN_TILE:
+                    s_a = ss[sub // GPB]
+                else:
+                    s = ss[sub // GPB].to(gl.float32)
+                    part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
+            b = _x_operand(x_trip.slice(sub * _BK, _BK, dim=1).load(X_L), X_PERMUTED, BLOCK_M, B_L)
+            if SCALE_IN_TILE:
+                acc = mma_v2(_codes_operand(words[sub], nz, nz16, F16, BLOCK_N, A_L) * s_a[:, None], b, acc)
+            else:
+                part = mma_v2(_codes_operand(words[sub], nz, nz16, F16, BLOCK_N, A_L), b, part)
+                if sub % GPB == GPB - 1 or sub == STEP - 1:  # (static) the group's last block of this trip
+                    acc += s[:, None] * part
+        return acc
 
     @gluon.jit
     def _load_trip(w_ptrs, z_ptrs, s_ptrs, stride_sg, it, GROUP: gl.constexpr, STEP: gl.constexpr):

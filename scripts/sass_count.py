@@ -75,13 +75,14 @@ def compile_wgmma(block_n=64, block_m=128, warps=4, stages=6, split_k=1, bf16=Fa
     return compile_sm90(kernel, const, ptrs, (), ("N", "K"), warps, stages)
 
 
-def compile_mma_sync(block_n=128, block_m=16, warps=4, step=2, split_k=4, bf16=False, scale_in_tile=False, stages=2):
+def compile_mma_sync(block_n=128, block_m=16, warps=4, step=2, split_k=4, bf16=False, scale_in_tile=False, stages=2,
+                     gather=None):
     """`kernels.qmatmul_mma._w4_mma_sync_kernel` for sm_90 (W4 g128), as `launch` specializes it. Its two
     `convert_layout(..., assert_trivial=True)` make the compile fail if a code or x value would have to move."""
     act = "*bf16" if bf16 else "*fp16"
     const = dict(GROUP=128, F16=not bf16,
                  HAS_BIAS=False, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
-                 X_PERMUTED=block_m >= MS.X_GATHER_MIN_M, SCALE_IN_TILE=scale_in_tile, PREFETCH=stages >= 2,
+                 X_PERMUTED=block_m >= MS.X_GATHER_MIN_M if gather is None else gather, SCALE_IN_TILE=scale_in_tile, PREFETCH=stages >= 2,
                  **MS.layouts(block_n, block_m, warps))
     ptrs = dict(x_ptr=act, qw_ptr="*i32", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act, ws_ptr="*fp32",
                 lock_ptr="*i32")
@@ -111,8 +112,11 @@ def disassemble(kernel, tool: str = "nvdisasm") -> str:
         return subprocess.run([os.path.join(BIN, tool), *args, f.name], capture_output=True, text=True).stdout
 
 
-def report(kernel, top: int):
+def report(kernel, top: int, dump: str = None):
     usage, sass = disassemble(kernel, "cuobjdump"), disassemble(kernel)
+    if dump:  # the whole SASS, to read the loop's instructions in order
+        with open(dump, "w") as f:
+            f.write(sass)
     regs = re.search(r"REG:(\d+)", usage)
     count, ops = loop_histogram(sass)
     print(f"triton {triton.__version__} | registers {regs.group(1) if regs else '?'} | "
@@ -274,14 +278,16 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="activations in bf16 (default fp16)")
     ap.add_argument("--v2", action="store_true", help="qmatmul: tl.dot as mma.sync, not wgmma (mma_sync)")
     ap.add_argument("--ws", action="store_true", help="wg: the warp-specialized kernel")
+    ap.add_argument("--dump", default=None, help="write the whole SASS to this file")
     a = ap.parse_args()
     if a.kernel == "candidates":
         return compile_candidates()
     if a.kernel == "smoke":
         return compile_smoke()
     if a.kernel == "ms":  # the Gluon mma.sync kernel: --block-n rows, --block-m tokens, --step blocks a trip
-        kernel = compile_mma_sync(a.block_n or 128, a.block_m, a.warps, a.step, a.split_k, a.bf16, a.pre, a.stages)
-        return report(kernel, a.top)
+        kernel = compile_mma_sync(a.block_n or 128, a.block_m, a.warps, a.step, a.split_k, a.bf16, a.pre, a.stages,
+                                  a.x_split or None)
+        return report(kernel, a.top, a.dump)
     if a.kernel == "wg":  # the Gluon wgmma kernel: --block-n rows, --block-m tokens
         return report(compile_wgmma(a.block_n or 64, a.block_m, a.warps, a.stages, a.split_k, a.bf16, a.ws), a.top)
     if a.kernel == "rope-store":  # kernels.fused.rope_store_kv, float or int8 caches (--quant), head dim 128
