@@ -1097,7 +1097,7 @@ def _launch_ms(cfg: Cfg, x2, w: QuantWeight, bias, out):
     return qmatmul_mma.launch(x2, w.qweight, w.scales, w.zeros, w.group_size, bias, out, ws, lock,
                               block_n=cfg.block_n, block_m=cfg.block_m, split_k=cfg.split_k, warps=cfg.warps,
                               step=cfg.step_blocks, scale_in_tile=not cfg.post_zero, stages=cfg.stages,
-                              gather=cfg.x_split)
+                              gather=cfg.x_split, specialized=cfg.specialized)
 
 
 def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):
@@ -1274,7 +1274,8 @@ def ms_configs(M: int, w: QuantWeight) -> list:
     two 16-row MMA tiles a warp (64 rows on 2 warps, 128 on 4) or one (64 rows on 4), 2 or 4 blocks of 64 codes
     a trip; one block a trip and 8 blocks were slower on an H200, and so was x reordered by a gather first
     (results/kernels.md). From 32 tokens: 64 rows on 4 warps, 1, 2 or 4 blocks a trip, x gathered, the scale
-    in the tile or after the MMA."""
+    in the tile or after the MMA. Then the same kernel fed by a producer warp's bulk copies (`specialized`),
+    where the weight's scales are group-major (`prepare_weight`)."""
     from kernels import qmatmul_mma, qmatmul_wgmma
 
     K = w.in_features
@@ -1293,6 +1294,18 @@ def ms_configs(M: int, w: QuantWeight) -> list:
             for sk in _splits(tiles, K // (64 * step), (2 if many else 4) * _sms(w.qweight.device)):
                 for post in ((True, False) if many else (True,)):
                     cfgs.append(Cfg("ms", bm, bn, 32, sk, step, post_zero=post, x_split=many, warps=warps, stages=2))
+    # the warp-specialized form (bulk copies through 3-4 ring slots, 4 MMA warps), over group-major scales:
+    # 2 blocks a trip from 32 tokens (1 block was slower on an H200), split-K near 3 programs an SM
+    for bn in (64,) if many else (64, 128):
+        if not (qmatmul_wgmma.scales_fit(w.scales, bn) and w.zeros.stride() == w.scales.stride()):
+            continue
+        tiles = triton.cdiv(w.out_features, bn)
+        for step in [s for s in ((2,) if many else (2, 4)) if s in fit]:
+            for sk in _splits(tiles, K // (64 * step), 3 * _sms(w.qweight.device)):
+                for stages in (3, 4):
+                    for post in ((True, False) if many else (True,)):
+                        cfgs.append(Cfg("ms", bm, bn, 32, sk, step, post_zero=post, x_split=many, warps=4,
+                                        stages=stages, specialized=True))
     return cfgs
 
 

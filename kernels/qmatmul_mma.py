@@ -70,13 +70,32 @@ if WG.HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 BLOCK_K = 64  # codes per block: 32 bytes a row, 8 bytes a lane
 _BK = triton.language.constexpr(BLOCK_K)  # the same, for the kernels
 # Lane c's operand position p = 4t + 2h + e (k tile t, pair h, element e) holds its column 16c + SIGMA[p]:
 # the bits (p3, p2, p1, p0) of p are bits (3, 0, 1, 2) of the column (see the docstring).
 SIGMA = (0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15)
-X_GATHER_MIN_M = 32  # from here x is pre-permuted by a gather (`permute_x`) instead of in each lane's registers
+X_GATHER_MIN_M = 32
+
+
+def ws_launch_regs(programs: int, warps: int, smem_bytes: int, sms: int) -> int:
+    """The warp-specialized kernel's register cap at launch. Its programs hold the MMA warps and the producer's
+    whole warpgroup (warps + 4), all at this cap; `setmaxnreg` then hands the producer's share to the MMA warps
+    (4 MMA warps at cap R run at 2R - 24). The cap lets the grid run in one wave where the SM's 64K registers
+    and 227 KB of shared memory allow (an SM fits 65536 // (32 (warps + 4) R) programs), from 128 (2 programs of
+    4 MMA warps an SM) down to 64 (4 programs; their MMA warps at 104 registers, no spills in sm_90 SASS)."""
+    per_sm = min(-(-programs // sms), max(1, (227 * 1024) // max(smem_bytes, 1)))
+    regs = 65536 // (32 * (warps + 4) * per_sm) // 8 * 8
+    return max(64, min(128, regs))
+
+
+def ws_smem_bytes(block_n: int, block_m: int, step: int, stages: int, group: int) -> int:
+    """Shared memory of one warp-specialized program: `stages` trips of x, codes, scales and zeros."""
+    gpt = max(1, step * BLOCK_K // group)
+    return stages * (step * (block_m * BLOCK_K * 2 + block_n * 32) + 2 * gpt * block_n * 2 + 16) + 1024  # from here x is pre-permuted by a gather (`permute_x`) instead of in each lane's registers
 
 
 def fits(bits: int, group: int, in_features: int, m: int) -> bool:
@@ -153,6 +172,94 @@ if WG.HAVE_GLUON:
                      BLOCK_N, BLOCK_M, SPLIT_K, OUT_L)
 
     @gluon.jit
+    def _w4_mma_sync_ws_kernel(
+        x_desc, q_desc, s_desc, z_desc,  # bulk-copy descriptors: x [M, K], codes int32 [N, K / 8], scales / zeros [G, N]
+        bias_ptr, out_ptr, ws_ptr, lock_ptr,
+        M, N, K, stride_om,
+        GROUP: gl.constexpr, F16: gl.constexpr, HAS_BIAS: gl.constexpr,
+        BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr, STEP: gl.constexpr,
+        STAGES: gl.constexpr,  # ring slots of one trip each (x, codes, scales, zeros)
+        X_PERMUTED: gl.constexpr, SCALE_IN_TILE: gl.constexpr,
+        W_L: gl.constexpr, X_L: gl.constexpr, MMA_L: gl.constexpr, OUT_L: gl.constexpr,
+    ):
+        """`_w4_mma_sync_kernel` fed by one producer warp: each trip's x, codes, scales and zeros arrive by bulk
+        (TMA) copies into a ring of STAGES slots, counted on the slot's `ready` barrier, so the kernel's warps hold
+        no loads in flight in registers and compute no addresses; they read a slot from shared memory, run the
+        same block math (`_blocks`) and free the slot (`empty`). One 64-code block per copy: codes land as
+        [BLOCK_N, 8] words (32-byte rows: a quad's 8-byte reads hit distinct banks), x as [BLOCK_M, 64] with the
+        128-byte swizzle (each token row's 16-byte chunks rotated: a lane's two tokens in distinct banks). Rows
+        past M or N read as zeros and their outputs are dropped."""
+        GPT: gl.constexpr = (STEP * _BK) // GROUP if STEP * _BK >= GROUP else 1  # groups whose scales a trip reads
+        TRIP_BYTES: gl.constexpr = STEP * (BLOCK_M * _BK * 2 + BLOCK_N * 32) + 2 * GPT * BLOCK_N * 2
+        pid, pid_k, n0, m0, n_steps, it0, n_it = WG._tile_and_steps(M, N, K, BLOCK_N, BLOCK_M, SPLIT_K, STEP * _BK)
+        x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * STEP, BLOCK_M, _BK], x_desc.layout)
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES * STEP, BLOCK_N, 8], q_desc.layout)
+        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES * GPT, 1, BLOCK_N], s_desc.layout)
+        z_smem = gl.allocate_shared_memory(z_desc.dtype, [STAGES * GPT, 1, BLOCK_N], z_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for j in gl.static_range(STAGES):
+            mbarrier.init(ready.index(j), count=1)  # the producer's arrive, with the copies' bytes
+            mbarrier.init(empty.index(j), count=1)  # one consumer thread, once every consumer warp has read it
+        fence_async_shared()  # the initialised barriers, visible to the copy engine
+        acc, = gl.warp_specialize([
+            (_ws_consume, (x_smem, q_smem, s_smem, z_smem, ready, empty, n_it, GROUP, F16, X_PERMUTED, SCALE_IN_TILE,
+                           BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L)),
+            (_ws_produce, (x_desc, q_desc, s_desc, z_desc, x_smem, q_smem, s_smem, z_smem, ready, empty, it0, n_it,
+                           m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES)),
+        ], [1], [24])
+        WG._epilogue(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, n0, m0, N, M, stride_om, HAS_BIAS,
+                     BLOCK_N, BLOCK_M, SPLIT_K, OUT_L)
+
+    @gluon.jit
+    def _ws_produce(x_desc, q_desc, s_desc, z_desc, x_smem, q_smem, s_smem, z_smem, ready, empty, it0, n_it, m0, n0,
+                    GROUP: gl.constexpr, STEP: gl.constexpr, STAGES: gl.constexpr, GPT: gl.constexpr,
+                    TRIP_BYTES: gl.constexpr):
+        """The producer warp: trip i's copies into slot i % STAGES once the consumers have freed it."""
+        for i in range(n_it):
+            slot = i % STAGES
+            # a fresh barrier counts as having completed the phase before its first: the first pass is free
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            bar = ready.index(slot)
+            blk = (it0 + i) * STEP
+            mbarrier.expect(bar, TRIP_BYTES)
+            for sub in gl.static_range(STEP):
+                WG._tma_load(x_desc, [m0, (blk + sub) * _BK], bar, x_smem.index(slot * STEP + sub))
+                WG._tma_load(q_desc, [n0, (blk + sub) * 8], bar, q_smem.index(slot * STEP + sub))
+            for gi in gl.static_range(GPT):
+                g = (blk * _BK) // GROUP + gi
+                WG._tma_load(s_desc, [g, n0], bar, s_smem.index(slot * GPT + gi))
+                WG._tma_load(z_desc, [g, n0], bar, z_smem.index(slot * GPT + gi))
+
+    @gluon.jit
+    def _ws_consume(x_smem, q_smem, s_smem, z_smem, ready, empty, n_it, GROUP: gl.constexpr, F16: gl.constexpr,
+                    X_PERMUTED: gl.constexpr, SCALE_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr,
+                    BLOCK_M: gl.constexpr, STEP: gl.constexpr, STAGES: gl.constexpr, GPT: gl.constexpr,
+                    W_L: gl.constexpr, X_L: gl.constexpr, MMA_L: gl.constexpr):
+        """The kernel's own warps: per trip, wait for its slot, read the codes, zeros and scales into registers,
+        run the block math, and free the slot after a barrier (every warp past its reads of it)."""
+        A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
+        B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA_L, k_width=2)
+        S_L: gl.constexpr = gl.SliceLayout(1, A_L) if SCALE_IN_TILE else gl.SliceLayout(1, MMA_L)
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
+        for i in range(n_it):
+            slot = i % STAGES
+            mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+            words = ()
+            for sub in gl.static_range(STEP):
+                words = words + (q_smem.index(slot * STEP + sub).load(W_L),)
+            zs = ()
+            ss = ()
+            for gi in gl.static_range(GPT):
+                zs = zs + (z_smem.index(slot * GPT + gi).reshape([BLOCK_N]).load(gl.SliceLayout(1, W_L)),)
+                ss = ss + (s_smem.index(slot * GPT + gi).reshape([BLOCK_N]).load(S_L),)
+            acc = _blocks(acc, (words, zs, ss), x_smem, slot * STEP, True, GROUP, F16, X_PERMUTED, SCALE_IN_TILE,
+                          BLOCK_N, BLOCK_M, STEP, X_L, A_L, B_L, MMA_L)
+            WG._barrier()  # every consumer warp is past its reads of this slot
+            mbarrier.arrive(empty.index(slot))
+        return (acc,)
+
+    @gluon.jit
     def _trip(acc, loads, x_smem, x_ptrs, i, it, last, GROUP: gl.constexpr, F16: gl.constexpr,
               X_PERMUTED: gl.constexpr, SCALE_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
               STEP: gl.constexpr, X_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, MMA_L: gl.constexpr):
@@ -161,16 +268,15 @@ if WG.HAVE_GLUON:
         async_copy.wait_group(1)  # this thread's copy of trip i has landed (trip i + 1 may not have)
         WG._barrier()  # every thread's has; and every warp is done with slot (i + 2) % 3, read in trip i - 1
         _copy_x_trip(x_smem, (i + 2) % 3, x_ptrs, gl.minimum(it + 2, last), STEP)
-        x_trip = x_smem.index(i % 3)
-        return _blocks(acc, loads, x_trip, GROUP, F16, X_PERMUTED, SCALE_IN_TILE, BLOCK_N, BLOCK_M, STEP, X_L, A_L, B_L,
-                       MMA_L)
+        return _blocks(acc, loads, x_smem, i % 3, False, GROUP, F16, X_PERMUTED, SCALE_IN_TILE, BLOCK_N, BLOCK_M, STEP,
+                       X_L, A_L, B_L, MMA_L)
 
     @gluon.jit
-    def _blocks(acc, loads, x_trip, GROUP: gl.constexpr, F16: gl.constexpr, X_PERMUTED: gl.constexpr,
-                SCALE_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STEP: gl.constexpr,
-                X_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, MMA_L: gl.constexpr):
-        """acc + one trip's STEP blocks: codes, zero points and scales `loads` (as `_load_trip` returns them), x
-        [BLOCK_M, STEP * 64] in shared memory."""
+    def _blocks(acc, loads, x_smem, x_at, X_BLOCKS: gl.constexpr, GROUP: gl.constexpr, F16: gl.constexpr,
+                X_PERMUTED: gl.constexpr, SCALE_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                STEP: gl.constexpr, X_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, MMA_L: gl.constexpr):
+        """acc + one trip's STEP blocks: codes, zero points and scales `loads` (as `_load_trip` returns them), and
+        x in shared memory: buffer x_at [BLOCK_M, STEP * 64], or with X_BLOCKS buffers x_at + sub [BLOCK_M, 64]."""
         GPB: gl.constexpr = GROUP // _BK  # blocks a group
         words, zs, ss = loads
         for sub in gl.static_range(STEP):
@@ -186,7 +292,11 @@ if WG.HAVE_GLUON:
                 else:
                     s = ss[sub // GPB].to(gl.float32)
                     part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
-            b = _x_operand(x_trip.slice(sub * _BK, _BK, dim=1).load(X_L), X_PERMUTED, BLOCK_M, B_L)
+            if X_BLOCKS:
+                xb = x_smem.index(x_at + sub).load(X_L)
+            else:
+                xb = x_smem.index(x_at).slice(sub * _BK, _BK, dim=1).load(X_L)
+            b = _x_operand(xb, X_PERMUTED, BLOCK_M, B_L)
             if SCALE_IN_TILE:
                 acc = mma_v2(_codes_operand(words[sub], nz, nz16, F16, BLOCK_N, A_L) * s_a[:, None], b, acc)
             else:
@@ -307,10 +417,27 @@ def layouts(block_n: int, block_m: int, warps: int) -> dict:
                 OUT_L=gl.BlockedLayout([2, 1], [32, 1], [1, warps], [0, 1]))
 
 
+def ws_descriptors(x2, qweight, scales, zeros, block_n: int, block_m: int):
+    """The warp-specialized kernel's bulk-copy descriptors: x [M, K] in [block_m, 64] boxes (128-byte swizzle),
+    the codes as int32 [N, K / 8] in [block_n, 8] boxes, scales and zeros as their group-major [G, N] storage
+    (`prepare_weight`) in [1, block_n] boxes."""
+    M, K = x2.shape
+    N = qweight.shape[0]
+    G, sg = scales.shape[1], scales.stride(1)
+    flat = gl.NVMMASharedLayout(0, 16)
+    return (TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [block_m, BLOCK_K], gl.NVMMASharedLayout(128, 16)),
+            TensorDescriptor(qweight.view(torch.int32), [N, K // 8], [K // 8, 1], [block_n, 8],
+                             gl.NVMMASharedLayout(0, 32)),
+            TensorDescriptor(scales.as_strided((G, N), (sg, 1)), [G, N], [sg, 1], [1, block_n], flat),
+            TensorDescriptor(zeros.as_strided((G, N), (sg, 1)), [G, N], [sg, 1], [1, block_n], flat))
+
+
 def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, block_n: int, block_m: int,
-           split_k: int, warps: int, step: int, scale_in_tile: bool = False, stages: int = 2, gather: bool = None):
+           split_k: int, warps: int, step: int, scale_in_tile: bool = False, stages: int = 2, gather: bool = None,
+           specialized: bool = False):
     """out[M, N] = x2 @ dequant(W)^T (+ bias) for M <= 64. ws_buf / lock: split-K workspace and zeroed arrival
-    counters (`qmatmul._scratch`) for cdiv(M, block_m) * cdiv(N, block_n) tiles."""
+    counters (`qmatmul._scratch`) for cdiv(M, block_m) * cdiv(N, block_n) tiles. specialized: the kernel fed by
+    a producer warp's bulk copies through `stages` ring slots (`_w4_mma_sync_ws_kernel`)."""
     M, K = x2.shape
     N = qweight.shape[0]
     group = min(group, K)
@@ -318,15 +445,34 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
     if not fits(4, group, K, M) or (K // BLOCK_K) % step or (gpb % step and step % gpb):
         raise ValueError(f"the mma.sync kernel takes 4-bit codes, K whole trips of {step} x 64 codes, trips inside "
                          f"one group or of whole groups, and M <= 64; got K={K}, g={group}, M={M}")
-    if stages not in (1, 2):
+    if not specialized and stages not in (1, 2):
         raise ValueError(f"the mma.sync kernel keeps 1 or 2 trips of loads in flight (stages); got {stages}")
+    if specialized and stages < 2:
+        raise ValueError(f"the warp-specialized mma.sync kernel needs >= 2 ring slots (stages); got {stages}")
     if not qweight.is_contiguous():
         raise ValueError("the mma.sync kernel reads the codes as contiguous int32 words")
     f16 = x2.dtype == torch.float16
     gather = block_m >= X_GATHER_MIN_M if gather is None else gather
     if gather:
         x2 = permute_x(x2)
-    _w4_mma_sync_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split_k)](
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split_k)
+    if specialized:
+        if not (WG.scales_fit(scales, block_n) and WG.scales_fit(zeros, block_n)) or zeros.stride() != scales.stride():
+            raise ValueError("the warp-specialized mma.sync kernel copies a group's scales and zeros as one run: pass "
+                             "a prepare_weight() result")
+        if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+            x2 = x2.contiguous()  # bulk copies need 16-byte aligned rows
+        lay = layouts(block_n, block_m, warps)
+        _w4_mma_sync_ws_kernel[grid](
+            *ws_descriptors(x2, qweight, scales, zeros, block_n, block_m), bias if bias is not None else out, out,
+            ws_buf, lock, M, N, K, out.stride(0), GROUP=group, F16=f16, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+            BLOCK_M=block_m, SPLIT_K=split_k, STEP=step, STAGES=stages, X_PERMUTED=gather,
+            SCALE_IN_TILE=scale_in_tile, W_L=lay["W_L"], X_L=lay["X_L"], MMA_L=lay["MMA_L"], OUT_L=lay["OUT_L"],
+            num_warps=warps, maxnreg=ws_launch_regs(grid[0] * grid[1], warps,
+                                                    ws_smem_bytes(block_n, block_m, step, stages, group),
+                                                    torch.cuda.get_device_properties(x2.device).multi_processor_count))
+        return out
+    _w4_mma_sync_kernel[grid](
         x2, qweight.view(torch.int32), scales, zeros, bias if bias is not None else out, out, ws_buf,
         lock, M, N, K, x2.stride(0), K // 8, scales.stride(0), scales.stride(1), out.stride(0), GROUP=group,
         F16=f16,

@@ -45,7 +45,7 @@ from kernels._tune import mma_sync  # noqa: E402
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_sm90(fn, const: dict, ptrs: dict, floats=(), multiples=(), warps=4, stages=3):
+def compile_sm90(fn, const: dict, ptrs: dict, floats=(), multiples=(), warps=4, stages=3, maxnreg=None):
     """triton.compile for sm_90a: constexprs `const`, pointer types `ptrs`, other args i32 (or fp32
     for `floats`); pointers, strides and the integer args in `multiples` are hinted divisible by 16,
     as a launch with such values specializes them. Gluon kernels compile through their own source
@@ -58,7 +58,8 @@ def compile_sm90(fn, const: dict, ptrs: dict, floats=(), multiples=(), warps=4, 
     if getattr(fn, "is_gluon", lambda: False)():
         from triton.experimental.gluon._runtime import GluonASTSource as source
     src = source(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=hints)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    opts = dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def compile_wgmma(block_n=64, block_m=128, warps=4, stages=6, split_k=1, bf16=False, specialized=False):
@@ -87,6 +88,25 @@ def compile_mma_sync(block_n=128, block_m=16, warps=4, step=2, split_k=4, bf16=F
     ptrs = dict(x_ptr=act, qw_ptr="*i32", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act, ws_ptr="*fp32",
                 lock_ptr="*i32")
     return compile_sm90(MS._w4_mma_sync_kernel, const, ptrs, (), ("N", "K"), warps, 1)
+
+
+def compile_mma_sync_ws(block_n=64, block_m=16, warps=2, step=4, split_k=4, stages=3, bf16=False,
+                        scale_in_tile=False, maxnreg=None):
+    """`kernels.qmatmul_mma._w4_mma_sync_ws_kernel` (bulk copies by a producer warp) for sm_90, W4 g128."""
+    from triton.experimental.gluon import language as gl
+
+    dt = "bf16" if bf16 else "fp16"
+    act = "*" + dt
+    lay = MS.layouts(block_n, block_m, warps)
+    flat = repr(gl.NVMMASharedLayout(0, 16))
+    const = dict(GROUP=128, F16=not bf16, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k,
+                 STEP=step, STAGES=stages, X_PERMUTED=block_m >= MS.X_GATHER_MIN_M, SCALE_IN_TILE=scale_in_tile,
+                 W_L=lay["W_L"], X_L=lay["X_L"], MMA_L=lay["MMA_L"], OUT_L=lay["OUT_L"])
+    ptrs = dict(x_desc=f"tensordesc<{dt}[{block_m}, 64],{gl.NVMMASharedLayout(128, 16)!r}>",
+                q_desc=f"tensordesc<i32[{block_n}, 8],{gl.NVMMASharedLayout(0, 32)!r}>",
+                s_desc=f"tensordesc<{dt}[1, {block_n}],{flat}>", z_desc=f"tensordesc<{dt}[1, {block_n}],{flat}>",
+                bias_ptr=act, out_ptr=act, ws_ptr="*fp32", lock_ptr="*i32")
+    return compile_sm90(MS._w4_mma_sync_ws_kernel, const, ptrs, (), ("N", "K"), warps, 1, maxnreg)
 
 
 def loop_histogram(sass: str):
@@ -221,6 +241,8 @@ def compile_smoke():
         cases["W4 matmul, Gluon wgmma, warp-specialized"] = dict(split_k=2, specialized=True, stages=4)
         cases["W4 matmul, Gluon mma.sync, M=16"] = compile_mma_sync
         cases["W4 matmul, Gluon mma.sync, M=64"] = lambda: compile_mma_sync(64, 64, scale_in_tile=True)
+        cases["W4 matmul, Gluon mma.sync, warp-specialized"] = lambda: compile_mma_sync_ws(128, 16, 4, 4, 4, 3,
+                                                                                           maxnreg=128)
     failed = 0
     for name, case in cases.items():
         try:
@@ -277,13 +299,17 @@ def main():
     ap.add_argument("--zero-in-tile", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="activations in bf16 (default fp16)")
     ap.add_argument("--v2", action="store_true", help="qmatmul: tl.dot as mma.sync, not wgmma (mma_sync)")
-    ap.add_argument("--ws", action="store_true", help="wg: the warp-specialized kernel")
+    ap.add_argument("--ws", action="store_true", help="wg, ms: the warp-specialized kernel")
     ap.add_argument("--dump", default=None, help="write the whole SASS to this file")
+    ap.add_argument("--maxnreg", type=int, default=None, help="ms --ws: ptxas's register cap")
     a = ap.parse_args()
     if a.kernel == "candidates":
         return compile_candidates()
     if a.kernel == "smoke":
         return compile_smoke()
+    if a.kernel == "ms" and a.ws:  # its warp-specialized form, --stages ring slots
+        return report(compile_mma_sync_ws(a.block_n or 64, a.block_m, a.warps, a.step, a.split_k, a.stages, a.bf16,
+                                          a.pre, a.maxnreg), a.top, a.dump)
     if a.kernel == "ms":  # the Gluon mma.sync kernel: --block-n rows, --block-m tokens, --step blocks a trip
         kernel = compile_mma_sync(a.block_n or 128, a.block_m, a.warps, a.step, a.split_k, a.bf16, a.pre, a.stages,
                                   a.x_split or None)

@@ -150,3 +150,11 @@ def test_ms_kernel_matches_reference(bm, bn, sk, step, warps, m, n, k, group, dt
                 out.fill_(float("nan"))
                 y = quant_matmul(x, w, *args, bias=b, cfg=cfg, out=out)
                 assert rel_err(y, ref) < TOL[dtype], cfg
+    # the warp-specialized form (4 or 8 MMA warps), fed by bulk copies through 2 or 3 ring slots: prepared weights
+    w = prepare_weight(qweight, scales, zeros, 4, group, k)
+    for stages in (2, 3):
+        cfg = Cfg("ms", bm, bn, 32, sk, step, post_zero=not pre, x_split=bm >= 32, warps=warps, stages=stages,
+                  specialized=True)
+        for _ in range(2):
+            out.fill_(float("nan"))
+            assert rel_err(quant_matmul(x, w, bias=b, cfg=cfg, out=out), ref) < TOL[dtype], cfg
