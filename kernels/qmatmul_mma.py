@@ -30,9 +30,17 @@ packed FMA a code pair and a shift a word; 4 MMAs a 16-row tile and 8 tokens; an
 accumulator (or, with SCALE_IN_TILE, one multiply a code pair instead, which saves registers at 32-64 tokens).
 The split-K finish is the wgmma module's. GPU only, and Hopper-tuned; the Triton interpreter does not run Gluon.
 
-Measured on an H200 (results/kernels.md, 2026-12-01), the tuner's picks: 8192^2 at 16 tokens 17.7 us (1.90x
-cuBLAS fp16; the best Triton kernel 21.8), at 64 tokens 41.8 us (0.90x; 48.9); 4096x14336: 17.9 (1.78x) and
-38.9 us (0.86x). At one token the CUDA-core GEMV stays faster (15.0 against 17.6 us).
+`_w4_mma_sync_ws_kernel` runs the same block math fed differently: one producer warp brings each trip's x,
+codes, scales and zeros into a ring of shared-memory slots with bulk (TMA) copies, so the MMA warps keep no
+loads in flight in registers and compute no addresses (sm_90 SASS, 128 rows on 4 warps, 16 tokens, 4 blocks a
+trip: 528 loop instructions against about 630). ncu of the register-fed kernel had shown its warps waiting on
+global loads issued a whole trip earlier (18% of stall samples; loading two trips ahead in registers was
+slower still).
+
+Measured on an H200 (results/kernels.md, 2026-12-01), the tuner's picks, now the warp-specialized form:
+8192^2 at 16 tokens 15.7 us (2.19x cuBLAS fp16; the register-fed kernel 16-17, the best Triton kernel 21.9), at
+64 tokens 34.0 us (1.11x; register-fed 39-42, Triton 47.7); 4096x14336: 15.6 (2.05x) and 32.4 us (1.12x). At one
+token the CUDA-core GEMV stays level or faster (14.8-15.0 against 15.0-15.1 us).
 """
 import torch
 import triton
