@@ -939,7 +939,8 @@ class Cfg:
     `kernels.qmatmul_wgmma` (block_n weight rows, block_m tokens, stages = slots of its copy ring,
     specialized = the warp-specialized one fed by bulk copies); 'ms' is `kernels.qmatmul_mma` (Gluon, mma.sync,
     up to 64 tokens: block_n rows, block_m 8-64 tokens, step_blocks = 64-code blocks a trip, post_zero False =
-    the scale in the tile, x_split = x put in the kernel's K order by one gather first, not by each warp).
+    the scale in the tile, x_split = x put in the kernel's K order by one gather first, not by each warp;
+    specialized = its warp-specialized form fed by bulk copies, stages = its ring slots).
     """
 
     kind: str
@@ -954,7 +955,7 @@ class Cfg:
     stages: int = 3
     ptx: bool = False  # mma only: PTX code conversion (`_plane_to_half`)
     zero_in_tile: bool = False  # mma with post_zero: the zero point subtracted in the tile
-    specialized: bool = False  # wg: the warp-specialized kernel fed by bulk (TMA) copies
+    specialized: bool = False  # wg, ms: the warp-specialized kernel fed by bulk (TMA) copies
     mma_v2: bool = False  # mma only: tl.dot compiled as mma.sync, not wgmma (`_tune.mma_sync`; sm_90)
 
 

@@ -86,7 +86,7 @@ _BK = triton.language.constexpr(BLOCK_K)  # the same, for the kernels
 # Lane c's operand position p = 4t + 2h + e (k tile t, pair h, element e) holds its column 16c + SIGMA[p]:
 # the bits (p3, p2, p1, p0) of p are bits (3, 0, 1, 2) of the column (see the docstring).
 SIGMA = (0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15)
-X_GATHER_MIN_M = 32
+X_GATHER_MIN_M = 32  # from here x is pre-permuted by a gather (`permute_x`) instead of in each lane's registers
 
 
 def ws_launch_regs(programs: int, warps: int, smem_bytes: int, sms: int) -> int:
@@ -103,7 +103,7 @@ def ws_launch_regs(programs: int, warps: int, smem_bytes: int, sms: int) -> int:
 def ws_smem_bytes(block_n: int, block_m: int, step: int, stages: int, group: int) -> int:
     """Shared memory of one warp-specialized program: `stages` trips of x, codes, scales and zeros."""
     gpt = max(1, step * BLOCK_K // group)
-    return stages * (step * (block_m * BLOCK_K * 2 + block_n * 32) + 2 * gpt * block_n * 2 + 16) + 1024  # from here x is pre-permuted by a gather (`permute_x`) instead of in each lane's registers
+    return stages * (step * (block_m * BLOCK_K * 2 + block_n * 32) + 2 * gpt * block_n * 2 + 16) + 1024
 
 
 def fits(bits: int, group: int, in_features: int, m: int) -> bool:
@@ -181,7 +181,7 @@ if WG.HAVE_GLUON:
 
     @gluon.jit
     def _w4_mma_sync_ws_kernel(
-        x_desc, q_desc, s_desc, z_desc,  # bulk-copy descriptors: x [M, K], codes int32 [N, K / 8], scales / zeros [G, N]
+        x_desc, q_desc, s_desc, z_desc,  # bulk-copy descriptors: x [M, K], codes int32 [N, K / 8], scales, zeros [G, N]
         bias_ptr, out_ptr, ws_ptr, lock_ptr,
         M, N, K, stride_om,
         GROUP: gl.constexpr, F16: gl.constexpr, HAS_BIAS: gl.constexpr,

@@ -14,6 +14,8 @@ frequent opcodes. Counts are not timings (results/kernels.md has a case where th
     python scripts/sass_count.py swz --block-m 16 --split-k 4 --step 4 --ptx   # W4 over shuffle_w4 codes
     python scripts/sass_count.py wg --block-n 64 --block-m 128 --stages 6 [--ws]   # the Gluon wgmma W4 kernels
     python scripts/sass_count.py ms --block-n 128 --block-m 16 --step 2 --split-k 4   # Gluon mma.sync, M <= 64
+    python scripts/sass_count.py ms --ws --block-n 128 --warps 4 --step 4 --stages 3 --maxnreg 128   # fed by TMA
+        (--dump FILE writes the whole SASS; --x-split: x arrives pre-permuted)
     python scripts/sass_count.py candidates   # compile every mma config the tuner may try (~15 min)
     python scripts/sass_count.py rope-store [--quant] [--bf16]   # the fused RoPE + KV-cache write
     python scripts/sass_count.py smoke   # one config of every kernel variant compiles (CI runs it)
@@ -83,7 +85,8 @@ def compile_mma_sync(block_n=128, block_m=16, warps=4, step=2, split_k=4, bf16=F
     act = "*bf16" if bf16 else "*fp16"
     const = dict(GROUP=128, F16=not bf16,
                  HAS_BIAS=False, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
-                 X_PERMUTED=block_m >= MS.X_GATHER_MIN_M if gather is None else gather, SCALE_IN_TILE=scale_in_tile, PREFETCH=stages >= 2,
+                 X_PERMUTED=block_m >= MS.X_GATHER_MIN_M if gather is None else gather,
+                 SCALE_IN_TILE=scale_in_tile, PREFETCH=stages >= 2,
                  **MS.layouts(block_n, block_m, warps))
     ptrs = dict(x_ptr=act, qw_ptr="*i32", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act, ws_ptr="*fp32",
                 lock_ptr="*i32")
