@@ -455,8 +455,9 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
                          f"one group or of whole groups, and M <= 64; got K={K}, g={group}, M={M}")
     if not specialized and stages not in (1, 2):
         raise ValueError(f"the mma.sync kernel keeps 1 or 2 trips of loads in flight (stages); got {stages}")
-    if specialized and stages < 2:
-        raise ValueError(f"the warp-specialized mma.sync kernel needs >= 2 ring slots (stages); got {stages}")
+    if specialized and (stages < 2 or warps % 4):
+        raise ValueError(f"the warp-specialized mma.sync kernel needs >= 2 ring slots (stages) and whole warpgroups "
+                         f"of MMA warps (warps a multiple of 4); got stages={stages}, warps={warps}")
     if not qweight.is_contiguous():
         raise ValueError("the mma.sync kernel reads the codes as contiguous int32 words")
     f16 = x2.dtype == torch.float16

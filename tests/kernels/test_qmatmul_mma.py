@@ -121,6 +121,45 @@ def test_ms_configs_can_be_left_out_and_launches_refused_off_hopper(monkeypatch)
             quant_matmul(torch.randn(3, 256, device=DEVICE, dtype=torch.float16), w, cfg=Cfg("ms", 16, 64, 32, 1))
 
 
+def test_ws_launch_wants_ring_slots_and_whole_warpgroups():
+    x = torch.zeros(2, 256)
+    for stages, warps in ((1, 4), (3, 2)):
+        with pytest.raises(ValueError, match="warpgroups"):
+            MS.launch(x, torch.zeros(8, 128, dtype=torch.uint8), None, None, 128, None, None, None, None,
+                      block_n=64, block_m=8, split_k=1, warps=warps, step=2, stages=stages, specialized=True)
+
+
+@pytest.mark.parametrize("programs,warps,smem", [(256, 4, 78_000), (512, 4, 52_000), (512, 4, 64_000),
+                                                 (256, 8, 40_000), (100, 4, 30_000), (4096, 4, 52_000)])
+def test_ws_launch_regs_fit_the_grid_in_one_wave_where_an_sm_can(programs, warps, smem):
+    """An SM holds 65536 registers and 227 KB of shared memory; a program is warps + 4 warps at the cap."""
+    sms = 132
+    regs = MS.ws_launch_regs(programs, warps, smem, sms)
+    assert 64 <= regs <= 128 and regs % 8 == 0
+    fit = min(65536 // (32 * (warps + 4) * regs), 227 * 1024 // smem)  # programs an SM at this cap
+    want = min(-(-programs // sms), 227 * 1024 // smem)
+    assert fit >= want or regs == 64  # one wave where registers allow; the floor otherwise
+    if regs < 128:  # no lower than needed: one step up would not fit
+        assert 65536 // (32 * (warps + 4) * (regs + 8)) < want
+
+
+@pytest.mark.skipif(not W.HAVE_GLUON, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("bn,bm,step,stages", [(128, 16, 4, 3), (64, 64, 2, 4)])
+def test_ws_smem_estimate_covers_the_compiled_kernel(bn, bm, step, stages):
+    """`ws_smem_bytes` (which sets the launch register cap) is at least what ptxas gives the kernel (sm_90)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
+    import sass_count
+
+    if not sass_count.os.path.exists(os.path.join(sass_count.BIN, "ptxas")):
+        pytest.skip("this Triton ships no ptxas")
+    kernel = sass_count.compile_mma_sync_ws(bn, bm, 4, step, 2, stages, scale_in_tile=bm >= 32, maxnreg=128)
+    est = MS.ws_smem_bytes(bn, bm, step, stages, 128)
+    assert kernel.metadata.shared <= est < kernel.metadata.shared + 4096
+
+
 CASES = [  # (block_m tokens, block_n rows, split_k, step, warps, M, N, K, group, dtype, bias, scale in the tile)
     (16, 128, 1, 2, 4, 16, 256, 512, 128, torch.float16, False, False),
     (16, 64, 3, 1, 4, 13, 200, 1280, 64, torch.bfloat16, True, False),  # M and N tails, 20 blocks over 3 splits
