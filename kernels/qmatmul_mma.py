@@ -399,29 +399,40 @@ if WG.HAVE_GLUON:
         return gl.convert_layout(x.reshape([_BK, BLOCK_M]), B_L, assert_trivial=True)
 
 
-def layouts(block_n: int, block_m: int, warps: int) -> dict:
-    """Register layouts for [block_n rows, block_m tokens]: 16 rows a warp per MMA tile, block_n / (16 warps)
-    tiles a warp; each layout places a value where the MMA operand needs it (the kernel's docstring)."""
-    tiles = block_n // (16 * warps)
-    if block_m not in (8, 16, 32, 64) or tiles < 1 or tiles & (tiles - 1) or block_n % (16 * warps):
-        raise ValueError(f"block_m must be 8-64 (a power of two), block_n a power-of-two multiple of 16 * warps; got "
-                         f"{block_n} x {block_m} with {warps} warps")
-    log_w, log_t = warps.bit_length() - 1, tiles.bit_length() - 1
+def layouts(block_n: int, block_m: int, warps: int, warp_cols: int = 1) -> dict:
+    """Register layouts for [block_n rows, block_m tokens]: 16 rows a warp per MMA tile; the warps form a
+    (warps / warp_cols) x warp_cols grid over rows x tokens, so a warp holds block_n / (16 warps / warp_cols) row
+    tiles and block_m / warp_cols tokens (with warp_cols > 1 a warp reads only its tokens of x, and each row's
+    codes are converted by warp_cols warps). Each layout places a value where the MMA operand needs it (the
+    kernel's docstring)."""
+    rows_w = warps // max(warp_cols, 1)
+    tiles = block_n // (16 * rows_w) if rows_w else 0
+    if block_m not in (8, 16, 32, 64) or tiles < 1 or tiles & (tiles - 1) or block_n % (16 * rows_w) \
+            or warp_cols & (warp_cols - 1) or warps % warp_cols or block_m // warp_cols < 8:
+        raise ValueError(f"block_m must be 8-64 (a power of two, >= 8 tokens a warp column), block_n a power-of-two "
+                         f"multiple of 16 * warps / warp_cols; got {block_n} x {block_m} with {warps} warps, "
+                         f"{warp_cols} warp columns")
+    log_r, log_c, log_t = rows_w.bit_length() - 1, warp_cols.bit_length() - 1, tiles.bit_length() - 1
     quad = [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]]  # lane = 4g + c: c -> word pair, g -> row
+    # warp id bits: token columns first, then rows (the MMA layout's order); each operand is shared along the
+    # other's warps
     words = gl.DistributedLinearLayout(
-        reg_bases=[[0, 1], [8, 0]] + [[16 * warps << i, 0] for i in range(log_t)],  # wd, row + 8, tiles
-        lane_bases=quad, warp_bases=[[16 << i, 0] for i in range(log_w)], block_bases=[], shape=[block_n, 8])
-    x = gl.DistributedLinearLayout(  # [tokens, 64]: 16 positions a lane, tokens g + 8i; warps share it
-        reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8]] + [[8 << i, 0] for i in range(block_m.bit_length() - 4)],
-        lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]], warp_bases=[[0, 0]] * log_w, block_bases=[],
-        shape=[block_m, BLOCK_K])
+        reg_bases=[[0, 1], [8, 0]] + [[16 * rows_w << i, 0] for i in range(log_t)],  # wd, row + 8, tiles
+        lane_bases=quad, warp_bases=[[0, 0]] * log_c + [[16 << i, 0] for i in range(log_r)], block_bases=[],
+        shape=[block_n, 8])
+    x = gl.DistributedLinearLayout(  # [tokens, 64]: 16 positions a lane, tokens g + 8 (warp column + warp_cols i)
+        reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8]] + [[8 * warp_cols << i, 0]
+                                                      for i in range(block_m.bit_length() - 4 - log_c)],
+        lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[8 << i, 0] for i in range(log_c)] + [[0, 0]] * log_r, block_bases=[], shape=[block_m, BLOCK_K])
     return dict(W_L=words, X_L=x,
                 # the x copy: 16 bytes (8 columns) a thread, a 128-byte row per 8 threads
                 XC_L=gl.BlockedLayout([1, 8], [4, 8], [warps, 1], [1, 0]),
                 # 16-byte chunk j of token row r at chunk j ^ (r % 8): the two token rows each quarter-warp reads
                 # (lanes 4g + c, 32 bytes a lane) fall in different banks
                 XS_L=gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]),
-                MMA_L=gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8]),
+                MMA_L=gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[rows_w, warp_cols],
+                                                instr_shape=[16, 8]),
                 OUT_L=gl.BlockedLayout([2, 1], [32, 1], [1, warps], [0, 1]))
 
 
@@ -442,10 +453,12 @@ def ws_descriptors(x2, qweight, scales, zeros, block_n: int, block_m: int):
 
 def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, block_n: int, block_m: int,
            split_k: int, warps: int, step: int, scale_in_tile: bool = False, stages: int = 2, gather: bool = None,
-           specialized: bool = False):
+           specialized: bool = False, warp_cols: int = 1):
     """out[M, N] = x2 @ dequant(W)^T (+ bias) for M <= 64. ws_buf / lock: split-K workspace and zeroed arrival
     counters (`qmatmul._scratch`) for cdiv(M, block_m) * cdiv(N, block_n) tiles. specialized: the kernel fed by
-    a producer warp's bulk copies through `stages` ring slots (`_w4_mma_sync_ws_kernel`)."""
+    a producer warp's bulk copies through `stages` ring slots (`_w4_mma_sync_ws_kernel`). warp_cols: the warps
+    form a grid over rows x tokens (`layouts`; 2 halves each warp's reads of x and doubles the code conversions;
+    compile-checked for sm_90, not yet run on a GPU)."""
     M, K = x2.shape
     N = qweight.shape[0]
     group = min(group, K)
@@ -471,7 +484,7 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
                              "a prepare_weight() result")
         if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
             x2 = x2.contiguous()  # bulk copies need 16-byte aligned rows
-        lay = layouts(block_n, block_m, warps)
+        lay = layouts(block_n, block_m, warps, warp_cols)
         _w4_mma_sync_ws_kernel[grid](
             *ws_descriptors(x2, qweight, scales, zeros, block_n, block_m), bias if bias is not None else out, out,
             ws_buf, lock, M, N, K, out.stride(0), GROUP=group, F16=f16, HAS_BIAS=bias is not None, BLOCK_N=block_n,
@@ -487,5 +500,5 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
         F16=f16,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
         X_PERMUTED=gather, SCALE_IN_TILE=scale_in_tile, PREFETCH=stages >= 2,
-        **layouts(block_n, block_m, warps), num_warps=warps)
+        **layouts(block_n, block_m, warps, warp_cols), num_warps=warps)
     return out
