@@ -93,7 +93,7 @@ def compile_mma_sync(block_n=128, block_m=16, warps=4, step=2, split_k=4, bf16=F
     return compile_sm90(MS._w4_mma_sync_kernel, const, ptrs, (), ("N", "K"), warps, 1)
 
 
-def compile_mma_sync_ws(block_n=64, block_m=16, warps=2, step=4, split_k=4, stages=3, bf16=False,
+def compile_mma_sync_ws(block_n=64, block_m=16, warps=4, step=4, split_k=4, stages=3, bf16=False,
                         scale_in_tile=False, maxnreg=None, warp_cols=1):
     """`kernels.qmatmul_mma._w4_mma_sync_ws_kernel` (bulk copies by a producer warp) for sm_90, W4 g128."""
     from triton.experimental.gluon import language as gl

@@ -165,7 +165,7 @@ def test_ws_smem_estimate_covers_the_compiled_kernel(bn, bm, step, stages):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
     import sass_count
 
-    if not sass_count.os.path.exists(os.path.join(sass_count.BIN, "ptxas")):
+    if not os.path.exists(os.path.join(sass_count.BIN, "ptxas")):
         pytest.skip("this Triton ships no ptxas")
     kernel = sass_count.compile_mma_sync_ws(bn, bm, 4, step, 2, stages, scale_in_tile=bm >= 32, maxnreg=128)
     est = MS.ws_smem_bytes(bn, bm, step, stages, 128)
