@@ -1299,7 +1299,7 @@ def ms_configs(M: int, w: QuantWeight) -> list:
     # the warp-specialized form (bulk copies through 3-4 ring slots, 4 MMA warps), over group-major scales:
     # 2 blocks a trip from 32 tokens (1 block was slower on an H200), split-K near 3 programs an SM
     for bn in (64,) if many else (64, 128):
-        if not (qmatmul_wgmma.scales_fit(w.scales, bn) and w.zeros.stride() == w.scales.stride()):
+        if not qmatmul_wgmma.scale_pair_fits(w.scales, w.zeros, bn):
             continue
         tiles = triton.cdiv(w.out_features, bn)
         for step in [s for s in ((2,) if many else (2, 4)) if s in fit]:

@@ -436,19 +436,24 @@ def layouts(block_n: int, block_m: int, warps: int, warp_cols: int = 1) -> dict:
                 OUT_L=gl.BlockedLayout([2, 1], [32, 1], [1, warps], [0, 1]))
 
 
+def ws_shared_layouts() -> dict:
+    """The warp-specialized kernel's shared layouts, one per bulk copy: x blocks with the 128-byte swizzle,
+    codes as unswizzled 32-byte rows of int32, scales / zeros as flat 16-bit runs."""
+    return dict(x=gl.NVMMASharedLayout(128, 16), codes=gl.NVMMASharedLayout(0, 32), scales=gl.NVMMASharedLayout(0, 16))
+
+
 def ws_descriptors(x2, qweight, scales, zeros, block_n: int, block_m: int):
-    """The warp-specialized kernel's bulk-copy descriptors: x [M, K] in [block_m, 64] boxes (128-byte swizzle),
-    the codes as int32 [N, K / 8] in [block_n, 8] boxes, scales and zeros as their group-major [G, N] storage
-    (`prepare_weight`) in [1, block_n] boxes."""
+    """The warp-specialized kernel's bulk-copy descriptors (`ws_shared_layouts`): x [M, K] in [block_m, 64]
+    boxes, the codes as int32 [N, K / 8] in [block_n, 8] boxes, scales and zeros as their group-major [G, N]
+    storage (`prepare_weight`) in [1, block_n] boxes."""
     M, K = x2.shape
     N = qweight.shape[0]
     G, sg = scales.shape[1], scales.stride(1)
-    flat = gl.NVMMASharedLayout(0, 16)
-    return (TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [block_m, BLOCK_K], gl.NVMMASharedLayout(128, 16)),
-            TensorDescriptor(qweight.view(torch.int32), [N, K // 8], [K // 8, 1], [block_n, 8],
-                             gl.NVMMASharedLayout(0, 32)),
-            TensorDescriptor(scales.as_strided((G, N), (sg, 1)), [G, N], [sg, 1], [1, block_n], flat),
-            TensorDescriptor(zeros.as_strided((G, N), (sg, 1)), [G, N], [sg, 1], [1, block_n], flat))
+    lay = ws_shared_layouts()
+    return (TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [block_m, BLOCK_K], lay["x"]),
+            TensorDescriptor(qweight.view(torch.int32), [N, K // 8], [K // 8, 1], [block_n, 8], lay["codes"]),
+            TensorDescriptor(scales.as_strided((G, N), (sg, 1)), [G, N], [sg, 1], [1, block_n], lay["scales"]),
+            TensorDescriptor(zeros.as_strided((G, N), (sg, 1)), [G, N], [sg, 1], [1, block_n], lay["scales"]))
 
 
 def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, block_n: int, block_m: int,
@@ -479,7 +484,7 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
         x2 = permute_x(x2)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split_k)
     if specialized:
-        if not (WG.scales_fit(scales, block_n) and WG.scales_fit(zeros, block_n)) or zeros.stride() != scales.stride():
+        if not WG.scale_pair_fits(scales, zeros, block_n):
             raise ValueError("the warp-specialized mma.sync kernel copies a group's scales and zeros as one run: pass "
                              "a prepare_weight() result")
         if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:

@@ -62,6 +62,11 @@ def scales_fit(t: torch.Tensor, block_n: int) -> bool:
     return t.stride(0) == 1 and end * t.element_size() <= t.untyped_storage().nbytes()
 
 
+def scale_pair_fits(scales: torch.Tensor, zeros: torch.Tensor, block_n: int) -> bool:
+    """Both scales and zeros `scales_fit` a block_n-row tile, with the same strides (one offset serves both)."""
+    return scales_fit(scales, block_n) and scales_fit(zeros, block_n) and zeros.stride() == scales.stride()
+
+
 def available(device) -> bool:
     """Gluon present and a Hopper GPU (wgmma is sm_90 only)."""
     return HAVE_GLUON and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
@@ -326,7 +331,7 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
     if stages < (3 if specialized else 4):
         raise ValueError("the wgmma kernel needs stages >= 4 (steps are loaded stages - 2 ahead and read one "
                          "barrier after they land), the warp-specialized one >= 3 (a slot is freed two steps late)")
-    if not (scales_fit(scales, block_n) and scales_fit(zeros, block_n)) or zeros.stride() != scales.stride():
+    if not scale_pair_fits(scales, zeros, block_n):
         raise ValueError("the wgmma kernel reads a group's scales and zeros as one contiguous run padded past "
                          "the last row: pass a prepare_weight() result")
     f16 = x2.dtype == torch.float16

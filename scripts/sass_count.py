@@ -95,19 +95,19 @@ def compile_mma_sync(block_n=128, block_m=16, warps=4, step=2, split_k=4, bf16=F
 
 def compile_mma_sync_ws(block_n=64, block_m=16, warps=4, step=4, split_k=4, stages=3, bf16=False,
                         scale_in_tile=False, maxnreg=None, warp_cols=1):
-    """`kernels.qmatmul_mma._w4_mma_sync_ws_kernel` (bulk copies by a producer warp) for sm_90, W4 g128."""
-    from triton.experimental.gluon import language as gl
-
+    """`kernels.qmatmul_mma._w4_mma_sync_ws_kernel` (bulk copies by a producer warp) for sm_90, W4 g128, with
+    the descriptors' block shapes and shared layouts `qmatmul_mma.ws_descriptors` gives them."""
     dt = "bf16" if bf16 else "fp16"
     act = "*" + dt
     lay = MS.layouts(block_n, block_m, warps, warp_cols)
-    flat = repr(gl.NVMMASharedLayout(0, 16))
+    smem = MS.ws_shared_layouts()
     const = dict(GROUP=128, F16=not bf16, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k,
                  STEP=step, STAGES=stages, X_PERMUTED=block_m >= MS.X_GATHER_MIN_M, SCALE_IN_TILE=scale_in_tile,
                  W_L=lay["W_L"], X_L=lay["X_L"], MMA_L=lay["MMA_L"], OUT_L=lay["OUT_L"])
-    ptrs = dict(x_desc=f"tensordesc<{dt}[{block_m}, 64],{gl.NVMMASharedLayout(128, 16)!r}>",
-                q_desc=f"tensordesc<i32[{block_n}, 8],{gl.NVMMASharedLayout(0, 32)!r}>",
-                s_desc=f"tensordesc<{dt}[1, {block_n}],{flat}>", z_desc=f"tensordesc<{dt}[1, {block_n}],{flat}>",
+    ptrs = dict(x_desc=f"tensordesc<{dt}[{block_m}, 64],{smem['x']!r}>",
+                q_desc=f"tensordesc<i32[{block_n}, 8],{smem['codes']!r}>",
+                s_desc=f"tensordesc<{dt}[1, {block_n}],{smem['scales']!r}>",
+                z_desc=f"tensordesc<{dt}[1, {block_n}],{smem['scales']!r}>",
                 bias_ptr=act, out_ptr=act, ws_ptr="*fp32", lock_ptr="*i32")
     return compile_sm90(MS._w4_mma_sync_ws_kernel, const, ptrs, (), ("N", "K"), warps, 1, maxnreg)
 
