@@ -193,15 +193,15 @@ if WG.HAVE_GLUON:
         """`_w4_mma_sync_kernel` fed by one producer warp: each trip's x, codes, scales and zeros arrive by bulk
         (TMA) copies into a ring of STAGES slots, counted on the slot's `ready` barrier, so the kernel's warps hold
         no loads in flight in registers and compute no addresses; they read a slot from shared memory, run the
-        same block math (`_blocks`) and free the slot (`empty`). One 64-code block per copy: codes land as
-        [BLOCK_N, 8] words (32-byte rows: a quad's 8-byte reads hit distinct banks), x as [BLOCK_M, 64] with the
-        128-byte swizzle (each token row's 16-byte chunks rotated: a lane's two tokens in distinct banks). Rows
+        same block math (`_blocks`) and free the slot (`empty`). A trip's codes land as one [BLOCK_N, STEP * 8]
+        box of words, swizzled (a quad's 8-byte reads of a block hit distinct banks), x as [BLOCK_M, 64] per block
+        with the 128-byte swizzle (each token row's 16-byte chunks rotated: a lane's two tokens in distinct banks). Rows
         past M or N read as zeros and their outputs are dropped."""
         GPT: gl.constexpr = (STEP * _BK) // GROUP if STEP * _BK >= GROUP else 1  # groups whose scales a trip reads
         TRIP_BYTES: gl.constexpr = STEP * (BLOCK_M * _BK * 2 + BLOCK_N * 32) + 2 * GPT * BLOCK_N * 2
         pid, pid_k, n0, m0, n_steps, it0, n_it = WG._tile_and_steps(M, N, K, BLOCK_N, BLOCK_M, SPLIT_K, STEP * _BK)
         x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * STEP, BLOCK_M, _BK], x_desc.layout)
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES * STEP, BLOCK_N, 8], q_desc.layout)
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_N, STEP * 8], q_desc.layout)
         s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES * GPT, 1, BLOCK_N], s_desc.layout)
         z_smem = gl.allocate_shared_memory(z_desc.dtype, [STAGES * GPT, 1, BLOCK_N], z_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -231,9 +231,9 @@ if WG.HAVE_GLUON:
             bar = ready.index(slot)
             blk = (it0 + i) * STEP
             mbarrier.expect(bar, TRIP_BYTES)
+            WG._tma_load(q_desc, [n0, blk * 8], bar, q_smem.index(slot))  # the trip's codes: one box
             for sub in gl.static_range(STEP):
                 WG._tma_load(x_desc, [m0, (blk + sub) * _BK], bar, x_smem.index(slot * STEP + sub))
-                WG._tma_load(q_desc, [n0, (blk + sub) * 8], bar, q_smem.index(slot * STEP + sub))
             for gi in gl.static_range(GPT):
                 g = (blk * _BK) // GROUP + gi
                 WG._tma_load(s_desc, [g, n0], bar, s_smem.index(slot * GPT + gi))
@@ -255,7 +255,7 @@ if WG.HAVE_GLUON:
             mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
             words = ()
             for sub in gl.static_range(STEP):
-                words = words + (q_smem.index(slot * STEP + sub).load(W_L),)
+                words = words + (q_smem.index(slot).slice(sub * 8, 8, dim=1).load(W_L),)
             zs = ()
             ss = ()
             for gi in gl.static_range(GPT):
@@ -436,22 +436,25 @@ def layouts(block_n: int, block_m: int, warps: int, warp_cols: int = 1) -> dict:
                 OUT_L=gl.BlockedLayout([2, 1], [32, 1], [1, warps], [0, 1]))
 
 
-def ws_shared_layouts() -> dict:
-    """The warp-specialized kernel's shared layouts, one per bulk copy: x blocks with the 128-byte swizzle,
-    codes as unswizzled 32-byte rows of int32, scales / zeros as flat 16-bit runs."""
-    return dict(x=gl.NVMMASharedLayout(128, 16), codes=gl.NVMMASharedLayout(0, 32), scales=gl.NVMMASharedLayout(0, 16))
+def ws_shared_layouts(step: int) -> dict:
+    """The warp-specialized kernel's shared layouts, one per bulk copy: x blocks with the 128-byte swizzle; a
+    trip's codes, int32 rows of step * 32 bytes, swizzled across their whole row (a quad's 8-byte reads of one
+    block then fall in distinct banks; 1 block: plain 32-byte rows); scales / zeros as flat 16-bit runs."""
+    return dict(x=gl.NVMMASharedLayout(128, 16), codes=gl.NVMMASharedLayout(0 if step == 1 else 32 * step, 32),
+                scales=gl.NVMMASharedLayout(0, 16))
 
 
-def ws_descriptors(x2, qweight, scales, zeros, block_n: int, block_m: int):
+def ws_descriptors(x2, qweight, scales, zeros, block_n: int, block_m: int, step: int):
     """The warp-specialized kernel's bulk-copy descriptors (`ws_shared_layouts`): x [M, K] in [block_m, 64]
-    boxes, the codes as int32 [N, K / 8] in [block_n, 8] boxes, scales and zeros as their group-major [G, N]
+    boxes, the codes as int32 [N, K / 8] in [block_n, step * 8] boxes (one a trip: 32-byte boxes, one a block,
+    were up to 1.3x slower at 4 blocks a trip, results/kernels.md), scales and zeros as their group-major [G, N]
     storage (`prepare_weight`) in [1, block_n] boxes."""
     M, K = x2.shape
     N = qweight.shape[0]
     G, sg = scales.shape[1], scales.stride(1)
-    lay = ws_shared_layouts()
+    lay = ws_shared_layouts(step)
     return (TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [block_m, BLOCK_K], lay["x"]),
-            TensorDescriptor(qweight.view(torch.int32), [N, K // 8], [K // 8, 1], [block_n, 8], lay["codes"]),
+            TensorDescriptor(qweight.view(torch.int32), [N, K // 8], [K // 8, 1], [block_n, 8 * step], lay["codes"]),
             TensorDescriptor(scales.as_strided((G, N), (sg, 1)), [G, N], [sg, 1], [1, block_n], lay["scales"]),
             TensorDescriptor(zeros.as_strided((G, N), (sg, 1)), [G, N], [sg, 1], [1, block_n], lay["scales"]))
 
@@ -491,7 +494,7 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
             x2 = x2.contiguous()  # bulk copies need 16-byte aligned rows
         lay = layouts(block_n, block_m, warps, warp_cols)
         _w4_mma_sync_ws_kernel[grid](
-            *ws_descriptors(x2, qweight, scales, zeros, block_n, block_m), bias if bias is not None else out, out,
+            *ws_descriptors(x2, qweight, scales, zeros, block_n, block_m, step), bias if bias is not None else out, out,
             ws_buf, lock, M, N, K, out.stride(0), GROUP=group, F16=f16, HAS_BIAS=bias is not None, BLOCK_N=block_n,
             BLOCK_M=block_m, SPLIT_K=split_k, STEP=step, STAGES=stages, X_PERMUTED=gather,
             SCALE_IN_TILE=scale_in_tile, W_L=lay["W_L"], X_L=lay["X_L"], MMA_L=lay["MMA_L"], OUT_L=lay["OUT_L"],

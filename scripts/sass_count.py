@@ -100,12 +100,12 @@ def compile_mma_sync_ws(block_n=64, block_m=16, warps=4, step=4, split_k=4, stag
     dt = "bf16" if bf16 else "fp16"
     act = "*" + dt
     lay = MS.layouts(block_n, block_m, warps, warp_cols)
-    smem = MS.ws_shared_layouts()
+    smem = MS.ws_shared_layouts(step)
     const = dict(GROUP=128, F16=not bf16, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k,
                  STEP=step, STAGES=stages, X_PERMUTED=block_m >= MS.X_GATHER_MIN_M, SCALE_IN_TILE=scale_in_tile,
                  W_L=lay["W_L"], X_L=lay["X_L"], MMA_L=lay["MMA_L"], OUT_L=lay["OUT_L"])
     ptrs = dict(x_desc=f"tensordesc<{dt}[{block_m}, 64],{smem['x']!r}>",
-                q_desc=f"tensordesc<i32[{block_n}, 8],{smem['codes']!r}>",
+                q_desc=f"tensordesc<i32[{block_n}, {8 * step}],{smem['codes']!r}>",
                 s_desc=f"tensordesc<{dt}[1, {block_n}],{smem['scales']!r}>",
                 z_desc=f"tensordesc<{dt}[1, {block_n}],{smem['scales']!r}>",
                 bias_ptr=act, out_ptr=act, ws_ptr="*fp32", lock_ptr="*i32")

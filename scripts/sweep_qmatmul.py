@@ -40,8 +40,16 @@ def main():
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         t16 = (gpu_ms(lambda: torch.matmul(x, w16.t())) - flush) * 1e3
         if args.cfgs:
-            forced = [parse_cfg(c) for c in args.cfgs.split(";")]
-            timed = sorted(((c, gpu_ms(lambda c=c: Q.quant_matmul(x, w, cfg=c))) for c in forced), key=lambda t: t[1])
+            ref = x.float() @ w16.float().t()
+            timed = []
+            for text in args.cfgs.split(";"):
+                try:  # a listed config that fails to launch is reported, and the rest still run
+                    c = parse_cfg(text)
+                    err = ((Q.quant_matmul(x, w, cfg=c).float() - ref).norm() / ref.norm()).item()
+                    timed.append((c, gpu_ms(lambda c=c: Q.quant_matmul(x, w, cfg=c))))
+                    print(f"| {n}x{k} | {m} | {_cfg_str(c)} | rel err {err:.1e} | |")
+                except Exception as e:  # noqa: BLE001 (a sweep row, not a library path)
+                    print(f"| {n}x{k} | {m} | {text} | failed: {type(e).__name__}: {str(e)[:100]} | |")
         else:
             Q.quant_matmul(x, w)
             key = qmm_key(m, n, k, 4)
