@@ -956,7 +956,6 @@ class Cfg:
     ptx: bool = False  # mma only: PTX code conversion (`_plane_to_half`)
     zero_in_tile: bool = False  # mma with post_zero: the zero point subtracted in the tile
     specialized: bool = False  # wg, ms: the warp-specialized kernel fed by bulk (TMA) copies
-    warp_cols: int = 1  # ms: the warps form a (warps / warp_cols) x warp_cols grid over rows x tokens
     mma_v2: bool = False  # mma only: tl.dot compiled as mma.sync, not wgmma (`_tune.mma_sync`; sm_90)
 
 
@@ -1099,7 +1098,7 @@ def _launch_ms(cfg: Cfg, x2, w: QuantWeight, bias, out):
     return qmatmul_mma.launch(x2, w.qweight, w.scales, w.zeros, w.group_size, bias, out, ws, lock,
                               block_n=cfg.block_n, block_m=cfg.block_m, split_k=cfg.split_k, warps=cfg.warps,
                               step=cfg.step_blocks, scale_in_tile=not cfg.post_zero, stages=cfg.stages,
-                              gather=cfg.x_split, specialized=cfg.specialized, warp_cols=cfg.warp_cols)
+                              gather=cfg.x_split, specialized=cfg.specialized)
 
 
 def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):

@@ -37,10 +37,11 @@ trip: 528 loop instructions against about 630). ncu of the register-fed kernel h
 global loads issued a whole trip earlier (18% of stall samples; loading two trips ahead in registers was
 slower still).
 
-Measured on an H200 (results/kernels.md, 2026-12-01), the tuner's picks, now the warp-specialized form:
-8192^2 at 16 tokens 15.7 us (2.19x cuBLAS fp16; the register-fed kernel 16-17, the best Triton kernel 21.9), at
-64 tokens 34.0 us (1.11x; register-fed 39-42, Triton 47.7); 4096x14336: 15.6 (2.05x) and 32.4 us (1.12x). At one
-token the CUDA-core GEMV stays level or faster (14.8-15.0 against 15.0-15.1 us).
+Measured on an H200 (results/kernels.md, 2026-12-01, the section from 03:42 UTC), the tuner's picks, now the
+warp-specialized form with a trip's codes in one bulk copy: 8192^2 at 16 tokens 14.6 us (2.59x cuBLAS fp16; with
+32-byte boxes, one a block, 15.4-15.6 in the same session), at 64 tokens 32.3 us (1.27x; unchanged by the boxes);
+4096x14336: 12.7 (2.81x; was 15.5-17.5) and 30.6 us (1.30x). At one token (an 8-token tile) it now beats the
+CUDA-core GEMV: 13.5 against 14.3 us (8192^2), 12.2 against 13.7.
 """
 import torch
 import triton
@@ -399,40 +400,29 @@ if WG.HAVE_GLUON:
         return gl.convert_layout(x.reshape([_BK, BLOCK_M]), B_L, assert_trivial=True)
 
 
-def layouts(block_n: int, block_m: int, warps: int, warp_cols: int = 1) -> dict:
-    """Register layouts for [block_n rows, block_m tokens]: 16 rows a warp per MMA tile; the warps form a
-    (warps / warp_cols) x warp_cols grid over rows x tokens, so a warp holds block_n / (16 warps / warp_cols) row
-    tiles and block_m / warp_cols tokens (with warp_cols > 1 a warp reads only its tokens of x, and each row's
-    codes are converted by warp_cols warps). Each layout places a value where the MMA operand needs it (the
-    kernel's docstring)."""
-    rows_w = warps // max(warp_cols, 1)
-    tiles = block_n // (16 * rows_w) if rows_w else 0
-    if block_m not in (8, 16, 32, 64) or tiles < 1 or tiles & (tiles - 1) or block_n % (16 * rows_w) \
-            or warp_cols & (warp_cols - 1) or warps % warp_cols or block_m // warp_cols < 8:
-        raise ValueError(f"block_m must be 8-64 (a power of two, >= 8 tokens a warp column), block_n a power-of-two "
-                         f"multiple of 16 * warps / warp_cols; got {block_n} x {block_m} with {warps} warps, "
-                         f"{warp_cols} warp columns")
-    log_r, log_c, log_t = rows_w.bit_length() - 1, warp_cols.bit_length() - 1, tiles.bit_length() - 1
+def layouts(block_n: int, block_m: int, warps: int) -> dict:
+    """Register layouts for [block_n rows, block_m tokens]: 16 rows a warp per MMA tile, block_n / (16 warps)
+    tiles a warp; each layout places a value where the MMA operand needs it (the kernel's docstring)."""
+    tiles = block_n // (16 * warps)
+    if block_m not in (8, 16, 32, 64) or tiles < 1 or tiles & (tiles - 1) or block_n % (16 * warps):
+        raise ValueError(f"block_m must be 8-64 (a power of two), block_n a power-of-two multiple of 16 * warps; got "
+                         f"{block_n} x {block_m} with {warps} warps")
+    log_w, log_t = warps.bit_length() - 1, tiles.bit_length() - 1
     quad = [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]]  # lane = 4g + c: c -> word pair, g -> row
-    # warp id bits: token columns first, then rows (the MMA layout's order); each operand is shared along the
-    # other's warps
     words = gl.DistributedLinearLayout(
-        reg_bases=[[0, 1], [8, 0]] + [[16 * rows_w << i, 0] for i in range(log_t)],  # wd, row + 8, tiles
-        lane_bases=quad, warp_bases=[[0, 0]] * log_c + [[16 << i, 0] for i in range(log_r)], block_bases=[],
-        shape=[block_n, 8])
-    x = gl.DistributedLinearLayout(  # [tokens, 64]: 16 positions a lane, tokens g + 8 (warp column + warp_cols i)
-        reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8]] + [[8 * warp_cols << i, 0]
-                                                      for i in range(block_m.bit_length() - 4 - log_c)],
-        lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]],
-        warp_bases=[[8 << i, 0] for i in range(log_c)] + [[0, 0]] * log_r, block_bases=[], shape=[block_m, BLOCK_K])
+        reg_bases=[[0, 1], [8, 0]] + [[16 * warps << i, 0] for i in range(log_t)],  # wd, row + 8, tiles
+        lane_bases=quad, warp_bases=[[16 << i, 0] for i in range(log_w)], block_bases=[], shape=[block_n, 8])
+    x = gl.DistributedLinearLayout(  # [tokens, 64]: 16 positions a lane, tokens g + 8i; warps share it
+        reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8]] + [[8 << i, 0] for i in range(block_m.bit_length() - 4)],
+        lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]], warp_bases=[[0, 0]] * log_w, block_bases=[],
+        shape=[block_m, BLOCK_K])
     return dict(W_L=words, X_L=x,
                 # the x copy: 16 bytes (8 columns) a thread, a 128-byte row per 8 threads
                 XC_L=gl.BlockedLayout([1, 8], [4, 8], [warps, 1], [1, 0]),
                 # 16-byte chunk j of token row r at chunk j ^ (r % 8): the two token rows each quarter-warp reads
                 # (lanes 4g + c, 32 bytes a lane) fall in different banks
                 XS_L=gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]),
-                MMA_L=gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[rows_w, warp_cols],
-                                                instr_shape=[16, 8]),
+                MMA_L=gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8]),
                 OUT_L=gl.BlockedLayout([2, 1], [32, 1], [1, warps], [0, 1]))
 
 
@@ -461,12 +451,10 @@ def ws_descriptors(x2, qweight, scales, zeros, block_n: int, block_m: int, step:
 
 def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, block_n: int, block_m: int,
            split_k: int, warps: int, step: int, scale_in_tile: bool = False, stages: int = 2, gather: bool = None,
-           specialized: bool = False, warp_cols: int = 1):
+           specialized: bool = False):
     """out[M, N] = x2 @ dequant(W)^T (+ bias) for M <= 64. ws_buf / lock: split-K workspace and zeroed arrival
     counters (`qmatmul._scratch`) for cdiv(M, block_m) * cdiv(N, block_n) tiles. specialized: the kernel fed by
-    a producer warp's bulk copies through `stages` ring slots (`_w4_mma_sync_ws_kernel`). warp_cols: the warps
-    form a grid over rows x tokens (`layouts`; 2 halves each warp's reads of x and doubles the code conversions;
-    compile-checked for sm_90, not yet run on a GPU)."""
+    a producer warp's bulk copies through `stages` ring slots (`_w4_mma_sync_ws_kernel`)."""
     M, K = x2.shape
     N = qweight.shape[0]
     group = min(group, K)
@@ -492,7 +480,7 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
                              "a prepare_weight() result")
         if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
             x2 = x2.contiguous()  # bulk copies need 16-byte aligned rows
-        lay = layouts(block_n, block_m, warps, warp_cols)
+        lay = layouts(block_n, block_m, warps)
         _w4_mma_sync_ws_kernel[grid](
             *ws_descriptors(x2, qweight, scales, zeros, block_n, block_m, step), bias if bias is not None else out, out,
             ws_buf, lock, M, N, K, out.stride(0), GROUP=group, F16=f16, HAS_BIAS=bias is not None, BLOCK_N=block_n,
@@ -508,5 +496,5 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
         F16=f16,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
         X_PERMUTED=gather, SCALE_IN_TILE=scale_in_tile, PREFETCH=stages >= 2,
-        **layouts(block_n, block_m, warps, warp_cols), num_warps=warps)
+        **layouts(block_n, block_m, warps), num_warps=warps)
     return out

@@ -79,7 +79,7 @@ def compile_wgmma(block_n=64, block_m=128, warps=4, stages=6, split_k=1, bf16=Fa
 
 
 def compile_mma_sync(block_n=128, block_m=16, warps=4, step=2, split_k=4, bf16=False, scale_in_tile=False, stages=2,
-                     gather=None, warp_cols=1):
+                     gather=None):
     """`kernels.qmatmul_mma._w4_mma_sync_kernel` for sm_90 (W4 g128), as `launch` specializes it. Its two
     `convert_layout(..., assert_trivial=True)` make the compile fail if a code or x value would have to move."""
     act = "*bf16" if bf16 else "*fp16"
@@ -87,19 +87,19 @@ def compile_mma_sync(block_n=128, block_m=16, warps=4, step=2, split_k=4, bf16=F
                  HAS_BIAS=False, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k, STEP=step,
                  X_PERMUTED=block_m >= MS.X_GATHER_MIN_M if gather is None else gather,
                  SCALE_IN_TILE=scale_in_tile, PREFETCH=stages >= 2,
-                 **MS.layouts(block_n, block_m, warps, warp_cols))
+                 **MS.layouts(block_n, block_m, warps))
     ptrs = dict(x_ptr=act, qw_ptr="*i32", s_ptr=act, z_ptr=act, bias_ptr=act, out_ptr=act, ws_ptr="*fp32",
                 lock_ptr="*i32")
     return compile_sm90(MS._w4_mma_sync_kernel, const, ptrs, (), ("N", "K"), warps, 1)
 
 
 def compile_mma_sync_ws(block_n=64, block_m=16, warps=4, step=4, split_k=4, stages=3, bf16=False,
-                        scale_in_tile=False, maxnreg=None, warp_cols=1):
+                        scale_in_tile=False, maxnreg=None):
     """`kernels.qmatmul_mma._w4_mma_sync_ws_kernel` (bulk copies by a producer warp) for sm_90, W4 g128, with
     the descriptors' block shapes and shared layouts `qmatmul_mma.ws_descriptors` gives them."""
     dt = "bf16" if bf16 else "fp16"
     act = "*" + dt
-    lay = MS.layouts(block_n, block_m, warps, warp_cols)
+    lay = MS.layouts(block_n, block_m, warps)
     smem = MS.ws_shared_layouts(step)
     const = dict(GROUP=128, F16=not bf16, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k,
                  STEP=step, STAGES=stages, X_PERMUTED=block_m >= MS.X_GATHER_MIN_M, SCALE_IN_TILE=scale_in_tile,
@@ -305,7 +305,6 @@ def main():
     ap.add_argument("--ws", action="store_true", help="wg, ms: the warp-specialized kernel")
     ap.add_argument("--dump", default=None, help="write the whole SASS to this file")
     ap.add_argument("--maxnreg", type=int, default=None, help="ms --ws: ptxas's register cap")
-    ap.add_argument("--warp-cols", type=int, default=1, help="ms: warps split the tokens too (a rows x tokens grid)")
     a = ap.parse_args()
     if a.kernel == "candidates":
         return compile_candidates()
@@ -313,10 +312,10 @@ def main():
         return compile_smoke()
     if a.kernel == "ms" and a.ws:  # its warp-specialized form, --stages ring slots
         return report(compile_mma_sync_ws(a.block_n or 64, a.block_m, a.warps, a.step, a.split_k, a.stages, a.bf16,
-                                          a.pre, a.maxnreg, a.warp_cols), a.top, a.dump)
+                                          a.pre, a.maxnreg), a.top, a.dump)
     if a.kernel == "ms":  # the Gluon mma.sync kernel: --block-n rows, --block-m tokens, --step blocks a trip
         kernel = compile_mma_sync(a.block_n or 128, a.block_m, a.warps, a.step, a.split_k, a.bf16, a.pre, a.stages,
-                                  a.x_split or None, a.warp_cols)
+                                  a.x_split or None)
         return report(kernel, a.top, a.dump)
     if a.kernel == "wg":  # the Gluon wgmma kernel: --block-n rows, --block-m tokens
         return report(compile_wgmma(a.block_n or 64, a.block_m, a.warps, a.stages, a.split_k, a.bf16, a.ws), a.top)

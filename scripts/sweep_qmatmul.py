@@ -2,7 +2,8 @@
 
     python3 scripts/sweep_qmatmul.py --shape 8192x8192 --ms 16,128 [--kinds wg,xw]
     python3 scripts/sweep_qmatmul.py --ms 16 --cfgs "ms,16,128,32,4,2,0,4;mma,16,64,64,4,2,1,4,3,1,1,mma_v2=1"
-        (only these configs, in `once_qmatmul.parse_cfg`'s form, timed the same way: no tuner run)
+        (only these configs, in `once_qmatmul.parse_cfg`'s form, timed the same way: no tuner run; each one's
+        relative error against fp32 math is printed first, and a config that fails to launch is reported)
 
 Times are the tuner's own (`kernels._tune.gpu_ms`: CUDA-graph replays after a 128 MB L2 flush) with
 the flush alone subtracted, so they read as kernel microseconds; cuBLAS fp16 is timed the same way.

@@ -102,18 +102,6 @@ def test_layouts_want_whole_mma_tiles():
             MS.layouts(bn, bm, warps)
 
 
-def test_warp_grid_layouts_split_the_tokens_and_share_the_codes():
-    """With a 2 x 2 warp grid a warp holds half the tokens of x and the codes of half the rows; the warps of a
-    column share the codes, the warps of a row share x (the MMA layout's warp order: token columns first)."""
-    if not W.HAVE_GLUON:
-        pytest.skip("this Triton has no Gluon")
-    lay = MS.layouts(64, 64, 4, warp_cols=2)
-    assert lay["W_L"].warp_bases == [[0, 0], [16, 0]] and lay["X_L"].warp_bases == [[8, 0], [0, 0]]
-    assert [8, 0] not in lay["X_L"].reg_bases  # token bit 3 comes from the warp, not from a register
-    with pytest.raises(ValueError, match="warp column"):
-        MS.layouts(64, 8, 4, warp_cols=2)  # 4 tokens a warp column: less than an MMA's 8
-
-
 def test_ms_launch_wants_trips_inside_a_group_or_of_whole_groups():
     """Refused before any launch: 2 blocks a trip over groups of 3 blocks; 4 blocks a trip over K = 6 blocks."""
     x = torch.zeros(2, 384)
@@ -167,23 +155,6 @@ def test_ws_smem_estimate_covers_the_compiled_kernel(bn, bm, step, stages):
     shared = int(re.search(r"shared (\d+) B", run_script("sass_count.py", *args)).group(1))
     est = MS.ws_smem_bytes(bn, bm, step, stages, 128)
     assert shared <= est < shared + 4096
-
-
-@needs_hopper
-@pytest.mark.parametrize("specialized", [False, True])
-@pytest.mark.parametrize("bm,bn,m,n,dtype,pre", [(64, 64, 64, 256, torch.float16, True),
-                                                  (32, 64, 20, 200, torch.bfloat16, False),
-                                                  (16, 128, 13, 520, torch.float16, False)])
-def test_ms_warp_grid_matches_reference(bm, bn, m, n, dtype, pre, specialized):
-    """Warps in a 2 x 2 grid over rows x tokens (`warp_cols`), both kernels, M and N tails."""
-    qweight, scales, zeros, x, b, ref = make_problem(n, 1280, 4, 64, dtype, m, True)
-    w = prepare_weight(qweight, scales, zeros, 4, 64, 1280)
-    cfg = Cfg("ms", bm, bn, 32, 2, 1, post_zero=not pre, x_split=bm >= 32, warps=4, stages=3 if specialized else 2,
-              specialized=specialized, warp_cols=2)
-    out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
-    for _ in range(2):
-        out.fill_(float("nan"))
-        assert rel_err(quant_matmul(x, w, bias=b, cfg=cfg, out=out), ref) < TOL[dtype], cfg
 
 
 CASES = [  # (block_m tokens, block_n rows, split_k, step, warps, M, N, K, group, dtype, bias, scale in the tile)
