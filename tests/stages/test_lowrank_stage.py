@@ -125,8 +125,9 @@ def test_svd_on_the_real_model_exports_a_dense_model_transformers_loads(tmp_path
     compressed, tokenizer = load_checkpoint(tmp_path / "run" / record["stages"][2]["checkpoint"])
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "dense").eval()
     ids = tokenizer("Anne Elliot walked along the Cobb at Lyme.", return_tensors="pt").input_ids
-    with torch.no_grad():
-        torch.testing.assert_close(dense(ids).logits, compressed(ids).logits, rtol=1e-4, atol=1e-3)
+    with torch.no_grad():  # U (V x) against (U V) x in fp32 through 30 layers: one logit in 540k once differed by
+        # 1.13e-3 on a fresh machine; a wrong export differs by whole units
+        torch.testing.assert_close(dense(ids).logits, compressed(ids).logits, rtol=1e-4, atol=2e-3)
 
 
 @pytest.mark.real
