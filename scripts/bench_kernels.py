@@ -112,6 +112,12 @@ def fmt(x, nd=1):
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
 
 
+def rel_err(y, ref) -> float:
+    """Relative L2 error of an output against its reference, both in fp32."""
+    ref = ref.float()
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
 def copy_bandwidth():
     """Device-to-device copy of 2 GiB, bytes read + written per second (TB/s)."""
     src = torch.randn(2**30, dtype=torch.float16, device="cuda")
@@ -188,7 +194,7 @@ def bench_qmatmul(quick, ms_only=None, shapes_only=None):
                 out = torch.empty(m, n, device="cuda", dtype=torch.float16)
                 Q.quant_matmul(xs[0], w0, out=out)  # tunes once for this shape
                 ref = xs[1].float() @ w16[0].float().t()
-                err = ((Q.quant_matmul(xs[1], w0).float() - ref).norm() / ref.norm()).item()
+                err = rel_err(Q.quant_matmul(xs[1], w0), ref)
                 t_q, _ = graph_ms([lambda i=i: Q.quant_matmul(xs[i % 4], ws[i], out=out) for i in range(len(ws))])
                 t_e = bench(lambda: Q.quant_matmul(xs[0], w0, out=out))
                 t_f, _ = graph_ms([lambda i=i: torch.matmul(xs[i % 4], w16[i].t()) for i in range(len(w16))])
@@ -246,7 +252,7 @@ def bench_gemv(copy_tbs, ms_only=None, shapes_only=None, sweep=False):
             byts = wbytes + m * k * 2 + m * n * 2
 
             def row(label, cfg):
-                err = ((Q.quant_matmul(xs[1], w0, cfg=cfg).float() - ref).norm() / ref.norm()).item()
+                err = rel_err(Q.quant_matmul(xs[1], w0, cfg=cfg), ref)
                 t, _ = graph_ms([lambda i=i: Q.quant_matmul(xs[i % 4], ws[i], out=out, cfg=cfg)
                                  for i in range(len(ws))])
                 rows.append([f"{n}x{k}", m, label, fmt(t * 1e3), fmt(byts / (t * 1e-3) / 1e12, 2),
@@ -344,7 +350,7 @@ def bench_w8a8(quick):
             ref = xs[1].float() @ w16.float().t()
 
             def err(y):
-                return f"{((y.float() - ref).norm() / ref.norm()).item():.1e}"
+                return f"{rel_err(y, ref):.1e}"
 
             W8.w8a8_linear(xs[0], q0, s0, out=out)  # tunes once for this shape (uint8 and int8 weights)
             W8.w8a8_linear(xs[0], i8s[0], s0, out=out)
@@ -422,7 +428,7 @@ def bench_attention(quick):
                 flops = 4 * 32 * s * s * 128 / (2 if causal else 1)
                 ref = sdpa("flash")(q, k, v, causal) if hkv == 32 else None
                 o = A.flash_attention(q, k, v, causal=causal)
-                err = ((o.float() - ref.float()).norm() / ref.float().norm()).item() if ref is not None else None
+                err = rel_err(o, ref) if ref is not None else None
                 t, _ = graph_ms([lambda: A.flash_attention(q, k, v, causal=causal)], total=4 if s > 4096 else 16)
                 base = {b: try_time(lambda b=b: sdpa(b)(q, k, v, causal), s) for b in ("flash", "cudnn")}
                 key = next((kk for kk in TIMINGS if kk[0] == "fwd" and kk[4] == causal and kk[6] == s), None)
@@ -478,7 +484,7 @@ def bench_decode(quick, copy_tbs):
         sets8 = [(qq, kq, vq, ks, vs) for qq, kq, ks, vq, vs in (
             (qq,) + A.quantize_kv(kk) + A.quantize_kv(vv) for qq, kk, vv in floats8)]
         ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
-        err = ((A.decode_attention(q, k, v).float() - ref.float()).norm() / ref.float().norm()).item()
+        err = rel_err(A.decode_attention(q, k, v), ref)
         t, _ = graph_ms([lambda a=a: A.decode_attention(*a) for a in sets])
         t8, _ = graph_ms([lambda a=a: A.decode_attention_int8(*a) for a in sets8])
         # V stored [D, S] per head (effopt's int8 cache layout): the transposed view of that buffer
@@ -486,8 +492,7 @@ def bench_decode(quick, copy_tbs):
         t8t, _ = graph_ms([lambda a=a: A.decode_attention_int8(*a) for a in sets8t])
         t8q, _ = graph_ms([lambda a=a: A.decode_attention_int8(*a, qk_int8=True) for a in sets8t])
         t8q2, _ = graph_ms([lambda a=a: A.decode_attention_int8(*a, qk_int8=2) for a in sets8t])
-        err8, err8t, err8q, err8q2 = (((A.decode_attention_int8(*s8, qk_int8=x).float() - ref.float()).norm()
-                                       / ref.float().norm()).item()
+        err8, err8t, err8q, err8q2 = (rel_err(A.decode_attention_int8(*s8, qk_int8=x), ref)
                                       for s8, x in ((sets8[0], False), (sets8t[0], False), (sets8t[0], True),
                                                     (sets8t[0], 2)))
         t_sdpa, _ = graph_ms([lambda a=a: _sdpa_decode(*a) for a in sets])

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import qmatmul as Q  # noqa: E402
 from kernels._tune import TIMINGS, gpu_ms  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import _cfg_str, make_quant, qmm_key  # noqa: E402
+from bench_kernels import _cfg_str, make_quant, qmm_key, rel_err  # noqa: E402
 from once_qmatmul import parse_cfg  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def main():
             for text in args.cfgs.split(";"):
                 try:  # a listed config that fails to launch is reported, and the rest still run
                     c = parse_cfg(text)
-                    err = ((Q.quant_matmul(x, w, cfg=c).float() - ref).norm() / ref.norm()).item()
+                    err = rel_err(Q.quant_matmul(x, w, cfg=c), ref)
                     timed.append((c, gpu_ms(lambda c=c: Q.quant_matmul(x, w, cfg=c))))
                     print(f"| {n}x{k} | {m} | {_cfg_str(c)} | rel err {err:.1e} | |")
                 except Exception as e:  # noqa: BLE001 (a sweep row, not a library path)
