@@ -940,7 +940,8 @@ class Cfg:
     specialized = the warp-specialized one fed by bulk copies); 'ms' is `kernels.qmatmul_mma` (Gluon, mma.sync,
     up to 64 tokens: block_n rows, block_m 8-64 tokens, step_blocks = 64-code blocks a trip, post_zero False =
     the scale in the tile, x_split = x put in the kernel's K order by one gather first, not by each warp;
-    specialized = its warp-specialized form fed by bulk copies, stages = its ring slots).
+    specialized = its warp-specialized form fed by bulk copies, stages = its ring slots, halves = 2: each program
+    runs its K range as two halves side by side, one ring and 4 MMA warps each, summed in shared memory).
     """
 
     kind: str
@@ -957,6 +958,7 @@ class Cfg:
     zero_in_tile: bool = False  # mma with post_zero: the zero point subtracted in the tile
     specialized: bool = False  # wg, ms: the warp-specialized kernel fed by bulk (TMA) copies
     mma_v2: bool = False  # mma only: tl.dot compiled as mma.sync, not wgmma (`_tune.mma_sync`; sm_90)
+    halves: int = 1  # ms specialized: 2 = each program's K range in two halves side by side (`qmatmul_mma`)
 
 
 DEBUG_POISON = False  # tests: fill the split-K workspace with NaN before every launch
@@ -1098,7 +1100,7 @@ def _launch_ms(cfg: Cfg, x2, w: QuantWeight, bias, out):
     return qmatmul_mma.launch(x2, w.qweight, w.scales, w.zeros, w.group_size, bias, out, ws, lock,
                               block_n=cfg.block_n, block_m=cfg.block_m, split_k=cfg.split_k, warps=cfg.warps,
                               step=cfg.step_blocks, scale_in_tile=not cfg.post_zero, stages=cfg.stages,
-                              gather=cfg.x_split, specialized=cfg.specialized)
+                              gather=cfg.x_split, specialized=cfg.specialized, halves=cfg.halves)
 
 
 def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):
@@ -1296,7 +1298,8 @@ def ms_configs(M: int, w: QuantWeight) -> list:
                 for post in ((True, False) if many else (True,)):
                     cfgs.append(Cfg("ms", bm, bn, 32, sk, step, post_zero=post, x_split=many, warps=warps, stages=2))
     # the warp-specialized form (bulk copies through 3-4 ring slots, 4 MMA warps), over group-major scales:
-    # 2 blocks a trip from 32 tokens (1 block was slower on an H200), split-K near 3 programs an SM
+    # 2 blocks a trip from 32 tokens (1 block was slower on an H200), split-K near 3 programs an SM; then each
+    # program as two halves of its K range (one program an SM: split-K near 1 an SM, 2 trips a half at least)
     for bn in (64,) if many else (64, 128):
         if not qmatmul_wgmma.scale_pair_fits(w.scales, w.zeros, bn):
             continue
@@ -1307,6 +1310,13 @@ def ms_configs(M: int, w: QuantWeight) -> list:
                     for post in ((True, False) if many else (True,)):
                         cfgs.append(Cfg("ms", bm, bn, 32, sk, step, post_zero=post, x_split=many, warps=4,
                                         stages=stages, specialized=True))
+    for step in [s for s in ((2,) if many else (4,)) if s in fit]:
+        if not qmatmul_wgmma.scale_pair_fits(w.scales, w.zeros, 64):
+            break
+        for sk in _splits(triton.cdiv(w.out_features, 64), K // (128 * step), _sms(w.qweight.device)):
+            for stages in (3, 4):
+                cfgs.append(Cfg("ms", bm, 64, 32, sk, step, post_zero=not many, x_split=many, warps=4,
+                                stages=stages, specialized=True, halves=2))
     return cfgs
 
 

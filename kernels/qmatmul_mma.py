@@ -87,18 +87,26 @@ _BK = triton.language.constexpr(BLOCK_K)  # the same, for the kernels
 # Lane c's operand position p = 4t + 2h + e (k tile t, pair h, element e) holds its column 16c + SIGMA[p]:
 # the bits (p3, p2, p1, p0) of p are bits (3, 0, 1, 2) of the column (see the docstring).
 SIGMA = (0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15)
+SMEM_BYTES = 227 * 1024  # shared memory a program may take on sm_90
 X_GATHER_MIN_M = 32  # from here x is pre-permuted by a gather (`permute_x`) instead of in each lane's registers
 
 
-def ws_launch_regs(programs: int, warps: int, smem_bytes: int, sms: int) -> int:
-    """The warp-specialized kernel's register cap at launch. Its programs hold the MMA warps and the producer's
-    whole warpgroup (warps + 4), all at this cap; `setmaxnreg` then hands the producer's share to the MMA warps
-    (4 MMA warps at cap R run at 2R - 24). The cap lets the grid run in one wave where the SM's 64K registers
-    and 227 KB of shared memory allow (an SM fits 65536 // (32 (warps + 4) R) programs), from 128 (2 programs of
-    4 MMA warps an SM) down to 64 (4 programs; their MMA warps at 104 registers, no spills in sm_90 SASS)."""
-    per_sm = min(-(-programs // sms), max(1, (227 * 1024) // max(smem_bytes, 1)))
-    regs = 65536 // (32 * (warps + 4) * per_sm) // 8 * 8
-    return max(64, min(128, regs))
+def ws_launch_regs(programs: int, warps: int, smem_bytes: int, sms: int, halves: int = 1) -> int:
+    """The warp-specialized kernel's register cap at launch. Its programs hold the MMA warps (of each half) and
+    the producers' warpgroup (halves * warps + 4 warps), all at this cap; `setmaxnreg` then hands the producers'
+    share to the MMA warps (`ws_half_regs`; one half of 4 MMA warps at cap R runs at 2R - 24). The cap lets the
+    grid run in one wave where the SM's 64K registers and 227 KB of shared memory allow (an SM fits
+    65536 // (32 (halves * warps + 4) R) programs), from 128 (2 programs of 4 MMA warps an SM; one program of
+    two halves: 168) down to 64 (4 programs; their MMA warps at 104 registers, no spills in sm_90 SASS)."""
+    per_sm = min(-(-programs // sms), max(1, SMEM_BYTES // max(smem_bytes, 1)))
+    regs = 65536 // (32 * (halves * warps + 4) * per_sm) // 8 * 8
+    return max(64, min(128 if halves == 1 else 168, regs))
+
+
+def ws_half_regs(regs: int) -> int:
+    """Registers of each half's MMA warps in a program of two halves at launch cap `regs`: the three warpgroups'
+    3 * regs less the producers' 24, shared evenly (a multiple of 8, at most 256: `setmaxnreg`'s range)."""
+    return min(256, (3 * regs - 24) // 2 // 8 * 8)
 
 
 def ws_smem_bytes(block_n: int, block_m: int, step: int, stages: int, group: int) -> int:
@@ -190,6 +198,8 @@ if WG.HAVE_GLUON:
         STAGES: gl.constexpr,  # ring slots of one trip each (x, codes, scales, zeros)
         X_PERMUTED: gl.constexpr, SCALE_IN_TILE: gl.constexpr,
         W_L: gl.constexpr, X_L: gl.constexpr, MMA_L: gl.constexpr, OUT_L: gl.constexpr,
+        HALVES: gl.constexpr,  # 2: the program's K range in two halves, each with its own ring and MMA warps
+        HALF_REGS: gl.constexpr,  # with HALVES 2: the second half's MMA warps' registers (`ws_half_regs`)
     ):
         """`_w4_mma_sync_kernel` fed by one producer warp: each trip's x, codes, scales and zeros arrive by bulk
         (TMA) copies into a ring of STAGES slots, counted on the slot's `ready` barrier, so the kernel's warps hold
@@ -197,26 +207,44 @@ if WG.HAVE_GLUON:
         same block math (`_blocks`) and free the slot (`empty`). A trip's codes land as one [BLOCK_N, STEP * 8]
         box of words, swizzled (a quad's 8-byte reads of a block hit distinct banks), x as [BLOCK_M, 64] per block
         with the 128-byte swizzle (each token row's 16-byte chunks rotated: a lane's two tokens in distinct banks). Rows
-        past M or N read as zeros and their outputs are dropped."""
+        past M or N read as zeros and their outputs are dropped.
+
+        HALVES 2 runs the program's trips as two halves side by side, each with its own producer warp, ring and 4
+        MMA warps; the second half parks its sum in shared memory for the first. One program then streams as two
+        did, without the split-K finish between them (on an H200 that finish cost 1.2 us at 8192^2, 16 tokens)."""
         GPT: gl.constexpr = (STEP * _BK) // GROUP if STEP * _BK >= GROUP else 1  # groups whose scales a trip reads
         TRIP_BYTES: gl.constexpr = STEP * (BLOCK_M * _BK * 2 + BLOCK_N * 32) + 2 * GPT * BLOCK_N * 2
         pid, pid_k, n0, m0, n_steps, it0, n_it = WG._tile_and_steps(M, N, K, BLOCK_N, BLOCK_M, SPLIT_K, STEP * _BK)
-        x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * STEP, BLOCK_M, _BK], x_desc.layout)
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_N, STEP * 8], q_desc.layout)
-        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES * GPT, 1, BLOCK_N], s_desc.layout)
-        z_smem = gl.allocate_shared_memory(z_desc.dtype, [STAGES * GPT, 1, BLOCK_N], z_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for j in gl.static_range(STAGES):
-            mbarrier.init(ready.index(j), count=1)  # the producer's arrive, with the copies' bytes
-            mbarrier.init(empty.index(j), count=1)  # one consumer thread, once every consumer warp has read it
-        fence_async_shared()  # the initialised barriers, visible to the copy engine
-        acc, = gl.warp_specialize([
-            (_ws_consume, (x_smem, q_smem, s_smem, z_smem, ready, empty, n_it, GROUP, F16, X_PERMUTED, SCALE_IN_TILE,
-                           BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L)),
-            (_ws_produce, (x_desc, q_desc, s_desc, z_desc, x_smem, q_smem, s_smem, z_smem, ready, empty, it0, n_it,
-                           m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES)),
-        ], [1], [24])
+        x_smem, q_smem, s_smem, z_smem, ready, empty = _ws_ring(x_desc, q_desc, s_desc, z_desc, BLOCK_N, BLOCK_M, STEP,
+                                                                STAGES, GPT)
+        if HALVES == 1:
+            fence_async_shared()  # the initialised barriers, visible to the copy engine
+            acc, = gl.warp_specialize([
+                (_ws_consume, (x_smem, q_smem, s_smem, z_smem, ready, empty, n_it, GROUP, F16, X_PERMUTED,
+                               SCALE_IN_TILE, BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L)),
+                (_ws_produce, (x_desc, q_desc, s_desc, z_desc, x_smem, q_smem, s_smem, z_smem, ready, empty, it0,
+                               n_it, m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES)),
+            ], [1], [24])
+        else:  # the second half: its own ring, producer and MMA warps, its sum parked in `red`
+            xb, qb, sb, zb, rb, eb = _ws_ring(x_desc, q_desc, s_desc, z_desc, BLOCK_N, BLOCK_M, STEP, STAGES, GPT)
+            red = gl.allocate_shared_memory(gl.float32, [BLOCK_N, BLOCK_M],
+                                            gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+            done = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+            mbarrier.init(done.index(0), count=1)  # one thread of the second half, once its sum is parked
+            fence_async_shared()
+            h = n_it // 2  # trips of the first half
+            acc, = gl.warp_specialize([
+                (_ws_consume, (x_smem, q_smem, s_smem, z_smem, ready, empty, h, GROUP, F16, X_PERMUTED, SCALE_IN_TILE,
+                               BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L)),
+                (_ws_produce, (x_desc, q_desc, s_desc, z_desc, x_smem, q_smem, s_smem, z_smem, ready, empty, it0, h,
+                               m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES)),
+                (_ws_produce, (x_desc, q_desc, s_desc, z_desc, xb, qb, sb, zb, rb, eb, it0 + h, n_it - h, m0, n0,
+                               GROUP, STEP, STAGES, GPT, TRIP_BYTES)),
+                (_ws_consume_park, (xb, qb, sb, zb, rb, eb, n_it - h, red, done, GROUP, F16, X_PERMUTED,
+                                    SCALE_IN_TILE, BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L)),
+            ], [1, 1, 4], [24, 24, HALF_REGS])
+            mbarrier.wait(done.index(0), 0)
+            acc += red.load(MMA_L)  # the same layout both halves hold their sums in
         WG._epilogue(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, n0, m0, N, M, stride_om, HAS_BIAS,
                      BLOCK_N, BLOCK_M, SPLIT_K, OUT_L)
 
@@ -239,6 +267,34 @@ if WG.HAVE_GLUON:
                 g = (blk * _BK) // GROUP + gi
                 WG._tma_load(s_desc, [g, n0], bar, s_smem.index(slot * GPT + gi))
                 WG._tma_load(z_desc, [g, n0], bar, z_smem.index(slot * GPT + gi))
+
+    @gluon.jit
+    def _ws_ring(x_desc, q_desc, s_desc, z_desc, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STEP: gl.constexpr,
+                 STAGES: gl.constexpr, GPT: gl.constexpr):
+        """A ring of STAGES slots (x, codes, scales, zeros of one trip each) and its initialised barriers."""
+        x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * STEP, BLOCK_M, _BK], x_desc.layout)
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_N, STEP * 8], q_desc.layout)
+        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES * GPT, 1, BLOCK_N], s_desc.layout)
+        z_smem = gl.allocate_shared_memory(z_desc.dtype, [STAGES * GPT, 1, BLOCK_N], z_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for j in gl.static_range(STAGES):
+            mbarrier.init(ready.index(j), count=1)  # the producer's arrive, with the copies' bytes
+            mbarrier.init(empty.index(j), count=1)  # one consumer thread, once every consumer warp has read it
+        return x_smem, q_smem, s_smem, z_smem, ready, empty
+
+    @gluon.jit
+    def _ws_consume_park(x_smem, q_smem, s_smem, z_smem, ready, empty, n_it, red, done, GROUP: gl.constexpr,
+                         F16: gl.constexpr, X_PERMUTED: gl.constexpr, SCALE_IN_TILE: gl.constexpr,
+                         BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STEP: gl.constexpr, STAGES: gl.constexpr,
+                         GPT: gl.constexpr, W_L: gl.constexpr, X_L: gl.constexpr, MMA_L: gl.constexpr):
+        """The second half's MMA warps: `_ws_consume` over their own ring, then their sum parked in `red` for
+        the first half's warps (`done`)."""
+        acc, = _ws_consume(x_smem, q_smem, s_smem, z_smem, ready, empty, n_it, GROUP, F16, X_PERMUTED, SCALE_IN_TILE,
+                           BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L)
+        red.store(acc)
+        WG._barrier()  # every warp's part of the sum is stored
+        mbarrier.arrive(done.index(0))
 
     @gluon.jit
     def _ws_consume(x_smem, q_smem, s_smem, z_smem, ready, empty, n_it, GROUP: gl.constexpr, F16: gl.constexpr,
@@ -451,10 +507,11 @@ def ws_descriptors(x2, qweight, scales, zeros, block_n: int, block_m: int, step:
 
 def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, block_n: int, block_m: int,
            split_k: int, warps: int, step: int, scale_in_tile: bool = False, stages: int = 2, gather: bool = None,
-           specialized: bool = False):
+           specialized: bool = False, halves: int = 1):
     """out[M, N] = x2 @ dequant(W)^T (+ bias) for M <= 64. ws_buf / lock: split-K workspace and zeroed arrival
     counters (`qmatmul._scratch`) for cdiv(M, block_m) * cdiv(N, block_n) tiles. specialized: the kernel fed by
-    a producer warp's bulk copies through `stages` ring slots (`_w4_mma_sync_ws_kernel`)."""
+    a producer warp's bulk copies through `stages` ring slots (`_w4_mma_sync_ws_kernel`); halves 2: each
+    program's K range in two halves side by side (4 MMA warps each)."""
     M, K = x2.shape
     N = qweight.shape[0]
     group = min(group, K)
@@ -467,6 +524,13 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
     if specialized and (stages < 2 or warps % 4):
         raise ValueError(f"the warp-specialized mma.sync kernel needs >= 2 ring slots (stages) and whole warpgroups "
                          f"of MMA warps (warps a multiple of 4); got stages={stages}, warps={warps}")
+    if halves not in (1, 2) or (halves == 2 and (not specialized or warps != 4)):
+        raise ValueError(f"halves 2 (two halves of K a program) is a form of the warp-specialized kernel with 4 MMA "
+                         f"warps a half; got halves={halves}, specialized={specialized}, warps={warps}")
+    if specialized and halves * ws_smem_bytes(block_n, block_m, step, stages, min(group, K)) > SMEM_BYTES:
+        raise ValueError(f"the warp-specialized mma.sync kernel's rings ({halves} x {stages} slots of {step} blocks "
+                         f"for {block_n} rows x {block_m} tokens) exceed an SM's {SMEM_BYTES // 1024} KB of shared "
+                         f"memory: fewer stages or blocks a trip")
     if not qweight.is_contiguous():
         raise ValueError("the mma.sync kernel reads the codes as contiguous int32 words")
     f16 = x2.dtype == torch.float16
@@ -481,14 +545,15 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
         if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
             x2 = x2.contiguous()  # bulk copies need 16-byte aligned rows
         lay = layouts(block_n, block_m, warps)
+        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+        regs = ws_launch_regs(grid[0] * grid[1], warps, halves * ws_smem_bytes(block_n, block_m, step, stages, group),
+                              sms, halves)
         _w4_mma_sync_ws_kernel[grid](
             *ws_descriptors(x2, qweight, scales, zeros, block_n, block_m, step), bias if bias is not None else out, out,
             ws_buf, lock, M, N, K, out.stride(0), GROUP=group, F16=f16, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-            BLOCK_M=block_m, SPLIT_K=split_k, STEP=step, STAGES=stages, X_PERMUTED=gather,
-            SCALE_IN_TILE=scale_in_tile, W_L=lay["W_L"], X_L=lay["X_L"], MMA_L=lay["MMA_L"], OUT_L=lay["OUT_L"],
-            num_warps=warps, maxnreg=ws_launch_regs(grid[0] * grid[1], warps,
-                                                    ws_smem_bytes(block_n, block_m, step, stages, group),
-                                                    torch.cuda.get_device_properties(x2.device).multi_processor_count))
+            BLOCK_M=block_m, SPLIT_K=split_k, STEP=step, STAGES=stages, HALVES=halves,
+            HALF_REGS=ws_half_regs(regs) if halves == 2 else 0, X_PERMUTED=gather, SCALE_IN_TILE=scale_in_tile,
+            W_L=lay["W_L"], X_L=lay["X_L"], MMA_L=lay["MMA_L"], OUT_L=lay["OUT_L"], num_warps=warps, maxnreg=regs)
         return out
     _w4_mma_sync_kernel[grid](
         x2, qweight.view(torch.int32), scales, zeros, bias if bias is not None else out, out, ws_buf,

@@ -16,5 +16,6 @@ def test_every_kernel_variant_compiles_for_sm90():
     assert "ok      W4 matmul, M=16 pick, mma.sync" in out  # compiled with mma.sync, checked in its SASS
     assert "ok      W4 matmul, Gluon mma.sync, M=16" in out or not qmatmul_wgmma.HAVE_GLUON
     assert "ok      W4 matmul, Gluon mma.sync, warp-specialized" in out or not qmatmul_wgmma.HAVE_GLUON
-    total = 21 if qmatmul_wgmma.HAVE_GLUON else 16
+    assert "ok      W4 matmul, Gluon mma.sync, warp-specialized, two halves" in out or not qmatmul_wgmma.HAVE_GLUON
+    total = 22 if qmatmul_wgmma.HAVE_GLUON else 16
     assert f"{total} of {total} kernels compile" in out

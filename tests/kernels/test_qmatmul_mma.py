@@ -127,20 +127,41 @@ def test_ws_launch_wants_ring_slots_and_whole_warpgroups():
         with pytest.raises(ValueError, match="warpgroups"):
             MS.launch(x, torch.zeros(8, 128, dtype=torch.uint8), None, None, 128, None, None, None, None,
                       block_n=64, block_m=8, split_k=1, warps=warps, step=2, stages=stages, specialized=True)
+    with pytest.raises(ValueError, match="shared memory"):  # two rings of 3 slots of 4 blocks at 64 tokens: 245 KB
+        MS.launch(torch.zeros(64, 2048), torch.zeros(64, 1024, dtype=torch.uint8), None, None, 128, None, None, None,
+                  None, block_n=64, block_m=64, split_k=1, warps=4, step=4, stages=3, specialized=True, halves=2)
+    for halves, warps, specialized, stages in ((3, 4, True, 3), (2, 8, True, 3), (2, 4, False, 2)):  # ws, 4 warps
+        with pytest.raises(ValueError, match="halves"):
+            MS.launch(x, torch.zeros(8, 128, dtype=torch.uint8), None, None, 128, None, None, None, None,
+                      block_n=64, block_m=8, split_k=1, warps=warps, step=2, stages=stages, specialized=specialized,
+                      halves=halves)
 
 
-@pytest.mark.parametrize("programs,warps,smem", [(256, 4, 78_000), (512, 4, 52_000), (512, 4, 64_000),
-                                                 (256, 8, 40_000), (100, 4, 30_000), (4096, 4, 52_000)])
-def test_ws_launch_regs_fit_the_grid_in_one_wave_where_an_sm_can(programs, warps, smem):
-    """An SM holds 65536 registers and 227 KB of shared memory; a program is warps + 4 warps at the cap."""
+@pytest.mark.parametrize("programs,warps,smem,halves", [
+    (256, 4, 78_000, 1), (512, 4, 52_000, 1), (512, 4, 64_000, 1), (256, 8, 40_000, 1), (100, 4, 30_000, 1),
+    (4096, 4, 52_000, 1), (128, 4, 104_000, 2), (256, 4, 104_000, 2), (64, 4, 140_000, 2), (512, 4, 60_000, 2)])
+def test_ws_launch_regs_fit_the_grid_in_one_wave_where_an_sm_can(programs, warps, smem, halves):
+    """An SM holds 65536 registers and 227 KB of shared memory; a program is halves * warps + 4 warps at the cap
+    (smem: the whole program's, both halves' rings)."""
     sms = 132
-    regs = MS.ws_launch_regs(programs, warps, smem, sms)
-    assert 64 <= regs <= 128 and regs % 8 == 0
-    fit = min(65536 // (32 * (warps + 4) * regs), 227 * 1024 // smem)  # programs an SM at this cap
+    regs = MS.ws_launch_regs(programs, warps, smem, sms, halves)
+    top = 128 if halves == 1 else 168
+    assert 64 <= regs <= top and regs % 8 == 0
+    total = halves * warps + 4
+    fit = min(65536 // (32 * total * regs), 227 * 1024 // smem)  # programs an SM at this cap
     want = min(-(-programs // sms), 227 * 1024 // smem)
     assert fit >= want or regs == 64  # one wave where registers allow; the floor otherwise
-    if regs < 128:  # no lower than needed: one step up would not fit
-        assert 65536 // (32 * (warps + 4) * (regs + 8)) < want
+    if regs < top:  # no lower than needed: one step up would not fit
+        assert 65536 // (32 * total * (regs + 8)) < want
+
+
+@pytest.mark.parametrize("regs", [64, 80, 128, 168])
+def test_ws_half_regs_share_the_cap_between_the_halves(regs):
+    """Three warpgroups at the cap (two halves' MMA warps, the producers) hold 3 * regs a thread; the producers
+    keep 24 and each half gets an even share, in setmaxnreg's steps of 8 up to 256, and not much less."""
+    half = MS.ws_half_regs(regs)
+    assert half % 8 == 0 and 24 <= half <= 256
+    assert 24 + 2 * half <= 3 * regs < 24 + 2 * (half + 8) or half == 256
 
 
 @pytest.mark.skipif(not W.HAVE_GLUON or not PTXAS.exists(), reason="needs Gluon and the ptxas Triton ships")
@@ -186,11 +207,14 @@ def test_ms_kernel_matches_reference(bm, bn, sk, step, warps, m, n, k, group, dt
                 out.fill_(float("nan"))
                 y = quant_matmul(x, w, *args, bias=b, cfg=cfg, out=out)
                 assert rel_err(y, ref) < TOL[dtype], cfg
-    # the warp-specialized form (4 or 8 MMA warps), fed by bulk copies through 2 or 3 ring slots: prepared weights
+    # the warp-specialized form (4 or 8 MMA warps), fed by bulk copies through 2 or 3 ring slots: prepared weights;
+    # with 4 MMA warps also as two halves of K a program (a half of 0 or 1 trips where a split is short)
     w = prepare_weight(qweight, scales, zeros, 4, group, k)
-    for stages in (2, 3):
+    for stages, halves in ((2, 1), (3, 1)) + (((2, 2), (3, 2)) if warps == 4 else ()):
+        if halves * MS.ws_smem_bytes(bn, bm, step, stages, min(group, k) if group > 0 else k) > MS.SMEM_BYTES:
+            continue  # two rings too large for an SM (launch refuses them: test_ws_launch_wants_...)
         cfg = Cfg("ms", bm, bn, 32, sk, step, post_zero=not pre, x_split=bm >= 32, warps=warps, stages=stages,
-                  specialized=True)
+                  specialized=True, halves=halves)
         for _ in range(2):
             out.fill_(float("nan"))
             assert rel_err(quant_matmul(x, w, bias=b, cfg=cfg, out=out), ref) < TOL[dtype], cfg
