@@ -41,7 +41,9 @@ Measured on an H200 (results/kernels.md, 2026-12-01, the section from 03:42 UTC)
 warp-specialized form with a trip's codes in one bulk copy: 8192^2 at 16 tokens 14.6 us (2.59x cuBLAS fp16; with
 32-byte boxes, one a block, 15.4-15.6 in the same session), at 64 tokens 32.3 us (1.27x; unchanged by the boxes);
 4096x14336: 12.7 (2.81x; was 15.5-17.5) and 30.6 us (1.30x). At one token (an 8-token tile) it now beats the
-CUDA-core GEMV: 13.5 against 14.3 us (8192^2), 12.2 against 13.7.
+CUDA-core GEMV: 13.5 against 14.3 us (8192^2), 12.2 against 13.7. With each program running its K range as two
+halves (`HALVES=2`; the section from 04:43 UTC): 8192^2 at 16 tokens 12.6 us (2.97x, the tuner's pick), one token
+12.7-12.8, 64 tokens 30.8-31.3; at 4096x14336 the 4-way split-K picks stay faster.
 """
 import torch
 import triton
