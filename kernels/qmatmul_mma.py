@@ -96,7 +96,7 @@ X_GATHER_MIN_M = 32  # from here x is pre-permuted by a gather (`permute_x`) ins
 def ws_launch_regs(programs: int, warps: int, smem_bytes: int, sms: int, halves: int = 1) -> int:
     """The warp-specialized kernel's register cap at launch. Its programs hold the MMA warps (of each half) and
     the producers' warpgroup (halves * warps + 4 warps), all at this cap; `setmaxnreg` then hands the producers'
-    share to the MMA warps (`ws_half_regs`; one half of 4 MMA warps at cap R runs at 2R - 24). The cap lets the
+    share to the MMA warps (4 MMA warps at cap R run at 2R - 24; each of two halves at `ws_half_regs`). The cap lets the
     grid run in one wave where the SM's 64K registers and 227 KB of shared memory allow (an SM fits
     65536 // (32 (halves * warps + 4) R) programs), from 128 (2 programs of 4 MMA warps an SM; one program of
     two halves: 168) down to 64 (4 programs; their MMA warps at 104 registers, no spills in sm_90 SASS)."""
