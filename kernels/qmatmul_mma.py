@@ -529,7 +529,8 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
     if halves not in (1, 2) or (halves == 2 and (not specialized or warps != 4)):
         raise ValueError(f"halves 2 (two halves of K a program) is a form of the warp-specialized kernel with 4 MMA "
                          f"warps a half; got halves={halves}, specialized={specialized}, warps={warps}")
-    if specialized and halves * ws_smem_bytes(block_n, block_m, step, stages, min(group, K)) > SMEM_BYTES:
+    smem = halves * ws_smem_bytes(block_n, block_m, step, stages, group)  # the warp-specialized kernel's rings
+    if specialized and smem > SMEM_BYTES:
         raise ValueError(f"the warp-specialized mma.sync kernel's rings ({halves} x {stages} slots of {step} blocks "
                          f"for {block_n} rows x {block_m} tokens) exceed an SM's {SMEM_BYTES // 1024} KB of shared "
                          f"memory: fewer stages or blocks a trip")
@@ -548,8 +549,7 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
             x2 = x2.contiguous()  # bulk copies need 16-byte aligned rows
         lay = layouts(block_n, block_m, warps)
         sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
-        regs = ws_launch_regs(grid[0] * grid[1], warps, halves * ws_smem_bytes(block_n, block_m, step, stages, group),
-                              sms, halves)
+        regs = ws_launch_regs(grid[0] * grid[1], warps, smem, sms, halves)
         _w4_mma_sync_ws_kernel[grid](
             *ws_descriptors(x2, qweight, scales, zeros, block_n, block_m, step), bias if bias is not None else out, out,
             ws_buf, lock, M, N, K, out.stride(0), GROUP=group, F16=f16, HAS_BIAS=bias is not None, BLOCK_N=block_n,
