@@ -959,6 +959,7 @@ class Cfg:
     specialized: bool = False  # wg, ms: the warp-specialized kernel fed by bulk (TMA) copies
     mma_v2: bool = False  # mma only: tl.dot compiled as mma.sync, not wgmma (`_tune.mma_sync`; sm_90)
     halves: int = 1  # ms specialized: 2 = each program's K range in two halves side by side (`qmatmul_mma`)
+    wgmma: bool = False  # ms specialized, scale in the tile: the block MMAs on wgmma, x read from shared memory
 
 
 DEBUG_POISON = False  # tests: fill the split-K workspace with NaN before every launch
@@ -1100,7 +1101,7 @@ def _launch_ms(cfg: Cfg, x2, w: QuantWeight, bias, out):
     return qmatmul_mma.launch(x2, w.qweight, w.scales, w.zeros, w.group_size, bias, out, ws, lock,
                               block_n=cfg.block_n, block_m=cfg.block_m, split_k=cfg.split_k, warps=cfg.warps,
                               step=cfg.step_blocks, scale_in_tile=not cfg.post_zero, stages=cfg.stages,
-                              gather=cfg.x_split, specialized=cfg.specialized, halves=cfg.halves)
+                              gather=cfg.x_split, specialized=cfg.specialized, halves=cfg.halves, wgmma=cfg.wgmma)
 
 
 def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):

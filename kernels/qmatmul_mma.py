@@ -81,7 +81,8 @@ if WG.HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 BLOCK_K = 64  # codes per block: 32 bytes a row, 8 bytes a lane
@@ -90,6 +91,8 @@ _BK = triton.language.constexpr(BLOCK_K)  # the same, for the kernels
 # the bits (p3, p2, p1, p0) of p are bits (3, 0, 1, 2) of the column (see the docstring).
 SIGMA = (0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15)
 SMEM_BYTES = 227 * 1024  # shared memory a program may take on sm_90
+X_WGMMA = 2  # X_PERMUTED value: x in the kernel's K order (`permute_x_wgmma`), read by wgmma from shared memory
+_X_WGMMA = triton.language.constexpr(X_WGMMA)
 X_GATHER_MIN_M = 32  # from here x is pre-permuted by a gather (`permute_x`) instead of in each lane's registers
 
 
@@ -127,6 +130,14 @@ def permute_x(x2: torch.Tensor) -> torch.Tensor:
     (j3, j2, j1, j0) to position bits (j3, j0, j1, j2). One copy, no index tensor (safe in graph capture)."""
     m, k = x2.shape
     return x2.reshape(m, k // 16, 2, 2, 2, 2).permute(0, 1, 2, 5, 4, 3).reshape(m, k)
+
+
+def permute_x_wgmma(x2: torch.Tensor) -> torch.Tensor:
+    """x [M, K] with every 64 columns in the kernel's K order, so that wgmma can read it from shared memory as
+    the B operand of `_codes_operand`'s A: order position bits (t1, t0, h, c1, c0, e) = column bits
+    (j3, j0, j1, c1, c0, j2) of a column 16c + 8 j3 + 4 j2 + 2 j1 + j0 (`_x_operand`). One copy."""
+    m, k = x2.shape
+    return x2.reshape(m, k // 64, 4, 2, 2, 2, 2).permute(0, 1, 3, 6, 5, 2, 4).reshape(m, k)
 
 
 if WG.HAVE_GLUON:
@@ -306,7 +317,6 @@ if WG.HAVE_GLUON:
         """The kernel's own warps: per trip, wait for its slot, read the codes, zeros and scales into registers,
         run the block math, and free the slot after a barrier (every warp past its reads of it)."""
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
-        B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA_L, k_width=2)
         S_L: gl.constexpr = gl.SliceLayout(1, A_L) if SCALE_IN_TILE else gl.SliceLayout(1, MMA_L)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
         for i in range(n_it):
@@ -320,8 +330,12 @@ if WG.HAVE_GLUON:
             for gi in gl.static_range(GPT):
                 zs = zs + (z_smem.index(slot * GPT + gi).reshape([BLOCK_N]).load(gl.SliceLayout(1, W_L)),)
                 ss = ss + (s_smem.index(slot * GPT + gi).reshape([BLOCK_N]).load(S_L),)
-            acc = _blocks(acc, (words, zs, ss), x_smem, slot * STEP, True, GROUP, F16, X_PERMUTED, SCALE_IN_TILE,
-                          BLOCK_N, BLOCK_M, STEP, X_L, A_L, B_L, MMA_L)
+            if X_PERMUTED == _X_WGMMA:
+                acc = _blocks_wgmma(acc, (words, zs, ss), x_smem, slot * STEP, GROUP, F16, BLOCK_N, STEP, A_L)
+            else:
+                B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA_L, k_width=2)
+                acc = _blocks(acc, (words, zs, ss), x_smem, slot * STEP, True, GROUP, F16, X_PERMUTED,
+                              SCALE_IN_TILE, BLOCK_N, BLOCK_M, STEP, X_L, A_L, B_L, MMA_L)
             WG._barrier()  # every consumer warp is past its reads of this slot
             mbarrier.arrive(empty.index(slot))
         return (acc,)
@@ -371,6 +385,29 @@ if WG.HAVE_GLUON:
                 if sub % GPB == GPB - 1 or sub == STEP - 1:  # (static) the group's last block of this trip
                     acc += s[:, None] * part
         return acc
+
+    @gluon.jit
+    def _blocks_wgmma(acc, loads, x_smem, x_at, GROUP: gl.constexpr, F16: gl.constexpr, BLOCK_N: gl.constexpr,
+                      STEP: gl.constexpr, A_L: gl.constexpr):
+        """`_blocks` on wgmma: each block's (q - z) * s goes from registers into an asynchronous warpgroup MMA as
+        its A operand, and x (`permute_x_wgmma`: already in the kernel's K order) is its B operand, read by the
+        tensor cores from the ring slot x_at + sub, so no warp loads x. The block's MMA runs while the warps
+        convert the next block; the trip ends with every MMA done (its slot is then free)."""
+        GPB: gl.constexpr = GROUP // _BK  # blocks a group
+        words, zs, ss = loads
+        for sub in gl.static_range(STEP):
+            if sub % GPB == 0:  # (static) a group starts: its zero points and scales
+                if F16:
+                    nz = _neg_pair(zs[sub // GPB], _NEG_F16, F16)
+                    nz16 = _neg_pair(zs[sub // GPB], _NEG16_F16, F16)
+                else:
+                    nz = _neg_pair(zs[sub // GPB], _NEG_BF16, F16)
+                    nz16 = nz  # (unread: bf16 shifts every pair to the low nibbles)
+                s_a = ss[sub // GPB]
+            a = _codes_operand(words[sub], nz, nz16, F16, BLOCK_N, A_L) * s_a[:, None]
+            acc = warpgroup_mma(a, x_smem.index(x_at + sub).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=[acc])
+        return warpgroup_mma_wait(0, deps=[acc])
 
     @gluon.jit
     def _load_trip(w_ptrs, z_ptrs, s_ptrs, stride_sg, it, GROUP: gl.constexpr, STEP: gl.constexpr):
@@ -458,7 +495,7 @@ if WG.HAVE_GLUON:
         return gl.convert_layout(x.reshape([_BK, BLOCK_M]), B_L, assert_trivial=True)
 
 
-def layouts(block_n: int, block_m: int, warps: int) -> dict:
+def layouts(block_n: int, block_m: int, warps: int, wgmma: bool = False) -> dict:
     """Register layouts for [block_n rows, block_m tokens]: 16 rows a warp per MMA tile, block_n / (16 warps)
     tiles a warp; each layout places a value where the MMA operand needs it (the kernel's docstring)."""
     tiles = block_n // (16 * warps)
@@ -480,7 +517,9 @@ def layouts(block_n: int, block_m: int, warps: int) -> dict:
                 # 16-byte chunk j of token row r at chunk j ^ (r % 8): the two token rows each quarter-warp reads
                 # (lanes 4g + c, 32 bytes a lane) fall in different banks
                 XS_L=gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]),
-                MMA_L=gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8]),
+                # wgmma: the same per-warp tiles, a warpgroup's 64 rows x block_m tokens an instruction
+                MMA_L=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, block_m, 16])
+                if wgmma else gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8]),
                 OUT_L=gl.BlockedLayout([2, 1], [32, 1], [1, warps], [0, 1]))
 
 
@@ -509,7 +548,7 @@ def ws_descriptors(x2, qweight, scales, zeros, block_n: int, block_m: int, step:
 
 def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, block_n: int, block_m: int,
            split_k: int, warps: int, step: int, scale_in_tile: bool = False, stages: int = 2, gather: bool = None,
-           specialized: bool = False, halves: int = 1):
+           specialized: bool = False, halves: int = 1, wgmma: bool = False):
     """out[M, N] = x2 @ dequant(W)^T (+ bias) for M <= 64. ws_buf / lock: split-K workspace and zeroed arrival
     counters (`qmatmul._scratch`) for cdiv(M, block_m) * cdiv(N, block_n) tiles. specialized: the kernel fed by
     a producer warp's bulk copies through `stages` ring slots (`_w4_mma_sync_ws_kernel`); halves 2: each
@@ -526,6 +565,10 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
     if specialized and (stages < 2 or warps % 4):
         raise ValueError(f"the warp-specialized mma.sync kernel needs >= 2 ring slots (stages) and whole warpgroups "
                          f"of MMA warps (warps a multiple of 4); got stages={stages}, warps={warps}")
+    if wgmma and (not specialized or not scale_in_tile or warps != 4):
+        raise ValueError(f"wgmma is a form of the warp-specialized mma.sync kernel with the scale in the tile and one "
+                         f"warpgroup of MMA warps; got specialized={specialized}, scale_in_tile={scale_in_tile}, "
+                         f"warps={warps}")
     if halves not in (1, 2) or (halves == 2 and (not specialized or warps != 4)):
         raise ValueError(f"halves 2 (two halves of K a program) is a form of the warp-specialized kernel with 4 MMA "
                          f"warps a half; got halves={halves}, specialized={specialized}, warps={warps}")
@@ -538,7 +581,9 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
         raise ValueError("the mma.sync kernel reads the codes as contiguous int32 words")
     f16 = x2.dtype == torch.float16
     gather = block_m >= X_GATHER_MIN_M if gather is None else gather
-    if gather:
+    if wgmma:
+        x2, gather = permute_x_wgmma(x2), X_WGMMA
+    elif gather:
         x2 = permute_x(x2)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split_k)
     if specialized:
@@ -547,7 +592,7 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
                              "a prepare_weight() result")
         if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
             x2 = x2.contiguous()  # bulk copies need 16-byte aligned rows
-        lay = layouts(block_n, block_m, warps)
+        lay = layouts(block_n, block_m, warps, wgmma)
         sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
         regs = ws_launch_regs(grid[0] * grid[1], warps, smem, sms, halves)
         _w4_mma_sync_ws_kernel[grid](

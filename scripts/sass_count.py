@@ -94,17 +94,17 @@ def compile_mma_sync(block_n=128, block_m=16, warps=4, step=2, split_k=4, bf16=F
 
 
 def compile_mma_sync_ws(block_n=64, block_m=16, warps=4, step=4, split_k=4, stages=3, bf16=False,
-                        scale_in_tile=False, maxnreg=None, halves=1):
+                        scale_in_tile=False, maxnreg=None, halves=1, wgmma=False):
     """`kernels.qmatmul_mma._w4_mma_sync_ws_kernel` (bulk copies by a producer warp) for sm_90, W4 g128, with
     the descriptors' block shapes and shared layouts `qmatmul_mma.ws_descriptors` gives them."""
     dt = "bf16" if bf16 else "fp16"
     act = "*" + dt
-    lay = MS.layouts(block_n, block_m, warps)
+    lay = MS.layouts(block_n, block_m, warps, wgmma)
     smem = MS.ws_shared_layouts(step)
     const = dict(GROUP=128, F16=not bf16, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k,
                  STEP=step, STAGES=stages, HALVES=halves,
                  HALF_REGS=MS.ws_half_regs(maxnreg or 128) if halves == 2 else 0,
-                 X_PERMUTED=block_m >= MS.X_GATHER_MIN_M, SCALE_IN_TILE=scale_in_tile,
+                 X_PERMUTED=MS.X_WGMMA if wgmma else block_m >= MS.X_GATHER_MIN_M, SCALE_IN_TILE=scale_in_tile or wgmma,
                  W_L=lay["W_L"], X_L=lay["X_L"], MMA_L=lay["MMA_L"], OUT_L=lay["OUT_L"])
     ptrs = dict(x_desc=f"tensordesc<{dt}[{block_m}, 64],{smem['x']!r}>",
                 q_desc=f"tensordesc<i32[{block_n}, {8 * step}],{smem['codes']!r}>",
@@ -310,6 +310,7 @@ def main():
     ap.add_argument("--dump", default=None, help="write the whole SASS to this file")
     ap.add_argument("--maxnreg", type=int, default=None, help="ms --ws: ptxas's register cap")
     ap.add_argument("--halves", type=int, default=1, help="ms --ws: 2 = each program's K range in two halves")
+    ap.add_argument("--wgmma", action="store_true", help="ms --ws: the block MMAs on wgmma, x read from shared memory")
     a = ap.parse_args()
     if a.kernel == "candidates":
         return compile_candidates()
@@ -317,7 +318,7 @@ def main():
         return compile_smoke()
     if a.kernel == "ms" and a.ws:  # its warp-specialized form, --stages ring slots
         return report(compile_mma_sync_ws(a.block_n or 64, a.block_m, a.warps, a.step, a.split_k, a.stages, a.bf16,
-                                          a.pre, a.maxnreg, a.halves), a.top, a.dump)
+                                          a.pre, a.maxnreg, a.halves, a.wgmma), a.top, a.dump)
     if a.kernel == "ms":  # the Gluon mma.sync kernel: --block-n rows, --block-m tokens, --step blocks a trip
         kernel = compile_mma_sync(a.block_n or 128, a.block_m, a.warps, a.step, a.split_k, a.bf16, a.pre, a.stages,
                                   a.x_split or None)

@@ -135,6 +135,11 @@ def test_ws_launch_wants_ring_slots_and_whole_warpgroups():
             MS.launch(x, torch.zeros(8, 128, dtype=torch.uint8), None, None, 128, None, None, None, None,
                       block_n=64, block_m=8, split_k=1, warps=warps, step=2, stages=stages, specialized=specialized,
                       halves=halves)
+    for specialized, pre, warps in ((False, True, 4), (True, False, 4), (True, True, 8)):  # ws, scale in tile, 4 warps
+        with pytest.raises(ValueError, match="wgmma"):
+            MS.launch(x, torch.zeros(8, 128, dtype=torch.uint8), None, None, 128, None, None, None, None,
+                      block_n=64, block_m=8, split_k=1, warps=warps, step=2, stages=3, specialized=specialized,
+                      scale_in_tile=pre, wgmma=True)
 
 
 @pytest.mark.parametrize("programs,warps,smem,halves", [
@@ -218,3 +223,24 @@ def test_ms_kernel_matches_reference(bm, bn, sk, step, warps, m, n, k, group, dt
         for _ in range(2):
             out.fill_(float("nan"))
             assert rel_err(quant_matmul(x, w, bias=b, cfg=cfg, out=out), ref) < TOL[dtype], cfg
+    # the block MMAs on wgmma (x read by the tensor cores from the ring), 4 MMA warps
+    for stages in (2, 3) if warps == 4 else ():
+        cfg = Cfg("ms", bm, bn, 32, sk, step, post_zero=False, warps=4, stages=stages, specialized=True, wgmma=True)
+        for _ in range(2):
+            out.fill_(float("nan"))
+            assert rel_err(quant_matmul(x, w, bias=b, cfg=cfg, out=out), ref) < TOL[dtype], cfg
+
+
+def test_permute_x_wgmma_puts_each_column_where_the_codes_operand_has_it():
+    """Position k = 16t + 8h + 2c + e of a 64-column block is where `_codes_operand` puts real column
+    16c + 8 (t // 2) + 4e + 2h + t % 2 (`_x_operand`'s order); and `permute_x`'s position 16c + 4t + 2h + e holds
+    the same column (the register path's order)."""
+    x = torch.arange(2 * 128, dtype=torch.float32).reshape(2, 128)
+    got = MS.permute_x_wgmma(x)
+    reg = MS.permute_x(x)
+    for blk in range(2):
+        for k in range(64):
+            t, h, c, e = k // 16, (k // 8) % 2, (k // 2) % 4, k % 2
+            col = blk * 64 + 16 * c + 8 * (t // 2) + 4 * e + 2 * h + t % 2
+            assert got[1, blk * 64 + k] == x[1, col], k
+            assert reg[1, blk * 64 + 16 * c + 4 * t + 2 * h + e] == x[1, col], k
