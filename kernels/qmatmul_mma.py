@@ -560,15 +560,15 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
     if not fits(4, group, K, M) or (K // BLOCK_K) % step or (gpb % step and step % gpb):
         raise ValueError(f"the mma.sync kernel takes 4-bit codes, K whole trips of {step} x 64 codes, trips inside "
                          f"one group or of whole groups, and M <= 64; got K={K}, g={group}, M={M}")
+    if wgmma and (not specialized or not scale_in_tile or warps != 4):
+        raise ValueError(f"wgmma is a form of the warp-specialized mma.sync kernel with the scale in the tile and one "
+                         f"warpgroup of MMA warps; got specialized={specialized}, scale_in_tile={scale_in_tile}, "
+                         f"warps={warps}")
     if not specialized and stages not in (1, 2):
         raise ValueError(f"the mma.sync kernel keeps 1 or 2 trips of loads in flight (stages); got {stages}")
     if specialized and (stages < 2 or warps % 4):
         raise ValueError(f"the warp-specialized mma.sync kernel needs >= 2 ring slots (stages) and whole warpgroups "
                          f"of MMA warps (warps a multiple of 4); got stages={stages}, warps={warps}")
-    if wgmma and (not specialized or not scale_in_tile or warps != 4):
-        raise ValueError(f"wgmma is a form of the warp-specialized mma.sync kernel with the scale in the tile and one "
-                         f"warpgroup of MMA warps; got specialized={specialized}, scale_in_tile={scale_in_tile}, "
-                         f"warps={warps}")
     if halves not in (1, 2) or (halves == 2 and (not specialized or warps != 4)):
         raise ValueError(f"halves 2 (two halves of K a program) is a form of the warp-specialized kernel with 4 MMA "
                          f"warps a half; got halves={halves}, specialized={specialized}, warps={warps}")
