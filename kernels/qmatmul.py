@@ -1092,8 +1092,9 @@ def _launch_ms(cfg: Cfg, x2, w: QuantWeight, bias, out):
     from kernels import qmatmul_mma, qmatmul_wgmma
 
     M, K = x2.shape
-    if not qmatmul_mma.fits(w.bits, w.group_size, K, M) or x2.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError("ms configs take 4-bit codes, K and the group a multiple of 64, M <= 64 and fp16/bf16 x")
+    if not qmatmul_mma.fits(w.bits, w.group_size, K, M, cfg.wgmma) or x2.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError("ms configs take 4-bit codes, K and the group a multiple of 64, M <= 64 (any M on wgmma) and "
+                         "fp16/bf16 x")
     if not qmatmul_wgmma.available(x2.device) or w.zeros.stride() != w.scales.stride():
         raise ValueError("ms configs run on a Hopper GPU with Triton's Gluon, over zeros strided like the scales")
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(w.out_features, cfg.block_n)
@@ -1251,14 +1252,15 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
         if M <= GEMV2_MAX_M:  # CUDA-core gemv2 first: the untimed default for 1-2 tokens
             cands = gemv2_configs(M, w)[:2] + cands
         cands = cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w)  # no xw below XW_MIN_M
-        return cands + wg_configs(M, w) + mma_v2_configs(cands, w) + ms_configs(M, w)
+        return cands + wg_configs(M, w) + mma_v2_configs(cands, w) + ms_configs(M, w) + ms_wgmma_configs(M, w)
     kb = min(64, (_uniform_kbs(w, 128) or [32])[-1])  # x tile of 128 x 2*kb fp16 per stage
     cands = [Cfg("mma", 128, 128, kb, 1, post_zero=False, x_split=True, warps=8, stages=3),
              Cfg("mma", 128, 128, max(16, kb // 2), 1, post_zero=False, x_split=True, warps=8, stages=4),
              Cfg("mma", 64, 128, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
              Cfg("mma", 128, 64, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
              Cfg("dequant")]
-    return cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w) + wg_configs(M, w)
+    return (cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w) + wg_configs(M, w)
+            + ms_wgmma_configs(M, w))
 
 
 def mma_v2_configs(cands: list, w: QuantWeight) -> list:
@@ -1318,6 +1320,37 @@ def ms_configs(M: int, w: QuantWeight) -> list:
             for stages in (3, 4):
                 cfgs.append(Cfg("ms", bm, 64, 32, sk, step, post_zero=not many, x_split=many, warps=4,
                                 stages=stages, specialized=True, halves=2))
+    return cfgs
+
+
+def ms_wgmma_configs(M: int, w: QuantWeight) -> list:
+    """The warp-specialized `kernels.qmatmul_mma` kernel on wgmma from 32 tokens (appended: never the untimed
+    default): 64 rows on one warpgroup (from 128 tokens also 128 rows on two), token tiles of up to 128 (and 256
+    from 256 tokens), 2 or 4 blocks a trip, split-K near 1 and 2 programs an SM, 3 or 4 ring slots where they fit. On an H200 at 8192^2: 64 tokens 24.6 against 32.4 us
+    on mma.sync, 128 tokens 34.8 against cuBLAS fp16 39.8 (results/kernels.md); at 16 tokens it was slower."""
+    from kernels import qmatmul_mma, qmatmul_wgmma
+
+    K = w.in_features
+    group = min(w.group_size, K)
+    if (M < 32 or not MS_CANDIDATES or not qmatmul_wgmma.available(w.qweight.device)
+            or not qmatmul_mma.fits(w.bits, group, K, M, wgmma=True)
+            or not qmatmul_wgmma.scale_pair_fits(w.scales, w.zeros, 64)):
+        return []
+    gpb = group // 64
+    steps = [s for s in (2, 4) if (gpb % s == 0 or s % gpb == 0) and (K // 64) % s == 0]
+    sms = _sms(w.qweight.device)
+    cfgs = []
+    tiles_m = sorted({min(128, triton.next_power_of_2(M))} | ({256} if M >= 256 else set()))
+    shapes = [(bm, 64, 4) for bm in tiles_m] + [(bm, 128, 8) for bm in tiles_m if M >= 128]  # rows, MMA warps
+    for bm, bn, warps in shapes:
+        tiles = triton.cdiv(M, bm) * triton.cdiv(w.out_features, bn)
+        for step in steps:
+            iters = K // (64 * step)
+            for sk in sorted(set(_splits(tiles, iters, sms)) | set(_splits(tiles, iters, 2 * sms))):
+                for stages in (3, 4):
+                    if qmatmul_mma.ws_smem_bytes(bn, bm, step, stages, group) <= qmatmul_mma.SMEM_BYTES:
+                        cfgs.append(Cfg("ms", bm, bn, 32, sk, step, post_zero=False, warps=warps, stages=stages,
+                                        specialized=True, wgmma=True))
     return cfgs
 
 

@@ -93,6 +93,7 @@ SIGMA = (0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15)
 SMEM_BYTES = 227 * 1024  # shared memory a program may take on sm_90
 X_WGMMA = 2  # X_PERMUTED value: x in the kernel's K order (`permute_x_wgmma`), read by wgmma from shared memory
 _X_WGMMA = triton.language.constexpr(X_WGMMA)
+WGMMA_WIDE_REGS = 168  # launch cap for a 256-token wgmma tile: ptxas wants 158 for its accumulators and operands
 X_GATHER_MIN_M = 32  # from here x is pre-permuted by a gather (`permute_x`) instead of in each lane's registers
 
 
@@ -120,9 +121,10 @@ def ws_smem_bytes(block_n: int, block_m: int, step: int, stages: int, group: int
     return stages * (step * (block_m * BLOCK_K * 2 + block_n * 32) + 2 * gpt * block_n * 2 + 16) + 1024
 
 
-def fits(bits: int, group: int, in_features: int, m: int) -> bool:
-    """4-bit codes, K and the group whole 64-code blocks, at most 64 tokens."""
-    return bits == 4 and in_features % BLOCK_K == 0 and group % BLOCK_K == 0 and m <= 64
+def fits(bits: int, group: int, in_features: int, m: int, wgmma: bool = False) -> bool:
+    """4-bit codes, K and the group whole 64-code blocks, at most 64 tokens (on wgmma: any number, in tiles of
+    up to 256)."""
+    return bits == 4 and in_features % BLOCK_K == 0 and group % BLOCK_K == 0 and (m <= 64 or wgmma)
 
 
 def permute_x(x2: torch.Tensor) -> torch.Tensor:
@@ -228,6 +230,7 @@ if WG.HAVE_GLUON:
         GPT: gl.constexpr = (STEP * _BK) // GROUP if STEP * _BK >= GROUP else 1  # groups whose scales a trip reads
         TRIP_BYTES: gl.constexpr = STEP * (BLOCK_M * _BK * 2 + BLOCK_N * 32) + 2 * GPT * BLOCK_N * 2
         pid, pid_k, n0, m0, n_steps, it0, n_it = WG._tile_and_steps(M, N, K, BLOCK_N, BLOCK_M, SPLIT_K, STEP * _BK)
+        ONE: gl.constexpr = X_PERMUTED == _X_WGMMA  # every ring runs >= 1 trip (`_ws_consume`); clamped: a real one
         x_smem, q_smem, s_smem, z_smem, ready, empty = _ws_ring(x_desc, q_desc, s_desc, z_desc, BLOCK_N, BLOCK_M, STEP,
                                                                 STAGES, GPT)
         if HALVES == 1:
@@ -235,8 +238,8 @@ if WG.HAVE_GLUON:
             acc, = gl.warp_specialize([
                 (_ws_consume, (x_smem, q_smem, s_smem, z_smem, ready, empty, n_it, GROUP, F16, X_PERMUTED,
                                SCALE_IN_TILE, BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L)),
-                (_ws_produce, (x_desc, q_desc, s_desc, z_desc, x_smem, q_smem, s_smem, z_smem, ready, empty, it0,
-                               n_it, m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES)),
+                (_ws_produce, (x_desc, q_desc, s_desc, z_desc, x_smem, q_smem, s_smem, z_smem, ready, empty,
+                               gl.minimum(it0, n_steps - 1), n_it, m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES, ONE)),
             ], [1], [24])
         else:  # the second half: its own ring, producer and MMA warps, its sum parked in `red`
             xb, qb, sb, zb, rb, eb = _ws_ring(x_desc, q_desc, s_desc, z_desc, BLOCK_N, BLOCK_M, STEP, STAGES, GPT)
@@ -249,10 +252,10 @@ if WG.HAVE_GLUON:
             acc, = gl.warp_specialize([
                 (_ws_consume, (x_smem, q_smem, s_smem, z_smem, ready, empty, h, GROUP, F16, X_PERMUTED, SCALE_IN_TILE,
                                BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L)),
-                (_ws_produce, (x_desc, q_desc, s_desc, z_desc, x_smem, q_smem, s_smem, z_smem, ready, empty, it0, h,
-                               m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES)),
-                (_ws_produce, (x_desc, q_desc, s_desc, z_desc, xb, qb, sb, zb, rb, eb, it0 + h, n_it - h, m0, n0,
-                               GROUP, STEP, STAGES, GPT, TRIP_BYTES)),
+                (_ws_produce, (x_desc, q_desc, s_desc, z_desc, x_smem, q_smem, s_smem, z_smem, ready, empty,
+                               gl.minimum(it0, n_steps - 1), h, m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES, ONE)),
+                (_ws_produce, (x_desc, q_desc, s_desc, z_desc, xb, qb, sb, zb, rb, eb, gl.minimum(it0 + h, n_steps - 1),
+                               n_it - h, m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES, ONE)),
                 (_ws_consume_park, (xb, qb, sb, zb, rb, eb, n_it - h, red, done, GROUP, F16, X_PERMUTED,
                                     SCALE_IN_TILE, BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L)),
             ], [1, 1, 4], [24, 24, HALF_REGS])
@@ -264,9 +267,10 @@ if WG.HAVE_GLUON:
     @gluon.jit
     def _ws_produce(x_desc, q_desc, s_desc, z_desc, x_smem, q_smem, s_smem, z_smem, ready, empty, it0, n_it, m0, n0,
                     GROUP: gl.constexpr, STEP: gl.constexpr, STAGES: gl.constexpr, GPT: gl.constexpr,
-                    TRIP_BYTES: gl.constexpr):
-        """The producer warp: trip i's copies into slot i % STAGES once the consumers have freed it."""
-        for i in range(n_it):
+                    TRIP_BYTES: gl.constexpr, ONE: gl.constexpr):
+        """The producer warp: trip i's copies into slot i % STAGES once the consumers have freed it (with ONE, at
+        least one trip: trip it0's again when the range is empty)."""
+        for i in range(gl.maximum(n_it, ONE)):
             slot = i % STAGES
             # a fresh barrier counts as having completed the phase before its first: the first pass is free
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
@@ -319,7 +323,11 @@ if WG.HAVE_GLUON:
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
         S_L: gl.constexpr = gl.SliceLayout(1, A_L) if SCALE_IN_TILE else gl.SliceLayout(1, MMA_L)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
-        for i in range(n_it):
+        if X_PERMUTED == _X_WGMMA:  # a loop known to run: else ptxas finds the zeros of an empty range inside the
+            n_run = gl.maximum(n_it, 1)  # MMA pipeline and waits for every wgmma; an empty range's trip is dropped
+        else:
+            n_run = n_it
+        for i in range(n_run):
             slot = i % STAGES
             mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
             words = ()
@@ -330,14 +338,18 @@ if WG.HAVE_GLUON:
             for gi in gl.static_range(GPT):
                 zs = zs + (z_smem.index(slot * GPT + gi).reshape([BLOCK_N]).load(gl.SliceLayout(1, W_L)),)
                 ss = ss + (s_smem.index(slot * GPT + gi).reshape([BLOCK_N]).load(S_L),)
-            if X_PERMUTED == _X_WGMMA:
-                acc = _blocks_wgmma(acc, (words, zs, ss), x_smem, slot * STEP, GROUP, F16, BLOCK_N, STEP, A_L)
+            if X_PERMUTED == _X_WGMMA:  # frees the previous trip's slot once its MMAs are done
+                acc = _blocks_wgmma(acc, (words, zs, ss), x_smem, slot * STEP, empty, (i + STAGES - 1) % STAGES,
+                                    i > 0, GROUP, F16, BLOCK_N, STEP, A_L)
             else:
                 B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA_L, k_width=2)
                 acc = _blocks(acc, (words, zs, ss), x_smem, slot * STEP, True, GROUP, F16, X_PERMUTED,
                               SCALE_IN_TILE, BLOCK_N, BLOCK_M, STEP, X_L, A_L, B_L, MMA_L)
-            WG._barrier()  # every consumer warp is past its reads of this slot
-            mbarrier.arrive(empty.index(slot))
+                WG._barrier()  # every consumer warp is past its reads of this slot
+                mbarrier.arrive(empty.index(slot))
+        if X_PERMUTED == _X_WGMMA:
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            acc = gl.where(n_it > 0, acc, 0.0)
         return (acc,)
 
     @gluon.jit
@@ -387,12 +399,13 @@ if WG.HAVE_GLUON:
         return acc
 
     @gluon.jit
-    def _blocks_wgmma(acc, loads, x_smem, x_at, GROUP: gl.constexpr, F16: gl.constexpr, BLOCK_N: gl.constexpr,
-                      STEP: gl.constexpr, A_L: gl.constexpr):
+    def _blocks_wgmma(acc, loads, x_smem, x_at, empty, prev, release, GROUP: gl.constexpr, F16: gl.constexpr,
+                      BLOCK_N: gl.constexpr, STEP: gl.constexpr, A_L: gl.constexpr):
         """`_blocks` on wgmma: each block's (q - z) * s goes from registers into an asynchronous warpgroup MMA as
         its A operand, and x (`permute_x_wgmma`: already in the kernel's K order) is its B operand, read by the
-        tensor cores from the ring slot x_at + sub, so no warp loads x. The block's MMA runs while the warps
-        convert the next block; the trip ends with every MMA done (its slot is then free)."""
+        tensor cores from the ring slot x_at + sub, so no warp loads x. Each block's MMA runs while the warps
+        convert the next one, across trips too: once the trip's first MMA is issued, every earlier one is done,
+        and with `release` the previous trip's slot `prev` is freed. One MMA is left in flight."""
         GPB: gl.constexpr = GROUP // _BK  # blocks a group
         words, zs, ss = loads
         for sub in gl.static_range(STEP):
@@ -407,7 +420,10 @@ if WG.HAVE_GLUON:
             a = _codes_operand(words[sub], nz, nz16, F16, BLOCK_N, A_L) * s_a[:, None]
             acc = warpgroup_mma(a, x_smem.index(x_at + sub).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(1, deps=[acc])
-        return warpgroup_mma_wait(0, deps=[acc])
+            if sub == 0:  # the previous trip's MMAs are done in every consumer warp: its slot is free (predicated,
+                WG._barrier()  # not branched: a branch here makes ptxas wait for every wgmma)
+                mbarrier.arrive(empty.index(prev), pred=release)
+        return acc
 
     @gluon.jit
     def _load_trip(w_ptrs, z_ptrs, s_ptrs, stride_sg, it, GROUP: gl.constexpr, STEP: gl.constexpr):
@@ -499,9 +515,10 @@ def layouts(block_n: int, block_m: int, warps: int, wgmma: bool = False) -> dict
     """Register layouts for [block_n rows, block_m tokens]: 16 rows a warp per MMA tile, block_n / (16 warps)
     tiles a warp; each layout places a value where the MMA operand needs it (the kernel's docstring)."""
     tiles = block_n // (16 * warps)
-    if block_m not in (8, 16, 32, 64) or tiles < 1 or tiles & (tiles - 1) or block_n % (16 * warps):
-        raise ValueError(f"block_m must be 8-64 (a power of two), block_n a power-of-two multiple of 16 * warps; got "
-                         f"{block_n} x {block_m} with {warps} warps")
+    if (block_m not in (8, 16, 32, 64, 128, 256) or block_m > 64 and not wgmma or tiles < 1 or tiles & (tiles - 1)
+            or block_n % (16 * warps)):
+        raise ValueError(f"block_m must be 8-64 (a power of two; on wgmma up to 256), block_n a power-of-two multiple "
+                         f"of 16 * warps; got {block_n} x {block_m} with {warps} warps")
     log_w, log_t = warps.bit_length() - 1, tiles.bit_length() - 1
     quad = [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]]  # lane = 4g + c: c -> word pair, g -> row
     words = gl.DistributedLinearLayout(
@@ -557,12 +574,12 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
     N = qweight.shape[0]
     group = min(group, K)
     gpb = group // BLOCK_K
-    if not fits(4, group, K, M) or (K // BLOCK_K) % step or (gpb % step and step % gpb):
+    if not fits(4, group, K, M, wgmma) or (K // BLOCK_K) % step or (gpb % step and step % gpb):
         raise ValueError(f"the mma.sync kernel takes 4-bit codes, K whole trips of {step} x 64 codes, trips inside "
-                         f"one group or of whole groups, and M <= 64; got K={K}, g={group}, M={M}")
-    if wgmma and (not specialized or not scale_in_tile or warps != 4):
+                         f"one group or of whole groups, and M <= 64 (any M on wgmma); got K={K}, g={group}, M={M}")
+    if wgmma and (not specialized or not scale_in_tile or warps not in (4, 8)):
         raise ValueError(f"wgmma is a form of the warp-specialized mma.sync kernel with the scale in the tile and one "
-                         f"warpgroup of MMA warps; got specialized={specialized}, scale_in_tile={scale_in_tile}, "
+                         f"or two warpgroups of MMA warps; got specialized={specialized}, scale_in_tile={scale_in_tile}, "
                          f"warps={warps}")
     if not specialized and stages not in (1, 2):
         raise ValueError(f"the mma.sync kernel keeps 1 or 2 trips of loads in flight (stages); got {stages}")
@@ -595,6 +612,8 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
         lay = layouts(block_n, block_m, warps, wgmma)
         sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
         regs = ws_launch_regs(grid[0] * grid[1], warps, smem, sms, halves)
+        if wgmma and block_m > 128:
+            regs = max(regs, WGMMA_WIDE_REGS)
         _w4_mma_sync_ws_kernel[grid](
             *ws_descriptors(x2, qweight, scales, zeros, block_n, block_m, step), bias if bias is not None else out, out,
             ws_buf, lock, M, N, K, out.stride(0), GROUP=group, F16=f16, HAS_BIAS=bias is not None, BLOCK_N=block_n,

@@ -115,7 +115,7 @@ def test_ms_configs_can_be_left_out_and_launches_refused_off_hopper(monkeypatch)
     qweight, scales, zeros, _ = make_weight(64, 256, 4, 128, torch.float16)
     w = prepare_weight(qweight, scales, zeros, 4, 128, 256)
     check_appended_kind(monkeypatch, w, "MS_CANDIDATES", Q.ms_configs, "ms",
-                        {m: HOPPER and m <= 64 for m in (1, 16, 64, 65)})
+                        {m: HOPPER for m in (1, 16, 64, 65)})  # from 65 tokens: the wgmma form
     if not HOPPER:
         with pytest.raises(ValueError, match="Hopper"):
             quant_matmul(torch.randn(3, 256, device=DEVICE, dtype=torch.float16), w, cfg=Cfg("ms", 16, 64, 32, 1))
@@ -135,7 +135,7 @@ def test_ws_launch_wants_ring_slots_and_whole_warpgroups():
             MS.launch(x, torch.zeros(8, 128, dtype=torch.uint8), None, None, 128, None, None, None, None,
                       block_n=64, block_m=8, split_k=1, warps=warps, step=2, stages=stages, specialized=specialized,
                       halves=halves)
-    for specialized, pre, warps in ((False, True, 4), (True, False, 4), (True, True, 8)):  # ws, scale in tile, 4 warps
+    for specialized, pre, warps in ((False, True, 4), (True, False, 4), (True, True, 2)):  # ws, scale in tile, 4-8 warps
         with pytest.raises(ValueError, match="wgmma"):
             MS.launch(x, torch.zeros(8, 128, dtype=torch.uint8), None, None, 128, None, None, None, None,
                       block_n=64, block_m=8, split_k=1, warps=warps, step=2, stages=3, specialized=specialized,
@@ -224,8 +224,32 @@ def test_ms_kernel_matches_reference(bm, bn, sk, step, warps, m, n, k, group, dt
             out.fill_(float("nan"))
             assert rel_err(quant_matmul(x, w, bias=b, cfg=cfg, out=out), ref) < TOL[dtype], cfg
     # the block MMAs on wgmma (x read by the tensor cores from the ring), 4 MMA warps
-    for stages in (2, 3) if warps == 4 else ():
-        cfg = Cfg("ms", bm, bn, 32, sk, step, post_zero=False, warps=4, stages=stages, specialized=True, wgmma=True)
+    for stages, halves in ((2, 1), (3, 1), (2, 2)) if warps == 4 else ():
+        if halves * MS.ws_smem_bytes(bn, bm, step, stages, min(group, k) if group > 0 else k) > MS.SMEM_BYTES:
+            continue
+        cfg = Cfg("ms", bm, bn, 32, sk, step, post_zero=False, warps=4, stages=stages, specialized=True, wgmma=True,
+                  halves=halves)
+        for _ in range(2):
+            out.fill_(float("nan"))
+            assert rel_err(quant_matmul(x, w, bias=b, cfg=cfg, out=out), ref) < TOL[dtype], cfg
+
+
+@needs_hopper
+@pytest.mark.parametrize("bm,bn,warps,sk,m,n,k,group,dtype,bias", [
+    (128, 64, 4, 1, 200, 320, 1024, 128, torch.float16, True),  # two token tiles, the second short; N tail
+    (128, 64, 4, 2, 128, 256, 2048, -1, torch.bfloat16, False),  # per-channel, split-K
+    (128, 64, 4, 3, 77, 200, 1280, 64, torch.float16, False),  # 20 blocks over 3 splits
+    (256, 128, 8, 1, 300, 320, 1024, 128, torch.bfloat16, True),  # two warpgroups of MMA warps, 256-token tiles
+    (128, 128, 8, 3, 64, 200, 1280, 64, torch.float16, False),
+])
+def test_ms_wgmma_many_tokens_matches_reference(bm, bn, warps, sk, m, n, k, group, dtype, bias):
+    """On wgmma the kernel takes any number of tokens, in tiles of up to 256 (x read from shared memory), on one or
+    two warpgroups of MMA warps."""
+    qweight, scales, zeros, x, b, ref = make_problem(n, k, 4, group, dtype, m, bias)
+    w = prepare_weight(qweight, scales, zeros, 4, group, k)
+    out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
+    for stages in (2, 3):
+        cfg = Cfg("ms", bm, bn, 32, sk, 2, post_zero=False, warps=warps, stages=stages, specialized=True, wgmma=True)
         for _ in range(2):
             out.fill_(float("nan"))
             assert rel_err(quant_matmul(x, w, bias=b, cfg=cfg, out=out), ref) < TOL[dtype], cfg
