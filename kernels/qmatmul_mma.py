@@ -1,5 +1,5 @@
-"""W4A16 matmul for a few tokens (M <= 64) on mma.sync, written in Gluon: the codes go from global memory
-straight into the MMA's register operand, with no shared memory and no byte permutes on their way.
+"""W4A16 matmul for a few tokens (M <= 64) on mma.sync, and for any number on wgmma (below), written in Gluon: the
+codes go from global memory straight into the MMA's register operand, with no byte permutes on their way.
 
 Why: at 16 tokens `qmatmul._qmm_kernel` spends its time issuing instructions. Its sm_90 SASS (mma.sync
 build) has 3.75 instructions per 4-bit code. The largest group, 138 of 480 a trip, is PRMT byte permutes,
@@ -44,6 +44,14 @@ warp-specialized form with a trip's codes in one bulk copy: 8192^2 at 16 tokens 
 CUDA-core GEMV: 13.5 against 14.3 us (8192^2), 12.2 against 13.7. With each program running its K range as two
 halves (`HALVES=2`; the section from 04:43 UTC): 8192^2 at 16 tokens 12.6 us (2.97x, the tuner's pick), one token
 12.7-12.8, 64 tokens 30.8-31.3; at 4096x14336 the 4-way split-K picks stay faster.
+
+On wgmma (`wgmma=True`, from 32 tokens; `_blocks_wgmma`): the same conversion gives each block's (q - z) * s as
+the register A operand of an asynchronous warpgroup MMA, and x, put in the kernel's K order once a call
+(`permute_x_wgmma`), is its B operand, read by the tensor cores from the ring slot: no warp loads x, and one
+block's MMA runs while the warps convert the next. Any number of tokens, in tiles of up to 256, on one or two
+warpgroups of MMA warps (64 or 128 rows). H200, the tuner's picks (results/kernels.md, the section from 05:39 UTC
+2026-12-01), against cuBLAS fp16 in the same run: 8192^2 at 64 tokens 24.2 us (1.66x; 32.4 on mma.sync), 128
+tokens 32.6 (1.22x), 256 tokens 54.4 (0.85x), 1024 tokens 203 (0.84x); 4096x14336: 24.5 (1.63x), 35.5 (1.12x).
 """
 import torch
 import triton
