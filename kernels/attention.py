@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from kernels import attention_ws
 from kernels._tune import choose, device_buffer, interpreting, pdl_ok
 
 LOG2E = 1.4426950408889634
@@ -494,14 +495,16 @@ def _set_tma_allocator():
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
-def _fwd_cfgs(D, tma: bool):
+def _fwd_cfgs(D, tma: bool, ws: bool = False):
     """(BLOCK_M, BLOCK_N, warps, stages, TMA) to time; the first is the default (it does not spill on
-    sm_90). The TMA copies come last, offered when `tma` (see `_tma_ok`)."""
+    sm_90). The TMA copies come next, offered when `tma` (see `_tma_ok`); with `ws`, last, ("ws", stages):
+    the warp-specialized Gluon kernel (`kernels.attention_ws`, opt-in)."""
     if interpreting():
         return [(32, 32, 4, 1, False)]
     tiles = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)] if D <= 64 else \
         [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
-    return [t + (False,) for t in tiles] + ([t + (True,) for t in tiles] if tma else [])
+    return ([t + (False,) for t in tiles] + ([t + (True,) for t in tiles] if tma else [])
+            + ([("ws", 2), ("ws", 3)] if ws else []))
 
 
 def _tma_ok(*tensors) -> bool:
@@ -523,8 +526,11 @@ def _attn_forward(q, k, v, causal, sm_scale, window, cfg=None, o=None, lse=None)
     bd = max(16, triton.next_power_of_2(D))
 
     tma_ok = _tma_ok(k, v)
+    ws_ok = attention_ws.ENABLED and attention_ws.available(q)
 
     def run(c):
+        if c[0] == "ws":
+            return attention_ws.forward(q, k, v, causal, sm_scale, window, o, lse, stages=c[1])
         bm, bn, warps, stages, tma = (*c, False)[:5]
         tma = tma and tma_ok  # the tuner's pick is per shape; a misaligned view of one falls back
         if tma and q.is_cuda:
@@ -538,7 +544,7 @@ def _attn_forward(q, k, v, causal, sm_scale, window, cfg=None, o=None, lse=None)
 
     if cfg is None:
         key = ("fwd", q.device, D, q.dtype, causal, bool(window), triton.next_power_of_2(Sq), triton.next_power_of_2(Skv))
-        cfg = choose(key, _fwd_cfgs(D, tma_ok), run)
+        cfg = choose(key, _fwd_cfgs(D, tma_ok, ws_ok), run)
     run(cfg)
     return o, lse
 

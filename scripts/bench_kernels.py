@@ -417,6 +417,14 @@ def try_time(fn, s):
         return f"n/a ({type(e).__name__})"
 
 
+def _attn_cfg_str(pick) -> str:
+    if not pick:
+        return "?"
+    if pick[0] == "ws":  # kernels.attention_ws (EFFOPT_ATTN_WS=1)
+        return f"Gluon ws s{pick[1]}"
+    return f"{pick[0]}x{pick[1]} w{pick[2]} s{pick[3]}{' TMA' if pick[4] else ''}"
+
+
 def bench_attention(quick):
     seqs = [1024, 4096] if quick else [1024, 4096, 16384]
     fwd_rows, bwd_rows = [], []
@@ -433,10 +441,8 @@ def bench_attention(quick):
                 t, _ = graph_ms([lambda: A.flash_attention(q, k, v, causal=causal)], total=4 if s > 4096 else 16)
                 base = {b: try_time(lambda b=b: sdpa(b)(q, k, v, causal), s) for b in ("flash", "cudnn")}
                 key = next((kk for kk in TIMINGS if kk[0] == "fwd" and kk[4] == causal and kk[6] == s), None)
-                pick = chosen(key) if key else None  # (BLOCK_M, BLOCK_N, warps, stages, TMA)
-                fwd_rows.append(_attn_row(s, hkv, causal, t, base, flops, err)
-                                + [f"{pick[0]}x{pick[1]} w{pick[2]} s{pick[3]}{' TMA' if pick[4] else ''}" if pick
-                                   else "?"])
+                pick = chosen(key) if key else None  # (BLOCK_M, BLOCK_N, warps, stages, TMA) or ("ws", stages)
+                fwd_rows.append(_attn_row(s, hkv, causal, t, base, flops, err) + [_attn_cfg_str(pick)])
                 if causal and (not quick or s == 4096):
                     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
                     do = torch.randn_like(q)

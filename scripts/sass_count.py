@@ -17,6 +17,8 @@ frequent opcodes. Counts are not timings (results/kernels.md has a case where th
     python scripts/sass_count.py ms --ws --block-n 128 --warps 4 --step 4 --stages 3 --maxnreg 128   # fed by TMA
         (--dump FILE writes the whole SASS; --x-split: x arrives pre-permuted)
     python scripts/sass_count.py candidates   # compile every mma config the tuner may try (~15 min)
+    python scripts/sass_count.py ms --ws --wgmma --block-m 128 --block-n 64 --step 2 --stages 3   # on wgmma
+    python scripts/sass_count.py attn-ws [--head-dim 64] [--stages 3] [--full] [--window]   # Gluon attention fwd
     python scripts/sass_count.py rope-store [--quant] [--bf16]   # the fused RoPE + KV-cache write
     python scripts/sass_count.py smoke   # one config of every kernel variant compiles (CI runs it)
 """
@@ -37,6 +39,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import attention as A  # noqa: E402
+from kernels import attention_ws as AW  # noqa: E402
 from kernels import fused as F  # noqa: E402
 from kernels import int8_matmul as I  # noqa: E402
 from kernels import qmatmul as Q  # noqa: E402
@@ -112,6 +115,19 @@ def compile_mma_sync_ws(block_n=64, block_m=16, warps=4, step=4, split_k=4, stag
                 z_desc=f"tensordesc<{dt}[1, {block_n}],{smem['scales']!r}>",
                 bias_ptr=act, out_ptr=act, ws_ptr="*fp32", lock_ptr="*i32")
     return compile_sm90(MS._w4_mma_sync_ws_kernel, const, ptrs, (), ("N", "K"), warps, 1, maxnreg)
+
+
+def compile_attn_ws(head_dim=128, stages=2, causal=True, window=False, bf16=False):
+    """`kernels.attention_ws._attn_fwd_ws_kernel` (the warp-specialized Gluon attention forward) for sm_90, with
+    the descriptors' block shapes and the launch's register cap."""
+    dt = "bf16" if bf16 else "fp16"
+    lay = AW.smem_layout()
+    const = dict(HEAD_DIM=head_dim, BLOCK_M=AW.BLOCK_M, BLOCK_N=AW.BLOCK_N, STAGES=stages, CAUSAL=causal,
+                 HAS_WINDOW=window, **AW.layouts(head_dim))
+    ptrs = dict(q_desc=f"tensordesc<{dt}[{AW.BLOCK_M}, {head_dim}],{lay!r}>",
+                k_desc=f"tensordesc<{dt}[{AW.BLOCK_N}, {head_dim}],{lay!r}>",
+                v_desc=f"tensordesc<{dt}[{AW.BLOCK_N}, {head_dim}],{lay!r}>", o_ptr="*" + dt, lse_ptr="*fp32")
+    return compile_sm90(AW._attn_fwd_ws_kernel, const, ptrs, ("qk_scale",), (), AW.WARPS, 1, AW.LAUNCH_REGS)
 
 
 def loop_histogram(sass: str):
@@ -250,6 +266,9 @@ def compile_smoke():
                                                                                            maxnreg=128)
         cases["W4 matmul, Gluon mma.sync, warp-specialized, two halves"] = lambda: compile_mma_sync_ws(
             64, 16, 4, 4, 1, 4, maxnreg=168, halves=2)
+        cases["W4 matmul, Gluon warp-specialized, wgmma"] = lambda: compile_mma_sync_ws(
+            64, 128, 4, 2, 1, 3, scale_in_tile=True, maxnreg=128, wgmma=True)
+        cases["attention forward, Gluon warp-specialized"] = lambda: compile_attn_ws(128, 2, True, False, True)
     failed = 0
     for name, case in cases.items():
         try:
@@ -279,7 +298,8 @@ def compile_smoke():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("kernel", choices=["decode", "qmatmul", "gemv2", "swz", "wg", "ms", "candidates", "rope-store",
+    ap.add_argument("kernel", choices=["decode", "qmatmul", "gemv2", "swz", "wg", "ms", "attn-ws", "candidates",
+                                       "rope-store",
                                        "smoke"])
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
@@ -310,6 +330,9 @@ def main():
     ap.add_argument("--dump", default=None, help="write the whole SASS to this file")
     ap.add_argument("--maxnreg", type=int, default=None, help="ms --ws: ptxas's register cap")
     ap.add_argument("--halves", type=int, default=1, help="ms --ws: 2 = each program's K range in two halves")
+    ap.add_argument("--head-dim", type=int, default=128, help="attn-ws: 64 or 128")
+    ap.add_argument("--full", action="store_true", help="attn-ws: no causal mask")
+    ap.add_argument("--window", action="store_true", help="attn-ws: a sliding window")
     ap.add_argument("--wgmma", action="store_true", help="ms --ws: the block MMAs on wgmma, x read from shared memory")
     a = ap.parse_args()
     if a.kernel == "candidates":
@@ -319,6 +342,8 @@ def main():
     if a.kernel == "ms" and a.ws:  # its warp-specialized form, --stages ring slots
         return report(compile_mma_sync_ws(a.block_n or 64, a.block_m, a.warps, a.step, a.split_k, a.stages, a.bf16,
                                           a.pre, a.maxnreg, a.halves, a.wgmma), a.top, a.dump)
+    if a.kernel == "attn-ws":  # the warp-specialized Gluon attention forward, causal unless --full
+        return report(compile_attn_ws(a.head_dim, a.stages, not a.full, a.window, a.bf16), a.top, a.dump)
     if a.kernel == "ms":  # the Gluon mma.sync kernel: --block-n rows, --block-m tokens, --step blocks a trip
         kernel = compile_mma_sync(a.block_n or 128, a.block_m, a.warps, a.step, a.split_k, a.bf16, a.pre, a.stages,
                                   a.x_split or None)

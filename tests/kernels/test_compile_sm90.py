@@ -17,5 +17,7 @@ def test_every_kernel_variant_compiles_for_sm90():
     assert "ok      W4 matmul, Gluon mma.sync, M=16" in out or not qmatmul_wgmma.HAVE_GLUON
     assert "ok      W4 matmul, Gluon mma.sync, warp-specialized" in out or not qmatmul_wgmma.HAVE_GLUON
     assert "ok      W4 matmul, Gluon mma.sync, warp-specialized, two halves" in out or not qmatmul_wgmma.HAVE_GLUON
-    total = 22 if qmatmul_wgmma.HAVE_GLUON else 16
+    assert "ok      W4 matmul, Gluon warp-specialized, wgmma" in out or not qmatmul_wgmma.HAVE_GLUON
+    assert "ok      attention forward, Gluon warp-specialized" in out or not qmatmul_wgmma.HAVE_GLUON
+    total = 24 if qmatmul_wgmma.HAVE_GLUON else 16
     assert f"{total} of {total} kernels compile" in out

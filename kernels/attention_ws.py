@@ -1,0 +1,209 @@
+"""Flash-attention forward on Hopper, warp-specialized and on wgmma, written in Gluon (opt-in: EFFOPT_ATTN_WS=1).
+
+Why: the Triton forward (`kernels.attention._attn_fwd`) runs 0.84x the cuDNN SDPA backend at 16k causal tokens
+on an H200 (results/kernels.md), and Triton 3.6's automatic warp specialization stops on it with an assertion.
+This kernel says in Gluon what FlashAttention-3 does by hand:
+
+  * one producer warp brings the program's Q tile once, then each K and V tile by bulk (TMA) copies into a ring
+    of STAGES slots, K and V with their own `ready` barriers so QK^T can start before V lands;
+  * two warpgroups of MMA warps (8 warps, 64 query rows each) compute S = Q K^T with both operands in shared
+    memory, the online softmax in registers (the exponent in base 2, the scale folded in), and O += P V with P
+    as wgmma's register A operand (no trip through shared memory), then free the slot;
+  * the mask is applied only on the tiles that need it (the causal diagonal, a window's edge, the last partial
+    tile), the rest run mask-free; causal programs start with the longest rows, so the last wave is short.
+
+Q, K, V and O are [B, H, S, D] with D 64 or 128; Q, K and V are read through 2-D descriptors over their
+contiguous [B * H * S, D] views (inputs are made contiguous first): a tile that runs past a head's last key
+reads the next head's rows (or zeros past the tensor), which the mask drops (-inf scores, zero weights).
+GPU only (the Triton interpreter does not run Gluon); tests/kernels/test_attention_ws.py checks it on a GPU
+against the torch reference and compiles it for sm_90 offline.
+"""
+import os
+
+import torch
+import triton
+
+from kernels import qmatmul_wgmma as WG
+
+LOG2E = 1.4426950408889634
+ENABLED = os.environ.get("EFFOPT_ATTN_WS", "0") == "1"  # opt-in until timed on a GPU
+BLOCK_M = 128  # query rows a program: 64 a warpgroup
+BLOCK_N = 128  # keys a tile
+WARPS = 8  # two warpgroups of MMA warps
+# one program an SM: 12 warps (the MMA warps and the producer's warpgroup) at 168 registers at launch; setmaxnreg
+# then leaves the producers 24 and gives the MMA warps 240 (sm_90 SASS: no spills, 164 KB of shared memory at D=128)
+LAUNCH_REGS = 168
+
+if WG.HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    @gluon.jit
+    def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, Sq, Skv, H, GROUP, WINDOW,
+                            stride_ob, stride_oh, stride_om,
+                            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                            STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
+                            S_L: gl.constexpr, O_L: gl.constexpr, ST_L: gl.constexpr):
+        """O = softmax(Q K^T * scale + mask) V for BLOCK_M queries of one (batch, head); LSE in log2 units
+        (`kernels.attention._attn_fwd`'s contract)."""
+        pid_m = gl.program_id(0)
+        if CAUSAL:  # the longest rows first
+            pid_m = gl.num_programs(0) - 1 - pid_m
+        bh = gl.program_id(1)
+        b = bh // H
+        h = bh % H
+        hkv = H // GROUP
+        first = pid_m * BLOCK_M + (Skv - Sq)  # key position of the first row
+        last = first + BLOCK_M - 1
+        # key tiles [lo, lo + n_tiles * BLOCK_N)
+        hi = Skv
+        if CAUSAL:
+            hi = gl.minimum(Skv, gl.maximum(last + 1, 0))
+        lo = 0
+        if HAS_WINDOW:
+            lo = (gl.maximum(first - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+        n_tiles = gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)
+
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar.index(0), count=1)
+        for j in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(j), count=1)
+            mbarrier.init(v_ready.index(j), count=1)
+            mbarrier.init(empty.index(j), count=1)  # one consumer thread, once every MMA warp is past the slot
+        fence_async_shared()
+
+        q_row = bh * Sq + pid_m * BLOCK_M  # rows of the [B * H * Sq, D] view
+        kv_row = (b * hkv + h // GROUP) * Skv + lo
+        acc, l_i, m_i = gl.warp_specialize([
+            (_fwd_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, n_tiles, lo, first, last, Skv,
+                            qk_scale, WINDOW, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, S_L, O_L)),
+            (_fwd_produce, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, q_row,
+                            kv_row, n_tiles, BLOCK_N, STAGES)),
+        ], [1], [24])
+
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key outputs 0
+        rows_s = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, S_L))
+        gl.store(lse_ptr + bh * Sq + rows_s, m_i + gl.log2(l_safe), mask=rows_s < Sq)
+        o = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, O_L))[:, None]
+        o = gl.convert_layout(o.to(o_ptr.dtype.element_ty), ST_L)  # 16-byte stores
+        rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ST_L))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ST_L))
+        ptrs = o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + cols[None, :]
+        gl.store(ptrs, o, mask=(rows < Sq)[:, None])
+
+    @gluon.jit
+    def _fwd_produce(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, q_row, kv_row,
+                     n_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """The producer warp: the Q tile once, then key tile i's K and V into slot i % STAGES once it is free."""
+        mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
+        WG._tma_load(q_desc, [q_row, 0], q_bar.index(0), q_smem)
+        for i in range(n_tiles):
+            slot = i % STAGES
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier: the first pass is free
+            row = kv_row + i * BLOCK_N
+            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+            WG._tma_load(k_desc, [row, 0], k_ready.index(slot), k_smem.index(slot))
+            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+            WG._tma_load(v_desc, [row, 0], v_ready.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def _fwd_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, n_tiles, lo, first, last, Skv, qk_scale,
+                     WINDOW, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr, BLOCK_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, S_L: gl.constexpr,
+                     O_L: gl.constexpr):
+        """The MMA warps: per key tile, S = Q K^T, the online softmax, O += P V (P from registers), free the slot."""
+        P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
+        ROW_S: gl.constexpr = gl.SliceLayout(1, S_L)
+        pos = first + gl.arange(0, BLOCK_M, layout=ROW_S)  # key position of each query row
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, ROW_S)
+        l_i = gl.zeros([BLOCK_M], gl.float32, ROW_S)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, O_L)
+        mbarrier.wait(q_bar.index(0), 0)
+        for i in range(n_tiles):
+            slot = i % STAGES
+            phase = (i // STAGES) & 1
+            start = lo + i * BLOCK_N
+            mbarrier.wait(k_ready.index(slot), phase)
+            s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)),
+                              gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_L), use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=[s])  # raw scores: the scale goes into the max and the exponent
+            # (static) which masks apply; (runtime) whether this tile needs them: the diagonal, a window's edge,
+            # the last partial tile
+            need = start + BLOCK_N > Skv
+            if CAUSAL:
+                need = need | (start + BLOCK_N - 1 > first)
+            if HAS_WINDOW:
+                need = need | (start <= last - WINDOW)
+            if need:
+                cols = start + offs_n
+                keep = gl.broadcast((cols < Skv)[None, :], pos[:, None] >= 0)[0]  # [rows, keys]
+                if CAUSAL:
+                    keep = keep & (cols[None, :] <= pos[:, None])
+                if HAS_WINDOW:
+                    keep = keep & (cols[None, :] > pos[:, None] - WINDOW)
+                s = gl.where(keep, s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)  # scale > 0: the max of the scaled scores
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+            p = gl.exp2(s * qk_scale - m_safe[:, None])  # one FMA a score
+            alpha = gl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
+            pa = gl.convert_layout(p.to(v_smem.dtype), P_L)
+            mbarrier.wait(v_ready.index(slot), phase)
+            acc = warpgroup_mma(pa, v_smem.index(slot), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            m_i = m_new
+            WG._barrier()  # every MMA warp is past this slot's K and V
+            mbarrier.arrive(empty.index(slot))
+        return acc, l_i, m_i
+
+
+def layouts(head_dim: int) -> dict:
+    """Register layouts: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, head_dim] as wgmma accumulators of two warpgroups
+    (64 rows each), and a blocked layout for O's 16-byte stores."""
+    return dict(S_L=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16]),
+                O_L=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                              instr_shape=[16, head_dim, 16]),
+                ST_L=gl.BlockedLayout([1, 8], [32 * 8 // head_dim, head_dim // 8], [WARPS, 1], [1, 0]))
+
+
+def smem_layout() -> "gl.NVMMASharedLayout":
+    """Q, K and V tiles: 16-bit rows with the 128-byte swizzle (wgmma's operand layout)."""
+    return gl.NVMMASharedLayout(128, 16)
+
+
+def available(q) -> bool:
+    """Gluon present, a Hopper GPU, head dim 64 or 128."""
+    return (WG.HAVE_GLUON and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+            and q.shape[-1] in (64, 128))
+
+
+def forward(q, k, v, causal: bool, sm_scale: float, window, o=None, lse=None, stages: int = 2):
+    """`kernels.attention._attn_forward`'s contract: o [B, H, Sq, D] and lse [B*H, Sq] (log2 units)."""
+    B, H, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    if D not in (64, 128):
+        raise ValueError(f"the warp-specialized attention forward takes head dim 64 or 128; got {D}")
+    q2, k2, v2 = (t.contiguous().view(-1, D) for t in (q, k, v))  # [B * heads * S, D] views
+    if o is None:
+        o = torch.empty(B, H, Sq, D, device=q.device, dtype=q.dtype)
+        lse = torch.empty(B * H, Sq, device=q.device, dtype=torch.float32)
+    lay = smem_layout()
+    q_desc = TensorDescriptor(q2, list(q2.shape), [D, 1], [BLOCK_M, D], lay)
+    k_desc = TensorDescriptor(k2, list(k2.shape), [D, 1], [BLOCK_N, D], lay)
+    v_desc = TensorDescriptor(v2, list(v2.shape), [D, 1], [BLOCK_N, D], lay)
+    _attn_fwd_ws_kernel[(triton.cdiv(Sq, BLOCK_M), B * H)](
+        q_desc, k_desc, v_desc, o, lse, sm_scale * LOG2E, Sq, Skv, H, H // Hkv, window or 0,
+        o.stride(0), o.stride(1), o.stride(2), HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=stages,
+        CAUSAL=causal, HAS_WINDOW=bool(window), **layouts(D), num_warps=WARPS, maxnreg=LAUNCH_REGS)
+    return o, lse
