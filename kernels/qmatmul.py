@@ -941,7 +941,8 @@ class Cfg:
     up to 64 tokens: block_n rows, block_m 8-64 tokens, step_blocks = 64-code blocks a trip, post_zero False =
     the scale in the tile, x_split = x put in the kernel's K order by one gather first, not by each warp;
     specialized = its warp-specialized form fed by bulk copies, stages = its ring slots, halves = 2: each program
-    runs its K range as two halves side by side, one ring and 4 MMA warps each, summed in shared memory).
+    runs its K range as two halves side by side, one ring and 4 MMA warps each, summed in shared memory; wgmma =
+    that form's block MMAs on wgmma, any number of tokens, block_m up to 256, 4 or 8 MMA warps).
     """
 
     kind: str
@@ -1326,8 +1327,9 @@ def ms_configs(M: int, w: QuantWeight) -> list:
 def ms_wgmma_configs(M: int, w: QuantWeight) -> list:
     """The warp-specialized `kernels.qmatmul_mma` kernel on wgmma from 32 tokens (appended: never the untimed
     default): 64 rows on one warpgroup (from 128 tokens also 128 rows on two), token tiles of up to 128 (and 256
-    from 256 tokens), 2 or 4 blocks a trip, split-K near 1 and 2 programs an SM, 3 or 4 ring slots where they fit. On an H200 at 8192^2: 64 tokens 24.6 against 32.4 us
-    on mma.sync, 128 tokens 34.8 against cuBLAS fp16 39.8 (results/kernels.md); at 16 tokens it was slower."""
+    from 256 tokens), 2 or 4 blocks a trip, split-K near 1 and 2 programs an SM, 3 or 4 ring slots where they
+    fit. The tuner's picks on an H200 at 8192^2 (results/kernels.md): 64 tokens 24.2 us (32.4 on mma.sync), 128
+    tokens 32.6 against cuBLAS fp16 40.0; at 16 tokens it was slower than the mma.sync form."""
     from kernels import qmatmul_mma, qmatmul_wgmma
 
     K = w.in_features

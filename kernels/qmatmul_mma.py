@@ -574,10 +574,11 @@ def ws_descriptors(x2, qweight, scales, zeros, block_n: int, block_m: int, step:
 def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, block_n: int, block_m: int,
            split_k: int, warps: int, step: int, scale_in_tile: bool = False, stages: int = 2, gather: bool = None,
            specialized: bool = False, halves: int = 1, wgmma: bool = False):
-    """out[M, N] = x2 @ dequant(W)^T (+ bias) for M <= 64. ws_buf / lock: split-K workspace and zeroed arrival
-    counters (`qmatmul._scratch`) for cdiv(M, block_m) * cdiv(N, block_n) tiles. specialized: the kernel fed by
-    a producer warp's bulk copies through `stages` ring slots (`_w4_mma_sync_ws_kernel`); halves 2: each
-    program's K range in two halves side by side (4 MMA warps each)."""
+    """out[M, N] = x2 @ dequant(W)^T (+ bias) for M <= 64 (any M with wgmma). ws_buf / lock: split-K workspace and
+    zeroed arrival counters (`qmatmul._scratch`) for cdiv(M, block_m) * cdiv(N, block_n) tiles. specialized: the
+    kernel fed by a producer warp's bulk copies through `stages` ring slots (`_w4_mma_sync_ws_kernel`); halves 2:
+    each program's K range in two halves side by side (4 MMA warps each); wgmma: that kernel's block MMAs on
+    wgmma, x read from shared memory (`_blocks_wgmma`; scale in the tile, 4 or 8 MMA warps)."""
     M, K = x2.shape
     N = qweight.shape[0]
     group = min(group, K)

@@ -107,7 +107,8 @@ def compile_mma_sync_ws(block_n=64, block_m=16, warps=4, step=4, split_k=4, stag
     const = dict(GROUP=128, F16=not bf16, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k,
                  STEP=step, STAGES=stages, HALVES=halves,
                  HALF_REGS=MS.ws_half_regs(maxnreg or 128) if halves == 2 else 0,
-                 X_PERMUTED=MS.X_WGMMA if wgmma else block_m >= MS.X_GATHER_MIN_M, SCALE_IN_TILE=scale_in_tile or wgmma,
+                 X_PERMUTED=MS.X_WGMMA if wgmma else block_m >= MS.X_GATHER_MIN_M,
+                 SCALE_IN_TILE=scale_in_tile or wgmma,
                  W_L=lay["W_L"], X_L=lay["X_L"], MMA_L=lay["MMA_L"], OUT_L=lay["OUT_L"])
     ptrs = dict(x_desc=f"tensordesc<{dt}[{block_m}, 64],{smem['x']!r}>",
                 q_desc=f"tensordesc<i32[{block_n}, {8 * step}],{smem['codes']!r}>",
@@ -299,8 +300,7 @@ def compile_smoke():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("kernel", choices=["decode", "qmatmul", "gemv2", "swz", "wg", "ms", "attn-ws", "candidates",
-                                       "rope-store",
-                                       "smoke"])
+                                       "rope-store", "smoke"])
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--top", type=int, default=14)
