@@ -63,6 +63,11 @@ MMA_V2_CANDIDATES = os.environ.get("EFFOPT_QMM_V2", "1") == "1"
 # operand. On an H200 (results/kernels.md, 2026-12-01) 8192^2: 17.7 us at M = 16 against 22.3 for the mma.sync
 # pick, 39.9 at M = 64 against 48.0; appended to the candidates, EFFOPT_QMM_MS=0 leaves them out.
 MS_CANDIDATES = os.environ.get("EFFOPT_QMM_MS", "1") == "1"
+# prepare_weight's second copy of the codes for `_gemv2_kernel` (the decode GEMV): as large as the codes, so a
+# W4 layer on the GPU holds its codes twice. On an H200 the Gluon kernel above beat gemv2 at one token (8192^2:
+# 12.9 against 14.9 us; 4096x14336: 12.2 against 13.7; results/kernels.md), but other GPUs and shapes need gemv2.
+# EFFOPT_QMM_GEMV2_COPY=0 leaves the copy (and gemv2) out: half the weight memory.
+GEMV2_COPY = os.environ.get("EFFOPT_QMM_GEMV2_COPY", "1") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,11 +145,12 @@ def prepare_weight(qweight, scales, zeros, bits: int, group_size: int, in_featur
 
     Where `_gemv2_kernel` applies (bits 2/4/8, g a multiple of 32 or per-channel) the result also
     holds the codes re-packed into int32 words (`pack_words`): a second copy of the codes, as
-    large as qweight, kept so the decode kernel can read 16-byte words in its own order.
+    large as qweight, kept so the decode kernel can read 16-byte words in its own order (unless
+    GEMV2_COPY is off: then gemv2 is not a candidate).
     """
     _check_layout(qweight, scales, zeros, bits, group_size, in_features)
     g = _norm_group(group_size, in_features)
-    words = pack_words(qweight, bits, in_features) if _gemv2_fits(bits, g, in_features) else None
+    words = pack_words(qweight, bits, in_features) if GEMV2_COPY and _gemv2_fits(bits, g, in_features) else None
     swz = shuffle_w4(qweight, in_features) if SWZ_CODES and swz_fits(bits, g, in_features) else None
     return QuantWeight(
         qweight.contiguous(),

@@ -207,6 +207,17 @@ def test_gemv2_matches_reference(cfg, bits, group, k, dtype, m, sym):
         assert torch.equal(y2, y)
 
 
+def test_weight_without_the_gemv2_copy_still_runs(monkeypatch):
+    """EFFOPT_QMM_GEMV2_COPY=0: prepare_weight keeps no second copy of the codes, gemv2 is never a candidate,
+    and one token still gets the right product (from another kernel)."""
+    monkeypatch.setattr(Q, "GEMV2_COPY", False)
+    qweight, scales, zeros, x, bias, ref = _biased_problem(4, 128, 512, torch.float16, 1, False)
+    w = prepare_weight(qweight, scales, zeros, 4, 128, 512)
+    assert w.qwords is None
+    assert all(c.kind != "gemv2" for c in Q.candidates(1, w, torch.float16))
+    assert rel_err(quant_matmul(x, w, bias=bias), ref) < TOL[torch.float16]
+
+
 def test_pack_words_layout():
     """Code c * 32 + t of chunk r sits at bits [c*b, (c+1)*b) of word r * 32 + t (zero padded)."""
     for bits in (2, 4, 8):
