@@ -12,6 +12,11 @@ This kernel says in Gluon what FlashAttention-3 does by hand:
   * the mask is applied only on the tiles that need it (the causal diagonal, a window's edge, the last partial
     tile), the rest run mask-free; causal programs start with the longest rows, so the last wave is short.
 
+`_attn_fwd_ws_overlap_kernel` adds FlashAttention-3's two overlaps: each warpgroup is its own partition and frees
+a slot on its own (so one can run its softmax while the other runs its MMAs; the 8-warp form above syncs both
+every tile), and within a warpgroup tile j's QK^T is issued, then tile j - 1's P V, and tile j's softmax runs
+while P V is on the tensor cores.
+
 Q, K, V and O are [B, H, S, D] with D 64 or 128; Q, K and V are read through 2-D descriptors over their
 contiguous [B * H * S, D] views (inputs are made contiguous first): a tile that runs past a head's last key
 reads the next head's rows (or zeros past the tensor), which the mask drops (-inf scores, zero weights).
@@ -33,6 +38,7 @@ WARPS = 8  # two warpgroups of MMA warps
 # one program an SM: 12 warps (the MMA warps and the producer's warpgroup) at 168 registers at launch; setmaxnreg
 # then leaves the producers 24 and gives the MMA warps 240 (sm_90 SASS: no spills, 164 KB of shared memory at D=128)
 LAUNCH_REGS = 168
+OVERLAP_MMA_REGS = triton.language.constexpr(240)  # the overlapped kernel's second warpgroup (a worker): the same
 
 if WG.HAVE_GLUON:
     from triton.experimental import gluon
@@ -87,7 +93,7 @@ if WG.HAVE_GLUON:
             (_fwd_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, n_tiles, lo, first, last, Skv,
                             qk_scale, WINDOW, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, S_L, O_L)),
             (_fwd_produce, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, q_row,
-                            kv_row, n_tiles, BLOCK_N, STAGES)),
+                            kv_row, n_tiles, BLOCK_N, STAGES, 0)),
         ], [1], [24])
 
         l_safe = gl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key outputs 0
@@ -102,11 +108,12 @@ if WG.HAVE_GLUON:
 
     @gluon.jit
     def _fwd_produce(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, q_row, kv_row,
-                     n_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """The producer warp: the Q tile once, then key tile i's K and V into slot i % STAGES once it is free."""
+                     n_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ONE: gl.constexpr):
+        """The producer warp: the Q tile once, then key tile i's K and V into slot i % STAGES once it is free (with
+        ONE, at least one tile: the consumers mask it out when the range is empty)."""
         mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
         WG._tma_load(q_desc, [q_row, 0], q_bar.index(0), q_smem)
-        for i in range(n_tiles):
+        for i in range(gl.maximum(n_tiles, ONE)):
             slot = i % STAGES
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier: the first pass is free
             row = kv_row + i * BLOCK_N
@@ -137,26 +144,8 @@ if WG.HAVE_GLUON:
             s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)),
                               gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_L), use_acc=False, is_async=True)
             s = warpgroup_mma_wait(0, deps=[s])  # raw scores: the scale goes into the max and the exponent
-            # (static) which masks apply; (runtime) whether this tile needs them: the diagonal, a window's edge,
-            # the last partial tile
-            need = start + BLOCK_N > Skv
-            if CAUSAL:
-                need = need | (start + BLOCK_N - 1 > first)
-            if HAS_WINDOW:
-                need = need | (start <= last - WINDOW)
-            if need:
-                cols = start + offs_n
-                keep = gl.broadcast((cols < Skv)[None, :], pos[:, None] >= 0)[0]  # [rows, keys]
-                if CAUSAL:
-                    keep = keep & (cols[None, :] <= pos[:, None])
-                if HAS_WINDOW:
-                    keep = keep & (cols[None, :] > pos[:, None] - WINDOW)
-                s = gl.where(keep, s, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)  # scale > 0: the max of the scaled scores
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-            p = gl.exp2(s * qk_scale - m_safe[:, None])  # one FMA a score
-            alpha = gl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + gl.sum(p, 1)
+            s = _mask_scores(s, start, pos, offs_n, Skv, first, last, WINDOW, 1, CAUSAL, HAS_WINDOW, BLOCK_N)
+            p, m_new, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale)
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
             pa = gl.convert_layout(p.to(v_smem.dtype), P_L)
             mbarrier.wait(v_ready.index(slot), phase)
@@ -167,14 +156,158 @@ if WG.HAVE_GLUON:
             mbarrier.arrive(empty.index(slot))
         return acc, l_i, m_i
 
+    @gluon.jit
+    def _attn_fwd_ws_overlap_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, Sq, Skv, H, GROUP, WINDOW,
+                                    stride_ob, stride_oh, stride_om,
+                                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
+                                    S_L: gl.constexpr, O_L: gl.constexpr, ST_L: gl.constexpr):
+        """`_attn_fwd_ws_kernel` with FlashAttention-3's two overlaps: each warpgroup is its own partition (rows
+        0-63 and 64-127 of the tile, each freeing a slot on its own, so one can run its softmax while the other
+        runs its MMAs), and within a warpgroup tile i's P V runs on the tensor cores while tile i + 1's softmax
+        runs (its QK^T issued first). Layouts are one warpgroup's (64 rows)."""
+        pid_m = gl.program_id(0)
+        if CAUSAL:  # the longest rows first
+            pid_m = gl.num_programs(0) - 1 - pid_m
+        bh = gl.program_id(1)
+        b = bh // H
+        h = bh % H
+        first = pid_m * BLOCK_M + (Skv - Sq)  # key position of the first row
+        last = first + BLOCK_M - 1
+        hi = Skv
+        if CAUSAL:
+            hi = gl.minimum(Skv, gl.maximum(last + 1, 0))
+        lo = 0
+        if HAS_WINDOW:
+            lo = (gl.maximum(first - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+        n_tiles = gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)
 
-def layouts(head_dim: int) -> dict:
-    """Register layouts: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, head_dim] as wgmma accumulators of two warpgroups
-    (64 rows each), and a blocked layout for O's 16-byte stores."""
-    return dict(S_L=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16]),
-                O_L=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar.index(0), count=1)
+        for j in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(j), count=1)
+            mbarrier.init(v_ready.index(j), count=1)
+            mbarrier.init(empty.index(j), count=2)  # one thread of each warpgroup, once it is past the slot
+        fence_async_shared()
+
+        q_row = bh * Sq + pid_m * BLOCK_M
+        kv_row = (b * (H // GROUP) + h // GROUP) * Skv + lo
+        o_base = o_ptr + b * stride_ob + h * stride_oh
+        lse_base = lse_ptr + bh * Sq
+        gl.warp_specialize([
+            (_fwd_consume_overlap, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, n_tiles, lo, first, last,
+                                    Skv, Sq, qk_scale, WINDOW, o_base, lse_base, pid_m * BLOCK_M, stride_om, 0,
+                                    CAUSAL, HAS_WINDOW, BLOCK_M // 2, BLOCK_N, HEAD_DIM, STAGES, S_L, O_L, ST_L)),
+            (_fwd_consume_overlap, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, n_tiles, lo, first, last,
+                                    Skv, Sq, qk_scale, WINDOW, o_base, lse_base, pid_m * BLOCK_M, stride_om, 1,
+                                    CAUSAL, HAS_WINDOW, BLOCK_M // 2, BLOCK_N, HEAD_DIM, STAGES, S_L, O_L, ST_L)),
+            (_fwd_produce, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, q_row,
+                            kv_row, n_tiles, BLOCK_N, STAGES, 1)),
+        ], [4, 1], [OVERLAP_MMA_REGS, 24])
+
+    @gluon.jit
+    def _fwd_consume_overlap(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, n_tiles, lo, first, last, Skv,
+                             Sq, qk_scale, WINDOW, o_base, lse_base, m0, stride_om, WGI: gl.constexpr,
+                             CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr, ROWS: gl.constexpr,
+                             BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, S_L: gl.constexpr,
+                             O_L: gl.constexpr, ST_L: gl.constexpr):
+        """Warpgroup WGI's ROWS query rows: tile 0's scores and softmax, then per tile j: issue QK^T of j, issue P V
+        of j - 1, wait for the scores, mask and softmax of j while P V runs, wait for it, free slot j - 1, rescale
+        O; last, P V of the last tile and the rows' O and LSE. An empty key range runs one tile, fully masked (a
+        loop known to run keeps ptxas from waiting for every wgmma)."""
+        P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
+        ROW_S: gl.constexpr = gl.SliceLayout(1, S_L)
+        q = q_smem.slice(WGI * ROWS, ROWS, dim=0)
+        pos = first + WGI * ROWS + gl.arange(0, ROWS, layout=ROW_S)  # key position of each query row
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
+        valid = (n_tiles > 0).to(gl.int32)
+        n_run = gl.maximum(n_tiles, 1)
+        l_i = gl.zeros([ROWS], gl.float32, ROW_S)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, O_L)
+        mbarrier.wait(q_bar.index(0), 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, S_L),
+                          use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=[s])
+        s = _mask_scores(s, lo, pos, offs_n, Skv, first + WGI * ROWS, last, WINDOW, valid, CAUSAL, HAS_WINDOW,
+                         BLOCK_N)
+        p, m_i, l_i, alpha = _softmax_step(s, gl.full([ROWS], float("-inf"), gl.float32, ROW_S), l_i, qk_scale)
+        pa = gl.convert_layout(p.to(v_smem.dtype), P_L)
+        for j in range(1, n_run):
+            slot = j % STAGES
+            prev = (j - 1) % STAGES
+            mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+            s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, S_L),
+                              use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            acc = warpgroup_mma(pa, v_smem.index(prev), acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=[s])  # the scores are in; P V may still run
+            s = _mask_scores(s, lo + j * BLOCK_N, pos, offs_n, Skv, first + WGI * ROWS, last, WINDOW, valid, CAUSAL,
+                             HAS_WINDOW, BLOCK_N)
+            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale)
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            WG._barrier()  # this warpgroup is past slot j - 1's K and V
+            mbarrier.arrive(empty.index(prev))
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
+            pa = gl.convert_layout(p.to(v_smem.dtype), P_L)
+        tail = (n_run - 1) % STAGES
+        mbarrier.wait(v_ready.index(tail), ((n_run - 1) // STAGES) & 1)
+        acc = warpgroup_mma(pa, v_smem.index(tail), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key outputs 0
+        rows_s = m0 + WGI * ROWS + gl.arange(0, ROWS, layout=ROW_S)
+        gl.store(lse_base + rows_s, m_i + gl.log2(l_safe), mask=rows_s < Sq)
+        o = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, O_L))[:, None]
+        o = gl.convert_layout(o.to(o_base.dtype.element_ty), ST_L)  # 16-byte stores
+        rows = m0 + WGI * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ST_L))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ST_L))
+        gl.store(o_base + rows[:, None] * stride_om + cols[None, :], o, mask=(rows < Sq)[:, None])
+
+    @gluon.jit
+    def _mask_scores(s, start, pos, offs_n, Skv, first, last, WINDOW, valid, CAUSAL: gl.constexpr,
+                     HAS_WINDOW: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Scores of key tile `start` with the keys each row may not see at -inf, on the tiles that have any: the
+        causal diagonal, a window's edge, the last partial tile (and every key when not `valid`)."""
+        need = (start + BLOCK_N > Skv) | (valid == 0)
+        if CAUSAL:
+            need = need | (start + BLOCK_N - 1 > first)
+        if HAS_WINDOW:
+            need = need | (start <= last - WINDOW)
+        if need:
+            cols = start + offs_n
+            keep = gl.broadcast(((cols < Skv) & (valid != 0))[None, :], pos[:, None] >= 0)[0]  # [rows, keys]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= pos[:, None])
+            if HAS_WINDOW:
+                keep = keep & (cols[None, :] > pos[:, None] - WINDOW)
+            s = gl.where(keep, s, float("-inf"))
+        return s
+
+    @gluon.jit
+    def _softmax_step(s, m_i, l_i, qk_scale):
+        """The online softmax over raw scores s: (p, the new row max, the new row sum, the factor on the old O),
+        in base 2 with the scale folded into the max and the exponent (one FMA a score)."""
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)  # scale > 0: the max of the scaled scores
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        p = gl.exp2(s * qk_scale - m_safe[:, None])
+        alpha = gl.exp2(m_i - m_safe)
+        return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
+
+
+def layouts(head_dim: int, warps: int = WARPS) -> dict:
+    """Register layouts: S [rows, BLOCK_N] and O [rows, head_dim] as wgmma accumulators of `warps` // 4
+    warpgroups (64 rows each), and a blocked layout for O's 16-byte stores."""
+    return dict(S_L=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, BLOCK_N, 16]),
+                O_L=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1],
                                               instr_shape=[16, head_dim, 16]),
-                ST_L=gl.BlockedLayout([1, 8], [32 * 8 // head_dim, head_dim // 8], [WARPS, 1], [1, 0]))
+                ST_L=gl.BlockedLayout([1, 8], [32 * 8 // head_dim, head_dim // 8], [warps, 1], [1, 0]))
 
 
 def smem_layout() -> "gl.NVMMASharedLayout":
@@ -188,8 +321,10 @@ def available(q) -> bool:
             and q.shape[-1] in (64, 128))
 
 
-def forward(q, k, v, causal: bool, sm_scale: float, window, o=None, lse=None, stages: int = 2):
-    """`kernels.attention._attn_forward`'s contract: o [B, H, Sq, D] and lse [B*H, Sq] (log2 units)."""
+def forward(q, k, v, causal: bool, sm_scale: float, window, o=None, lse=None, stages: int = 2,
+            overlap: bool = False):
+    """`kernels.attention._attn_forward`'s contract: o [B, H, Sq, D] and lse [B*H, Sq] (log2 units). overlap:
+    `_attn_fwd_ws_overlap_kernel` (each warpgroup its own partition, P V overlapping the next softmax)."""
     B, H, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     if D not in (64, 128):
@@ -202,8 +337,9 @@ def forward(q, k, v, causal: bool, sm_scale: float, window, o=None, lse=None, st
     q_desc = TensorDescriptor(q2, list(q2.shape), [D, 1], [BLOCK_M, D], lay)
     k_desc = TensorDescriptor(k2, list(k2.shape), [D, 1], [BLOCK_N, D], lay)
     v_desc = TensorDescriptor(v2, list(v2.shape), [D, 1], [BLOCK_N, D], lay)
-    _attn_fwd_ws_kernel[(triton.cdiv(Sq, BLOCK_M), B * H)](
+    kernel, warps = (_attn_fwd_ws_overlap_kernel, 4) if overlap else (_attn_fwd_ws_kernel, WARPS)
+    kernel[(triton.cdiv(Sq, BLOCK_M), B * H)](
         q_desc, k_desc, v_desc, o, lse, sm_scale * LOG2E, Sq, Skv, H, H // Hkv, window or 0,
         o.stride(0), o.stride(1), o.stride(2), HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=stages,
-        CAUSAL=causal, HAS_WINDOW=bool(window), **layouts(D), num_warps=WARPS, maxnreg=LAUNCH_REGS)
+        CAUSAL=causal, HAS_WINDOW=bool(window), **layouts(D, warps), num_warps=warps, maxnreg=LAUNCH_REGS)
     return o, lse

@@ -421,7 +421,7 @@ def _attn_cfg_str(pick) -> str:
     if not pick:
         return "?"
     if pick[0] == "ws":  # kernels.attention_ws (EFFOPT_ATTN_WS=1)
-        return f"Gluon ws s{pick[1]}"
+        return f"Gluon ws s{pick[1]}" + (" overlap" if pick[2] else "")
     return f"{pick[0]}x{pick[1]} w{pick[2]} s{pick[3]}{' TMA' if pick[4] else ''}"
 
 
@@ -441,7 +441,7 @@ def bench_attention(quick):
                 t, _ = graph_ms([lambda: A.flash_attention(q, k, v, causal=causal)], total=4 if s > 4096 else 16)
                 base = {b: try_time(lambda b=b: sdpa(b)(q, k, v, causal), s) for b in ("flash", "cudnn")}
                 key = next((kk for kk in TIMINGS if kk[0] == "fwd" and kk[4] == causal and kk[6] == s), None)
-                pick = chosen(key) if key else None  # (BLOCK_M, BLOCK_N, warps, stages, TMA) or ("ws", stages)
+                pick = chosen(key) if key else None  # (BLOCK_M, BLOCK_N, warps, stages, TMA) or ("ws", ...)
                 fwd_rows.append(_attn_row(s, hkv, causal, t, base, flops, err) + [_attn_cfg_str(pick)])
                 if causal and (not quick or s == 4096):
                     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
