@@ -55,40 +55,15 @@ if WG.HAVE_GLUON:
                             S_L: gl.constexpr, O_L: gl.constexpr, ST_L: gl.constexpr):
         """O = softmax(Q K^T * scale + mask) V for BLOCK_M queries of one (batch, head); LSE in log2 units
         (`kernels.attention._attn_fwd`'s contract)."""
-        pid_m = gl.program_id(0)
-        if CAUSAL:  # the longest rows first
-            pid_m = gl.num_programs(0) - 1 - pid_m
-        bh = gl.program_id(1)
+        pid_m, bh, first, last, lo, n_tiles = _tile_keys(Sq, Skv, WINDOW, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
         b = bh // H
         h = bh % H
-        hkv = H // GROUP
-        first = pid_m * BLOCK_M + (Skv - Sq)  # key position of the first row
-        last = first + BLOCK_M - 1
-        # key tiles [lo, lo + n_tiles * BLOCK_N)
-        hi = Skv
-        if CAUSAL:
-            hi = gl.minimum(Skv, gl.maximum(last + 1, 0))
-        lo = 0
-        if HAS_WINDOW:
-            lo = (gl.maximum(first - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
-        n_tiles = gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)
-
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar.index(0), count=1)
-        for j in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(j), count=1)
-            mbarrier.init(v_ready.index(j), count=1)
-            mbarrier.init(empty.index(j), count=1)  # one consumer thread, once every MMA warp is past the slot
-        fence_async_shared()
+        # the slot's empty barrier: one arrival from the one consumer partition, after every MMA warp is past it
+        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty = _ring(q_desc, k_desc, v_desc, BLOCK_M, BLOCK_N,
+                                                                       HEAD_DIM, STAGES, 1)
 
         q_row = bh * Sq + pid_m * BLOCK_M  # rows of the [B * H * Sq, D] view
-        kv_row = (b * hkv + h // GROUP) * Skv + lo
+        kv_row = (b * (H // GROUP) + h // GROUP) * Skv + lo
         acc, l_i, m_i = gl.warp_specialize([
             (_fwd_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, n_tiles, lo, first, last, Skv,
                             qk_scale, WINDOW, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, S_L, O_L)),
@@ -96,15 +71,8 @@ if WG.HAVE_GLUON:
                             kv_row, n_tiles, BLOCK_N, STAGES, 0)),
         ], [1], [24])
 
-        l_safe = gl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key outputs 0
-        rows_s = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, S_L))
-        gl.store(lse_ptr + bh * Sq + rows_s, m_i + gl.log2(l_safe), mask=rows_s < Sq)
-        o = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, O_L))[:, None]
-        o = gl.convert_layout(o.to(o_ptr.dtype.element_ty), ST_L)  # 16-byte stores
-        rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ST_L))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ST_L))
-        ptrs = o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + cols[None, :]
-        gl.store(ptrs, o, mask=(rows < Sq)[:, None])
+        _store_rows(acc, l_i, m_i, o_ptr + b * stride_ob + h * stride_oh, lse_ptr + bh * Sq, pid_m * BLOCK_M, Sq,
+                    stride_om, BLOCK_M, HEAD_DIM, S_L, O_L, ST_L)
 
     @gluon.jit
     def _fwd_produce(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty, q_row, kv_row,
@@ -166,35 +134,12 @@ if WG.HAVE_GLUON:
         0-63 and 64-127 of the tile, each freeing a slot on its own, so one can run its softmax while the other
         runs its MMAs), and within a warpgroup tile i's P V runs on the tensor cores while tile i + 1's softmax
         runs (its QK^T issued first). Layouts are one warpgroup's (64 rows)."""
-        pid_m = gl.program_id(0)
-        if CAUSAL:  # the longest rows first
-            pid_m = gl.num_programs(0) - 1 - pid_m
-        bh = gl.program_id(1)
+        pid_m, bh, first, last, lo, n_tiles = _tile_keys(Sq, Skv, WINDOW, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
         b = bh // H
         h = bh % H
-        first = pid_m * BLOCK_M + (Skv - Sq)  # key position of the first row
-        last = first + BLOCK_M - 1
-        hi = Skv
-        if CAUSAL:
-            hi = gl.minimum(Skv, gl.maximum(last + 1, 0))
-        lo = 0
-        if HAS_WINDOW:
-            lo = (gl.maximum(first - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
-        n_tiles = gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)
-
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar.index(0), count=1)
-        for j in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(j), count=1)
-            mbarrier.init(v_ready.index(j), count=1)
-            mbarrier.init(empty.index(j), count=2)  # one thread of each warpgroup, once it is past the slot
-        fence_async_shared()
+        # the slot's empty barrier: one arrival from each warpgroup's partition, once it is past the slot
+        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty = _ring(q_desc, k_desc, v_desc, BLOCK_M, BLOCK_N,
+                                                                       HEAD_DIM, STAGES, 2)
 
         q_row = bh * Sq + pid_m * BLOCK_M
         kv_row = (b * (H // GROUP) + h // GROUP) * Skv + lo
@@ -260,13 +205,58 @@ if WG.HAVE_GLUON:
         mbarrier.wait(v_ready.index(tail), ((n_run - 1) // STAGES) & 1)
         acc = warpgroup_mma(pa, v_smem.index(tail), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[acc])
+        _store_rows(acc, l_i, m_i, o_base, lse_base, m0 + WGI * ROWS, Sq, stride_om, ROWS, HEAD_DIM, S_L, O_L, ST_L)
 
-        l_safe = gl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key outputs 0
-        rows_s = m0 + WGI * ROWS + gl.arange(0, ROWS, layout=ROW_S)
+    @gluon.jit
+    def _tile_keys(Sq, Skv, WINDOW, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                   HAS_WINDOW: gl.constexpr):
+        """This program's query tile pid_m (causal: the longest rows first, so the last wave is short), its
+        (batch, head) bh, the key positions of its first and last rows, and its key tiles [lo, lo + n_tiles *
+        BLOCK_N)."""
+        pid_m = gl.program_id(0)
+        if CAUSAL:
+            pid_m = gl.num_programs(0) - 1 - pid_m
+        first = pid_m * BLOCK_M + (Skv - Sq)
+        last = first + BLOCK_M - 1
+        hi = Skv
+        if CAUSAL:
+            hi = gl.minimum(Skv, gl.maximum(last + 1, 0))
+        lo = 0
+        if HAS_WINDOW:
+            lo = (gl.maximum(first - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+        return pid_m, gl.program_id(1), first, last, lo, gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)
+
+    @gluon.jit
+    def _ring(q_desc, k_desc, v_desc, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, RELEASES: gl.constexpr):
+        """The Q tile and a ring of STAGES K / V slots in shared memory, with their initialised barriers: Q's, each
+        slot's K and V `ready` (the producer's arrival with the copies' bytes) and `empty` (RELEASES arrivals)."""
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar.index(0), count=1)
+        for j in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(j), count=1)
+            mbarrier.init(v_ready.index(j), count=1)
+            mbarrier.init(empty.index(j), count=RELEASES)
+        fence_async_shared()  # the initialised barriers, visible to the copy engine
+        return q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, empty
+
+    @gluon.jit
+    def _store_rows(acc, l_i, m_i, o_base, lse_base, row0, Sq, stride_om, ROWS: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, S_L: gl.constexpr, O_L: gl.constexpr, ST_L: gl.constexpr):
+        """Rows row0 .. row0 + ROWS of one head: O = acc / l in 16-byte stores, and the LSE (log2 units); a row
+        with no visible key gets O = 0. Rows past Sq are dropped."""
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        rows_s = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, S_L))
         gl.store(lse_base + rows_s, m_i + gl.log2(l_safe), mask=rows_s < Sq)
         o = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, O_L))[:, None]
-        o = gl.convert_layout(o.to(o_base.dtype.element_ty), ST_L)  # 16-byte stores
-        rows = m0 + WGI * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ST_L))
+        o = gl.convert_layout(o.to(o_base.dtype.element_ty), ST_L)
+        rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ST_L))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ST_L))
         gl.store(o_base + rows[:, None] * stride_om + cols[None, :], o, mask=(rows < Sq)[:, None])
 

@@ -382,12 +382,7 @@ if WG.HAVE_GLUON:
         words, zs, ss = loads
         for sub in gl.static_range(STEP):
             if sub % GPB == 0:  # (static) a group starts: its zero points and scales
-                if F16:
-                    nz = _neg_pair(zs[sub // GPB], _NEG_F16, F16)
-                    nz16 = _neg_pair(zs[sub // GPB], _NEG16_F16, F16)
-                else:
-                    nz = _neg_pair(zs[sub // GPB], _NEG_BF16, F16)
-                    nz16 = nz  # (unread: bf16 shifts every pair to the low nibbles)
+                nz, nz16 = _zero_addends(zs[sub // GPB], F16)
                 if SCALE_IN_TILE:
                     s_a = ss[sub // GPB]
                 else:
@@ -418,12 +413,7 @@ if WG.HAVE_GLUON:
         words, zs, ss = loads
         for sub in gl.static_range(STEP):
             if sub % GPB == 0:  # (static) a group starts: its zero points and scales
-                if F16:
-                    nz = _neg_pair(zs[sub // GPB], _NEG_F16, F16)
-                    nz16 = _neg_pair(zs[sub // GPB], _NEG16_F16, F16)
-                else:
-                    nz = _neg_pair(zs[sub // GPB], _NEG_BF16, F16)
-                    nz16 = nz  # (unread: bf16 shifts every pair to the low nibbles)
+                nz, nz16 = _zero_addends(zs[sub // GPB], F16)
                 s_a = ss[sub // GPB]
             a = _codes_operand(words[sub], nz, nz16, F16, BLOCK_N, A_L) * s_a[:, None]
             acc = warpgroup_mma(a, x_smem.index(x_at + sub).permute((1, 0)), acc, is_async=True)
@@ -456,6 +446,18 @@ if WG.HAVE_GLUON:
         puts a barrier between two copies into one buffer)."""
         WG._async_load(x_smem.index(slot), x_ptrs + it * (STEP * _BK))
         async_copy.commit_group()
+
+    @gluon.jit
+    def _zero_addends(z, F16: gl.constexpr):
+        """A group's `_neg_pair` addends for `_codes_operand`: at OFFSET and (fp16) at OFFSET / 16 for the high
+        nibbles; bf16 shifts every pair to the low nibbles, so its second is the first again (unread)."""
+        if F16:
+            nz = _neg_pair(z, _NEG_F16, F16)
+            nz16 = _neg_pair(z, _NEG16_F16, F16)
+        else:
+            nz = _neg_pair(z, _NEG_BF16, F16)
+            nz16 = nz
+        return nz, nz16
 
     @gluon.jit
     def _neg_pair(z, NEG_ASM: gl.constexpr, F16: gl.constexpr):
@@ -588,8 +590,8 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
                          f"one group or of whole groups, and M <= 64 (any M on wgmma); got K={K}, g={group}, M={M}")
     if wgmma and (not specialized or not scale_in_tile or warps not in (4, 8)):
         raise ValueError(f"wgmma is a form of the warp-specialized mma.sync kernel with the scale in the tile and one "
-                         f"or two warpgroups of MMA warps; got specialized={specialized}, scale_in_tile={scale_in_tile}, "
-                         f"warps={warps}")
+                         f"or two warpgroups of MMA warps; got specialized={specialized}, "
+                         f"scale_in_tile={scale_in_tile}, warps={warps}")
     if not specialized and stages not in (1, 2):
         raise ValueError(f"the mma.sync kernel keeps 1 or 2 trips of loads in flight (stages); got {stages}")
     if specialized and (stages < 2 or warps % 4):
