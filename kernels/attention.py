@@ -498,14 +498,15 @@ def _set_tma_allocator():
 def _fwd_cfgs(D, tma: bool, ws: bool = False):
     """(BLOCK_M, BLOCK_N, warps, stages, TMA) to time; the first is the default (it does not spill on
     sm_90). The TMA copies come next, offered when `tma` (see `_tma_ok`); with `ws`, last, ("ws", stages,
-    overlap): the warp-specialized Gluon kernels (`kernels.attention_ws`, opt-in; the overlapped one fits an SM's
-    shared memory with 2 slots)."""
+    overlap, pingpong): the warp-specialized Gluon kernels (`kernels.attention_ws`, Hopper only, EFFOPT_ATTN_WS=0
+    leaves them out; the overlapped one fits an SM's shared memory with 2 slots)."""
     if interpreting():
         return [(32, 32, 4, 1, False)]
     tiles = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)] if D <= 64 else \
         [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
     return ([t + (False,) for t in tiles] + ([t + (True,) for t in tiles] if tma else [])
-            + ([("ws", 2, False), ("ws", 3, False), ("ws", 2, True)] if ws else []))
+            + ([("ws", 2, False, False), ("ws", 3, False, False), ("ws", 2, True, False),
+                  ("ws", 2, True, True)] if ws else []))
 
 
 def _tma_ok(*tensors) -> bool:
@@ -531,7 +532,8 @@ def _attn_forward(q, k, v, causal, sm_scale, window, cfg=None, o=None, lse=None)
 
     def run(c):
         if c[0] == "ws":
-            return attention_ws.forward(q, k, v, causal, sm_scale, window, o, lse, stages=c[1], overlap=c[2])
+            return attention_ws.forward(q, k, v, causal, sm_scale, window, o, lse, stages=c[1], overlap=c[2],
+                                       pingpong=c[3])
         bm, bn, warps, stages, tma = (*c, False)[:5]
         tma = tma and tma_ok  # the tuner's pick is per shape; a misaligned view of one falls back
         if tma and q.is_cuda:

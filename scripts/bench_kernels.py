@@ -420,8 +420,8 @@ def try_time(fn, s):
 def _attn_cfg_str(pick) -> str:
     if not pick:
         return "?"
-    if pick[0] == "ws":  # kernels.attention_ws (EFFOPT_ATTN_WS=1)
-        return f"Gluon ws s{pick[1]}" + (" overlap" if pick[2] else "")
+    if pick[0] == "ws":  # kernels.attention_ws
+        return f"Gluon ws s{pick[1]}" + (" overlap" if pick[2] else "") + (" pingpong" if pick[3] else "")
     return f"{pick[0]}x{pick[1]} w{pick[2]} s{pick[3]}{' TMA' if pick[4] else ''}"
 
 

@@ -18,7 +18,7 @@ frequent opcodes. Counts are not timings (results/kernels.md has a case where th
         (--dump FILE writes the whole SASS; --x-split: x arrives pre-permuted)
     python scripts/sass_count.py candidates   # compile every mma config the tuner may try (~15 min)
     python scripts/sass_count.py ms --ws --wgmma --block-m 128 --block-n 64 --step 2 --stages 3   # on wgmma
-    python scripts/sass_count.py attn-ws [--head-dim 64] [--stages 3] [--full] [--window] [--overlap]   # Gluon attn
+    python scripts/sass_count.py attn-ws [--head-dim 64] [--stages 3] [--full] [--window] [--overlap [--pingpong]]
     python scripts/sass_count.py rope-store [--quant] [--bf16]   # the fused RoPE + KV-cache write
     python scripts/sass_count.py smoke   # one config of every kernel variant compiles (CI runs it)
 """
@@ -118,15 +118,15 @@ def compile_mma_sync_ws(block_n=64, block_m=16, warps=4, step=4, split_k=4, stag
     return compile_sm90(MS._w4_mma_sync_ws_kernel, const, ptrs, (), ("N", "K"), warps, 1, maxnreg)
 
 
-def compile_attn_ws(head_dim=128, stages=2, causal=True, window=False, bf16=False, overlap=False):
+def compile_attn_ws(head_dim=128, stages=2, causal=True, window=False, bf16=False, overlap=False, pingpong=False):
     """`kernels.attention_ws._attn_fwd_ws_kernel` (the warp-specialized Gluon attention forward; overlap: its
-    `_attn_fwd_ws_overlap_kernel` form) for sm_90, with the descriptors' block shapes and the launch's register
-    cap."""
+    `_attn_fwd_ws_overlap_kernel` form, pingpong: with its warpgroups taking turns) for sm_90, with the
+    descriptors' block shapes and the launch's register cap."""
     dt = "bf16" if bf16 else "fp16"
     lay = AW.smem_layout()
     warps = 4 if overlap else AW.WARPS
     const = dict(HEAD_DIM=head_dim, BLOCK_M=AW.BLOCK_M, BLOCK_N=AW.BLOCK_N, STAGES=stages, CAUSAL=causal,
-                 HAS_WINDOW=window, **AW.layouts(head_dim, warps))
+                 HAS_WINDOW=window, **(dict(PINGPONG=pingpong) if overlap else {}), **AW.layouts(head_dim, warps))
     ptrs = dict(q_desc=f"tensordesc<{dt}[{AW.BLOCK_M}, {head_dim}],{lay!r}>",
                 k_desc=f"tensordesc<{dt}[{AW.BLOCK_N}, {head_dim}],{lay!r}>",
                 v_desc=f"tensordesc<{dt}[{AW.BLOCK_N}, {head_dim}],{lay!r}>", o_ptr="*" + dt, lse_ptr="*fp32")
@@ -275,6 +275,8 @@ def compile_smoke():
         cases["attention forward, Gluon warp-specialized"] = lambda: compile_attn_ws(128, 2, True, False, True)
         cases["attention forward, Gluon warp-specialized, overlapped"] = lambda: compile_attn_ws(
             128, 2, True, False, True, overlap=True)
+        cases["attention forward, Gluon warp-specialized, overlapped, ping-pong"] = lambda: compile_attn_ws(
+            128, 2, True, False, True, overlap=True, pingpong=True)
     failed = 0
     for name, case in cases.items():
         try:
@@ -339,6 +341,7 @@ def main():
     ap.add_argument("--full", action="store_true", help="attn-ws: no causal mask")
     ap.add_argument("--window", action="store_true", help="attn-ws: a sliding window")
     ap.add_argument("--overlap", action="store_true", help="attn-ws: the overlapped two-partition form")
+    ap.add_argument("--pingpong", action="store_true", help="attn-ws --overlap: warpgroups take turns at the MMAs")
     ap.add_argument("--wgmma", action="store_true", help="ms --ws: the block MMAs on wgmma, x read from shared memory")
     a = ap.parse_args()
     if a.kernel == "candidates":
@@ -349,7 +352,8 @@ def main():
         return report(compile_mma_sync_ws(a.block_n or 64, a.block_m, a.warps, a.step, a.split_k, a.stages, a.bf16,
                                           a.pre, a.maxnreg, a.halves, a.wgmma), a.top, a.dump)
     if a.kernel == "attn-ws":  # the warp-specialized Gluon attention forward, causal unless --full
-        return report(compile_attn_ws(a.head_dim, a.stages, not a.full, a.window, a.bf16, a.overlap), a.top, a.dump)
+        return report(compile_attn_ws(a.head_dim, a.stages, not a.full, a.window, a.bf16, a.overlap,
+                                      a.pingpong), a.top, a.dump)
     if a.kernel == "ms":  # the Gluon mma.sync kernel: --block-n rows, --block-m tokens, --step blocks a trip
         kernel = compile_mma_sync(a.block_n or 128, a.block_m, a.warps, a.step, a.split_k, a.bf16, a.pre, a.stages,
                                   a.x_split or None)

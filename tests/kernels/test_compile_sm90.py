@@ -20,5 +20,7 @@ def test_every_kernel_variant_compiles_for_sm90():
     assert "ok      W4 matmul, Gluon warp-specialized, wgmma" in out or not qmatmul_wgmma.HAVE_GLUON
     assert "ok      attention forward, Gluon warp-specialized" in out or not qmatmul_wgmma.HAVE_GLUON
     assert "ok      attention forward, Gluon warp-specialized, overlapped" in out or not qmatmul_wgmma.HAVE_GLUON
-    total = 25 if qmatmul_wgmma.HAVE_GLUON else 16
+    assert "ok      attention forward, Gluon warp-specialized, overlapped, ping-pong" in out or \
+        not qmatmul_wgmma.HAVE_GLUON
+    total = 26 if qmatmul_wgmma.HAVE_GLUON else 16
     assert f"{total} of {total} kernels compile" in out
