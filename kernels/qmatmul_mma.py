@@ -57,6 +57,7 @@ import torch
 import triton
 
 from kernels import qmatmul_wgmma as WG
+from kernels import x_order as XO
 
 
 def _pair_asm(mask: int, fill: int, fma: str, mul: int):
@@ -137,17 +138,16 @@ def fits(bits: int, group: int, in_features: int, m: int, wgmma: bool = False) -
 
 def permute_x(x2: torch.Tensor) -> torch.Tensor:
     """x [M, K] with every 16 columns in SIGMA order, the order the kernel's operand takes: column bits
-    (j3, j2, j1, j0) to position bits (j3, j0, j1, j2). One copy, no index tensor (safe in graph capture)."""
-    m, k = x2.shape
-    return x2.reshape(m, k // 16, 2, 2, 2, 2).permute(0, 1, 2, 5, 4, 3).reshape(m, k)
+    (j3, j2, j1, j0) to position bits (j3, j0, j1, j2). One copy (`kernels.x_order`'s gather on the GPU),
+    safe in graph capture."""
+    return XO.permute_blocks(x2, XO.SIGMA_AXES)
 
 
 def permute_x_wgmma(x2: torch.Tensor) -> torch.Tensor:
     """x [M, K] with every 64 columns in the kernel's K order, so that wgmma can read it from shared memory as
     the B operand of `_codes_operand`'s A: order position bits (t1, t0, h, c1, c0, e) = column bits
     (j3, j0, j1, c1, c0, j2) of a column 16c + 8 j3 + 4 j2 + 2 j1 + j0 (`_x_operand`). One copy."""
-    m, k = x2.shape
-    return x2.reshape(m, k // 64, 4, 2, 2, 2, 2).permute(0, 1, 3, 6, 5, 2, 4).reshape(m, k)
+    return XO.permute_blocks(x2, XO.WGMMA_AXES)
 
 
 if WG.HAVE_GLUON:

@@ -19,7 +19,8 @@ import triton
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
-    for name in ("kernels._tune", "kernels.qmatmul", "kernels.attention", "kernels.fused", "kernels.int8_matmul"):
+    for name in ("kernels._tune", "kernels.qmatmul", "kernels.attention", "kernels.fused", "kernels.int8_matmul",
+                 "kernels.x_order"):
         if name in sys.modules:
             importlib.reload(sys.modules[name])
 

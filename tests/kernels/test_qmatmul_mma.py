@@ -55,7 +55,7 @@ def test_kernel_k_order_gives_the_plain_product():
     k = torch.arange(64)
     t, h, c, e = k // 16, (k % 16) // 8, (k % 8) // 2, k % 2
     assert torch.equal(cols, 16 * c + torch.tensor(MS.SIGMA)[4 * t + 2 * h + e])
-    assert MS.permute_x(torch.arange(32.0)[None, :]).long().tolist() == [[16 * g + j for g in (0, 1) for j in MS.SIGMA]]
+    assert MS.permute_x(torch.arange(64.0)[None, :]).long().tolist() == [[16 * g + j for g in range(4) for j in MS.SIGMA]]
 
 
 def _halves(bits: torch.Tensor, dtype) -> torch.Tensor:
