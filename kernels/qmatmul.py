@@ -64,15 +64,29 @@ MMA_V2_CANDIDATES = os.environ.get("EFFOPT_QMM_V2", "1") == "1"
 # pick, 39.9 at M = 64 against 48.0; appended to the candidates, EFFOPT_QMM_MS=0 leaves them out.
 MS_CANDIDATES = os.environ.get("EFFOPT_QMM_MS", "1") == "1"
 # prepare_weight's second copy of the codes for `_gemv2_kernel` (the decode GEMV): as large as the codes, so a
-# W4 layer on the GPU holds its codes twice. On an H200 the Gluon kernel above beat gemv2 at one token (8192^2:
-# 12.9 against 14.9 us; 4096x14336: 12.2 against 13.7; results/kernels.md), but other GPUs and shapes need gemv2.
-# EFFOPT_QMM_GEMV2_COPY=0 leaves the copy (and gemv2) out: half the weight memory.
-GEMV2_COPY = os.environ.get("EFFOPT_QMM_GEMV2_COPY", "1") == "1"
+# W4 layer on the GPU holds its codes twice. On an H200 the Gluon kernel above beat gemv2 at one token on every
+# shape timed (8192^2 12.5 against 14.4 us, 4096^2 8.1 / 10.0, 14336x4096 10.8 / 13.4, 4096x14336 12.2 / 13.7;
+# results/kernels.md), so "auto" keeps the copy only where that kernel cannot take the weight (not Hopper, or not
+# 4-bit with groups of whole 64-code blocks). EFFOPT_QMM_GEMV2_COPY=1 always keeps it, 0 never (then gemv2 is
+# never a candidate): without it a W4 layer's weight memory is halved.
+GEMV2_COPY = os.environ.get("EFFOPT_QMM_GEMV2_COPY", "auto")
 
 
 # ----------------------------------------------------------------------------------------------
 # Pure-torch reference (CPU or GPU). Tests compare the kernels against this.
 # ----------------------------------------------------------------------------------------------
+def _keep_gemv2_copy(device, bits: int, group: int, in_features: int) -> bool:
+    """Whether prepare_weight keeps gemv2's copy of the codes (GEMV2_COPY: "1", "0", or "auto": unless the Gluon
+    W4 kernel, faster at one token on an H200, takes this weight on this device)."""
+    if GEMV2_COPY not in ("auto", "0", "1"):
+        raise ValueError(f"EFFOPT_QMM_GEMV2_COPY must be auto, 0 or 1; got {GEMV2_COPY!r}")
+    if GEMV2_COPY != "auto":
+        return GEMV2_COPY == "1"
+    from kernels import qmatmul_mma, qmatmul_wgmma
+
+    return not (MS_CANDIDATES and qmatmul_wgmma.available(device) and qmatmul_mma.fits(bits, group, in_features, 1))
+
+
 def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """Unpack the little-endian b-bit codes of every row: uint8 [N, ceil(K*b/8)] -> int32 [N, K]."""
     k = torch.arange(in_features, device=qweight.device)
@@ -146,11 +160,12 @@ def prepare_weight(qweight, scales, zeros, bits: int, group_size: int, in_featur
     Where `_gemv2_kernel` applies (bits 2/4/8, g a multiple of 32 or per-channel) the result also
     holds the codes re-packed into int32 words (`pack_words`): a second copy of the codes, as
     large as qweight, kept so the decode kernel can read 16-byte words in its own order (unless
-    GEMV2_COPY is off: then gemv2 is not a candidate).
+    `_keep_gemv2_copy` says no: then gemv2 is not a candidate).
     """
     _check_layout(qweight, scales, zeros, bits, group_size, in_features)
     g = _norm_group(group_size, in_features)
-    words = pack_words(qweight, bits, in_features) if GEMV2_COPY and _gemv2_fits(bits, g, in_features) else None
+    keep = _gemv2_fits(bits, g, in_features) and _keep_gemv2_copy(qweight.device, bits, g, in_features)
+    words = pack_words(qweight, bits, in_features) if keep else None
     swz = shuffle_w4(qweight, in_features) if SWZ_CODES and swz_fits(bits, g, in_features) else None
     return QuantWeight(
         qweight.contiguous(),

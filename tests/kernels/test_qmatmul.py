@@ -7,6 +7,7 @@ import torch
 
 from kernel_testing import DEVICE, ON_GPU, halves, poison_scratch, rel_err, run_ptx  # noqa: F401 (autouse fixture)
 from kernels import qmatmul as Q
+from kernels import qmatmul_wgmma
 from kernels.qmatmul import (XW_MIN_M, Cfg, candidates, dequantize, pack_words, prepare_weight, quant_matmul,
                              unpack_codes, xw_configs)
 
@@ -195,7 +196,8 @@ GEMV2_CASES = [  # (cfg, bits, group, K, dtype, M, sym)
 
 
 @pytest.mark.parametrize("cfg,bits,group,k,dtype,m,sym", GEMV2_CASES)
-def test_gemv2_matches_reference(cfg, bits, group, k, dtype, m, sym):
+def test_gemv2_matches_reference(cfg, bits, group, k, dtype, m, sym, monkeypatch):
+    monkeypatch.setattr(Q, "GEMV2_COPY", "1")  # on Hopper "auto" leaves the copy out where the Gluon kernel runs
     qweight, scales, zeros, x, bias, ref = _biased_problem(bits, group, k, dtype, m, sym)
     w = prepare_weight(qweight, scales, zeros, bits, group, k)
     assert w.qwords is not None
@@ -210,12 +212,31 @@ def test_gemv2_matches_reference(cfg, bits, group, k, dtype, m, sym):
 def test_weight_without_the_gemv2_copy_still_runs(monkeypatch):
     """EFFOPT_QMM_GEMV2_COPY=0: prepare_weight keeps no second copy of the codes, gemv2 is never a candidate,
     and one token still gets the right product (from another kernel)."""
-    monkeypatch.setattr(Q, "GEMV2_COPY", False)
+    monkeypatch.setattr(Q, "GEMV2_COPY", "0")
     qweight, scales, zeros, x, bias, ref = _biased_problem(4, 128, 512, torch.float16, 1, False)
     w = prepare_weight(qweight, scales, zeros, 4, 128, 512)
     assert w.qwords is None
     assert all(c.kind != "gemv2" for c in Q.candidates(1, w, torch.float16))
     assert rel_err(quant_matmul(x, w, bias=bias), ref) < TOL[torch.float16]
+
+
+def test_gemv2_copy_kept_where_the_gluon_kernel_cannot_take_the_weight(monkeypatch):
+    """"auto" keeps gemv2's copy off Hopper and for weights the Gluon W4 kernel does not take (3-bit, groups of
+    32), drops it where that kernel runs; "1" / "0" force it; anything else is refused, naming the variable."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(Q, "GEMV2_COPY", "auto")
+    assert Q._keep_gemv2_copy(cpu, 4, 128, 512)
+    hopper = torch.device("cuda") if ON_GPU and qmatmul_wgmma.available(torch.device("cuda")) else None
+    if hopper is not None:
+        assert not Q._keep_gemv2_copy(hopper, 4, 128, 512)
+        assert Q._keep_gemv2_copy(hopper, 4, 32, 512) and Q._keep_gemv2_copy(hopper, 3, 128, 512)
+    monkeypatch.setattr(Q, "GEMV2_COPY", "1")
+    assert Q._keep_gemv2_copy(hopper or cpu, 4, 128, 512)
+    monkeypatch.setattr(Q, "GEMV2_COPY", "0")
+    assert not Q._keep_gemv2_copy(cpu, 4, 128, 512)
+    monkeypatch.setattr(Q, "GEMV2_COPY", "yes")
+    with pytest.raises(ValueError, match="EFFOPT_QMM_GEMV2_COPY"):
+        Q._keep_gemv2_copy(cpu, 4, 128, 512)
 
 
 def test_pack_words_layout():
