@@ -63,6 +63,10 @@ MMA_V2_CANDIDATES = os.environ.get("EFFOPT_QMM_V2", "1") == "1"
 # operand. On an H200 (results/kernels.md, 2026-12-01) 8192^2: 17.7 us at M = 16 against 22.3 for the mma.sync
 # pick, 39.9 at M = 64 against 48.0; appended to the candidates, EFFOPT_QMM_MS=0 leaves them out.
 MS_CANDIDATES = os.environ.get("EFFOPT_QMM_MS", "1") == "1"
+# EFFOPT_QMM_NATURAL=1 adds a copy of each wgmma-form candidate that reads fp16 x as it lies (`Cfg.natural`): no
+# gather a call (9.8 us of 186 at 8192^2, 1024 tokens on an H200), one more instruction a code pair. Compiled
+# for sm_90 offline; opt-in until it has run on a GPU.
+NATURAL_CANDIDATES = os.environ.get("EFFOPT_QMM_NATURAL", "0") == "1"
 # prepare_weight's second copy of the codes for `_gemv2_kernel` (the decode GEMV): as large as the codes, so a
 # W4 layer on the GPU holds its codes twice. On an H200 the Gluon kernel above beat gemv2 at one token on every
 # shape timed (8192^2 12.5 against 14.4 us, 4096^2 8.1 / 10.0, 14336x4096 10.8 / 13.4, 4096x14336 12.2 / 13.7;
@@ -982,6 +986,7 @@ class Cfg:
     mma_v2: bool = False  # mma only: tl.dot compiled as mma.sync, not wgmma (`_tune.mma_sync`; sm_90)
     halves: int = 1  # ms specialized: 2 = each program's K range in two halves side by side (`qmatmul_mma`)
     wgmma: bool = False  # ms specialized, scale in the tile: the block MMAs on wgmma, x read from shared memory
+    natural: bool = False  # ms wgmma, fp16: x read as it lies (no gather), the codes converted in natural K order
 
 
 DEBUG_POISON = False  # tests: fill the split-K workspace with NaN before every launch
@@ -1124,7 +1129,8 @@ def _launch_ms(cfg: Cfg, x2, w: QuantWeight, bias, out):
     return qmatmul_mma.launch(x2, w.qweight, w.scales, w.zeros, w.group_size, bias, out, ws, lock,
                               block_n=cfg.block_n, block_m=cfg.block_m, split_k=cfg.split_k, warps=cfg.warps,
                               step=cfg.step_blocks, scale_in_tile=not cfg.post_zero, stages=cfg.stages,
-                              gather=cfg.x_split, specialized=cfg.specialized, halves=cfg.halves, wgmma=cfg.wgmma)
+                              gather=cfg.x_split, specialized=cfg.specialized, halves=cfg.halves, wgmma=cfg.wgmma,
+                              natural=cfg.natural)
 
 
 def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):
@@ -1274,7 +1280,7 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
         if M <= GEMV2_MAX_M:  # CUDA-core gemv2 first: the untimed default for 1-2 tokens
             cands = gemv2_configs(M, w)[:2] + cands
         cands = cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w)  # no xw below XW_MIN_M
-        return cands + wg_configs(M, w) + mma_v2_configs(cands, w) + ms_configs(M, w) + ms_wgmma_configs(M, w)
+        return cands + wg_configs(M, w) + mma_v2_configs(cands, w) + ms_configs(M, w) + ms_wgmma_configs(M, w, dtype)
     kb = min(64, (_uniform_kbs(w, 128) or [32])[-1])  # x tile of 128 x 2*kb fp16 per stage
     cands = [Cfg("mma", 128, 128, kb, 1, post_zero=False, x_split=True, warps=8, stages=3),
              Cfg("mma", 128, 128, max(16, kb // 2), 1, post_zero=False, x_split=True, warps=8, stages=4),
@@ -1282,7 +1288,7 @@ def candidates(M: int, w: QuantWeight, dtype) -> list:
              Cfg("mma", 128, 64, kb, 1, post_zero=False, x_split=True, warps=4, stages=4),
              Cfg("dequant")]
     return (cands + xw_configs(M, w) + _variants(cands, w, dtype) + swz_configs(M, w) + wg_configs(M, w)
-            + ms_wgmma_configs(M, w))
+            + ms_wgmma_configs(M, w, dtype))
 
 
 def mma_v2_configs(cands: list, w: QuantWeight) -> list:
@@ -1345,12 +1351,13 @@ def ms_configs(M: int, w: QuantWeight) -> list:
     return cfgs
 
 
-def ms_wgmma_configs(M: int, w: QuantWeight) -> list:
+def ms_wgmma_configs(M: int, w: QuantWeight, dtype=torch.float16) -> list:
     """The warp-specialized `kernels.qmatmul_mma` kernel on wgmma from 32 tokens (appended: never the untimed
     default): 64 rows on one warpgroup (from 128 tokens also 128 rows on two), token tiles of up to 128 (and 256
     from 256 tokens), 2 or 4 blocks a trip, split-K near 1 and 2 programs an SM, 3 or 4 ring slots where they
     fit. The tuner's picks on an H200 at 8192^2 (results/kernels.md): 64 tokens 24.2 us (32.4 on mma.sync), 128
-    tokens 32.6 against cuBLAS fp16 40.0; at 16 tokens it was slower than the mma.sync form."""
+    tokens 32.6 against cuBLAS fp16 40.0; at 16 tokens it was slower than the mma.sync form. With
+    NATURAL_CANDIDATES and fp16 x, each again reading x as it lies (`Cfg.natural`)."""
     from kernels import qmatmul_mma, qmatmul_wgmma
 
     K = w.in_features
@@ -1374,6 +1381,8 @@ def ms_wgmma_configs(M: int, w: QuantWeight) -> list:
                     if qmatmul_mma.ws_smem_bytes(bn, bm, step, stages, group) <= qmatmul_mma.SMEM_BYTES:
                         cfgs.append(Cfg("ms", bm, bn, 32, sk, step, post_zero=False, warps=warps, stages=stages,
                                         specialized=True, wgmma=True))
+    if NATURAL_CANDIDATES and dtype == torch.float16:
+        cfgs = cfgs + [dataclasses.replace(c, natural=True) for c in cfgs]
     return cfgs
 
 

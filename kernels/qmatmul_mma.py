@@ -52,6 +52,14 @@ block's MMA runs while the warps convert the next. Any number of tokens, in tile
 warpgroups of MMA warps (64 or 128 rows). H200, the tuner's picks (results/kernels.md, the section from 05:39 UTC
 2026-12-01), against cuBLAS fp16 in the same run: 8192^2 at 64 tokens 24.2 us (1.66x; 32.4 on mma.sync), 128
 tokens 32.6 (1.22x), 256 tokens 54.4 (0.85x), 1024 tokens 203 (0.84x); 4096x14336: 24.5 (1.63x), 35.5 (1.12x).
+With the gather a Triton kernel (`kernels.x_order`; the section from 07:02 UTC): 64 tokens 21.9 us (1.84x), 128
+30.2 (1.32x), 256 49.5 (0.95x), 1024 186 (0.93x), of which the gather is 9.8 us.
+
+`natural=True` (X_NATURAL, fp16 x; opt-in: EFFOPT_QMM_NATURAL=1 offers it to the tuner) drops the gather: every
+lane of a quad loads all 8 words of its rows, and lane c converts byte c of each word (codes 8 wd + 2c and
+8 wd + 2c + 1, one PRMT, one LOP3 and one FMA a pair: `_codes_operand_natural`), which is where wgmma's A
+operand wants adjacent columns, so x is read as it lies. sm_90 SASS at 64 rows x 128 tokens, 4 blocks a trip:
+1,143 loop instructions against 1,060, the same wgmma pipelining (one group in flight); not yet run on a GPU.
 """
 import torch
 import triton
@@ -82,6 +90,13 @@ def _neg_asm(fma: str, minus_one: int, minus_offset: int):
         f"{fma} t, $1, m, c;\nmov.b32 $0, {{t, t}};\n}}")
 
 
+# x as it lies (X_NATURAL, fp16): byte b of a word (codes 2b, 2b + 1, adjacent columns) copied to bytes 0 and 2 by
+# one PRMT with a per-lane selector ($3), then the low nibble at bits 0-3 (1024 + q) and the high one at bits 20-23
+# (1024 + 16 q, * 1/16) by one LOP3, and one FMA with the mixed addend ($4: -(1024 + z) low, -(64 + z) high)
+_NAT_F16 = triton.language.constexpr(
+    "{\n.reg .b32 r, k;\nprmt.b32 r, $2, 0, $3;\nlop3.b32 r, r, 0x00f0000f, 0x64006400, 0xea;\n"
+    "mov.b32 k, 0x2c003c00;\nfma.rn.f16x2 r, r, k, $4;\nmov.b32 {$0, $1}, r;\n}")
+
 _NEG_F16 = _neg_asm("fma.rn.f16", 0xBC00, 0xE400)  # -1024
 _NEG16_F16 = _neg_asm("fma.rn.f16", 0xBC00, 0xD400)  # -64: for the high nibbles' 1024 + 16 q, scaled by 1/16
 _NEG_BF16 = _neg_asm("fma.rn.bf16", 0xBF80, 0xC300)  # -128
@@ -102,6 +117,10 @@ SIGMA = (0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15)
 SMEM_BYTES = 227 * 1024  # shared memory a program may take on sm_90
 X_WGMMA = 2  # X_PERMUTED value: x in the kernel's K order (`permute_x_wgmma`), read by wgmma from shared memory
 _X_WGMMA = triton.language.constexpr(X_WGMMA)
+# X_PERMUTED value: x as it lies, read by wgmma from shared memory; the codes converted in natural K order
+# (`_codes_operand_natural`, fp16 only), so no gather a call
+X_NATURAL = 3
+_X_NATURAL = triton.language.constexpr(X_NATURAL)
 WGMMA_WIDE_REGS = 168  # launch cap for a 256-token wgmma tile: ptxas wants 158 for its accumulators and operands
 X_GATHER_MIN_M = 32  # from here x is pre-permuted by a gather (`permute_x`) instead of in each lane's registers
 
@@ -221,6 +240,7 @@ if WG.HAVE_GLUON:
         STAGES: gl.constexpr,  # ring slots of one trip each (x, codes, scales, zeros)
         X_PERMUTED: gl.constexpr, SCALE_IN_TILE: gl.constexpr,
         W_L: gl.constexpr, X_L: gl.constexpr, MMA_L: gl.constexpr, OUT_L: gl.constexpr,
+        C_L: gl.constexpr,  # X_NATURAL: [rows, words, lanes of a quad] (`_codes_operand_natural`)
         HALVES: gl.constexpr,  # 2: the program's K range in two halves, each with its own ring and MMA warps
         HALF_REGS: gl.constexpr,  # with HALVES 2: the second half's MMA warps' registers (`ws_half_regs`)
     ):
@@ -238,14 +258,14 @@ if WG.HAVE_GLUON:
         GPT: gl.constexpr = (STEP * _BK) // GROUP if STEP * _BK >= GROUP else 1  # groups whose scales a trip reads
         TRIP_BYTES: gl.constexpr = STEP * (BLOCK_M * _BK * 2 + BLOCK_N * 32) + 2 * GPT * BLOCK_N * 2
         pid, pid_k, n0, m0, n_steps, it0, n_it = WG._tile_and_steps(M, N, K, BLOCK_N, BLOCK_M, SPLIT_K, STEP * _BK)
-        ONE: gl.constexpr = X_PERMUTED == _X_WGMMA  # every ring runs >= 1 trip (`_ws_consume`); clamped: a real one
+        ONE: gl.constexpr = X_PERMUTED >= _X_WGMMA  # every ring runs >= 1 trip (`_ws_consume`); clamped: a real one
         x_smem, q_smem, s_smem, z_smem, ready, empty = _ws_ring(x_desc, q_desc, s_desc, z_desc, BLOCK_N, BLOCK_M, STEP,
                                                                 STAGES, GPT)
         if HALVES == 1:
             fence_async_shared()  # the initialised barriers, visible to the copy engine
             acc, = gl.warp_specialize([
                 (_ws_consume, (x_smem, q_smem, s_smem, z_smem, ready, empty, n_it, GROUP, F16, X_PERMUTED,
-                               SCALE_IN_TILE, BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L)),
+                               SCALE_IN_TILE, BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L, C_L)),
                 (_ws_produce, (x_desc, q_desc, s_desc, z_desc, x_smem, q_smem, s_smem, z_smem, ready, empty,
                                gl.minimum(it0, n_steps - 1), n_it, m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES, ONE)),
             ], [1], [24])
@@ -259,13 +279,13 @@ if WG.HAVE_GLUON:
             h = n_it // 2  # trips of the first half
             acc, = gl.warp_specialize([
                 (_ws_consume, (x_smem, q_smem, s_smem, z_smem, ready, empty, h, GROUP, F16, X_PERMUTED, SCALE_IN_TILE,
-                               BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L)),
+                               BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L, C_L)),
                 (_ws_produce, (x_desc, q_desc, s_desc, z_desc, x_smem, q_smem, s_smem, z_smem, ready, empty,
                                gl.minimum(it0, n_steps - 1), h, m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES, ONE)),
                 (_ws_produce, (x_desc, q_desc, s_desc, z_desc, xb, qb, sb, zb, rb, eb, gl.minimum(it0 + h, n_steps - 1),
                                n_it - h, m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES, ONE)),
                 (_ws_consume_park, (xb, qb, sb, zb, rb, eb, n_it - h, red, done, GROUP, F16, X_PERMUTED,
-                                    SCALE_IN_TILE, BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L)),
+                                    SCALE_IN_TILE, BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L, C_L)),
             ], [1, 1, 4], [24, 24, HALF_REGS])
             mbarrier.wait(done.index(0), 0)
             acc += red.load(MMA_L)  # the same layout both halves hold their sums in
@@ -312,11 +332,12 @@ if WG.HAVE_GLUON:
     def _ws_consume_park(x_smem, q_smem, s_smem, z_smem, ready, empty, n_it, red, done, GROUP: gl.constexpr,
                          F16: gl.constexpr, X_PERMUTED: gl.constexpr, SCALE_IN_TILE: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STEP: gl.constexpr, STAGES: gl.constexpr,
-                         GPT: gl.constexpr, W_L: gl.constexpr, X_L: gl.constexpr, MMA_L: gl.constexpr):
+                         GPT: gl.constexpr, W_L: gl.constexpr, X_L: gl.constexpr, MMA_L: gl.constexpr,
+                         C_L: gl.constexpr):
         """The second half's MMA warps: `_ws_consume` over their own ring, then their sum parked in `red` for
         the first half's warps (`done`)."""
         acc, = _ws_consume(x_smem, q_smem, s_smem, z_smem, ready, empty, n_it, GROUP, F16, X_PERMUTED, SCALE_IN_TILE,
-                           BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L)
+                           BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L, C_L)
         red.store(acc)
         WG._barrier()  # every warp's part of the sum is stored
         mbarrier.arrive(done.index(0))
@@ -325,13 +346,13 @@ if WG.HAVE_GLUON:
     def _ws_consume(x_smem, q_smem, s_smem, z_smem, ready, empty, n_it, GROUP: gl.constexpr, F16: gl.constexpr,
                     X_PERMUTED: gl.constexpr, SCALE_IN_TILE: gl.constexpr, BLOCK_N: gl.constexpr,
                     BLOCK_M: gl.constexpr, STEP: gl.constexpr, STAGES: gl.constexpr, GPT: gl.constexpr,
-                    W_L: gl.constexpr, X_L: gl.constexpr, MMA_L: gl.constexpr):
+                    W_L: gl.constexpr, X_L: gl.constexpr, MMA_L: gl.constexpr, C_L: gl.constexpr):
         """The kernel's own warps: per trip, wait for its slot, read the codes, zeros and scales into registers,
         run the block math, and free the slot after a barrier (every warp past its reads of it)."""
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
         S_L: gl.constexpr = gl.SliceLayout(1, A_L) if SCALE_IN_TILE else gl.SliceLayout(1, MMA_L)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_L)
-        if X_PERMUTED == _X_WGMMA:  # a loop known to run: else ptxas finds the zeros of an empty range inside the
+        if X_PERMUTED >= _X_WGMMA:  # a loop known to run: else ptxas finds the zeros of an empty range inside the
             n_run = gl.maximum(n_it, 1)  # MMA pipeline and waits for every wgmma; an empty range's trip is dropped
         else:
             n_run = n_it
@@ -346,16 +367,16 @@ if WG.HAVE_GLUON:
             for gi in gl.static_range(GPT):
                 zs = zs + (z_smem.index(slot * GPT + gi).reshape([BLOCK_N]).load(gl.SliceLayout(1, W_L)),)
                 ss = ss + (s_smem.index(slot * GPT + gi).reshape([BLOCK_N]).load(S_L),)
-            if X_PERMUTED == _X_WGMMA:  # frees the previous trip's slot once its MMAs are done
+            if X_PERMUTED >= _X_WGMMA:  # frees the previous trip's slot once its MMAs are done
                 acc = _blocks_wgmma(acc, (words, zs, ss), x_smem, slot * STEP, empty, (i + STAGES - 1) % STAGES,
-                                    i > 0, GROUP, F16, BLOCK_N, STEP, A_L)
+                                    i > 0, GROUP, F16, X_PERMUTED == _X_NATURAL, BLOCK_N, STEP, A_L, C_L)
             else:
                 B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA_L, k_width=2)
                 acc = _blocks(acc, (words, zs, ss), x_smem, slot * STEP, True, GROUP, F16, X_PERMUTED,
                               SCALE_IN_TILE, BLOCK_N, BLOCK_M, STEP, X_L, A_L, B_L, MMA_L)
                 WG._barrier()  # every consumer warp is past its reads of this slot
                 mbarrier.arrive(empty.index(slot))
-        if X_PERMUTED == _X_WGMMA:
+        if X_PERMUTED >= _X_WGMMA:
             acc = warpgroup_mma_wait(0, deps=[acc])
             acc = gl.where(n_it > 0, acc, 0.0)
         return (acc,)
@@ -403,19 +424,26 @@ if WG.HAVE_GLUON:
 
     @gluon.jit
     def _blocks_wgmma(acc, loads, x_smem, x_at, empty, prev, release, GROUP: gl.constexpr, F16: gl.constexpr,
-                      BLOCK_N: gl.constexpr, STEP: gl.constexpr, A_L: gl.constexpr):
+                      NATURAL: gl.constexpr, BLOCK_N: gl.constexpr, STEP: gl.constexpr, A_L: gl.constexpr,
+                      C_L: gl.constexpr):
         """`_blocks` on wgmma: each block's (q - z) * s goes from registers into an asynchronous warpgroup MMA as
-        its A operand, and x (`permute_x_wgmma`: already in the kernel's K order) is its B operand, read by the
-        tensor cores from the ring slot x_at + sub, so no warp loads x. Each block's MMA runs while the warps
-        convert the next one, across trips too: once the trip's first MMA is issued, every earlier one is done,
-        and with `release` the previous trip's slot `prev` is freed. One MMA is left in flight."""
+        its A operand, and x (`permute_x_wgmma`: already in the kernel's K order; NATURAL: as it lies, the codes
+        converted in natural order) is its B operand, read by the tensor cores from the ring slot x_at + sub, so no
+        warp loads x. Each block's MMA runs while the warps convert the next one, across trips too: once the
+        trip's first MMA is issued, every earlier one is done, and with `release` the previous trip's slot `prev`
+        is freed. One MMA is left in flight."""
         GPB: gl.constexpr = GROUP // _BK  # blocks a group
         words, zs, ss = loads
         for sub in gl.static_range(STEP):
             if sub % GPB == 0:  # (static) a group starts: its zero points and scales
                 nz, nz16 = _zero_addends(zs[sub // GPB], F16)
+                if NATURAL:  # the low half's addend from nz, the high half's from nz16
+                    nzm = (nz & 0xFFFF) | (nz16 & -65536)
                 s_a = ss[sub // GPB]
-            a = _codes_operand(words[sub], nz, nz16, F16, BLOCK_N, A_L) * s_a[:, None]
+            if NATURAL:
+                a = _codes_operand_natural(words[sub], nzm, BLOCK_N, A_L, C_L) * s_a[:, None]
+            else:
+                a = _codes_operand(words[sub], nz, nz16, F16, BLOCK_N, A_L) * s_a[:, None]
             acc = warpgroup_mma(a, x_smem.index(x_at + sub).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(1, deps=[acc])
             if sub == 0:  # the previous trip's MMAs are done in every consumer warp: its slot is free (predicated,
@@ -508,6 +536,23 @@ if WG.HAVE_GLUON:
         return gl.convert_layout(a, A_L, assert_trivial=True)
 
     @gluon.jit
+    def _codes_operand_natural(words, nzm, BLOCK_N: gl.constexpr, A_L: gl.constexpr, C_L: gl.constexpr):
+        """int32 [BLOCK_N, 8] words of a 64-code block (every lane of a quad holds all 8 of its rows) -> q - z as
+        wgmma's A operand [BLOCK_N, 64] in natural K order (fp16): lane c of a quad takes byte c of each word, the
+        adjacent codes 8 wd + 2c and 8 wd + 2c + 1, which is where the operand wants them; nzm: each row's mixed
+        addend (`_NAT_F16`)."""
+        w3 = gl.convert_layout(words, gl.SliceLayout(2, C_L), assert_trivial=True)[:, :, None]  # [row, wd, 1]
+        b = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, C_L)))  # the lane's byte
+        sel = (b * 0x101 + 0x4040)[None, None, :]  # PRMT: byte b to bytes 0 and 2, zeros to bytes 1 and 3
+        w3, sel = gl.broadcast(w3, sel)  # [row, wd, c]
+        z3 = gl.convert_layout(nzm, gl.SliceLayout(1, gl.SliceLayout(2, C_L)), assert_trivial=True)[:, None, None]
+        z3 = gl.broadcast(z3, w3)[0]
+        lo, hi = gl.inline_asm_elementwise(_NAT_F16, "=h,=h,r,r,r", [w3, sel, z3], dtype=(gl.float16, gl.float16),
+                                           is_pure=True, pack=1)
+        a = gl.join(lo, hi).reshape([BLOCK_N, _BK])  # [row, wd, c, e] -> k = 8 wd + 2c + e
+        return gl.convert_layout(a, A_L, assert_trivial=True)
+
+    @gluon.jit
     def _x_operand(x, X_PERMUTED: gl.constexpr, BLOCK_M: gl.constexpr, B_L: gl.constexpr):
         """A block of x [BLOCK_M, 64] (lane c of a quad holds columns 16c .. 16c + 15 of its tokens, in SIGMA
         order with X_PERMUTED) -> the MMA's B operand [64, BLOCK_M] in the kernel's K order, no value leaving
@@ -521,9 +566,11 @@ if WG.HAVE_GLUON:
         return gl.convert_layout(x.reshape([_BK, BLOCK_M]), B_L, assert_trivial=True)
 
 
-def layouts(block_n: int, block_m: int, warps: int, wgmma: bool = False) -> dict:
+def layouts(block_n: int, block_m: int, warps: int, wgmma: bool = False, natural: bool = False) -> dict:
     """Register layouts for [block_n rows, block_m tokens]: 16 rows a warp per MMA tile, block_n / (16 warps)
-    tiles a warp; each layout places a value where the MMA operand needs it (the kernel's docstring)."""
+    tiles a warp; each layout places a value where the MMA operand needs it (the kernel's docstring). natural
+    (X_NATURAL): every lane of a quad holds all 8 words of its rows, and C_L spreads [rows, words, 4] over the
+    quad's lanes (`_codes_operand_natural`)."""
     tiles = block_n // (16 * warps)
     if (block_m not in (8, 16, 32, 64, 128, 256) or block_m > 64 and not wgmma or tiles < 1 or tiles & (tiles - 1)
             or block_n % (16 * warps)):
@@ -531,14 +578,26 @@ def layouts(block_n: int, block_m: int, warps: int, wgmma: bool = False) -> dict
                          f"of 16 * warps; got {block_n} x {block_m} with {warps} warps")
     log_w, log_t = warps.bit_length() - 1, tiles.bit_length() - 1
     quad = [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]]  # lane = 4g + c: c -> word pair, g -> row
-    words = gl.DistributedLinearLayout(
-        reg_bases=[[0, 1], [8, 0]] + [[16 * warps << i, 0] for i in range(log_t)],  # wd, row + 8, tiles
-        lane_bases=quad, warp_bases=[[16 << i, 0] for i in range(log_w)], block_bases=[], shape=[block_n, 8])
+    tile_bases = [[16 * warps << i, 0] for i in range(log_t)]
+    row_warps = [[16 << i, 0] for i in range(log_w)]
+    if natural:  # wd, row + 8, tiles; a quad's 4 lanes hold the same words
+        words = gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0]] + tile_bases, lane_bases=[[0, 0], [0, 0]] + quad[2:],
+            warp_bases=row_warps, block_bases=[], shape=[block_n, 8])
+    else:  # wd, row + 8, tiles
+        words = gl.DistributedLinearLayout(reg_bases=[[0, 1], [8, 0]] + tile_bases, lane_bases=quad,
+                                           warp_bases=row_warps, block_bases=[], shape=[block_n, 8])
+    extra = {}
+    if natural:  # [rows, words, byte]: byte c on lane c of the quad
+        extra["C_L"] = gl.DistributedLinearLayout(
+            reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [8, 0, 0]] + [b + [0] for b in tile_bases],
+            lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+            warp_bases=[b + [0] for b in row_warps], block_bases=[], shape=[block_n, 8, 4])
     x = gl.DistributedLinearLayout(  # [tokens, 64]: 16 positions a lane, tokens g + 8i; warps share it
         reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8]] + [[8 << i, 0] for i in range(block_m.bit_length() - 4)],
         lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]], warp_bases=[[0, 0]] * log_w, block_bases=[],
         shape=[block_m, BLOCK_K])
-    return dict(W_L=words, X_L=x,
+    return dict(W_L=words, X_L=x, **extra,
                 # the x copy: 16 bytes (8 columns) a thread, a 128-byte row per 8 threads
                 XC_L=gl.BlockedLayout([1, 8], [4, 8], [warps, 1], [1, 0]),
                 # 16-byte chunk j of token row r at chunk j ^ (r % 8): the two token rows each quarter-warp reads
@@ -575,12 +634,13 @@ def ws_descriptors(x2, qweight, scales, zeros, block_n: int, block_m: int, step:
 
 def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, block_n: int, block_m: int,
            split_k: int, warps: int, step: int, scale_in_tile: bool = False, stages: int = 2, gather: bool = None,
-           specialized: bool = False, halves: int = 1, wgmma: bool = False):
+           specialized: bool = False, halves: int = 1, wgmma: bool = False, natural: bool = False):
     """out[M, N] = x2 @ dequant(W)^T (+ bias) for M <= 64 (any M with wgmma). ws_buf / lock: split-K workspace and
     zeroed arrival counters (`qmatmul._scratch`) for cdiv(M, block_m) * cdiv(N, block_n) tiles. specialized: the
     kernel fed by a producer warp's bulk copies through `stages` ring slots (`_w4_mma_sync_ws_kernel`); halves 2:
     each program's K range in two halves side by side (4 MMA warps each); wgmma: that kernel's block MMAs on
-    wgmma, x read from shared memory (`_blocks_wgmma`; scale in the tile, 4 or 8 MMA warps)."""
+    wgmma, x read from shared memory (`_blocks_wgmma`; scale in the tile, 4 or 8 MMA warps); natural (with wgmma,
+    fp16 x): x read as it lies, the codes converted in natural K order, no gather."""
     M, K = x2.shape
     N = qweight.shape[0]
     group = min(group, K)
@@ -592,6 +652,9 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
         raise ValueError(f"wgmma is a form of the warp-specialized mma.sync kernel with the scale in the tile and one "
                          f"or two warpgroups of MMA warps; got specialized={specialized}, "
                          f"scale_in_tile={scale_in_tile}, warps={warps}")
+    if natural and (not wgmma or x2.dtype != torch.float16):
+        raise ValueError(f"natural (x as it lies) is a form of the wgmma kernel for fp16 x; got wgmma={wgmma}, "
+                         f"x {x2.dtype}")
     if not specialized and stages not in (1, 2):
         raise ValueError(f"the mma.sync kernel keeps 1 or 2 trips of loads in flight (stages); got {stages}")
     if specialized and (stages < 2 or warps % 4):
@@ -609,7 +672,9 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
         raise ValueError("the mma.sync kernel reads the codes as contiguous int32 words")
     f16 = x2.dtype == torch.float16
     gather = block_m >= X_GATHER_MIN_M if gather is None else gather
-    if wgmma:
+    if natural:
+        gather = X_NATURAL
+    elif wgmma:
         x2, gather = permute_x_wgmma(x2), X_WGMMA
     elif gather:
         x2 = permute_x(x2)
@@ -620,7 +685,7 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
                              "a prepare_weight() result")
         if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
             x2 = x2.contiguous()  # bulk copies need 16-byte aligned rows
-        lay = layouts(block_n, block_m, warps, wgmma)
+        lay = layouts(block_n, block_m, warps, wgmma, natural)
         sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
         regs = ws_launch_regs(grid[0] * grid[1], warps, smem, sms, halves)
         if wgmma and block_m > 128:
@@ -630,7 +695,8 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
             ws_buf, lock, M, N, K, out.stride(0), GROUP=group, F16=f16, HAS_BIAS=bias is not None, BLOCK_N=block_n,
             BLOCK_M=block_m, SPLIT_K=split_k, STEP=step, STAGES=stages, HALVES=halves,
             HALF_REGS=ws_half_regs(regs) if halves == 2 else 0, X_PERMUTED=gather, SCALE_IN_TILE=scale_in_tile,
-            W_L=lay["W_L"], X_L=lay["X_L"], MMA_L=lay["MMA_L"], OUT_L=lay["OUT_L"], num_warps=warps, maxnreg=regs)
+            W_L=lay["W_L"], X_L=lay["X_L"], MMA_L=lay["MMA_L"], OUT_L=lay["OUT_L"], C_L=lay.get("C_L"), num_warps=warps,
+            maxnreg=regs)
         return out
     _w4_mma_sync_kernel[grid](
         x2, qweight.view(torch.int32), scales, zeros, bias if bias is not None else out, out, ws_buf,

@@ -28,7 +28,7 @@ def parse_cfg(text: str) -> Q.Cfg:
              "zero_in_tile"]
     fields = {n: int(v) for n, v in zip(names, (t for t in tokens if "=" not in t))}
     fields.update((n, int(v)) for n, v in (t.split("=") for t in tokens if "=" in t))  # e.g. post_zero=0
-    for flag in ("x_split", "ptx", "zero_in_tile", "post_zero", "specialized", "mma_v2", "wgmma"):
+    for flag in ("x_split", "ptx", "zero_in_tile", "post_zero", "specialized", "mma_v2", "wgmma", "natural"):
         if flag in fields:
             fields[flag] = bool(fields[flag])
     return Q.Cfg(kind, **fields)

@@ -18,6 +18,7 @@ frequent opcodes. Counts are not timings (results/kernels.md has a case where th
         (--dump FILE writes the whole SASS; --x-split: x arrives pre-permuted)
     python scripts/sass_count.py candidates   # compile every mma config the tuner may try (~15 min)
     python scripts/sass_count.py ms --ws --wgmma --block-m 128 --block-n 64 --step 2 --stages 3   # on wgmma
+        (--natural: x read as it lies, the codes converted in natural K order)
     python scripts/sass_count.py attn-ws [--head-dim 64] [--stages 3] [--full] [--window] [--overlap [--pingpong]]
     python scripts/sass_count.py rope-store [--quant] [--bf16]   # the fused RoPE + KV-cache write
     python scripts/sass_count.py smoke   # one config of every kernel variant compiles (CI runs it)
@@ -97,19 +98,19 @@ def compile_mma_sync(block_n=128, block_m=16, warps=4, step=2, split_k=4, bf16=F
 
 
 def compile_mma_sync_ws(block_n=64, block_m=16, warps=4, step=4, split_k=4, stages=3, bf16=False,
-                        scale_in_tile=False, maxnreg=None, halves=1, wgmma=False):
+                        scale_in_tile=False, maxnreg=None, halves=1, wgmma=False, natural=False):
     """`kernels.qmatmul_mma._w4_mma_sync_ws_kernel` (bulk copies by a producer warp) for sm_90, W4 g128, with
     the descriptors' block shapes and shared layouts `qmatmul_mma.ws_descriptors` gives them."""
     dt = "bf16" if bf16 else "fp16"
     act = "*" + dt
-    lay = MS.layouts(block_n, block_m, warps, wgmma)
+    lay = MS.layouts(block_n, block_m, warps, wgmma, natural)
     smem = MS.ws_shared_layouts(step)
     const = dict(GROUP=128, F16=not bf16, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_M=block_m, SPLIT_K=split_k,
                  STEP=step, STAGES=stages, HALVES=halves,
                  HALF_REGS=MS.ws_half_regs(maxnreg or 128) if halves == 2 else 0,
-                 X_PERMUTED=MS.X_WGMMA if wgmma else block_m >= MS.X_GATHER_MIN_M,
+                 X_PERMUTED=MS.X_NATURAL if natural else MS.X_WGMMA if wgmma else block_m >= MS.X_GATHER_MIN_M,
                  SCALE_IN_TILE=scale_in_tile or wgmma,
-                 W_L=lay["W_L"], X_L=lay["X_L"], MMA_L=lay["MMA_L"], OUT_L=lay["OUT_L"])
+                 W_L=lay["W_L"], X_L=lay["X_L"], MMA_L=lay["MMA_L"], OUT_L=lay["OUT_L"], C_L=lay.get("C_L"))
     ptrs = dict(x_desc=f"tensordesc<{dt}[{block_m}, 64],{smem['x']!r}>",
                 q_desc=f"tensordesc<i32[{block_n}, {8 * step}],{smem['codes']!r}>",
                 s_desc=f"tensordesc<{dt}[1, {block_n}],{smem['scales']!r}>",
@@ -272,6 +273,8 @@ def compile_smoke():
             64, 16, 4, 4, 1, 4, maxnreg=168, halves=2)
         cases["W4 matmul, Gluon warp-specialized, wgmma"] = lambda: compile_mma_sync_ws(
             64, 128, 4, 2, 1, 3, scale_in_tile=True, maxnreg=128, wgmma=True)
+        cases["W4 matmul, Gluon warp-specialized, wgmma, x as it lies"] = lambda: compile_mma_sync_ws(
+            128, 256, 8, 2, 1, 3, scale_in_tile=True, maxnreg=168, wgmma=True, natural=True)
         cases["attention forward, Gluon warp-specialized"] = lambda: compile_attn_ws(128, 2, True, False, True)
         cases["attention forward, Gluon warp-specialized, overlapped"] = lambda: compile_attn_ws(
             128, 2, True, False, True, overlap=True)
@@ -343,6 +346,7 @@ def main():
     ap.add_argument("--overlap", action="store_true", help="attn-ws: the overlapped two-partition form")
     ap.add_argument("--pingpong", action="store_true", help="attn-ws --overlap: warpgroups take turns at the MMAs")
     ap.add_argument("--wgmma", action="store_true", help="ms --ws: the block MMAs on wgmma, x read from shared memory")
+    ap.add_argument("--natural", action="store_true", help="ms --ws --wgmma: x as it lies, codes in natural order")
     a = ap.parse_args()
     if a.kernel == "candidates":
         return compile_candidates()
@@ -350,7 +354,7 @@ def main():
         return compile_smoke()
     if a.kernel == "ms" and a.ws:  # its warp-specialized form, --stages ring slots
         return report(compile_mma_sync_ws(a.block_n or 64, a.block_m, a.warps, a.step, a.split_k, a.stages, a.bf16,
-                                          a.pre, a.maxnreg, a.halves, a.wgmma), a.top, a.dump)
+                                          a.pre, a.maxnreg, a.halves, a.wgmma, a.natural), a.top, a.dump)
     if a.kernel == "attn-ws":  # the warp-specialized Gluon attention forward, causal unless --full
         return report(compile_attn_ws(a.head_dim, a.stages, not a.full, a.window, a.bf16, a.overlap,
                                       a.pingpong), a.top, a.dump)

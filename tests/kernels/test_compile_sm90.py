@@ -22,5 +22,6 @@ def test_every_kernel_variant_compiles_for_sm90():
     assert "ok      attention forward, Gluon warp-specialized, overlapped" in out or not qmatmul_wgmma.HAVE_GLUON
     assert "ok      attention forward, Gluon warp-specialized, overlapped, ping-pong" in out or \
         not qmatmul_wgmma.HAVE_GLUON
-    total = 26 if qmatmul_wgmma.HAVE_GLUON else 16
+    assert "ok      W4 matmul, Gluon warp-specialized, wgmma, x as it lies" in out or not qmatmul_wgmma.HAVE_GLUON
+    total = 27 if qmatmul_wgmma.HAVE_GLUON else 16
     assert f"{total} of {total} kernels compile" in out

@@ -55,7 +55,8 @@ def test_kernel_k_order_gives_the_plain_product():
     k = torch.arange(64)
     t, h, c, e = k // 16, (k % 16) // 8, (k % 8) // 2, k % 2
     assert torch.equal(cols, 16 * c + torch.tensor(MS.SIGMA)[4 * t + 2 * h + e])
-    assert MS.permute_x(torch.arange(64.0)[None, :]).long().tolist() == [[16 * g + j for g in range(4) for j in MS.SIGMA]]
+    want = [[16 * g + j for g in range(4) for j in MS.SIGMA]]
+    assert MS.permute_x(torch.arange(64.0)[None, :]).long().tolist() == want
 
 
 def _halves(bits: torch.Tensor, dtype) -> torch.Tensor:
@@ -135,6 +136,11 @@ def test_ws_launch_wants_ring_slots_and_whole_warpgroups():
             MS.launch(x, torch.zeros(8, 128, dtype=torch.uint8), None, None, 128, None, None, None, None,
                       block_n=64, block_m=8, split_k=1, warps=warps, step=2, stages=stages, specialized=specialized,
                       halves=halves)
+    for wgmma, dtype in ((False, torch.float16), (True, torch.bfloat16)):  # natural: the wgmma form, fp16 x
+        with pytest.raises(ValueError, match="natural"):
+            MS.launch(x.to(dtype), torch.zeros(8, 128, dtype=torch.uint8), None, None, 128, None, None, None, None,
+                      block_n=64, block_m=64, split_k=1, warps=4, step=2, stages=3, specialized=True,
+                      scale_in_tile=True, wgmma=wgmma, natural=True)
     for specialized, pre, warps in ((False, True, 4), (True, False, 4), (True, True, 2)):  # ws, scale in tile, 4-8 warps
         with pytest.raises(ValueError, match="wgmma"):
             MS.launch(x, torch.zeros(8, 128, dtype=torch.uint8), None, None, 128, None, None, None, None,
@@ -224,11 +230,12 @@ def test_ms_kernel_matches_reference(bm, bn, sk, step, warps, m, n, k, group, dt
             out.fill_(float("nan"))
             assert rel_err(quant_matmul(x, w, bias=b, cfg=cfg, out=out), ref) < TOL[dtype], cfg
     # the block MMAs on wgmma (x read by the tensor cores from the ring), 4 MMA warps
-    for stages, halves in ((2, 1), (3, 1), (2, 2)) if warps == 4 else ():
+    natural = (False, True) if dtype == torch.float16 else (False,)  # x as it lies (fp16 only)
+    for stages, halves, nat in [(s, h, n) for s, h in ((2, 1), (3, 1), (2, 2)) for n in natural] if warps == 4 else ():
         if halves * MS.ws_smem_bytes(bn, bm, step, stages, min(group, k) if group > 0 else k) > MS.SMEM_BYTES:
             continue
         cfg = Cfg("ms", bm, bn, 32, sk, step, post_zero=False, warps=4, stages=stages, specialized=True, wgmma=True,
-                  halves=halves)
+                  halves=halves, natural=nat)
         for _ in range(2):
             out.fill_(float("nan"))
             assert rel_err(quant_matmul(x, w, bias=b, cfg=cfg, out=out), ref) < TOL[dtype], cfg
@@ -248,11 +255,37 @@ def test_ms_wgmma_many_tokens_matches_reference(bm, bn, warps, sk, m, n, k, grou
     qweight, scales, zeros, x, b, ref = make_problem(n, k, 4, group, dtype, m, bias)
     w = prepare_weight(qweight, scales, zeros, 4, group, k)
     out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
-    for stages in (2, 3):
-        cfg = Cfg("ms", bm, bn, 32, sk, 2, post_zero=False, warps=warps, stages=stages, specialized=True, wgmma=True)
+    for stages, natural in ((2, False), (3, False)) + (((2, True), (3, True)) if dtype == torch.float16 else ()):
+        cfg = Cfg("ms", bm, bn, 32, sk, 2, post_zero=False, warps=warps, stages=stages, specialized=True, wgmma=True,
+                  natural=natural)  # natural: x as it lies, no gather
         for _ in range(2):
             out.fill_(float("nan"))
             assert rel_err(quant_matmul(x, w, bias=b, cfg=cfg, out=out), ref) < TOL[dtype], cfg
+
+
+def test_natural_conversion_gives_each_lane_its_adjacent_codes_minus_the_zero():
+    """`_NAT_F16` emulated bit for bit (PRMT with lane c's selector as `_codes_operand_natural` builds it, then
+    LOP3 and the FMA): byte c of a word, codes 2c and 2c + 1 (the adjacent columns 8 wd + 2c, 8 wd + 2c + 1), gives
+    (q - z) for both, with the addend `_blocks_wgmma` mixes from `_zero_addends`' two (low half at OFFSET, high at
+    OFFSET / 16), for every byte, lane and zero point; the word's other bytes do not leak in."""
+    dtype = torch.float16
+    asm = MS._NAT_F16
+    byte = torch.arange(256)
+    z = torch.arange(16, dtype=torch.float64)
+    mul = _halves(torch.tensor(_hex(asm, r"mov.b32 k, (0x[0-9a-f]+)")), dtype), \
+        _halves(torch.tensor(_hex(asm, r"mov.b32 k, (0x[0-9a-f]+)")) >> 16, dtype)
+    addend = [z * _halves(torch.tensor(_hex(neg, r"mov.b16 m, (0x[0-9a-f]+)")), dtype)
+              + _halves(torch.tensor(_hex(neg, r"mov.b16 c, (0x[0-9a-f]+)")), dtype)
+              for neg in (MS._NEG_F16, MS._NEG16_F16)]  # the low half's, the high half's
+    for c in range(4):
+        word = (0xA5C35A3C & ~(0xFF << (8 * c))) | (byte << (8 * c))  # byte c under test
+        sel = c * 0x101 + 0x4040
+        src = [(word >> (8 * i)) & 0xFF for i in range(4)] + [torch.zeros_like(word)] * 4  # prmt's 8 bytes
+        r = sum(src[(sel >> (4 * i)) & 0x7] << (8 * i) for i in range(4))
+        r = (r & _hex(asm, r"lop3.b32 r, r, (0x[0-9a-f]+)")) | _hex(asm, r"lop3.b32 r, r, 0x[0-9a-f]+, (0x[0-9a-f]+)")
+        for h, (half, code) in enumerate(((r, byte & 0xF), (r >> 16, byte >> 4))):
+            got = _halves(half, dtype)[:, None] * mul[h] + addend[h][None, :]
+            assert torch.equal(got, (code[:, None] - z[None, :]).double()), (c, h)
 
 
 def test_permute_x_wgmma_puts_each_column_where_the_codes_operand_has_it():
@@ -268,3 +301,20 @@ def test_permute_x_wgmma_puts_each_column_where_the_codes_operand_has_it():
             col = blk * 64 + 16 * c + 8 * (t // 2) + 4 * e + 2 * h + t % 2
             assert got[1, blk * 64 + k] == x[1, col], k
             assert reg[1, blk * 64 + 16 * c + 4 * t + 2 * h + e] == x[1, col], k
+
+
+def test_natural_copies_are_offered_only_when_asked_and_for_fp16(monkeypatch):
+    """EFFOPT_QMM_NATURAL=1: every wgmma-form candidate again with `natural` (x as it lies), for fp16 x only."""
+    import dataclasses
+
+    monkeypatch.setattr(W, "available", lambda device: True)  # the Hopper candidate list, on any machine
+    qweight, scales, zeros, _ = make_weight(256, 1024, 4, 128, torch.float16, "cpu")
+    w = prepare_weight(qweight, scales, zeros, 4, 128, 1024)
+    monkeypatch.setattr(Q, "NATURAL_CANDIDATES", False)
+    base = Q.ms_wgmma_configs(64, w, torch.float16)
+    assert base and not any(c.natural for c in base)
+    monkeypatch.setattr(Q, "NATURAL_CANDIDATES", True)
+    both = Q.ms_wgmma_configs(64, w, torch.float16)
+    assert [c for c in both if not c.natural] == base
+    assert [dataclasses.replace(c, natural=False) for c in both if c.natural] == base
+    assert Q.ms_wgmma_configs(64, w, torch.bfloat16) == base
