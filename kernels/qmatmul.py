@@ -79,18 +79,6 @@ GEMV2_COPY = os.environ.get("EFFOPT_QMM_GEMV2_COPY", "auto")
 # ----------------------------------------------------------------------------------------------
 # Pure-torch reference (CPU or GPU). Tests compare the kernels against this.
 # ----------------------------------------------------------------------------------------------
-def _keep_gemv2_copy(device, bits: int, group: int, in_features: int) -> bool:
-    """Whether prepare_weight keeps gemv2's copy of the codes (GEMV2_COPY: "1", "0", or "auto": unless the Gluon
-    W4 kernel, faster at one token on an H200, takes this weight on this device)."""
-    if GEMV2_COPY not in ("auto", "0", "1"):
-        raise ValueError(f"EFFOPT_QMM_GEMV2_COPY must be auto, 0 or 1; got {GEMV2_COPY!r}")
-    if GEMV2_COPY != "auto":
-        return GEMV2_COPY == "1"
-    from kernels import qmatmul_mma, qmatmul_wgmma
-
-    return not (MS_CANDIDATES and qmatmul_wgmma.available(device) and qmatmul_mma.fits(bits, group, in_features, 1))
-
-
 def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """Unpack the little-endian b-bit codes of every row: uint8 [N, ceil(K*b/8)] -> int32 [N, K]."""
     k = torch.arange(in_features, device=qweight.device)
@@ -156,6 +144,18 @@ class QuantWeight:
     @property
     def row_bytes(self) -> int:
         return self.qweight.shape[1]
+
+
+def _keep_gemv2_copy(device, bits: int, group: int, in_features: int) -> bool:
+    """Whether prepare_weight keeps gemv2's copy of the codes (GEMV2_COPY: "1", "0", or "auto": unless the Gluon
+    W4 kernel, faster at one token on an H200, takes this weight on this device)."""
+    if GEMV2_COPY not in ("auto", "0", "1"):
+        raise ValueError(f"EFFOPT_QMM_GEMV2_COPY must be auto, 0 or 1; got {GEMV2_COPY!r}")
+    if GEMV2_COPY != "auto":
+        return GEMV2_COPY == "1"
+    from kernels import qmatmul_mma, qmatmul_wgmma
+
+    return not (MS_CANDIDATES and qmatmul_wgmma.available(device) and qmatmul_mma.fits(bits, group, in_features, 1))
 
 
 def prepare_weight(qweight, scales, zeros, bits: int, group_size: int, in_features: int) -> QuantWeight:

@@ -580,19 +580,18 @@ def layouts(block_n: int, block_m: int, warps: int, wgmma: bool = False, natural
     quad = [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]]  # lane = 4g + c: c -> word pair, g -> row
     tile_bases = [[16 * warps << i, 0] for i in range(log_t)]
     row_warps = [[16 << i, 0] for i in range(log_w)]
-    if natural:  # wd, row + 8, tiles; a quad's 4 lanes hold the same words
+    if natural:  # words wd, row + 8, tiles, the quad's 4 lanes alike; C_L: [rows, words, byte], byte c on lane c
         words = gl.DistributedLinearLayout(
             reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0]] + tile_bases, lane_bases=[[0, 0], [0, 0]] + quad[2:],
             warp_bases=row_warps, block_bases=[], shape=[block_n, 8])
+        extra = dict(C_L=gl.DistributedLinearLayout(
+            reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [8, 0, 0]] + [b + [0] for b in tile_bases],
+            lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+            warp_bases=[b + [0] for b in row_warps], block_bases=[], shape=[block_n, 8, 4]))
     else:  # wd, row + 8, tiles
         words = gl.DistributedLinearLayout(reg_bases=[[0, 1], [8, 0]] + tile_bases, lane_bases=quad,
                                            warp_bases=row_warps, block_bases=[], shape=[block_n, 8])
-    extra = {}
-    if natural:  # [rows, words, byte]: byte c on lane c of the quad
-        extra["C_L"] = gl.DistributedLinearLayout(
-            reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [8, 0, 0]] + [b + [0] for b in tile_bases],
-            lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-            warp_bases=[b + [0] for b in row_warps], block_bases=[], shape=[block_n, 8, 4])
+        extra = {}
     x = gl.DistributedLinearLayout(  # [tokens, 64]: 16 positions a lane, tokens g + 8i; warps share it
         reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8]] + [[8 << i, 0] for i in range(block_m.bit_length() - 4)],
         lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]], warp_bases=[[0, 0]] * log_w, block_bases=[],
