@@ -8,5 +8,5 @@ Modules:
     kernels.attention -- FlashAttention-style forward/backward, split-KV decode, int8-KV decode.
     kernels.int8_matmul -- W8A8 (SmoothQuant): per-token int8 quantization, int8 tensor-core matmul.
     kernels.qmatmul_mma, kernels.qmatmul_wgmma, kernels.attention_ws -- Gluon kernels for Hopper (W4 matmul;
-        a warp-specialized attention forward, opt-in), which the modules above offer to their tuners.
+        a warp-specialized attention forward), which the modules above offer to their tuners.
 """
