@@ -63,10 +63,14 @@ MMA_V2_CANDIDATES = os.environ.get("EFFOPT_QMM_V2", "1") == "1"
 # operand. On an H200 (results/kernels.md, 2026-12-01) 8192^2: 17.7 us at M = 16 against 22.3 for the mma.sync
 # pick, 39.9 at M = 64 against 48.0; appended to the candidates, EFFOPT_QMM_MS=0 leaves them out.
 MS_CANDIDATES = os.environ.get("EFFOPT_QMM_MS", "1") == "1"
-# EFFOPT_QMM_NATURAL=1 adds a copy of each wgmma-form candidate that reads fp16 x as it lies (`Cfg.natural`): no
-# gather a call (9.8 us of 186 at 8192^2, 1024 tokens on an H200), one more instruction a code pair. Compiled
-# for sm_90 offline; opt-in until it has run on a GPU.
-NATURAL_CANDIDATES = os.environ.get("EFFOPT_QMM_NATURAL", "0") == "1"
+# With fp16 x the wgmma-form candidates read x as it lies (`Cfg.natural`): no gather a call, one more
+# instruction a code pair. On an H200 (results/kernels.md, 2026-12-01 10:24 session) the natural pick against
+# the gathered one: 8192^2 20.1 against 22.7 us at 64 tokens, 177.9 against 188.9 at 1024; 4096x14336 29.1
+# against 30.9 at 128, 150.9 against 169.4 at 1024; a tie at 256 tokens (50.3 / 50.2). EFFOPT_QMM_NATURAL=0
+# gives the gathered form back, "both" times both. bf16 x is always gathered (the conversion is fp16's).
+NATURAL_MODE = os.environ.get("EFFOPT_QMM_NATURAL", "1")
+if NATURAL_MODE not in ("0", "1", "both"):
+    raise ValueError(f"EFFOPT_QMM_NATURAL={NATURAL_MODE!r}: expected 0, 1 or both")
 # prepare_weight's second copy of the codes for `_gemv2_kernel` (the decode GEMV): as large as the codes, so a
 # W4 layer on the GPU holds its codes twice. On an H200 the Gluon kernel above beat gemv2 at one token on every
 # shape timed (8192^2 12.5 against 14.4 us, 4096^2 8.1 / 10.0, 14336x4096 10.8 / 13.4, 4096x14336 12.2 / 13.7;
@@ -1356,8 +1360,8 @@ def ms_wgmma_configs(M: int, w: QuantWeight, dtype=torch.float16) -> list:
     default): 64 rows on one warpgroup (from 128 tokens also 128 rows on two), token tiles of up to 128 (and 256
     from 256 tokens), 2 or 4 blocks a trip, split-K near 1 and 2 programs an SM, 3 or 4 ring slots where they
     fit. The tuner's picks on an H200 at 8192^2 (results/kernels.md): 64 tokens 24.2 us (32.4 on mma.sync), 128
-    tokens 32.6 against cuBLAS fp16 40.0; at 16 tokens it was slower than the mma.sync form. With
-    NATURAL_CANDIDATES and fp16 x, each again reading x as it lies (`Cfg.natural`)."""
+    tokens 32.6 against cuBLAS fp16 40.0; at 16 tokens it was slower than the mma.sync form. With fp16 x each
+    reads x as it lies (`Cfg.natural`; NATURAL_MODE "0": gathered, "both": both forms)."""
     from kernels import qmatmul_mma, qmatmul_wgmma
 
     K = w.in_features
@@ -1381,8 +1385,9 @@ def ms_wgmma_configs(M: int, w: QuantWeight, dtype=torch.float16) -> list:
                     if qmatmul_mma.ws_smem_bytes(bn, bm, step, stages, group) <= qmatmul_mma.SMEM_BYTES:
                         cfgs.append(Cfg("ms", bm, bn, 32, sk, step, post_zero=False, warps=warps, stages=stages,
                                         specialized=True, wgmma=True))
-    if NATURAL_CANDIDATES and dtype == torch.float16:
-        cfgs = cfgs + [dataclasses.replace(c, natural=True) for c in cfgs]
+    if dtype == torch.float16 and NATURAL_MODE != "0":
+        natural = [dataclasses.replace(c, natural=True) for c in cfgs]
+        cfgs = cfgs + natural if NATURAL_MODE == "both" else natural
     return cfgs
 
 

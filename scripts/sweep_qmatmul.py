@@ -57,7 +57,7 @@ def main():
             timed = sorted((t for t in TIMINGS[key] if not kinds or t[0].kind in kinds), key=lambda t: t[1])
         per_kind = {}  # kind -> its timings, fastest first
         for t in timed:
-            per_kind.setdefault((t[0].kind, t[0].mma_v2), []).append(t)  # mma.sync copies: their own kind
+            per_kind.setdefault((t[0].kind, t[0].mma_v2, t[0].natural), []).append(t)  # mma.sync, natural: own kinds
         top = len(timed) if args.cfgs else args.top  # listed configs: every one
         rows = [t for kind_timed in per_kind.values() for t in kind_timed[:top]]
         print(f"| {n}x{k} | {m} | cuBLAS fp16 | {t16:.1f} | 1.00 |")

@@ -303,18 +303,22 @@ def test_permute_x_wgmma_puts_each_column_where_the_codes_operand_has_it():
             assert reg[1, blk * 64 + 16 * c + 4 * t + 2 * h + e] == x[1, col], k
 
 
-def test_natural_copies_are_offered_only_when_asked_and_for_fp16(monkeypatch):
-    """EFFOPT_QMM_NATURAL=1: every wgmma-form candidate again with `natural` (x as it lies), for fp16 x only."""
+def test_fp16_x_is_read_as_it_lies_unless_asked_otherwise(monkeypatch):
+    """EFFOPT_QMM_NATURAL: "1" (the default) every wgmma-form candidate reads fp16 x as it lies, "0" gathers it,
+    "both" times both; bf16 x is always gathered."""
     import dataclasses
 
     monkeypatch.setattr(W, "available", lambda device: True)  # the Hopper candidate list, on any machine
     qweight, scales, zeros, _ = make_weight(256, 1024, 4, 128, torch.float16, "cpu")
     w = prepare_weight(qweight, scales, zeros, 4, 128, 1024)
-    monkeypatch.setattr(Q, "NATURAL_CANDIDATES", False)
+    monkeypatch.setattr(Q, "NATURAL_MODE", "0")
     base = Q.ms_wgmma_configs(64, w, torch.float16)
     assert base and not any(c.natural for c in base)
-    monkeypatch.setattr(Q, "NATURAL_CANDIDATES", True)
-    both = Q.ms_wgmma_configs(64, w, torch.float16)
-    assert [c for c in both if not c.natural] == base
-    assert [dataclasses.replace(c, natural=False) for c in both if c.natural] == base
-    assert Q.ms_wgmma_configs(64, w, torch.bfloat16) == base
+    monkeypatch.setattr(Q, "NATURAL_MODE", "1")
+    natural = Q.ms_wgmma_configs(64, w, torch.float16)
+    assert all(c.natural for c in natural) and [dataclasses.replace(c, natural=False) for c in natural] == base
+    monkeypatch.setattr(Q, "NATURAL_MODE", "both")
+    assert Q.ms_wgmma_configs(64, w, torch.float16) == base + natural
+    for mode in ("0", "1", "both"):
+        monkeypatch.setattr(Q, "NATURAL_MODE", mode)
+        assert Q.ms_wgmma_configs(64, w, torch.bfloat16) == base
