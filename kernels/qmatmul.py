@@ -991,6 +991,7 @@ class Cfg:
     halves: int = 1  # ms specialized: 2 = each program's K range in two halves side by side (`qmatmul_mma`)
     wgmma: bool = False  # ms specialized, scale in the tile: the block MMAs on wgmma, x read from shared memory
     natural: bool = False  # ms wgmma, fp16: x read as it lies (no gather), the codes converted in natural K order
+    pdl: int = 0  # ms specialized: a programmatic dependent launch (1: copies after the grid before; 2: weights before)
 
 
 DEBUG_POISON = False  # tests: fill the split-K workspace with NaN before every launch
@@ -1134,7 +1135,7 @@ def _launch_ms(cfg: Cfg, x2, w: QuantWeight, bias, out):
                               block_n=cfg.block_n, block_m=cfg.block_m, split_k=cfg.split_k, warps=cfg.warps,
                               step=cfg.step_blocks, scale_in_tile=not cfg.post_zero, stages=cfg.stages,
                               gather=cfg.x_split, specialized=cfg.specialized, halves=cfg.halves, wgmma=cfg.wgmma,
-                              natural=cfg.natural)
+                              natural=cfg.natural, pdl=cfg.pdl)
 
 
 def _launch_gemv2(cfg: Cfg, x2, w: QuantWeight, bias, out):

@@ -245,6 +245,7 @@ if WG.HAVE_GLUON:
         C_L: gl.constexpr,  # X_NATURAL: [rows, words, lanes of a quad] (`_codes_operand_natural`)
         HALVES: gl.constexpr,  # 2: the program's K range in two halves, each with its own ring and MMA warps
         HALF_REGS: gl.constexpr,  # with HALVES 2: the second half's MMA warps' registers (`ws_half_regs`)
+        PDL: gl.constexpr = 0,  # launched as a programmatic dependent: 1 wait first, 2 the weights' first trips before
     ):
         """`_w4_mma_sync_kernel` fed by one producer warp: each trip's x, codes, scales and zeros arrive by bulk
         (TMA) copies into a ring of STAGES slots, counted on the slot's `ready` barrier, so the kernel's warps hold
@@ -256,20 +257,29 @@ if WG.HAVE_GLUON:
 
         HALVES 2 runs the program's trips as two halves side by side, each with its own producer warp, ring and 4
         MMA warps; the second half parks its sum in shared memory for the first. One program then streams as two
-        did, without the split-K finish between them (on an H200 that finish cost 1.2 us at 8192^2, 16 tokens)."""
+        did, without the split-K finish between them (on an H200 that finish cost 1.2 us at 8192^2, 16 tokens).
+
+        PDL (launched with `launch_pdl`, sm_90): the kernel lets the next grid launch at once and is itself
+        scheduled during the previous grid's tail. 1: each producer waits for that grid (`griddepcontrol.wait`)
+        before its first copy; 2: it first copies the codes, scales and zeros of its first STAGES trips, then
+        waits, then copies x: the weight must not be written by the kernel launched right before this one. The
+        epilogue waits too, so no write of this grid can land before the previous grid is done."""
         GPT: gl.constexpr = (STEP * _BK) // GROUP if STEP * _BK >= GROUP else 1  # groups whose scales a trip reads
         TRIP_BYTES: gl.constexpr = STEP * (BLOCK_M * _BK * 2 + BLOCK_N * 32) + 2 * GPT * BLOCK_N * 2
         pid, pid_k, n0, m0, n_steps, it0, n_it = WG._tile_and_steps(M, N, K, BLOCK_N, BLOCK_M, SPLIT_K, STEP * _BK)
         ONE: gl.constexpr = X_PERMUTED >= _X_WGMMA  # every ring runs >= 1 trip (`_ws_consume`); clamped: a real one
         x_smem, q_smem, s_smem, z_smem, ready, empty = _ws_ring(x_desc, q_desc, s_desc, z_desc, BLOCK_N, BLOCK_M, STEP,
                                                                 STAGES, GPT)
+        if PDL:
+            _gdc_launch_dependents()
         if HALVES == 1:
             fence_async_shared()  # the initialised barriers, visible to the copy engine
             acc, = gl.warp_specialize([
                 (_ws_consume, (x_smem, q_smem, s_smem, z_smem, ready, empty, n_it, GROUP, F16, X_PERMUTED,
                                SCALE_IN_TILE, BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L, C_L)),
                 (_ws_produce, (x_desc, q_desc, s_desc, z_desc, x_smem, q_smem, s_smem, z_smem, ready, empty,
-                               gl.minimum(it0, n_steps - 1), n_it, m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES, ONE)),
+                               gl.minimum(it0, n_steps - 1), n_it, m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES, ONE,
+                               PDL)),
             ], [1], [24])
         else:  # the second half: its own ring, producer and MMA warps, its sum parked in `red`
             xb, qb, sb, zb, rb, eb = _ws_ring(x_desc, q_desc, s_desc, z_desc, BLOCK_N, BLOCK_M, STEP, STAGES, GPT)
@@ -283,37 +293,67 @@ if WG.HAVE_GLUON:
                 (_ws_consume, (x_smem, q_smem, s_smem, z_smem, ready, empty, h, GROUP, F16, X_PERMUTED, SCALE_IN_TILE,
                                BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L, C_L)),
                 (_ws_produce, (x_desc, q_desc, s_desc, z_desc, x_smem, q_smem, s_smem, z_smem, ready, empty,
-                               gl.minimum(it0, n_steps - 1), h, m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES, ONE)),
+                               gl.minimum(it0, n_steps - 1), h, m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES, ONE,
+                               PDL)),
                 (_ws_produce, (x_desc, q_desc, s_desc, z_desc, xb, qb, sb, zb, rb, eb, gl.minimum(it0 + h, n_steps - 1),
-                               n_it - h, m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES, ONE)),
+                               n_it - h, m0, n0, GROUP, STEP, STAGES, GPT, TRIP_BYTES, ONE, PDL)),
                 (_ws_consume_park, (xb, qb, sb, zb, rb, eb, n_it - h, red, done, GROUP, F16, X_PERMUTED,
                                     SCALE_IN_TILE, BLOCK_N, BLOCK_M, STEP, STAGES, GPT, W_L, X_L, MMA_L, C_L)),
             ], [1, 1, 4], [24, 24, HALF_REGS])
             mbarrier.wait(done.index(0), 0)
             acc += red.load(MMA_L)  # the same layout both halves hold their sums in
+        if PDL:
+            _gdc_wait()  # returns at once: the producers waited before this grid's x arrived
         WG._epilogue(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, n0, m0, N, M, stride_om, HAS_BIAS,
                      BLOCK_N, BLOCK_M, SPLIT_K, OUT_L)
 
     @gluon.jit
     def _ws_produce(x_desc, q_desc, s_desc, z_desc, x_smem, q_smem, s_smem, z_smem, ready, empty, it0, n_it, m0, n0,
                     GROUP: gl.constexpr, STEP: gl.constexpr, STAGES: gl.constexpr, GPT: gl.constexpr,
-                    TRIP_BYTES: gl.constexpr, ONE: gl.constexpr):
+                    TRIP_BYTES: gl.constexpr, ONE: gl.constexpr, PDL: gl.constexpr = 0):
         """The producer warp: trip i's copies into slot i % STAGES once the consumers have freed it (with ONE, at
-        least one trip: trip it0's again when the range is empty)."""
-        for i in range(gl.maximum(n_it, ONE)):
+        least one trip: trip it0's again when the range is empty). PDL 1: after the previous grid is done; PDL 2:
+        the weights of the first STAGES trips before that (each slot's first pass is free), x after."""
+        n = gl.maximum(n_it, ONE)
+        if PDL == 2:
+            for i in range(gl.minimum(n, STAGES)):
+                mbarrier.expect(ready.index(i), TRIP_BYTES)  # x's bytes are counted here too: they land later
+                _ws_copy_weights(q_desc, s_desc, z_desc, q_smem, s_smem, z_smem, ready.index(i), i, (it0 + i) * STEP,
+                                 n0, GROUP, STEP, GPT)
+        if PDL:
+            _gdc_wait()
+        for i in range(n):
             slot = i % STAGES
             # a fresh barrier counts as having completed the phase before its first: the first pass is free
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
             bar = ready.index(slot)
             blk = (it0 + i) * STEP
-            mbarrier.expect(bar, TRIP_BYTES)
-            WG._tma_load(q_desc, [n0, blk * 8], bar, q_smem.index(slot))  # the trip's codes: one box
+            if PDL != 2 or i >= STAGES:
+                mbarrier.expect(bar, TRIP_BYTES)
+                _ws_copy_weights(q_desc, s_desc, z_desc, q_smem, s_smem, z_smem, bar, slot, blk, n0, GROUP, STEP, GPT)
             for sub in gl.static_range(STEP):
                 WG._tma_load(x_desc, [m0, (blk + sub) * _BK], bar, x_smem.index(slot * STEP + sub))
-            for gi in gl.static_range(GPT):
-                g = (blk * _BK) // GROUP + gi
-                WG._tma_load(s_desc, [g, n0], bar, s_smem.index(slot * GPT + gi))
-                WG._tma_load(z_desc, [g, n0], bar, z_smem.index(slot * GPT + gi))
+
+    @gluon.jit
+    def _ws_copy_weights(q_desc, s_desc, z_desc, q_smem, s_smem, z_smem, bar, slot, blk, n0, GROUP: gl.constexpr,
+                         STEP: gl.constexpr, GPT: gl.constexpr):
+        """One trip's codes (one box), scales and zeros into ring slot `slot`, counted on `bar`."""
+        WG._tma_load(q_desc, [n0, blk * 8], bar, q_smem.index(slot))
+        for gi in gl.static_range(GPT):
+            g = (blk * _BK) // GROUP + gi
+            WG._tma_load(s_desc, [g, n0], bar, s_smem.index(slot * GPT + gi))
+            WG._tma_load(z_desc, [g, n0], bar, z_smem.index(slot * GPT + gi))
+
+    @gluon.jit
+    def _gdc_wait():
+        """griddepcontrol.wait: until the grid this one depends on is done and its writes are visible."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _gdc_launch_dependents():
+        """griddepcontrol.launch_dependents: the next grid (launched as a dependent) may be scheduled now."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
 
     @gluon.jit
     def _ws_ring(x_desc, q_desc, s_desc, z_desc, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STEP: gl.constexpr,
@@ -635,13 +675,15 @@ def ws_descriptors(x2, qweight, scales, zeros, block_n: int, block_m: int, step:
 
 def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, block_n: int, block_m: int,
            split_k: int, warps: int, step: int, scale_in_tile: bool = False, stages: int = 2, gather: bool = None,
-           specialized: bool = False, halves: int = 1, wgmma: bool = False, natural: bool = False):
+           specialized: bool = False, halves: int = 1, wgmma: bool = False, natural: bool = False, pdl: int = 0):
     """out[M, N] = x2 @ dequant(W)^T (+ bias) for M <= 64 (any M with wgmma). ws_buf / lock: split-K workspace and
     zeroed arrival counters (`qmatmul._scratch`) for cdiv(M, block_m) * cdiv(N, block_n) tiles. specialized: the
     kernel fed by a producer warp's bulk copies through `stages` ring slots (`_w4_mma_sync_ws_kernel`); halves 2:
     each program's K range in two halves side by side (4 MMA warps each); wgmma: that kernel's block MMAs on
     wgmma, x read from shared memory (`_blocks_wgmma`; scale in the tile, 4 or 8 MMA warps); natural (with wgmma,
-    fp16 x): x read as it lies, the codes converted in natural K order, no gather."""
+    fp16 x): x read as it lies, the codes converted in natural K order, no gather. pdl (specialized): launched as
+    a programmatic dependent of the kernel before (1: every copy after that grid is done; 2: the first trips'
+    weights before it, so the weight must not be written by the kernel launched right before)."""
     M, K = x2.shape
     N = qweight.shape[0]
     group = min(group, K)
@@ -664,6 +706,9 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
     if halves not in (1, 2) or (halves == 2 and (not specialized or warps != 4)):
         raise ValueError(f"halves 2 (two halves of K a program) is a form of the warp-specialized kernel with 4 MMA "
                          f"warps a half; got halves={halves}, specialized={specialized}, warps={warps}")
+    if pdl not in (0, 1, 2) or (pdl and not specialized):
+        raise ValueError(f"pdl (a programmatic dependent launch: 1 or 2) is a form of the warp-specialized kernel; got "
+                         f"pdl={pdl}, specialized={specialized}")
     smem = halves * ws_smem_bytes(block_n, block_m, step, stages, group)  # the warp-specialized kernel's rings
     if specialized and smem > SMEM_BYTES:
         raise ValueError(f"the warp-specialized mma.sync kernel's rings ({halves} x {stages} slots of {step} blocks "
@@ -696,8 +741,8 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
             ws_buf, lock, M, N, K, out.stride(0), GROUP=group, F16=f16, HAS_BIAS=bias is not None, BLOCK_N=block_n,
             BLOCK_M=block_m, SPLIT_K=split_k, STEP=step, STAGES=stages, HALVES=halves,
             HALF_REGS=ws_half_regs(regs) if halves == 2 else 0, X_PERMUTED=gather, SCALE_IN_TILE=scale_in_tile,
-            W_L=lay["W_L"], X_L=lay["X_L"], MMA_L=lay["MMA_L"], OUT_L=lay["OUT_L"], C_L=lay.get("C_L"), num_warps=warps,
-            maxnreg=regs)
+            W_L=lay["W_L"], X_L=lay["X_L"], MMA_L=lay["MMA_L"], OUT_L=lay["OUT_L"], C_L=lay.get("C_L"), PDL=pdl,
+            num_warps=warps, maxnreg=regs, **({"launch_pdl": True} if pdl else {}))
         return out
     _w4_mma_sync_kernel[grid](
         x2, qweight.view(torch.int32), scales, zeros, bias if bias is not None else out, out, ws_buf,

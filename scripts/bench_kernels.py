@@ -306,7 +306,7 @@ def _cfg_str(cfg):
         return f"ms {cfg.block_m}x{cfg.block_n}" + (f" sk{cfg.split_k}" if cfg.split_k > 1 else "") + \
             f" x{cfg.step_blocks} w{cfg.warps}s{cfg.stages}" + ("" if cfg.post_zero else " pre") + \
             (" xg" if cfg.x_split else "") + (" ws" if cfg.specialized else "") + (" h2" if cfg.halves == 2 else "") + \
-            (" wgmma" if cfg.wgmma else "") + (" nat" if cfg.natural else "")
+            (" wgmma" if cfg.wgmma else "") + (" nat" if cfg.natural else "") + (f" pdl{cfg.pdl}" if cfg.pdl else "")
     if cfg.kind == "xw":
         tag += f" w{cfg.warps}s{cfg.stages}"
     tag += "" if cfg.post_zero else " pre"

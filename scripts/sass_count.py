@@ -51,7 +51,7 @@ from kernels._tune import mma_sync  # noqa: E402
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_sm90(fn, const: dict, ptrs: dict, floats=(), multiples=(), warps=4, stages=3, maxnreg=None):
+def compile_sm90(fn, const: dict, ptrs: dict, floats=(), multiples=(), warps=4, stages=3, maxnreg=None, pdl=False):
     """triton.compile for sm_90a: constexprs `const`, pointer types `ptrs`, other args i32 (or fp32
     for `floats`); pointers, strides and the integer args in `multiples` are hinted divisible by 16,
     as a launch with such values specializes them. Gluon kernels compile through their own source
@@ -64,7 +64,8 @@ def compile_sm90(fn, const: dict, ptrs: dict, floats=(), multiples=(), warps=4, 
     if getattr(fn, "is_gluon", lambda: False)():
         from triton.experimental.gluon._runtime import GluonASTSource as source
     src = source(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=hints)
-    opts = dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    opts = dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+                **({"launch_pdl": True} if pdl else {}))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
@@ -98,7 +99,7 @@ def compile_mma_sync(block_n=128, block_m=16, warps=4, step=2, split_k=4, bf16=F
 
 
 def compile_mma_sync_ws(block_n=64, block_m=16, warps=4, step=4, split_k=4, stages=3, bf16=False,
-                        scale_in_tile=False, maxnreg=None, halves=1, wgmma=False, natural=False):
+                        scale_in_tile=False, maxnreg=None, halves=1, wgmma=False, natural=False, pdl=0):
     """`kernels.qmatmul_mma._w4_mma_sync_ws_kernel` (bulk copies by a producer warp) for sm_90, W4 g128, with
     the descriptors' block shapes and shared layouts `qmatmul_mma.ws_descriptors` gives them."""
     dt = "bf16" if bf16 else "fp16"
@@ -110,13 +111,13 @@ def compile_mma_sync_ws(block_n=64, block_m=16, warps=4, step=4, split_k=4, stag
                  HALF_REGS=MS.ws_half_regs(maxnreg or 128) if halves == 2 else 0,
                  X_PERMUTED=MS.X_NATURAL if natural else MS.X_WGMMA if wgmma else block_m >= MS.X_GATHER_MIN_M,
                  SCALE_IN_TILE=scale_in_tile or wgmma,
-                 W_L=lay["W_L"], X_L=lay["X_L"], MMA_L=lay["MMA_L"], OUT_L=lay["OUT_L"], C_L=lay.get("C_L"))
+                 W_L=lay["W_L"], X_L=lay["X_L"], MMA_L=lay["MMA_L"], OUT_L=lay["OUT_L"], C_L=lay.get("C_L"), PDL=pdl)
     ptrs = dict(x_desc=f"tensordesc<{dt}[{block_m}, 64],{smem['x']!r}>",
                 q_desc=f"tensordesc<i32[{block_n}, {8 * step}],{smem['codes']!r}>",
                 s_desc=f"tensordesc<{dt}[1, {block_n}],{smem['scales']!r}>",
                 z_desc=f"tensordesc<{dt}[1, {block_n}],{smem['scales']!r}>",
                 bias_ptr=act, out_ptr=act, ws_ptr="*fp32", lock_ptr="*i32")
-    return compile_sm90(MS._w4_mma_sync_ws_kernel, const, ptrs, (), ("N", "K"), warps, 1, maxnreg)
+    return compile_sm90(MS._w4_mma_sync_ws_kernel, const, ptrs, (), ("N", "K"), warps, 1, maxnreg, bool(pdl))
 
 
 def compile_attn_ws(head_dim=128, stages=2, causal=True, window=False, bf16=False, overlap=False, pingpong=False):
@@ -206,6 +207,13 @@ def compile_candidates():
         print("  FAILED", *f)
 
 
+def _check_pdl(kernel):
+    """A kernel built for a programmatic dependent launch: the launch flag set, both griddepcontrol forms in it."""
+    ptx = kernel.asm["ptx"]
+    if not kernel.metadata.launch_pdl or "griddepcontrol.wait" not in ptx or "launch_dependents" not in ptx:
+        raise RuntimeError("no dependent launch: launch_pdl unset or griddepcontrol missing from the PTX")
+
+
 def compile_smoke():
     """Compile one config of each kernel variant the GPU path launches (sm_90); exit 1 on any failure.
 
@@ -271,6 +279,8 @@ def compile_smoke():
                                                                                            maxnreg=128)
         cases["W4 matmul, Gluon mma.sync, warp-specialized, two halves"] = lambda: compile_mma_sync_ws(
             64, 16, 4, 4, 1, 4, maxnreg=168, halves=2)
+        cases["W4 matmul, Gluon mma.sync, two halves, dependent launch (weights first)"] = lambda: _check_pdl(
+            compile_mma_sync_ws(64, 8, 4, 4, 1, 3, maxnreg=168, halves=2, pdl=2))
         cases["W4 matmul, Gluon warp-specialized, wgmma"] = lambda: compile_mma_sync_ws(
             64, 128, 4, 2, 1, 3, scale_in_tile=True, maxnreg=128, wgmma=True)
         cases["W4 matmul, Gluon warp-specialized, wgmma, x as it lies"] = lambda: compile_mma_sync_ws(
@@ -321,7 +331,7 @@ def main():
     ap.add_argument("--cvt", type=int, default=A.INT8_CONVERT, help="decode: int8 conversion mode")
     ap.add_argument("--qk-int8", type=int, default=0, help="decode: q as int8 in 1 or 2 slices (qk_int8)")
     ap.add_argument("--fused", action="store_true", help="decode: the merge fused into the split kernel")
-    ap.add_argument("--pdl", type=int, default=0, help="decode: dependent-launch mode (0, 1, 2)")
+    ap.add_argument("--pdl", type=int, default=0, help="decode, ms --ws: dependent-launch mode (0, 1, 2)")
     ap.add_argument("--group-rows", type=int, default=16, help="decode: MMA rows (GQA group x tokens, >= 16)")
     # qmatmul
     ap.add_argument("--bits", type=int, default=4)
@@ -354,7 +364,7 @@ def main():
         return compile_smoke()
     if a.kernel == "ms" and a.ws:  # its warp-specialized form, --stages ring slots
         return report(compile_mma_sync_ws(a.block_n or 64, a.block_m, a.warps, a.step, a.split_k, a.stages, a.bf16,
-                                          a.pre, a.maxnreg, a.halves, a.wgmma, a.natural), a.top, a.dump)
+                                          a.pre, a.maxnreg, a.halves, a.wgmma, a.natural, a.pdl), a.top, a.dump)
     if a.kernel == "attn-ws":  # the warp-specialized Gluon attention forward, causal unless --full
         return report(compile_attn_ws(a.head_dim, a.stages, not a.full, a.window, a.bf16, a.overlap,
                                       a.pingpong), a.top, a.dump)

@@ -141,6 +141,11 @@ def test_ws_launch_wants_ring_slots_and_whole_warpgroups():
             MS.launch(x.to(dtype), torch.zeros(8, 128, dtype=torch.uint8), None, None, 128, None, None, None, None,
                       block_n=64, block_m=64, split_k=1, warps=4, step=2, stages=3, specialized=True,
                       scale_in_tile=True, wgmma=wgmma, natural=True)
+    for specialized, stages, pdl in ((False, 2, 1), (True, 3, 3)):  # a dependent launch: modes 1, 2 of the ws kernel
+        with pytest.raises(ValueError, match="pdl"):
+            MS.launch(x, torch.zeros(8, 128, dtype=torch.uint8), None, None, 128, None, None, None, None,
+                      block_n=64, block_m=8, split_k=1, warps=4, step=2, stages=stages, specialized=specialized,
+                      pdl=pdl)
     for specialized, pre, warps in ((False, True, 4), (True, False, 4), (True, True, 2)):  # ws, scale in tile, 4-8 warps
         with pytest.raises(ValueError, match="wgmma"):
             MS.launch(x, torch.zeros(8, 128, dtype=torch.uint8), None, None, 128, None, None, None, None,
@@ -239,6 +244,49 @@ def test_ms_kernel_matches_reference(bm, bn, sk, step, warps, m, n, k, group, dt
         for _ in range(2):
             out.fill_(float("nan"))
             assert rel_err(quant_matmul(x, w, bias=b, cfg=cfg, out=out), ref) < TOL[dtype], cfg
+
+
+@needs_hopper
+@pytest.mark.parametrize("cfg,m", [
+    (Cfg("ms", 8, 64, 32, 1, 4, warps=4, stages=3, specialized=True, halves=2, pdl=2), 1),  # the M = 1 form
+    (Cfg("ms", 16, 64, 32, 4, 4, warps=4, stages=3, specialized=True, pdl=1), 16),  # split-K: shared counters
+    (Cfg("ms", 16, 64, 32, 4, 4, warps=4, stages=3, specialized=True, pdl=2), 16),
+    (Cfg("ms", 64, 64, 32, 2, 2, post_zero=False, warps=4, stages=3, specialized=True, wgmma=True, natural=True,
+         pdl=2), 64),
+])
+def test_dependent_launch_reads_x_only_after_the_kernel_before(cfg, m):
+    """pdl: in a chain where each call's x is the output of the kernel launched right before it (the previous
+    call, then a rescale), eagerly and replayed as a CUDA graph, every output equals the plain launch's bit for
+    bit: x (and the split-K counters) are read only after the grid before is done."""
+    import dataclasses
+
+    n = k = 1024
+    qweight, scales, zeros, x, _, _ = make_problem(n, k, 4, 128, torch.float16, m, False)
+    w = prepare_weight(qweight, scales, zeros, 4, 128, k)
+
+    def chain(c, x0, outs):
+        x = x0
+        for out in outs:
+            y = quant_matmul(x, w, cfg=c, out=out)
+            x = y / y.abs().amax(dim=1, keepdim=True)  # this kernel writes the next call's x
+        return outs
+
+    plain = [t.clone() for t in chain(dataclasses.replace(cfg, pdl=0), x, [torch.empty(m, n, device=DEVICE,
+                                                                                       dtype=torch.float16)
+                                                                           for _ in range(6)])]
+    outs = [torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.float16) for _ in range(6)]
+    chain(cfg, x, outs)
+    assert all(torch.equal(a, b) for a, b in zip(plain, outs)), cfg
+    for o in outs:
+        o.fill_(float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain(cfg, x, outs)
+    for o in outs:
+        o.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(plain, outs)), cfg
 
 
 @needs_hopper
