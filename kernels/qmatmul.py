@@ -71,6 +71,17 @@ MS_CANDIDATES = os.environ.get("EFFOPT_QMM_MS", "1") == "1"
 NATURAL_MODE = os.environ.get("EFFOPT_QMM_NATURAL", "1")
 if NATURAL_MODE not in ("0", "1", "both"):
     raise ValueError(f"EFFOPT_QMM_NATURAL={NATURAL_MODE!r}: expected 0, 1 or both")
+# The warp-specialized `kernels.qmatmul_mma` configs up to 16 tokens launch as programmatic dependents (`Cfg.pdl`):
+# scheduled during the previous kernel's tail, they wait for it before their first copy (1), or copy their first
+# trips' weights before that wait (2: the weight must not be written by the kernel launched right before). On an
+# H200 timed back to back over rotating weights, as a decode step runs its layers (scripts/pdl_chain.py,
+# results/kernels.md, 2026-12-01 10:24 session): 8192^2 one token 12.7 -> 12.1 (1) / 11.6 us (2), 16 tokens
+# 14.7 -> 14.2; 4096x14336 16 tokens 14.7 -> 13.9 / 13.8. EFFOPT_QMM_PDL=0 launches them plainly, 2 copies weights
+# first. From 32 tokens it was not faster (timed after an L2 flush) and is not used.
+PDL_MODE = os.environ.get("EFFOPT_QMM_PDL", "1")
+if PDL_MODE not in ("0", "1", "2"):
+    raise ValueError(f"EFFOPT_QMM_PDL={PDL_MODE!r}: expected 0, 1 or 2")
+PDL_MODE = int(PDL_MODE)
 # prepare_weight's second copy of the codes for `_gemv2_kernel` (the decode GEMV): as large as the codes, so a
 # W4 layer on the GPU holds its codes twice. On an H200 the Gluon kernel above beat gemv2 at one token on every
 # shape timed (8192^2 12.5 against 14.4 us, 4096^2 8.1 / 10.0, 14336x4096 10.8 / 13.4, 4096x14336 12.2 / 13.7;
@@ -1315,7 +1326,8 @@ def ms_configs(M: int, w: QuantWeight) -> list:
     (results/kernels.md). From 32 tokens: 64 rows on 4 warps, 1, 2 or 4 blocks a trip, x gathered, the scale
     in the tile or after the MMA. Then the same kernel fed by a producer warp's bulk copies (`specialized`),
     where the weight's scales are group-major (`prepare_weight`), also with each program's K range run as two
-    halves side by side (`halves`: 8192^2 at 16 tokens 12.6 against 14.3 us on an H200, results/kernels.md)."""
+    halves side by side (`halves`: 8192^2 at 16 tokens 12.6 against 14.3 us on an H200, results/kernels.md); up to
+    16 tokens those launch as programmatic dependents (PDL_MODE)."""
     from kernels import qmatmul_mma, qmatmul_wgmma
 
     K = w.in_features
@@ -1346,13 +1358,13 @@ def ms_configs(M: int, w: QuantWeight) -> list:
                 for stages in (3, 4):
                     for post in ((True, False) if many else (True,)):
                         cfgs.append(Cfg("ms", bm, bn, 32, sk, step, post_zero=post, x_split=many, warps=4,
-                                        stages=stages, specialized=True))
+                                        stages=stages, specialized=True, pdl=0 if many else PDL_MODE))
     halves_steps = [s for s in ((2,) if many else (4,)) if s in fit]
     for step in halves_steps if qmatmul_wgmma.scale_pair_fits(w.scales, w.zeros, 64) else ():
         for sk in _splits(triton.cdiv(w.out_features, 64), K // (128 * step), _sms(w.qweight.device)):
             for stages in (3, 4):
                 cfgs.append(Cfg("ms", bm, 64, 32, sk, step, post_zero=not many, x_split=many, warps=4,
-                                stages=stages, specialized=True, halves=2))
+                                stages=stages, specialized=True, halves=2, pdl=0 if many else PDL_MODE))
     return cfgs
 
 

@@ -695,6 +695,11 @@ def launch(x2, qweight, scales, zeros, group: int, bias, out, ws_buf, lock, *, b
         raise ValueError(f"wgmma is a form of the warp-specialized mma.sync kernel with the scale in the tile and one "
                          f"or two warpgroups of MMA warps; got specialized={specialized}, "
                          f"scale_in_tile={scale_in_tile}, warps={warps}")
+    if wgmma and step == 1 and (block_m > 128 or warps != 4):
+        # an H200 gave wrong sums here (rel err 0.26 to inf at 256 tokens or 8 MMA warps, results/kernels.md, the
+        # 10:24 session of 2026-12-01); the tuner never offers it, and one block a trip was correct at <= 128 x 4
+        raise ValueError(f"wgmma with one block a trip (step 1) takes up to 128 tokens a tile on 4 MMA warps; got "
+                         f"block_m={block_m}, warps={warps}: use 2 or 4 blocks a trip")
     if natural and (not wgmma or x2.dtype != torch.float16):
         raise ValueError(f"natural (x as it lies) is a form of the wgmma kernel for fp16 x; got wgmma={wgmma}, "
                          f"x {x2.dtype}")

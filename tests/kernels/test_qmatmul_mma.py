@@ -141,6 +141,11 @@ def test_ws_launch_wants_ring_slots_and_whole_warpgroups():
             MS.launch(x.to(dtype), torch.zeros(8, 128, dtype=torch.uint8), None, None, 128, None, None, None, None,
                       block_n=64, block_m=64, split_k=1, warps=4, step=2, stages=3, specialized=True,
                       scale_in_tile=True, wgmma=wgmma, natural=True)
+    for block_m, warps in ((256, 8), (256, 4), (128, 8)):  # one block a trip on wgmma: wrong on an H200 there
+        with pytest.raises(ValueError, match="step 1"):
+            MS.launch(torch.zeros(256, 256, dtype=torch.float16), torch.zeros(8, 128, dtype=torch.uint8), None, None,
+                      128, None, None, None, None, block_n=64, block_m=block_m, split_k=1, warps=warps, step=1,
+                      stages=3, specialized=True, scale_in_tile=True, wgmma=True)
     for specialized, stages, pdl in ((False, 2, 1), (True, 3, 3)):  # a dependent launch: modes 1, 2 of the ws kernel
         with pytest.raises(ValueError, match="pdl"):
             MS.launch(x, torch.zeros(8, 128, dtype=torch.uint8), None, None, 128, None, None, None, None,
@@ -370,3 +375,20 @@ def test_fp16_x_is_read_as_it_lies_unless_asked_otherwise(monkeypatch):
     for mode in ("0", "1", "both"):
         monkeypatch.setattr(Q, "NATURAL_MODE", mode)
         assert Q.ms_wgmma_configs(64, w, torch.bfloat16) == base
+
+
+def test_warp_specialized_decode_configs_launch_as_dependents(monkeypatch):
+    """EFFOPT_QMM_PDL: up to 16 tokens every warp-specialized candidate carries the mode (1 by default, 0 off, 2
+    weights first); the plain kernel's candidates and those from 32 tokens never do."""
+    monkeypatch.setattr(W, "available", lambda device: True)  # the Hopper candidate list, on any machine
+    qweight, scales, zeros, _ = make_weight(256, 1024, 4, 128, torch.float16, "cpu")
+    w = prepare_weight(qweight, scales, zeros, 4, 128, 1024)
+    for mode in (1, 0, 2):
+        monkeypatch.setattr(Q, "PDL_MODE", mode)
+        for m in (1, 16, 64):
+            cfgs = Q.ms_configs(m, w)
+            ws = [c for c in cfgs if c.specialized]
+            assert ws and any(c.halves == 2 for c in ws)
+            assert all(c.pdl == (mode if m <= 16 else 0) for c in ws), (mode, m)
+            assert all(c.pdl == 0 for c in cfgs if not c.specialized)
+    assert all(c.pdl == 0 for c in Q.ms_wgmma_configs(64, w, torch.float16))

@@ -1,0 +1,53 @@
+"""W4A16 g128 configs timed back to back, as a decode step runs its layers: with and without a dependent launch (GPU).
+
+    python3 scripts/pdl_chain.py --shape 8192x8192 --ms 1,16 --cfgs "ms,8,64,32,1,4,0,4,3,specialized=1,halves=2"
+
+Each config (`once_qmatmul.parse_cfg`'s form) is timed as given and again with pdl=1 and pdl=2, the way
+`bench_kernels.py` times the tuner's pick: one CUDA graph of calls over rotating weight copies (> 3x the L2),
+no flush between them, so each call follows the previous one as the next layer follows this one. cuBLAS fp16
+is timed the same way.
+"""
+import argparse
+import dataclasses
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels import qmatmul as Q  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import L2_BYTES, _cfg_str, graph_ms, make_quant, rel_err, rotating  # noqa: E402
+from once_qmatmul import parse_cfg  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="8192x8192", help="N x K of the weight")
+    ap.add_argument("--ms", default="1,16")
+    ap.add_argument("--cfgs", required=True, help="';'-separated configs, each timed with pdl 0, 1 and 2")
+    args = ap.parse_args()
+    n, k = (int(d) for d in args.shape.split("x"))
+    torch.manual_seed(0)
+    w0 = make_quant(n, k, 4, 128)
+    ws = [w0] + rotating(lambda: make_quant(n, k, 4, 128), w0.qweight.numel() + 4 * w0.scales.numel())[1:]
+    w16 = [Q.dequantize(w.qweight, w.scales, w.zeros, 4, 128, k, dtype=torch.float16)
+           for w in ws[: max(1, math.ceil(3 * L2_BYTES / (n * k * 2)))]]
+    print("| N x K | M | config | µs | vs cuBLAS fp16 | rel err |\n|---|---|---|---|---|---|")
+    for m in (int(v) for v in args.ms.split(",")):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+        t16 = graph_ms([lambda i=i: torch.matmul(x, w16[i].t()) for i in range(len(w16))])[0] * 1e3
+        print(f"| {n}x{k} | {m} | cuBLAS fp16 | {t16:.1f} | 1.00 | |")
+        ref = x.float() @ w16[0].float().t()
+        for text in args.cfgs.split(";"):
+            for pdl in (0, 1, 2):
+                c = dataclasses.replace(parse_cfg(text), pdl=pdl)
+                err = rel_err(Q.quant_matmul(x, w0, cfg=c), ref)
+                t = graph_ms([lambda i=i, c=c: Q.quant_matmul(x, ws[i], cfg=c, out=out) for i in range(len(ws))])[0]
+                print(f"| {n}x{k} | {m} | {_cfg_str(c)} | {t * 1e3:.1f} | {t16 / (t * 1e3):.2f} | {err:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
