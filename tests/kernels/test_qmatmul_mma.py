@@ -276,10 +276,11 @@ def test_dependent_launch_reads_x_only_after_the_kernel_before(cfg, m):
             x = y / y.abs().amax(dim=1, keepdim=True)  # this kernel writes the next call's x
         return outs
 
-    plain = [t.clone() for t in chain(dataclasses.replace(cfg, pdl=0), x, [torch.empty(m, n, device=DEVICE,
-                                                                                       dtype=torch.float16)
-                                                                           for _ in range(6)])]
-    outs = [torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.float16) for _ in range(6)]
+    def buffers():
+        return [torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.float16) for _ in range(6)]
+
+    plain = chain(dataclasses.replace(cfg, pdl=0), x, buffers())
+    outs = buffers()
     chain(cfg, x, outs)
     assert all(torch.equal(a, b) for a, b in zip(plain, outs)), cfg
     for o in outs:
