@@ -110,6 +110,7 @@ if WG.HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 BLOCK_K = 64  # codes per block: 32 bytes a row, 8 bytes a lane
 _BK = triton.language.constexpr(BLOCK_K)  # the same, for the kernels
@@ -271,7 +272,7 @@ if WG.HAVE_GLUON:
         x_smem, q_smem, s_smem, z_smem, ready, empty = _ws_ring(x_desc, q_desc, s_desc, z_desc, BLOCK_N, BLOCK_M, STEP,
                                                                 STAGES, GPT)
         if PDL:
-            _gdc_launch_dependents()
+            gdc_launch_dependents()
         if HALVES == 1:
             fence_async_shared()  # the initialised barriers, visible to the copy engine
             acc, = gl.warp_specialize([
@@ -303,7 +304,7 @@ if WG.HAVE_GLUON:
             mbarrier.wait(done.index(0), 0)
             acc += red.load(MMA_L)  # the same layout both halves hold their sums in
         if PDL:
-            _gdc_wait()  # returns at once: the producers waited before this grid's x arrived
+            gdc_wait()  # returns at once: the producers waited before this grid's x arrived
         WG._epilogue(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid, pid_k, n0, m0, N, M, stride_om, HAS_BIAS,
                      BLOCK_N, BLOCK_M, SPLIT_K, OUT_L)
 
@@ -321,7 +322,7 @@ if WG.HAVE_GLUON:
                 _ws_copy_weights(q_desc, s_desc, z_desc, q_smem, s_smem, z_smem, ready.index(i), i, (it0 + i) * STEP,
                                  n0, GROUP, STEP, GPT)
         if PDL:
-            _gdc_wait()
+            gdc_wait()
         for i in range(n):
             slot = i % STAGES
             # a fresh barrier counts as having completed the phase before its first: the first pass is free
@@ -343,17 +344,6 @@ if WG.HAVE_GLUON:
             g = (blk * _BK) // GROUP + gi
             WG._tma_load(s_desc, [g, n0], bar, s_smem.index(slot * GPT + gi))
             WG._tma_load(z_desc, [g, n0], bar, z_smem.index(slot * GPT + gi))
-
-    @gluon.jit
-    def _gdc_wait():
-        """griddepcontrol.wait: until the grid this one depends on is done and its writes are visible."""
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
-    def _gdc_launch_dependents():
-        """griddepcontrol.launch_dependents: the next grid (launched as a dependent) may be scheduled now."""
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
 
     @gluon.jit
     def _ws_ring(x_desc, q_desc, s_desc, z_desc, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STEP: gl.constexpr,
