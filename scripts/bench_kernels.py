@@ -155,6 +155,17 @@ def make_quant(n, k, bits, group):
     return Q.prepare_weight(qweight, scales, zeros, bits, g, k)
 
 
+def rotating_quant(n, k, bits, group):
+    """Copies of a random quantized n x k weight totalling over 3x the L2, their fp16 dequantized copies (also
+    over 3x the L2, for cuBLAS), and one copy's bytes (codes, scales, zeros)."""
+    w0 = make_quant(n, k, bits, group)
+    wbytes = w0.qweight.numel() + 2 * w0.scales.numel() * 2
+    ws = [w0] + rotating(lambda: make_quant(n, k, bits, group), wbytes)[1:]
+    w16 = [Q.dequantize(w.qweight, w.scales, w.zeros, bits, w.group_size, k, dtype=torch.float16)
+           for w in ws[: max(1, math.ceil(3 * L2_BYTES / (n * k * 2)))]]
+    return ws, w16, wbytes
+
+
 def qmm_key(m, n, k, bits):
     """quant_matmul's tuner key for m tokens on an n x k weight of `bits` (tokens bucketed as it does), or None
     before it has been tuned."""
@@ -183,11 +194,8 @@ def bench_qmatmul(quick, ms_only=None, shapes_only=None):
         rows = []
         note = ""
         for n, k in shapes:
-            w0 = make_quant(n, k, bits, group)
-            wbytes = w0.qweight.numel() + 2 * w0.scales.numel() * 2
-            ws = [w0] + rotating(lambda: make_quant(n, k, bits, group), wbytes)[1:]
-            w16 = [Q.dequantize(w.qweight, w.scales, w.zeros, bits, w.group_size, k, dtype=torch.float16)
-                   for w in ws[: max(1, math.ceil(3 * L2_BYTES / (n * k * 2)))]]
+            ws, w16, wbytes = rotating_quant(n, k, bits, group)
+            w0 = ws[0]
             nf4, note = bnb_nf4(w16[0]) if bits == 4 else (None, "")
             for m in ms_list:
                 xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(4)]
@@ -241,11 +249,8 @@ def bench_gemv(copy_tbs, ms_only=None, shapes_only=None, sweep=False):
     rows = []
     Q.GEMV2_COPY = "1"  # this table times gemv2's configs: its weights keep gemv2's copy of the codes
     for n, k in shapes:
-        w0 = make_quant(n, k, 4, 128)
-        wbytes = w0.qweight.numel() + 2 * w0.scales.numel() * 2
-        ws = [w0] + rotating(lambda: make_quant(n, k, 4, 128), wbytes)[1:]
-        w16 = [Q.dequantize(w.qweight, w.scales, w.zeros, 4, 128, k, dtype=torch.float16)
-               for w in ws[: max(1, math.ceil(3 * L2_BYTES / (n * k * 2)))]]
+        ws, w16, wbytes = rotating_quant(n, k, 4, 128)
+        w0 = ws[0]
         for m in ms_only or (1, 4, 16):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(4)]
             out = torch.empty(m, n, device="cuda", dtype=torch.float16)

@@ -10,7 +10,6 @@ is timed the same way.
 """
 import argparse
 import dataclasses
-import math
 import os
 import sys
 
@@ -19,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import qmatmul as Q  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import L2_BYTES, _cfg_str, graph_ms, make_quant, rel_err, rotating  # noqa: E402
+from bench_kernels import _cfg_str, graph_ms, rel_err, rotating_quant  # noqa: E402
 from once_qmatmul import parse_cfg  # noqa: E402
 
 
@@ -32,10 +31,8 @@ def main():
     args = ap.parse_args()
     n, k = (int(d) for d in args.shape.split("x"))
     torch.manual_seed(0)
-    w0 = make_quant(n, k, 4, 128)
-    ws = [w0] + rotating(lambda: make_quant(n, k, 4, 128), w0.qweight.numel() + 4 * w0.scales.numel())[1:]
-    w16 = [Q.dequantize(w.qweight, w.scales, w.zeros, 4, 128, k, dtype=torch.float16)
-           for w in ws[: max(1, math.ceil(3 * L2_BYTES / (n * k * 2)))]]
+    ws, w16, _ = rotating_quant(n, k, 4, 128)
+    w0 = ws[0]
     print("| N x K | M | config | µs | vs cuBLAS fp16 | rel err |\n|---|---|---|---|---|---|")
     for m in (int(v) for v in args.ms.split(",")):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
